@@ -1,0 +1,86 @@
+"""The ``sparse`` attention backend: the one place SGLang calls into sglang_sparse.
+
+``--attention-backend sparse`` builds :class:`SparseAttnBackend`, a subclass of SGLang's
+FlashInfer backend. Prefill (extend) is FlashInfer's; the decode path, CLAA's prefill hooks and
+PrHS/ART belong here as the mechanisms are wired in. With every mechanism off the subclass
+overrides no forward or metadata method, so SGLang runs FlashInfer's own code unchanged.
+
+On a CPU-only host (``--device cpu``, ``SGLANG_USE_CPU_ENGINE=1``) FlashInfer does not exist; the
+same mixin sits on SGLang's torch-native backend instead (:class:`SparseTorchNativeAttnBackend`),
+which is what CPU tests and CI serve with.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+from sglang_sparse.config import BACKEND_NAME, ConfigError, SparseConfig, from_server_args
+
+if TYPE_CHECKING:
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class SparseBackendMixin:
+    """State shared by the GPU and CPU variants: the validated config, read in this process."""
+
+    sparse_config: SparseConfig
+
+    def _init_sparse(self, model_runner: "ModelRunner") -> None:
+        cfg = from_server_args(model_runner.server_args)
+        num_layers = model_runner.model_config.num_hidden_layers
+        filter_layer = cfg.claa.filter_layer
+        if cfg.claa.enabled and filter_layer is not None and filter_layer >= num_layers:
+            raise ConfigError("--claa-filter-layer",
+                              f"must be below the model's {num_layers} layers, got {filter_layer}")
+        self.sparse_config = cfg
+        self.num_layers = num_layers
+        logger.info("sglang_sparse: '%s' attention backend %s, config %s",
+                    BACKEND_NAME, type(self).__name__, cfg.to_json())
+
+
+class SparseAttnBackend(SparseBackendMixin, FlashInferAttnBackend):
+    """FlashInfer prefill and decode, plus the sparse mechanisms that are switched on."""
+
+    def __init__(self, model_runner: "ModelRunner", **kwargs):
+        super().__init__(model_runner, **kwargs)
+        # FlashInfer checks KV-cache access modes (quantised KV layouts) only for its own class;
+        # the same checks apply to us.
+        prefill, decode = model_runner.server_args.get_attention_backends()
+        if prefill == BACKEND_NAME:
+            self._check_kv_attention_access("prefill", self.prefill_kv_access)
+        if decode == BACKEND_NAME:
+            self._check_kv_attention_access("decode", self.decode_kv_access)
+        self._init_sparse(model_runner)
+
+
+class SparseTorchNativeAttnBackend(SparseBackendMixin, TorchNativeAttnBackend):
+    """CPU variant: SGLang's torch-native attention plus the sparse mechanisms' reference paths."""
+
+    def __init__(self, model_runner: "ModelRunner"):
+        super().__init__(model_runner)
+        self._init_sparse(model_runner)
+
+    def support_triton(self):
+        return False
+
+
+def backend_class_for(device: str) -> type:
+    """The class ``--attention-backend sparse`` builds on ``device``."""
+    return SparseTorchNativeAttnBackend if str(device).startswith("cpu") else SparseAttnBackend
+
+
+def create_sparse_backend(model_runner: "ModelRunner"):
+    """Factory registered under the name ``sparse`` in SGLang's attention registry."""
+    if model_runner.use_mla_backend:
+        raise ValueError("--attention-backend sparse supports multi-head / grouped-query attention "
+                         "models, not MLA models")
+    cls = backend_class_for(model_runner.device)
+    if cls is SparseAttnBackend:
+        return cls(model_runner, init_new_workspace=model_runner.init_new_workspace)
+    return cls(model_runner)

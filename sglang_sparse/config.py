@@ -1,0 +1,400 @@
+"""Configuration of the three sparse-attention mechanisms: flags, validation, transport.
+
+This module is the only parser of sglang_sparse's command-line flags. It is imported by the
+launcher (parent process) and by the ``sparse`` attention backend (scheduler processes), so it
+depends on nothing heavier than the standard library.
+
+Flow:  argv --(add_cli_args / from_cli_args)--> SparseConfig --(validate_values)-->
+       --(validate_with_server_args, after SGLang parsed its own flags)--> to_json()
+       --(environment variable SGLANG_SPARSE_CONFIG, inherited by spawned processes)-->
+       SparseConfig.from_env() in every scheduler.
+
+Every validation failure raises :class:`ConfigError` whose message names the offending flag;
+the launcher turns it into one line on stderr and exit status 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping, Optional, Sequence
+
+ENV_VAR = "SGLANG_SPARSE_CONFIG"
+SERVER_ARGS_ATTR = "_sglang_sparse"
+BACKEND_NAME = "sparse"
+
+# Speculative algorithms SGLang accepts; any of them conflicts with a sparse mechanism.
+_NO_SPECULATION = (None, "", "none", "NONE")
+
+
+class ConfigError(ValueError):
+    """A flag value or a combination of flags that sglang_sparse cannot serve."""
+
+    def __init__(self, flag: str, message: str):
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")
+
+
+@dataclass(frozen=True)
+class ClaaConfig:
+    """CLAA prefill token filtering (see :mod:`sglang_sparse.claa`).
+
+    keep_ratio      fraction of prompt tokens the layers after the filter layer process.
+    filter_layer    index of the first layer that sees only kept tokens; None = scaled default
+                    (15 of 32 layers, see claa.default_filter_layer).
+    window          observation window: the last ``window`` prompt tokens score the rest.
+    num_layers      how many layers before the filter layer are aggregated (element-wise max).
+    pool_kernel     length of the 1-D pooling applied to the scores along the sequence.
+    min_prompt_len  shorter prompts are prefilled densely.
+    max_prompt_len  longest prompt that must arrive in one prefill chunk; the launcher raises
+                    --chunked-prefill-size to at least this (0 = leave SGLang's setting).
+    """
+
+    mode: str = "off"
+    keep_ratio: float = 0.2
+    filter_layer: Optional[int] = None
+    window: int = 8
+    num_layers: int = 4
+    pool_kernel: int = 7
+    min_prompt_len: int = 2048
+    max_prompt_len: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "claa"
+
+
+@dataclass(frozen=True)
+class PrhsConfig:
+    """PrHS pre-hoc page selection for decode (see :mod:`sglang_sparse.prhs`).
+
+    page_size        tokens per page; equals SGLang's --page-size (the physical KV page), >= 16.
+                     None = take SGLang's --page-size, or 32 if that was not given.
+    delta            bound on the certified dropped attention mass (0 = read every page).
+    budget           at most this many pages per (request, KV head): a fraction of the request's
+                     pages when <= 1, else an absolute page count.
+    reselect_interval  R: select every R decode steps, reuse the selection in between.
+    dilation         r: a reused selection is widened by +-r pages around each kept page.
+    layers_per_selection  g: consecutive layers that share one selection.
+    sink_pages / recent_pages  always-selected pages at the start / end of the context.
+    min_context_len  requests with a shorter context decode densely.
+    """
+
+    mode: str = "off"
+    page_size: Optional[int] = None
+    delta: float = 0.05
+    budget: float = 1 / 16
+    reselect_interval: int = 1
+    dilation: int = 0
+    layers_per_selection: int = 1
+    sink_pages: int = 1
+    recent_pages: int = 2
+    min_context_len: int = 4096
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "prhs"
+
+    def budget_pages(self, num_pages: int) -> int:
+        """Page budget for a request holding ``num_pages`` pages (at least sink + recent, at most all)."""
+        if self.budget <= 1:
+            want = math.ceil(self.budget * num_pages)
+        else:
+            want = int(self.budget)
+        floor = min(num_pages, self.sink_pages + self.recent_pages)
+        return max(floor, min(num_pages, want))
+
+
+@dataclass(frozen=True)
+class ArtConfig:
+    """ART run-time termination of the decode attention loop (see :mod:`sglang_sparse.art`).
+
+    tau_mag / tau_dir  stop once the relative change of the running output (magnitude) and
+                       1 - cos between consecutive outputs (direction) stay below these ...
+    patience           ... for this many consecutive KV blocks.
+    eps_cert           optional certified mode: also stop once the bounded remaining mass <= eps.
+    min_blocks         never stop before this many blocks have been read.
+    """
+
+    mode: str = "off"
+    tau_mag: float = 0.01
+    tau_dir: float = 1e-4
+    patience: int = 2
+    eps_cert: Optional[float] = None
+    min_blocks: int = 4
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "on"
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    claa: ClaaConfig = field(default_factory=ClaaConfig)
+    prhs: PrhsConfig = field(default_factory=PrhsConfig)
+    art: ArtConfig = field(default_factory=ArtConfig)
+
+    @property
+    def any_enabled(self) -> bool:
+        return self.claa.enabled or self.prhs.enabled or self.art.enabled
+
+    # ------------------------------------------------------------------ transport
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SparseConfig":
+        def build(sub_cls, values):
+            names = {f.name for f in dataclasses.fields(sub_cls)}
+            unknown = set(values) - names
+            if unknown:
+                raise ConfigError(ENV_VAR, f"unknown {sub_cls.__name__} fields {sorted(unknown)}")
+            return sub_cls(**values)
+
+        unknown = set(data) - {"claa", "prhs", "art"}
+        if unknown:
+            raise ConfigError(ENV_VAR, f"unknown sections {sorted(unknown)}")
+        cfg = cls(
+            claa=build(ClaaConfig, data.get("claa", {})),
+            prhs=build(PrhsConfig, data.get("prhs", {})),
+            art=build(ArtConfig, data.get("art", {})),
+        )
+        validate_values(cfg)
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> "SparseConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(ENV_VAR, f"not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SparseConfig":
+        """The configuration the launcher published; all-off when nothing was published."""
+        text = environ.get(ENV_VAR)
+        return cls.from_json(text) if text else cls()
+
+    def export(self, environ: Optional[dict] = None) -> None:
+        """Publish to the environment so that spawned SGLang processes inherit it."""
+        (os.environ if environ is None else environ)[ENV_VAR] = self.to_json()
+
+
+def from_server_args(server_args: Any) -> SparseConfig:
+    """The config attached to SGLang's ServerArgs by the launcher, else the environment's."""
+    text = getattr(server_args, SERVER_ARGS_ATTR, None)
+    return SparseConfig.from_json(text) if text else SparseConfig.from_env()
+
+
+# ---------------------------------------------------------------------- flags
+def _budget(text: str) -> float:
+    """'1/16', '0.0625' (fractions of the pages) or '256' (pages)."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a fraction like 1/16 or a page count, got {text!r}")
+    return value
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.lower() in ("auto", "none") else int(text)
+
+
+def _optional_float(text: str) -> Optional[float]:
+    return None if text.lower() in ("off", "none") else float(text)
+
+
+# (flag, dest, type, section, field, help). Defaults come from the dataclasses above.
+_FLAGS = (
+    ("--sparse-prefill", "sparse_prefill", str, "claa", "mode",
+     "Prefill token filtering: 'claa' keeps the top tokens after the filter layer."),
+    ("--claa-keep-ratio", "claa_keep_ratio", float, "claa", "keep_ratio",
+     "Fraction of prompt tokens kept after the filter layer, in (0, 1]."),
+    ("--claa-filter-layer", "claa_filter_layer", _optional_int, "claa", "filter_layer",
+     "First layer that sees only the kept tokens ('auto' = 15/32 of the depth)."),
+    ("--claa-window", "claa_window", int, "claa", "window",
+     "Observation window: number of last prompt tokens whose attention scores the prompt."),
+    ("--claa-num-layers", "claa_num_layers", int, "claa", "num_layers",
+     "Number of layers before the filter layer whose scores are aggregated (max)."),
+    ("--claa-pool-kernel", "claa_pool_kernel", int, "claa", "pool_kernel",
+     "Length of the pooling applied to the scores along the sequence (odd)."),
+    ("--claa-min-prompt-len", "claa_min_prompt_len", int, "claa", "min_prompt_len",
+     "Prompts shorter than this are prefilled densely."),
+    ("--claa-max-prompt-len", "claa_max_prompt_len", int, "claa", "max_prompt_len",
+     "Longest prompt that must be prefilled in one chunk (raises --chunked-prefill-size; 0 = keep it)."),
+    ("--sparse-decode", "sparse_decode", str, "prhs", "mode",
+     "Decode page selection: 'prhs' reads only the pages chosen from per-page key bounds."),
+    ("--prhs-page-size", "prhs_page_size", _optional_int, "prhs", "page_size",
+     "Tokens per PrHS page; equals SGLang's --page-size (>= 16; 'auto' = --page-size, or 32)."),
+    ("--prhs-delta", "prhs_delta", float, "prhs", "delta",
+     "Bound on the certified dropped attention mass per (request, KV head), in [0, 1)."),
+    ("--prhs-budget", "prhs_budget", _budget, "prhs", "budget",
+     "Page budget: a fraction of the request's pages (e.g. 1/16) or, if > 1, a page count."),
+    ("--prhs-reselect-interval", "prhs_reselect_interval", int, "prhs", "reselect_interval",
+     "Select pages every R decode steps and reuse the selection in between."),
+    ("--prhs-dilation", "prhs_dilation", int, "prhs", "dilation",
+     "Widen a reused selection by this many pages on each side of every kept page."),
+    ("--prhs-layers-per-selection", "prhs_layers_per_selection", int, "prhs", "layers_per_selection",
+     "Number of consecutive layers sharing one page selection."),
+    ("--prhs-sink-pages", "prhs_sink_pages", int, "prhs", "sink_pages",
+     "Pages at the start of the context that are always read."),
+    ("--prhs-recent-pages", "prhs_recent_pages", int, "prhs", "recent_pages",
+     "Pages at the end of the context that are always read."),
+    ("--prhs-min-context-len", "prhs_min_context_len", int, "prhs", "min_context_len",
+     "Requests with a shorter context decode densely."),
+    ("--art", "art", str, "art", "mode",
+     "Run-time termination of decode attention once the running output stops changing."),
+    ("--art-tau-mag", "art_tau_mag", float, "art", "tau_mag",
+     "Threshold on the relative change of the output's magnitude between KV blocks."),
+    ("--art-tau-dir", "art_tau_dir", float, "art", "tau_dir",
+     "Threshold on 1 - cos(o_b, o_b-1) between KV blocks."),
+    ("--art-patience", "art_patience", int, "art", "patience",
+     "Consecutive blocks that must satisfy both thresholds before stopping."),
+    ("--art-eps-cert", "art_eps_cert", _optional_float, "art", "eps_cert",
+     "Certified mode: also stop when the bounded remaining mass is <= this ('off' = disabled)."),
+    ("--art-min-blocks", "art_min_blocks", int, "art", "min_blocks",
+     "Never stop before this many KV blocks have been read."),
+)
+_CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on")}
+_SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
+FLAG_NAMES = tuple(f[0] for f in _FLAGS)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add sglang_sparse's flags, as one argument group, to ``parser``."""
+    group = parser.add_argument_group(
+        "sglang_sparse", "Sparse attention (CLAA prefill, PrHS decode, ART). Everything is off by default.")
+    for flag, dest, typ, section, name, text in _FLAGS:
+        default = getattr(_SECTIONS[section](), name)
+        kwargs = dict(dest=dest, type=typ, default=default, help=f"{text} (default: {default})")
+        if flag in _CHOICES:
+            kwargs["choices"] = _CHOICES[flag]
+        group.add_argument(flag, **kwargs)
+    return group
+
+
+def from_cli_args(ns: argparse.Namespace) -> SparseConfig:
+    values: dict[str, dict[str, Any]] = {"claa": {}, "prhs": {}, "art": {}}
+    for _flag, dest, _typ, section, name, _text in _FLAGS:
+        values[section][name] = getattr(ns, dest)
+    cfg = SparseConfig(**{k: _SECTIONS[k](**v) for k, v in values.items()})
+    validate_values(cfg)
+    return cfg
+
+
+def parse_known_args(argv: Sequence[str]) -> tuple[SparseConfig, list[str]]:
+    """Split ``argv`` into our config and the arguments meant for SGLang."""
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line naming the flag, raised instead of printed
+            raise ConfigError("sglang_sparse", message)
+
+    parser = _Parser(add_help=False, allow_abbrev=False)
+    add_cli_args(parser)
+    ns, rest = parser.parse_known_args(list(argv))
+    return from_cli_args(ns), rest
+
+
+# ---------------------------------------------------------------------- validation
+def _check(cond: bool, flag: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(flag, message)
+
+
+def validate_values(cfg: SparseConfig) -> None:
+    """Range checks of every knob (no SGLang needed)."""
+    c, p, a = cfg.claa, cfg.prhs, cfg.art
+    _check(c.mode in _CHOICES["--sparse-prefill"], "--sparse-prefill", f"must be off or claa, got {c.mode!r}")
+    _check(0.0 < c.keep_ratio <= 1.0, "--claa-keep-ratio", f"must be in (0, 1], got {c.keep_ratio}")
+    _check(c.window >= 1, "--claa-window", f"must be >= 1, got {c.window}")
+    _check(c.num_layers >= 1, "--claa-num-layers", f"must be >= 1, got {c.num_layers}")
+    _check(c.filter_layer is None or c.filter_layer >= c.num_layers, "--claa-filter-layer",
+           f"must be >= --claa-num-layers ({c.num_layers}) so that enough layers precede it, got {c.filter_layer}")
+    _check(c.pool_kernel >= 1 and c.pool_kernel % 2 == 1, "--claa-pool-kernel",
+           f"must be a positive odd number, got {c.pool_kernel}")
+    _check(c.min_prompt_len > c.window, "--claa-min-prompt-len",
+           f"must exceed --claa-window ({c.window}), got {c.min_prompt_len}")
+    _check(c.max_prompt_len >= 0, "--claa-max-prompt-len", f"must be >= 0, got {c.max_prompt_len}")
+
+    _check(p.mode in _CHOICES["--sparse-decode"], "--sparse-decode", f"must be off or prhs, got {p.mode!r}")
+    _check(p.page_size is None or p.page_size >= 16, "--prhs-page-size", f"must be >= 16, got {p.page_size}")
+    _check(p.page_size is None or p.page_size & (p.page_size - 1) == 0, "--prhs-page-size",
+           f"must be a power of two, got {p.page_size}")
+    _check(0.0 <= p.delta < 1.0, "--prhs-delta", f"must be in [0, 1), got {p.delta}")
+    _check(p.budget > 0 and (p.budget <= 1 or float(p.budget).is_integer()), "--prhs-budget",
+           f"must be a fraction in (0, 1] or a whole page count, got {p.budget}")
+    _check(p.reselect_interval >= 1, "--prhs-reselect-interval", f"must be >= 1, got {p.reselect_interval}")
+    _check(p.dilation >= 0, "--prhs-dilation", f"must be >= 0, got {p.dilation}")
+    _check(p.layers_per_selection >= 1, "--prhs-layers-per-selection",
+           f"must be >= 1, got {p.layers_per_selection}")
+    _check(p.sink_pages >= 0, "--prhs-sink-pages", f"must be >= 0, got {p.sink_pages}")
+    _check(p.recent_pages >= 1, "--prhs-recent-pages",
+           f"must be >= 1 (the page being written is always read), got {p.recent_pages}")
+    _check(p.budget <= 1 or p.budget >= p.sink_pages + p.recent_pages, "--prhs-budget",
+           f"a page count must cover the {p.sink_pages} sink + {p.recent_pages} recent pages, got {p.budget:g}")
+    _check(p.min_context_len >= 0, "--prhs-min-context-len", f"must be >= 0, got {p.min_context_len}")
+
+    _check(a.mode in _CHOICES["--art"], "--art", f"must be off or on, got {a.mode!r}")
+    _check(a.tau_mag >= 0, "--art-tau-mag", f"must be >= 0, got {a.tau_mag}")
+    _check(0 <= a.tau_dir <= 2, "--art-tau-dir", f"must be in [0, 2] (1 - cos), got {a.tau_dir}")
+    _check(a.patience >= 1, "--art-patience", f"must be >= 1, got {a.patience}")
+    _check(a.eps_cert is None or 0 < a.eps_cert < 1, "--art-eps-cert", f"must be in (0, 1), got {a.eps_cert}")
+    _check(a.min_blocks >= 1, "--art-min-blocks", f"must be >= 1, got {a.min_blocks}")
+
+
+def _flag_given(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
+    """Combinations of our flags with SGLang's that cannot be served (checked before model load)."""
+    if not cfg.any_enabled:
+        return
+    for flag, value in (("--attention-backend", server_args.attention_backend),
+                        ("--prefill-attention-backend", server_args.prefill_attention_backend),
+                        ("--decode-attention-backend", server_args.decode_attention_backend)):
+        _check(value in (None, BACKEND_NAME), flag,
+               f"sparse attention runs only in the '{BACKEND_NAME}' backend, got {value!r}")
+    spec = getattr(server_args, "speculative_algorithm", None)
+    _check(spec in _NO_SPECULATION, "--speculative-algorithm",
+           f"speculative decoding cannot be combined with sparse attention, got {spec!r}")
+    if cfg.prhs.enabled or cfg.art.enabled:
+        page = server_args.page_size or 1
+        _check(page >= 16, "--page-size",
+               f"--sparse-decode prhs / --art on need --page-size >= 16 (KV pages of 16+ tokens), got {page}")
+        if cfg.prhs.page_size is not None:
+            _check(cfg.prhs.page_size == page, "--prhs-page-size",
+                   f"must equal --page-size ({page}), got {cfg.prhs.page_size}")
+    if cfg.claa.enabled:
+        _check(not getattr(server_args, "enable_mixed_chunk", False), "--enable-mixed-chunk",
+               "CLAA filters whole prompts; mixed chunked prefill cannot be combined with --sparse-prefill claa")
+        chunk = getattr(server_args, "chunked_prefill_size", None)
+        if cfg.claa.max_prompt_len and chunk is not None and chunk > 0:
+            _check(chunk >= cfg.claa.max_prompt_len, "--chunked-prefill-size",
+                   f"must be >= --claa-max-prompt-len ({cfg.claa.max_prompt_len}) so such prompts arrive whole, "
+                   f"got {chunk}")
+
+
+def adjust_sglang_argv(cfg: SparseConfig, argv: Sequence[str]) -> list[str]:
+    """SGLang flags the launcher fills in when the user did not give them.
+
+    * ``--attention-backend sparse`` (our backend; it delegates to FlashInfer when all is off);
+    * with PrHS or ART: ``--page-size`` = the PrHS page size (default 32);
+    * with CLAA and ``--claa-max-prompt-len N``: ``--chunked-prefill-size`` >= N so prompts up to N
+      arrive in one chunk.
+    """
+    out = list(argv)
+    if not any(_flag_given(out, f) for f in ("--attention-backend", "--prefill-attention-backend",
+                                               "--decode-attention-backend")):
+        out += ["--attention-backend", BACKEND_NAME]
+    if (cfg.prhs.enabled or cfg.art.enabled) and not _flag_given(out, "--page-size"):
+        out += ["--page-size", str(cfg.prhs.page_size or 32)]
+    if cfg.claa.enabled and cfg.claa.max_prompt_len and not _flag_given(out, "--chunked-prefill-size"):
+        out += ["--chunked-prefill-size", str(cfg.claa.max_prompt_len)]
+    return out
