@@ -95,7 +95,7 @@ def pool_scores(scores: Tensor, pool_kernel: int, pool: str = "avg") -> Tensor:
 
 
 def window_scores(q: Tensor, k: Tensor, window: int, pool_kernel: int = DEFAULT_POOL_KERNEL,
-                  pool: str = "avg") -> Tensor:
+                  pool: str = "avg", sm_scale: Optional[float] = None) -> Tensor:
     """Per-KV-head token scores of one layer from the last ``window`` queries: ``[H_kv, n]``.
 
     Args:
@@ -103,6 +103,7 @@ def window_scores(q: Tensor, k: Tensor, window: int, pool_kernel: int = DEFAULT_
         k: ``[n, H_kv, D]`` post-RoPE keys; ``H_q % H_kv == 0``.
         window: observation window; ``w = min(window, n)``.
         pool_kernel, pool: see :func:`pool_scores`.
+        sm_scale: logit scale; default ``1/sqrt(D)`` (pass the model's own scale if it differs).
 
     Formula (query head h, its KV head g = h // G, window query i at position p_i = n - w + i)::
 
@@ -135,7 +136,8 @@ def window_scores(q: Tensor, k: Tensor, window: int, pool_kernel: int = DEFAULT_
 
     q_win = q[n - w:]                                          # [w, H_q, D]
     k_rep = k.repeat_interleave(group, dim=1)                  # [n, H_q, D]
-    logits = torch.einsum("ihd,jhd->hij", q_win, k_rep) / math.sqrt(d)   # [H_q, w, n]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    logits = torch.einsum("ihd,jhd->hij", q_win, k_rep) * scale         # [H_q, w, n]
     pos_q = torch.arange(n - w, n, device=q.device)
     pos_k = torch.arange(n, device=q.device)
     visible = pos_k[None, :] <= pos_q[:, None]                 # [w, n]
