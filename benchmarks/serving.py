@@ -1,0 +1,107 @@
+"""Helpers for GPU serving benchmarks: start a server, wait for it, query it, run bench_serving.
+
+Used by the scripts in this folder; each script prints a short table last and writes its JSON
+under benchmarks/results/ and its logs under $OUT (or --log-dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Iterator, Optional, Sequence
+
+PLAIN = [sys.executable, "-m", "sglang.launch_server"]
+OURS = [sys.executable, "-m", "sglang_sparse.launch_server"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _get(url: str, timeout: float = 5.0) -> Optional[bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read()
+    except Exception:
+        return None
+
+
+def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@contextlib.contextmanager
+def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
+           env: Optional[dict] = None) -> Iterator[str]:
+    """Start ``cmd --port port``, yield its base URL once /health answers, then stop it."""
+    full = list(cmd) + ["--host", "127.0.0.1", "--port", str(port)]
+    log(f"start: {' '.join(full)}")
+    t0 = time.time()
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(full, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}:\n"
+                                   + tail(log_path, 30))
+            if _get(base + "/health", 2.0) is not None:
+                break
+            if time.time() - t0 > timeout:
+                raise TimeoutError(f"server not healthy after {timeout:.0f}s; see {log_path}")
+            time.sleep(2)
+        log(f"healthy after {time.time() - t0:.0f}s")
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(3)  # let the GPU memory go back
+
+
+def tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def greedy(base: str, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    out = post_json(base + "/generate", {
+        "input_ids": list(input_ids),
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}})
+    return out["output_ids"]
+
+
+def bench_serving(base: str, tokenizer: str, out_file: str, log_path: str, args: Sequence[str]) -> dict:
+    """Run ``python -m sglang.bench_serving`` against ``base``; returns its JSON result line."""
+    port = base.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
+           "--port", port, "--tokenizer", tokenizer, "--output-file", out_file, "--seed", "1", *args]
+    log("bench: " + " ".join(cmd[3:]))
+    with open(log_path, "w") as logf:
+        subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=True, timeout=1800)
+    with open(out_file) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def out_dir() -> str:
+    d = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results", "logs")
+    os.makedirs(d, exist_ok=True)
+    return d
