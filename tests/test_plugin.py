@@ -1,0 +1,115 @@
+"""Registration inside spawned SGLang-like processes, config transport, backend class selection."""
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+from sglang_sparse import config as C
+
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+
+def _child_config(queue):
+    from sglang_sparse.config import SparseConfig
+
+    queue.put(SparseConfig.from_env().to_json())
+
+
+def _child_scheduler_like(queue, use_entry_point):
+    """What a freshly spawned scheduler does before building its attention backend."""
+    from sglang.srt.layers.attention import attention_registry
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    before = "sparse" in attention_registry.ATTENTION_BACKENDS
+    if use_entry_point:
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()  # SGLang's own call at the top of run_scheduler_process
+    else:
+        from sglang_sparse import plugin
+
+        plugin.register()  # what plugin.run_scheduler_process does before SGLang's scheduler
+    from sglang.srt.utils.common import support_triton
+    from sglang.srt.model_executor import forward_batch_info
+
+    factory = attention_registry.ATTENTION_BACKENDS.get("sparse")
+    queue.put({
+        "before": before,
+        "registered": factory is not None,
+        "factory_module": getattr(factory, "__module__", None),
+        "choice": "sparse" in ATTENTION_BACKEND_CHOICES,
+        # the CPU patch: `sparse` on a CPU host answers like torch_native, other names are untouched
+        "support_triton": [support_triton("sparse"), support_triton("triton"), support_triton("torch_native")],
+        "propagated": forward_batch_info.support_triton("sparse"),
+    })
+
+
+def _spawn(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(q, *args))
+    p.start()
+    out = q.get(timeout=240)
+    p.join(60)
+    assert p.exitcode == 0
+    return out
+
+
+def test_config_reaches_spawned_process(monkeypatch):
+    cfg, _ = C.parse_known_args(["--sparse-decode", "prhs", "--prhs-delta", "0.013", "--art", "on",
+                                 "--art-patience", "7", "--sparse-prefill", "claa", "--claa-keep-ratio", "0.3"])
+    monkeypatch.setenv(C.ENV_VAR, cfg.to_json())
+    assert C.SparseConfig.from_json(_spawn(_child_config)) == cfg
+
+
+def test_config_rides_on_server_args_pickle():
+    import pickle
+    from types import SimpleNamespace
+
+    cfg, _ = C.parse_known_args(["--art", "on", "--art-tau-mag", "0.123"])
+    sa = SimpleNamespace()
+    object.__setattr__(sa, C.SERVER_ARGS_ATTR, cfg.to_json())
+    assert C.from_server_args(pickle.loads(pickle.dumps(sa))) == cfg
+
+
+@pytest.mark.parametrize("use_entry_point", [True, False], ids=["entry_point", "scheduler_entry"])
+def test_registration_in_spawned_scheduler_like_process(use_entry_point):
+    if use_entry_point:
+        from importlib.metadata import entry_points
+
+        if not any(ep.name == "sglang_sparse" for ep in entry_points(group="sglang.srt.plugins")):
+            pytest.skip("package not installed: no sglang.srt.plugins entry point")
+    got = _spawn(_child_scheduler_like, use_entry_point)
+    assert got["before"] is False
+    assert got["registered"] and got["choice"]
+    assert got["factory_module"] == "sglang_sparse.plugin"
+    assert got["support_triton"] == [False, True, False]
+    assert got["propagated"] is False
+
+
+def test_backend_class_for_sparse():
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sglang_sparse.backend import SparseAttnBackend, SparseTorchNativeAttnBackend, backend_class_for
+
+    assert backend_class_for("cuda") is SparseAttnBackend
+    assert backend_class_for("cuda:1") is SparseAttnBackend
+    assert backend_class_for("cpu") is SparseTorchNativeAttnBackend
+    assert issubclass(SparseAttnBackend, FlashInferAttnBackend)
+    assert issubclass(SparseTorchNativeAttnBackend, TorchNativeAttnBackend)
+    # With everything off the GPU backend runs FlashInfer's own forward and metadata code.
+    for name in ("forward_extend", "forward_decode", "init_forward_metadata", "init_forward_metadata_out_graph",
+                 "init_forward_metadata_in_graph", "init_cuda_graph_state"):
+        assert getattr(SparseAttnBackend, name) is getattr(FlashInferAttnBackend, name), name
+
+
+def test_patches_refuse_other_sglang_versions(monkeypatch):
+    import sglang
+
+    import patches
+
+    monkeypatch.setattr(sglang, "__version__", "0.5.18")
+    with pytest.raises(patches.SGLangVersionError, match="0.5.17"):
+        patches.install_all()
