@@ -1,0 +1,368 @@
+"""``SparseDecodeWrapper``: PrHS page selection + split-KV paged decode + ART, FlashInfer style.
+
+The wrapper owns every buffer. ``plan()`` runs outside CUDA graphs: it copies the batch's pages out
+of SGLang's ``req_to_token`` (one small kernel, no host synchronisation) and fixes the settings.
+``run()`` launches only kernels on preallocated buffers (no allocation, no host sync, no Python
+branch on tensor values), so it can be captured in a CUDA graph and replayed after each new
+``plan()`` with the same batch size and settings.
+
+Kernels and their references (``sglang_sparse``)::
+
+    plan  kernels.page_table     req_to_token -> page table, page counts   prhs.page_lengths, PrhsConfig.budget_pages
+    run   kernels.page_bounds    Quest ub/lb per page and KV head         prhs.page_bounds
+          kernels.page_select    certified selection, ordered list        prhs.select_pages
+          kernels.paged_decode   split-KV decode (+ ART) and merge        prhs.sparse_attention / dense_attention,
+                                                                          art.art_attention
+
+Modes (``plan(mode=...)``):
+
+* ``"dense"``: every page in natural order (no summaries needed). With ``art=True`` and
+  ``art_order="bound"`` (default) the pages are first ordered by descending upper bound (the
+  selector with ``delta=0`` and the budget = all pages, summaries needed), since ART is meant to walk
+  the important pages first; ``art_order="natural"`` runs ART in page order (no certified test).
+* ``"prhs"``: sinks + recents + the highest-bound pages until the certified ``delta_hat <= delta`` or
+  the budget; ART (optional) walks that list in order.
+
+Reuse across layers (PrHS's layer axis): call ``run(..., select=False)`` on the layers that share
+the selection of the group's leader layer; the list from the last selecting ``run`` is read again
+(its pages are logical page ids, valid for every layer). Between reselection steps (time axis) the
+caller may equally skip selection; the page list then lacks pages appended since, so reselect at
+least whenever a new page starts or use the reference's dilation (not done in-kernel here).
+
+Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
+``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
+(``sglang_sparse.art.STOP_*``), ``art_delta_hat [bs, H_q]`` fp32 ART's unread-mass bound at
+termination (0 when every listed page was read), ``lse [bs, H_q]`` fp32 natural-log normaliser of
+what was read, ``num_selected [bs, H_kv]`` int32 and ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc
+certificate of the selection; 0 in dense mode).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from flashinfer_ext.kernels.page_bounds import _page_bounds_kernel
+from flashinfer_ext.kernels.page_select import _page_select_kernel
+from flashinfer_ext.kernels.page_table import _page_table_kernel
+from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
+
+_LOG2E = 1.4426950408889634
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+class SparseDecodeWrapper:
+    """Sparse (PrHS) / dense paged decode with optional ART, for one KV layout.
+
+    Args:
+        num_qo_heads, num_kv_heads: H_q and H_kv (GQA: query head h reads KV head ``h // (H_q/H_kv)``).
+        head_dim: D of q and k; ``head_dim_v``: Dv of v (default D).
+        page_size: P, SGLang's ``--page-size`` (a power of two >= 16); page id = ``slot // P``.
+        max_batch_size: largest batch ``plan()`` will see (buffers are sized for it).
+        max_seq_len: longest context (tokens) of a request, including the token being decoded.
+        max_budget_pages: width of the page lists (default: all pages of ``max_seq_len``; smaller
+            saves memory but caps the budget and forbids the bound-ordered dense+ART mode beyond it).
+        max_num_splits: most KV splits per (request, KV head).
+        device: where the buffers live.
+    """
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 max_batch_size: int, max_seq_len: int, head_dim_v: Optional[int] = None,
+                 max_budget_pages: Optional[int] = None, max_num_splits: int = 64, device="cuda"):
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+        self.h_q, self.h_kv = num_qo_heads, num_kv_heads
+        self.group = num_qo_heads // num_kv_heads
+        self.d = head_dim
+        self.dv = head_dim if head_dim_v is None else head_dim_v
+        self.page_size = page_size
+        self.max_bs = max_batch_size
+        self.max_pages = triton.cdiv(max_seq_len, page_size)
+        self.max_sel = self.max_pages if max_budget_pages is None else min(self.max_pages, int(max_budget_pages))
+        self.max_splits = max_num_splits
+        self.device = torch.device(device)
+        self.num_sms = _num_sms(self.device)
+        self.block_pg = _pow2(self.max_pages)
+        self.sort_pad = _pow2(self.max_sel)
+
+        dev = self.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        bs, hq, hk = max_batch_size, num_qo_heads, num_kv_heads
+        self.page_table = torch.full((bs, self.max_pages), -1, **i32)
+        self.num_pages = torch.zeros(bs, **i32)
+        self.last_len = torch.zeros(bs, **i32)
+        self.budget = torch.zeros(bs, **i32)
+        self.ub = torch.empty(bs, hk, self.block_pg, **f32)
+        self.lb = torch.empty(bs, hk, self.block_pg, **f32)
+        self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
+        self.sel_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
+        self.sel_scratch = torch.empty(bs, hk, self.sort_pad, dtype=torch.int64, device=dev)
+        self.num_sel = torch.zeros(bs, hk, **i32)
+        self.sel_dhat = torch.zeros(bs, hk, **f32)
+        self.mid_o = torch.empty(bs, hq, max_num_splits, self.dv, **f32)
+        self.mid_lse = torch.empty(bs, hq, max_num_splits, **f32)
+        self.blocks_read_buf = torch.zeros(bs, hq, **i32)
+        self.stop_reason_buf = torch.zeros(bs, hq, **i32)
+        self.art_dhat_buf = torch.zeros(bs, hq, **f32)
+        self.lse_buf = torch.zeros(bs, hq, **f32)
+        self._out = None
+        self._planned = False
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *,
+             mode: str = "prhs", budget: float = 1 / 16, delta: float = 0.05, sink_pages: int = 1,
+             recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
+             tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
+             min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
+             num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
+             pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 2,
+             q_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
+
+        Args:
+            req_to_token: ``[max_reqs + 1, max_ctx]`` int32, SGLang's (req_pool_idx, position) -> slot.
+            req_pool_indices: ``[bs]`` int32/int64 rows of ``req_to_token``.
+            seq_lens: ``[bs]`` int32/int64 context lengths *including* the token decoded now (its K/V
+                must be in the pool when ``run`` executes).
+            mode: ``"prhs"`` or ``"dense"``.
+            budget: PrHS page budget per (request, KV head): a fraction of the request's pages
+                (``<= 1``, rounded up) or an absolute page count (``> 1``); never below
+                sink + recent (capped by the request's pages), as ``PrhsConfig.budget_pages``.
+            delta: PrHS target on the certified dropped mass, ``0 <= delta < 1`` (0 = fill the budget).
+            sink_pages, recent_pages: always-selected pages at the start / end.
+            sm_scale: logit scale, default ``1/sqrt(head_dim)``.
+            art, tau_mag, tau_dir, patience, eps_cert, min_blocks: ART's settings
+                (``sglang_sparse.art.art_attention``; one ART block = one page).
+            art_order: dense + ART: ``"bound"`` (descending upper bound) or ``"natural"``.
+            art_head_pages: ART's sequential head H (see ``kernels.paged_decode``); default: the whole
+                list when ``bs * H_kv`` fills half the GPU, else 16 pages.
+            num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
+                ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
+            pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
+            num_warps, num_stages: launch settings of the decode kernel.
+            q_dtype: dtype of q and of the output (the KV dtype in SGLang).
+        """
+        if mode not in ("prhs", "dense"):
+            raise ValueError(f"mode must be 'prhs' or 'dense', got {mode!r}")
+        if art_order not in ("bound", "natural"):
+            raise ValueError(f"art_order must be 'bound' or 'natural', got {art_order!r}")
+        if not 0 <= delta < 1:
+            raise ValueError(f"delta must be in [0, 1), got {delta}")
+        bs = int(req_pool_indices.shape[0])
+        if bs > self.max_bs or bs < 1:
+            raise ValueError(f"batch of {bs} requests; this wrapper holds 1..{self.max_bs}")
+        P = self.page_size
+        self.bs = bs
+        self.mode = mode
+        self.art = bool(art)
+        self.sm_scale = 1.0 / math.sqrt(self.d) if sm_scale is None else float(sm_scale)
+        self.select = mode == "prhs" or (self.art and art_order == "bound")
+        if mode == "prhs":
+            budget_mode = 1 if budget <= 1 else 2
+        else:
+            budget_mode = 0
+        self.delta = float(delta) if mode == "prhs" else 0.0
+        self.sink_pages, self.recent_pages = int(sink_pages), int(recent_pages)
+        if self.art and eps_cert is not None and not self.select:
+            raise ValueError("ART's certified test needs page bounds: use art_order='bound' in dense mode")
+        self.tau_mag, self.tau_dir, self.patience = float(tau_mag), float(tau_dir), int(patience)
+        self.eps_cert = eps_cert
+        self.min_blocks = int(min_blocks)
+
+        lut = self._budget_lut(budget_mode, budget)
+        _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
+            req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
+            self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
+            P=P, BLOCK=256, num_warps=4)
+
+        # static sizing (depends only on bs, the settings and the hint, so graph replays agree)
+        hint_pages = triton.cdiv(seq_len_hint, P) if seq_len_hint else self.max_pages
+        hint_pages = min(hint_pages, self.max_pages)
+        if mode == "prhs":
+            want = math.ceil(budget * hint_pages) if budget <= 1 else int(budget)
+            list_len = min(hint_pages, max(want, self.sink_pages + self.recent_pages))
+        else:
+            list_len = hint_pages
+        list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
+        self.ppi = 1 if self.art else (pages_per_iter or max(1, 64 // P))
+        base = bs * self.h_kv
+        target = 2 * self.num_sms
+        if self.art:
+            if art_head_pages is None:
+                art_head_pages = list_len if base * 2 >= self.num_sms else 16
+            self.head_len = max(1, int(art_head_pages))
+            tail = max(0, list_len - self.head_len)
+            if num_splits is None:
+                tail_splits = min(triton.cdiv(target, base), triton.cdiv(tail, 4)) if tail > 0 else 0
+            else:
+                tail_splits = max(0, int(num_splits) - 1)
+            self.num_splits = 1 + min(tail_splits, self.max_splits - 1)
+        else:
+            self.head_len = 0
+            if num_splits is None:
+                num_splits = min(triton.cdiv(target, base), max(1, list_len // (2 * self.ppi)))
+            self.num_splits = max(1, min(int(num_splits), self.max_splits))
+        self.num_warps, self.num_stages = num_warps, num_stages
+        if self._out is None or self._out.dtype != q_dtype:
+            self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
+        self._planned = True
+
+    def _budget_lut(self, budget_mode: int, budget: float) -> torch.Tensor:
+        """Device table ``[max_pages + 1]``: page budget of a request of N pages (cached per setting).
+
+        Same formula as ``PrhsConfig.budget_pages``: ``ceil(budget * N)`` (fraction) or ``budget``
+        (count), at least ``min(N, sink + recent)``, at most N; then capped by the list width."""
+        key = (budget_mode, float(budget), self.sink_pages, self.recent_pages)
+        cache = self.__dict__.setdefault("_lut_cache", {})
+        if key not in cache:
+            forced = self.sink_pages + self.recent_pages
+            vals = []
+            for n in range(self.max_pages + 1):
+                if budget_mode == 0:
+                    want = n
+                elif budget_mode == 1:
+                    want = math.ceil(budget * n)
+                else:
+                    want = int(budget)
+                vals.append(min(self.max_sel, max(min(n, forced), min(n, want))))
+            cache[key] = torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True)
+        return cache[key]
+
+    # ------------------------------------------------------------------ run
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            kmin: Optional[torch.Tensor] = None, kmax: Optional[torch.Tensor] = None,
+            out: Optional[torch.Tensor] = None, select: bool = True) -> torch.Tensor:
+        """Decode attention for the planned batch (graph-capturable).
+
+        Args:
+            q: ``[bs, H_q, D]`` (unit last stride), the dtype given to ``plan``.
+            k_cache: ``[num_slots, H_kv, D]``, v_cache ``[num_slots, H_kv, Dv]``: one layer of
+                SGLang's pool (bf16; unit last stride; the current token already written).
+            kmin, kmax: ``[num_pages, H_kv, D]`` this layer's page summaries (``PageSummaries.layer``),
+                required when the plan selects pages (PrHS, or dense + ART in bound order).
+            out: ``[bs, H_q, Dv]`` output; default the wrapper's own buffer (returned).
+            select: False reuses the page lists of the previous selecting ``run`` (layer sharing).
+        Returns ``out``.
+        """
+        if not self._planned:
+            raise RuntimeError("call plan() before run()")
+        bs = self.bs
+        if q.shape[0] != bs or q.shape[1] != self.h_q or q.shape[2] != self.d:
+            raise ValueError(f"q {tuple(q.shape)} does not match the plan ({bs}, {self.h_q}, {self.d})")
+        if out is None:
+            out = self._out[:bs]
+        g_pad = max(16, _pow2(self.group))
+        block_d, block_dv = _pow2(self.d), _pow2(self.dv)
+        if self.select and select:
+            if kmin is None or kmax is None:
+                raise ValueError("this plan selects pages: pass the layer's kmin/kmax summaries")
+            block_p = 64
+            _page_bounds_kernel[(bs, self.h_kv, triton.cdiv(self.max_pages, block_p))](
+                q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
+                q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
+                self.ub.stride(0), self.ub.stride(1), self.sm_scale,
+                G=self.group, G_PAD=g_pad, D=self.d, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
+            delta_zero = self.delta <= 0.0
+            log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
+            sel_warps = max(4, min(16, self.block_pg // 256))
+            _page_select_kernel[(bs, self.h_kv)](
+                self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.sel_pages, self.num_sel,
+                self.sel_dhat, self.sel_rest, self.sel_scratch,
+                self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                self.sel_scratch.stride(0), self.sel_scratch.stride(1),
+                self.sink_pages, self.recent_pages, log_ratio,
+                P=self.page_size, MAX_SEL=self.max_sel, BLOCK_PG=self.block_pg, SORT_PAD=self.sort_pad,
+                DELTA_ZERO=delta_zero, WRITE_REST=self.art, num_warps=sel_warps)
+        elif not self.select:
+            self.sel_dhat[:bs].zero_()
+        sparse = self.select
+        cert = self.art and self.eps_cert is not None
+        args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.sel_pages,
+                self.num_sel, self.sel_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
+                self.stop_reason_buf, self.art_dhat_buf,
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                v_cache.stride(1), self.page_table.stride(0), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
+                self.mid_lse.stride(0), self.mid_lse.stride(1), self.h_q,
+                self.sm_scale * _LOG2E, self.num_splits, self.head_len, self.tau_mag, self.tau_dir,
+                self.patience, float(self.eps_cert) if cert else 0.0, self.min_blocks)
+        meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                    P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
+                    HAS_REST=self.art and sparse, ART_CHUNK=4, NUM_STAGES=self.num_stages,
+                    num_warps=self.num_warps)
+        if self.art:
+            _decode_split_kernel[(bs, self.h_kv, 1)](*args, TAIL=False, **meta)
+            if self.num_splits > 1:
+                _decode_split_kernel[(bs, self.h_kv, self.num_splits - 1)](*args, TAIL=True, **meta)
+        else:
+            _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, TAIL=False, **meta)
+        _merge_splits_kernel[(bs, self.h_q)](
+            self.mid_o, self.mid_lse, self.stop_reason_buf, out, self.lse_buf, self.num_splits,
+            self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
+            self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
+            DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.num_splits), ART=self.art, num_warps=4)
+        return out
+
+    # ------------------------------------------------------------------ results
+    @property
+    def blocks_read(self) -> torch.Tensor:
+        return self.blocks_read_buf[: self.bs]
+
+    @property
+    def stop_reason(self) -> torch.Tensor:
+        return self.stop_reason_buf[: self.bs]
+
+    @property
+    def art_delta_hat(self) -> torch.Tensor:
+        return self.art_dhat_buf[: self.bs]
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.lse_buf[: self.bs]
+
+    @property
+    def num_selected(self) -> torch.Tensor:
+        if not self.select:
+            return self.num_pages[: self.bs, None].expand(self.bs, self.h_kv)
+        return self.num_sel[: self.bs]
+
+    @property
+    def delta_hat(self) -> torch.Tensor:
+        return self.sel_dhat[: self.bs]
+
+    @property
+    def pages(self) -> torch.Tensor:
+        """``[bs, H_kv, max_sel]`` int32 logical page ids in read order, -1 padded (selecting plans)."""
+        return self.sel_pages[: self.bs]
+
+    def bytes_read(self, kv_bytes_per_token_head: int, summary_bytes_per_page_head: int) -> torch.Tensor:
+        """Bytes the last ``run`` read from HBM per request (K/V of the pages read + summaries scored).
+
+        ``kv_bytes_per_token_head = (D + Dv) * elem``; ``summary_bytes_per_page_head = 2 * D * elem``.
+        Pages read counts the full page for every read page (partial last pages included), as the
+        kernel issues masked page loads. Host-side helper for benchmarks (reads device tensors).
+        """
+        bs = self.bs
+        read_pages = self.blocks_read_buf[:bs].reshape(bs, self.h_kv, self.group)[:, :, 0].to(torch.int64)
+        kv = read_pages.sum(dim=1) * self.page_size * kv_bytes_per_token_head
+        if self.select:
+            kv = kv + self.num_pages[:bs].to(torch.int64) * self.h_kv * summary_bytes_per_page_head
+        return kv
+
+
+__all__ = ["SparseDecodeWrapper"]

@@ -1,0 +1,173 @@
+"""Certified pre-hoc page selection per (request, KV head), fixed-size output, no host sync.
+
+Reference: :func:`sglang_sparse.prhs.select_pages` (selection order, ``num_selected`` and the
+pre-hoc ``delta_hat``), fed with :func:`sglang_sparse.prhs.page_bounds` and
+:func:`sglang_sparse.prhs.page_lengths`.
+
+One program per (request b, KV head h) holds the bounds of all the request's pages in registers
+(tile ``BLOCK_PG = next_pow2(max pages)``):
+
+1. Forced pages F: sinks ``[0, min(sink, N))`` then recents ``[max(N - recent, sinks), N)``; the first
+   ``budget`` of them are taken.
+2. Candidates C (the other pages) are ranked by descending ub, ties to the lower page id. The
+   reference appends them one by one while ``delta_hat = U / (Z_lb + U) > delta`` and the budget
+   allows. Because both stopping conditions are monotone along that order, the kernel finds the
+   same prefix without sorting all pages: a bisection over the (order-preserving int32 image of the)
+   ub value finds the largest threshold T whose set ``{ub >= T}`` already stops; the stopping point
+   inside the tie group ``{ub == T}`` is then resolved exactly with a prefix scan in page-id order.
+   32 bisection steps, each three reductions over the tile.
+3. The chosen candidates are compacted (prefix sum + scatter into a small scratch row) and sorted
+   by (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``next_pow2(max budget)``.
+
+``U = sum_{p dropped} n_p exp(ub_p)`` and ``Z_lb = sum_{p selected} n_p exp(lb_p)`` are evaluated as
+fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
+``delta == 0`` selects all the budget allows, as the reference.
+
+Outputs, per (b, h): ``SelPages [MAX_SEL]`` int32 logical page ids in selection order (sinks,
+recents, descending ub), -1 padded; ``NumSel`` int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+``WRITE_REST``, ``SelRest [MAX_SEL]`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
+list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _orderable(x):
+    """fp32 -> int32 whose signed order equals the float order (finite values and +-inf)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _certified(d_sum, s_sum, mu, ml, log_ratio):
+    """delta_hat = U / (Z + U) <= delta with U = d_sum * e^mu, Z = s_sum * e^ml,
+    log_ratio = log(delta / (1 - delta))."""
+    lhs = tl.log(d_sum) + mu - tl.log(s_sum) - ml
+    return (d_sum <= 0.0) | ((s_sum > 0.0) & (lhs <= log_ratio))
+
+
+@triton.jit
+def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, SelPages, NumSel, SelDhat, SelRest, Scratch,
+                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+                        sink_pages, recent_pages, log_ratio,
+                        P: tl.constexpr, MAX_SEL: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
+                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    npg = tl.load(NumPages + b)
+    last_len = tl.load(LastLen + b)
+    budget = tl.load(Budget + b)
+    ub_base = UB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
+    lb_base = LB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
+    sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
+    sc_base = Scratch + b.to(tl.int64) * stride_sc_b + h * stride_sc_h
+
+    idx = tl.arange(0, BLOCK_PG)
+    valid = idx < npg
+    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"))
+    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"))
+    n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
+    log_n = tl.log(tl.where(valid, n_p, 1.0))
+    wu = tl.where(valid, log_n + ub, float("-inf"))
+    wl = tl.where(valid, log_n + lb, float("-inf"))
+
+    # forced pages: sinks, then recents (ascending); the first `budget` of them are taken
+    ns = tl.minimum(sink_pages, npg)
+    rs = tl.maximum(npg - recent_pages, ns)
+    n_forced = ns + (npg - rs)
+    forced = valid & ((idx < ns) | (idx >= rs))
+    fpos = tl.where(idx < ns, idx, ns + idx - rs)
+    taken_f = forced & (fpos < budget)
+    n_taken_f = tl.minimum(n_forced, budget)
+    cand = valid & (~forced)
+    n_cand = npg - n_forced
+    k_max = tl.maximum(tl.minimum(budget - n_forced, n_cand), 0)
+
+    mu = tl.max(wu, axis=0)
+    mu = tl.where(mu == float("-inf"), 0.0, mu)
+    ml = tl.max(wl, axis=0)
+    ml = tl.where(ml == float("-inf"), 0.0, ml)
+    eu = tl.where(valid, tl.exp(wu - mu), 0.0)
+    el = tl.where(valid, tl.exp(wl - ml), 0.0)
+    s_forced = tl.sum(tl.where(taken_f, el, 0.0), axis=0)
+    d_forced = tl.sum(tl.where(forced & (~taken_f), eu, 0.0), axis=0)   # forced pages cut by the budget
+
+    key = _orderable(ub).to(tl.int64)
+    int_big: tl.constexpr = 1 << 40
+    lo = tl.min(tl.where(cand, key, int_big), axis=0)
+    hi = tl.max(tl.where(cand, key, -int_big), axis=0) + 1
+    # stop(hi): no candidate needed (only possible through the certificate)
+    d_hi = d_forced + tl.sum(tl.where(cand, eu, 0.0), axis=0)
+    none_needed = (k_max == 0)
+    if not DELTA_ZERO:
+        none_needed = none_needed | _certified(d_hi, s_forced, mu, ml, log_ratio)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        in_set = cand & (key >= mid)
+        cnt = tl.sum(in_set.to(tl.int32), axis=0)
+        stop = cnt >= k_max
+        if not DELTA_ZERO:
+            d_sum = d_forced + tl.sum(tl.where(cand & (~in_set), eu, 0.0), axis=0)
+            s_sum = s_forced + tl.sum(tl.where(in_set, el, 0.0), axis=0)
+            stop = stop | _certified(d_sum, s_sum, mu, ml, log_ratio)
+        lo = tl.where(stop, mid, lo)
+        hi = tl.where(stop, hi, mid)
+    thr = lo
+    gt = cand & (key > thr) & (~none_needed)
+    eq = cand & (key == thr) & (~none_needed)
+    cnt_gt = tl.sum(gt.to(tl.int32), axis=0)
+    cnt_eq = tl.sum(eq.to(tl.int32), axis=0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    ok_r = (cnt_gt + eq_rank) >= k_max
+    if not DELTA_ZERO:
+        d_gt = d_forced + tl.sum(tl.where(cand & (~gt), eu, 0.0), axis=0)
+        s_gt = s_forced + tl.sum(tl.where(gt, el, 0.0), axis=0)
+        cum_eu = tl.cumsum(tl.where(eq, eu, 0.0), axis=0)
+        cum_el = tl.cumsum(tl.where(eq, el, 0.0), axis=0)
+        ok_r = ok_r | _certified(tl.maximum(d_gt - cum_eu, 0.0), s_gt + cum_el, mu, ml, log_ratio)
+    r_star = tl.min(tl.where(eq & ok_r, eq_rank, cnt_eq), axis=0)
+    r_star = tl.minimum(r_star, tl.maximum(k_max - cnt_gt, 0))
+    sel = gt | (eq & (eq_rank <= r_star))
+    k = cnt_gt + r_star
+    n_sel = n_taken_f + k
+
+    # pre-hoc certificate of the final selection
+    d_fin = d_forced + tl.sum(tl.where(cand & (~sel), eu, 0.0), axis=0)
+    s_fin = s_forced + tl.sum(tl.where(sel, el, 0.0), axis=0)
+    log_u = tl.log(d_fin) + mu
+    log_z = tl.log(s_fin) + ml
+    dhat = 1.0 / (1.0 + tl.exp(log_z - log_u))
+    dhat = tl.where(d_fin <= 0.0, 0.0, tl.where(s_fin <= 0.0, 1.0, dhat))
+
+    # forced part of the list, then -1 padding after the selection
+    tl.store(sel_base + fpos, idx, mask=taken_f)
+    pos = tl.arange(0, SORT_PAD)
+    tl.store(sel_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=(n_sel + pos) < MAX_SEL)
+    # candidates: compact, sort by (ub desc, id asc), append after the forced pages
+    tl.store(sc_base + pos, tl.full([SORT_PAD], -(1 << 62), tl.int64))
+    tl.debug_barrier()
+    cpos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    packed = (key << 32) | (2147483647 - idx).to(tl.int64)
+    tl.store(sc_base + cpos, packed, mask=sel & (cpos < SORT_PAD))
+    tl.debug_barrier()
+    tops = tl.sort(tl.load(sc_base + pos), descending=True)
+    top_ids = (2147483647 - (tops & 0xFFFFFFFF)).to(tl.int32)
+    tl.store(sel_base + n_taken_f + pos, top_ids, mask=(pos < k) & ((n_taken_f + pos) < MAX_SEL))
+    tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
+    tl.store(SelDhat + b * tl.num_programs(1) + h, dhat)
+
+    if WRITE_REST:
+        tl.debug_barrier()
+        lst_ok = pos < n_sel
+        lst = tl.load(sel_base + pos, mask=lst_ok & (pos < MAX_SEL), other=0)
+        ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"))
+        len_l = tl.where(lst == npg - 1, last_len, P).to(tl.float32)
+        w = tl.where(lst_ok, tl.log(len_l) + ub_l, float("-inf"))
+        mw = tl.max(w, axis=0)
+        mw = tl.where(mw == float("-inf"), 0.0, mw)
+        e = tl.where(lst_ok, tl.exp(w - mw), 0.0)
+        rest = tl.log(tl.cumsum(e, axis=0, reverse=True)) + mw
+        rest_base = SelRest + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
+        tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < MAX_SEL)

@@ -1,0 +1,37 @@
+"""Plan-time page table: (request, logical page) -> physical page, page counts and page budgets.
+
+Reference: :func:`sglang_sparse.prhs.page_lengths` (pages of a request and the last page's length)
+and :meth:`sglang_sparse.config.PrhsConfig.budget_pages` (the per-request page budget).
+
+SGLang maps (req_pool_idx, logical position) to a KV slot through ``req_to_token``; with
+``--page-size P`` a request's logical page ``lp`` (positions ``[lp*P, lp*P + P)``) lives in the
+physical page ``req_to_token[r, lp*P] // P`` and its slots are contiguous. The decode wrapper calls
+this kernel from ``plan()`` (outside CUDA graphs, where SGLang allows reading ``req_to_token``) and
+the graph-captured ``run()`` only reads the copy.
+
+Grid ``(bs, cdiv(max_pages, BLOCK))``. Entries past a request's page count are set to -1.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, stride_pt,
+                       NumPages, LastLen, Budget, BudgetLut, max_pages, P: tl.constexpr, BLOCK: tl.constexpr):
+    """``BudgetLut[N]`` is the page budget of a request of N pages (built on the host once per
+    setting with the reference formula, so rounding matches it exactly)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    req = tl.load(ReqPoolIdx + b).to(tl.int64)
+    n = tl.load(SeqLens + b).to(tl.int32)
+    npg = (n + P - 1) // P
+    lp = c * BLOCK + tl.arange(0, BLOCK)
+    ok = lp < npg
+    slot = tl.load(ReqToToken + req * stride_r2t + lp.to(tl.int64) * P, mask=ok, other=0)
+    phys = (slot // P).to(tl.int32)
+    tl.store(PageTable + b * stride_pt + lp, tl.where(ok, phys, -1), mask=lp < max_pages)
+    if c == 0:
+        tl.store(NumPages + b, npg)
+        tl.store(LastLen + b, tl.where(npg > 0, n - (npg - 1) * P, 0))
+        tl.store(Budget + b, tl.load(BudgetLut + tl.minimum(npg, max_pages)))
