@@ -110,6 +110,7 @@ class SparseDecodeWrapper:
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
+        self.sel_phys = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.sel_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
         self.sel_scratch = torch.empty(bs, hk, self.sort_pad, dtype=torch.int64, device=dev)
         self.num_sel = torch.zeros(bs, hk, **i32)
@@ -281,9 +282,9 @@ class SparseDecodeWrapper:
             log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
             sel_warps = max(4, min(16, self.block_pg // 256))
             _page_select_kernel[(bs, self.h_kv)](
-                self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.sel_pages, self.num_sel,
-                self.sel_dhat, self.sel_rest, self.sel_scratch,
-                self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table, self.sel_pages,
+                self.sel_phys, self.num_sel, self.sel_dhat, self.sel_rest, self.sel_scratch,
+                self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
                 self.sel_scratch.stride(0), self.sel_scratch.stride(1),
                 self.sink_pages, self.recent_pages, log_ratio,
                 P=self.page_size, MAX_SEL=self.max_sel, BLOCK_PG=self.block_pg, SORT_PAD=self.sort_pad,
@@ -292,7 +293,7 @@ class SparseDecodeWrapper:
             self.sel_dhat[:bs].zero_()
         sparse = self.select
         cert = self.art and self.eps_cert is not None
-        args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.sel_pages,
+        args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.sel_phys,
                 self.num_sel, self.sel_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
                 self.stop_reason_buf, self.art_dhat_buf,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),

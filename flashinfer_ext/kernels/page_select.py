@@ -24,7 +24,8 @@ fp32 sums shifted by their own maxima and compared in log space, so neither unde
 ``delta == 0`` selects all the budget allows, as the reference.
 
 Outputs, per (b, h): ``SelPages [MAX_SEL]`` int32 logical page ids in selection order (sinks,
-recents, descending ub), -1 padded; ``NumSel`` int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
+decode loop has a single indirection); ``NumSel`` int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
 ``WRITE_REST``, ``SelRest [MAX_SEL]`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
@@ -49,8 +50,8 @@ def _certified(d_sum, s_sum, mu, ml, log_ratio):
 
 
 @triton.jit
-def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, SelPages, NumSel, SelDhat, SelRest, Scratch,
-                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, SelDhat, SelRest,
+                        Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
                         sink_pages, recent_pages, log_ratio,
                         P: tl.constexpr, MAX_SEL: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
@@ -63,6 +64,8 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, SelPages, NumSel, Sel
     lb_base = LB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
     sc_base = Scratch + b.to(tl.int64) * stride_sc_b + h * stride_sc_h
+    phys_base = SelPhys + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
+    pt_base = PageTable + b.to(tl.int64) * stride_pt
 
     idx = tl.arange(0, BLOCK_PG)
     valid = idx < npg
@@ -143,8 +146,11 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, SelPages, NumSel, Sel
 
     # forced part of the list, then -1 padding after the selection
     tl.store(sel_base + fpos, idx, mask=taken_f)
+    tl.store(phys_base + fpos, tl.load(pt_base + idx, mask=taken_f, other=-1), mask=taken_f)
     pos = tl.arange(0, SORT_PAD)
-    tl.store(sel_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=(n_sel + pos) < MAX_SEL)
+    pad_ok = (n_sel + pos) < MAX_SEL
+    tl.store(sel_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
+    tl.store(phys_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
     # candidates: compact, sort by (ub desc, id asc), append after the forced pages
     tl.store(sc_base + pos, tl.full([SORT_PAD], -(1 << 62), tl.int64))
     tl.debug_barrier()
@@ -154,7 +160,9 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, SelPages, NumSel, Sel
     tl.debug_barrier()
     tops = tl.sort(tl.load(sc_base + pos), descending=True)
     top_ids = (2147483647 - (tops & 0xFFFFFFFF)).to(tl.int32)
-    tl.store(sel_base + n_taken_f + pos, top_ids, mask=(pos < k) & ((n_taken_f + pos) < MAX_SEL))
+    top_ok = (pos < k) & ((n_taken_f + pos) < MAX_SEL)
+    tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
+    tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
     tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
     tl.store(SelDhat + b * tl.num_programs(1) + h, dhat)
 

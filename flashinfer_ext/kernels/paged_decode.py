@@ -11,7 +11,7 @@ Layout (SGLang's MHA pool): ``K [num_slots, H_kv, D]``, ``V [num_slots, H_kv, Dv
 Stage 1, ``_decode_split_kernel``, grid ``(bs, H_kv, num_splits)``: one program reads a range of
 list positions for one (request, KV head) and all ``G`` query heads of its group (padded to 16
 rows for ``tl.dot``), so every K/V byte is read once per step. The list is ``SelPages[b, h, :]``
-(``SPARSE``) or the identity ``0..N-1`` (dense). Each iteration gathers ``PPI`` pages (``PPI*P`` rows),
+(``SPARSE``, read as the physical ids ``SelPhys``) or the identity ``0..N-1`` (dense). Each iteration gathers ``PPI`` pages (``PPI*P`` rows),
 computes the logits with one ``tl.dot``, updates the online softmax (base 2) and ``acc += p V`` with
 a second ``tl.dot``. A split ends by storing ``acc / l`` and ``lse = m + log2 l`` to the split buffers.
 
@@ -46,19 +46,22 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_page_rows(KCache, VCache, PageTable, SelPages, sel_base, pt_base, jpos, end, npg, last_len, h,
+def _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len, last_phys, h,
                     stride_ks, stride_kh, stride_vs, stride_vh, offs_d, offs_dv, d_ok, dv_ok,
                     P: tl.constexpr, PPI: tl.constexpr, SPARSE: tl.constexpr, active):
-    """K [PPI*P, BLOCK_D], V [PPI*P, BLOCK_DV] of list positions jpos..jpos+PPI-1 and the row mask."""
+    """K [PPI*P, BLOCK_D], V [PPI*P, BLOCK_DV] of list positions jpos..jpos+PPI-1 and the row mask.
+
+    ``list_base`` points at the physical page ids of the list: ``SelPhys[b, h]`` (sparse) or the
+    request's page-table row (dense, where list position = logical page)."""
     j = jpos + tl.arange(0, PPI)
     j_ok = (j < end) & active
+    phys = tl.load(list_base + j, mask=j_ok, other=0)
     if SPARSE:
-        lp = tl.load(sel_base + j, mask=j_ok, other=0)
-        j_ok = j_ok & (lp >= 0)
+        j_ok = j_ok & (phys >= 0)
+        plen = tl.where(phys == last_phys, last_len, P)
     else:
-        lp = j
-    phys = tl.load(pt_base + lp, mask=j_ok, other=0).to(tl.int64)
-    plen = tl.where(lp == npg - 1, last_len, P)
+        plen = tl.where(j == npg - 1, last_len, P)
+    phys = phys.to(tl.int64)
     ROWS: tl.constexpr = PPI * P
     r = tl.arange(0, P)
     slot = tl.reshape(phys[:, None] * P + r[None, :], [ROWS])
@@ -84,7 +87,7 @@ def _online_update(q, k, v, row_ok, m, l, acc, qk_scale):
 
 
 @triton.jit
-def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPages, NumSel, SelRest,
+def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPhys, NumSel, SelRest,
                          MidO, MidLse, BlocksRead, StopReason, ArtDhat,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                          stride_sel_b, stride_sel_h, stride_mo_b, stride_mo_h, stride_mo_s,
@@ -106,8 +109,12 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPag
         n_list = tl.load(NumSel + b * (H_Q // G) + h)
     else:
         n_list = npg
-    sel_base = SelPages + b64 * stride_sel_b + h * stride_sel_h
     pt_base = PageTable + b64 * stride_pt
+    if SPARSE:
+        list_base = SelPhys + b64 * stride_sel_b + h * stride_sel_h
+    else:
+        list_base = pt_base
+    last_phys = tl.load(pt_base + tl.maximum(npg - 1, 0))
 
     g = tl.arange(0, G_PAD)
     g_ok = g < G
@@ -136,10 +143,9 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPag
             skip = reason != 0
             if skip == 0:
                 for jpos in tl.range(start, end, 1, num_stages=NUM_STAGES):
-                    k, v, row_ok = _load_page_rows(KCache, VCache, PageTable, SelPages, sel_base, pt_base, jpos,
-                                                   end, npg, last_len, h, stride_ks, stride_kh, stride_vs,
-                                                   stride_vh, offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE,
-                                                   jpos >= 0)
+                    k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len,
+                                                   last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
+                                                   offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE, jpos >= 0)
                     m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
         else:
             end = tl.minimum(head_len, n_list)
@@ -156,10 +162,9 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPag
                     for jj in tl.range(0, ART_CHUNK, num_stages=NUM_STAGES):
                         jpos = c * ART_CHUNK + jj
                         live = (~stopped) & (jpos < end)
-                        k, v, row_ok = _load_page_rows(KCache, VCache, PageTable, SelPages, sel_base, pt_base,
-                                                       jpos, end, npg, last_len, h, stride_ks, stride_kh,
-                                                       stride_vs, stride_vh, offs_d, offs_dv, d_ok, dv_ok,
-                                                       P, 1, SPARSE, live)
+                        k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len,
+                                                       last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
+                                                       offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE, live)
                         m2, l2, acc2 = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
                         m = tl.where(live, m2, m)
                         l = tl.where(live, l2, l)
@@ -208,9 +213,9 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPag
         start = s * chunk
         end = tl.minimum(start + chunk, n_list)
         for jpos in tl.range(start, end, PPI, num_stages=NUM_STAGES):
-            k, v, row_ok = _load_page_rows(KCache, VCache, PageTable, SelPages, sel_base, pt_base, jpos, end,
-                                           npg, last_len, h, stride_ks, stride_kh, stride_vs, stride_vh,
-                                           offs_d, offs_dv, d_ok, dv_ok, P, PPI, SPARSE, jpos >= 0)
+            k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len, last_phys, h,
+                                           stride_ks, stride_kh, stride_vs, stride_vh, offs_d, offs_dv, d_ok, dv_ok,
+                                           P, PPI, SPARSE, jpos >= 0)
             m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
         if s == 0:
             st_ptr = b64 * H_Q + hq

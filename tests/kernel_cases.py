@@ -1,0 +1,338 @@
+"""Test cases shared by tests/test_kernels_cpu.py (Triton interpreter, tiny sizes) and
+tests/test_kernels_gpu.py (CUDA, Llama-3.1-8B shapes): flashinfer_ext's kernels against the
+reference math of sglang_sparse (claa, prhs, art), computed in float64 on the same bf16 inputs.
+
+Every case draws a fresh seed (printed in the assertion messages) and poisons every output buffer
+(NaN / sentinel) before the kernels run, so elements a kernel forgets to write fail the checks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from sglang_sparse import art, claa, prhs
+
+SENTINEL = -777
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double()
+    b = b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- KV pool
+@dataclass
+class Pool:
+    kc: torch.Tensor            # [num_slots, H_kv, D]
+    vc: torch.Tensor            # [num_slots, H_kv, Dv]
+    req_to_token: torch.Tensor  # [max_reqs + 1, max_ctx] int32
+    rows: torch.Tensor          # [bs] req_pool_indices
+    seq_lens: torch.Tensor      # [bs]
+    slots: List[torch.Tensor]   # per request, [n] int64 slots in logical order
+    q: torch.Tensor             # [bs, H_q, D]
+    num_pages: int              # physical pages in the pool
+    page_size: int
+
+    def logical(self, b: int):
+        """(q [H_q, D], k [n, H_kv, D], v [n, H_kv, Dv]) of request b in float64."""
+        s = self.slots[b]
+        return self.q[b].double(), self.kc[s].double(), self.vc[s].double()
+
+
+def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, structured: bool = False,
+              max_ctx: Optional[int] = None, spare_pages: int = 3, needles_per_req: int = 3,
+              dtype=torch.bfloat16) -> Pool:
+    """A paged KV pool holding ``len(lens)`` requests in randomly permuted physical pages.
+
+    ``structured``: a few "needle" pages per request whose keys align with the request's queries
+    (high logits) over small random keys elsewhere: peaked attention, where PrHS's certificate
+    becomes small and ART can stop early. Otherwise keys and values are plain N(0, 1).
+    """
+    P = page_size
+    bs = len(lens)
+    npgs = [-(-n // P) for n in lens]
+    num_pages = sum(npgs) + spare_pages + 1            # page 0 reserved, like SGLang's dummy page
+    num_slots = num_pages * P
+    max_ctx = max_ctx or max(lens)
+    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    rows = torch.randperm(2 * bs + 2, generator=gen)[:bs] + 1
+    r2t = torch.zeros(2 * bs + 3, max_ctx, dtype=torch.int32)
+    q = torch.randn(bs, h_q, d, generator=gen)
+    kc = torch.randn(num_slots, h_kv, d, generator=gen)
+    vc = torch.randn(num_slots, h_kv, dv, generator=gen)
+    slots = []
+    used = 0
+    group = h_q // h_kv
+    for b, n in enumerate(lens):
+        pages = torch.tensor(perm[used: used + npgs[b]], dtype=torch.long)
+        used += npgs[b]
+        s = (pages[:, None] * P + torch.arange(P)[None, :]).flatten()[:n]
+        r2t[rows[b], :n] = s.to(torch.int32)
+        slots.append(s)
+        if structured:
+            kc[s] *= 0.3
+            cand = list(range(1, npgs[b] - 2)) if npgs[b] > 4 else []
+            rnd = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            for lp in rnd.sample(cand, min(needles_per_req, len(cand))):
+                tok = s[lp * P: min((lp + 1) * P, n)]
+                for g in range(h_kv):
+                    u = q[b, g * group:(g + 1) * group].sum(0)
+                    u = u / u.norm()
+                    scale = rnd.uniform(2.0, 3.0) * math.sqrt(d)
+                    kc[tok, g] = scale * u[None, :] / math.sqrt(group) + 0.3 * torch.randn(
+                        len(tok), d, generator=gen)
+    return Pool(kc.to(device=device, dtype=dtype), vc.to(device=device, dtype=dtype), r2t.to(device),
+                rows.to(device), torch.tensor(lens, dtype=torch.int64, device=device),
+                [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
+
+
+def reference_summaries(pool: Pool):
+    """Physical-page summaries built from the reference (independent of the summary kernel)."""
+    h_kv, d = pool.kc.shape[1], pool.kc.shape[2]
+    kmin = torch.full((pool.num_pages, h_kv, d), float("nan"), dtype=pool.kc.dtype, device=pool.kc.device)
+    kmax = kmin.clone()
+    for b, s in enumerate(pool.slots):
+        lo, hi = prhs.page_summaries(pool.kc[s], pool.page_size)
+        phys = s[:: pool.page_size] // pool.page_size
+        kmin[phys] = lo
+        kmax[phys] = hi
+    return kmin, kmax
+
+
+def poison_wrapper(w) -> None:
+    for name in ("page_table", "num_pages", "last_len", "budget", "sel_pages", "sel_phys", "num_sel",
+                 "blocks_read_buf", "stop_reason_buf"):
+        getattr(w, name).fill_(SENTINEL)
+    for name in ("ub", "lb", "sel_rest", "sel_dhat", "mid_o", "mid_lse", "art_dhat_buf", "lse_buf"):
+        getattr(w, name).fill_(float("nan"))
+    if w._out is not None:
+        w._out.fill_(float("nan"))
+
+
+# ----------------------------------------------------------------------------- CLAA
+def check_claa(n_list, h_q, h_kv, d, window, device, seed, pool_kinds=("avg", "max"), block_n=64, num_layers=2,
+               tol=1e-4):
+    from flashinfer_ext.claa_score import ClaaWindowScorer
+
+    gen = torch.Generator().manual_seed(seed)
+    for pool in pool_kinds:
+        for n in n_list:
+            sc = ClaaWindowScorer(h_q, h_kv, d, window, max_len=max(n_list), pool=pool, device=device,
+                                  block_n=block_n)
+            sc.colsum.fill_(float("nan"))
+            acc = torch.full((n,), float("nan"), device=device)
+            acc.fill_(float("-inf"))
+            refs = []
+            for layer in range(num_layers):
+                q = (torch.randn(n, h_q, d, generator=gen) * (1 + layer)).to(device, torch.bfloat16)
+                k = torch.randn(n, h_kv, d, generator=gen).to(device, torch.bfloat16)
+                out = torch.full((h_kv, n), float("nan"), device=device)
+                sc.score(q, k, acc, out)
+                ref = claa.window_scores(q.double(), k.double(), window, 7, pool)
+                refs.append(ref)
+                e = rel_err(out, ref)
+                assert e <= tol, f"seed={seed} pool={pool} n={n} layer={layer}: window scores rel err {e:.2e}"
+            agg = claa.aggregate_max(refs)
+            e = rel_err(acc, agg)
+            assert e <= tol, f"seed={seed} pool={pool} n={n}: cross-layer max rel err {e:.2e}"
+
+
+# ----------------------------------------------------------------------------- summaries
+def check_page_summaries(lens, page_size, h_kv, d, device, seed, chunk_sizes=(None,)):
+    """Write requests through the summary kernel the way SGLang writes KV (extend chunks, then
+    decode tokens, several requests per batch) into pages holding stale garbage; compare with
+    prhs.page_summaries of each request's logical keys (bit-exact for bf16)."""
+    from flashinfer_ext.summaries import update_page_summaries
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_kv, h_kv, d, d, device, gen)
+    # stale summaries everywhere (a reused page must be reset on its first write)
+    kmin = (torch.randn(pool.num_pages, h_kv, d, generator=gen) - 5).to(device, torch.bfloat16)
+    kmax = (torch.randn(pool.num_pages, h_kv, d, generator=gen) + 5).to(device, torch.bfloat16)
+    # batches: prefill of a prompt split in chunks (all requests in one batch), then decode steps
+    prompt = [max(1, n - P - 3) for n in lens]
+    rng = random.Random(seed)
+    pos = [0] * len(lens)
+    while any(pos[b] < prompt[b] for b in range(len(lens))):
+        locs = []
+        for b in range(len(lens)):
+            if pos[b] >= prompt[b]:
+                continue
+            step = rng.randint(1, 3 * P)
+            e = min(prompt[b], pos[b] + step)
+            locs.append(pool.slots[b][pos[b]:e])
+            pos[b] = e
+        loc = torch.cat(locs)
+        update_page_summaries(kmin, kmax, pool.kc[loc], loc.to(torch.int32 if rng.random() < 0.5 else torch.int64), P)
+    while any(pos[b] < lens[b] for b in range(len(lens))):
+        idx = [b for b in range(len(lens)) if pos[b] < lens[b]]
+        loc = torch.stack([pool.slots[b][pos[b]] for b in idx])
+        for b in idx:
+            pos[b] += 1
+        update_page_summaries(kmin, kmax, pool.kc[loc], loc, P)
+    for b, s in enumerate(pool.slots):
+        lo, hi = prhs.page_summaries(pool.kc[s].double(), P)
+        phys = s[::P] // P
+        assert torch.equal(kmin[phys].double(), lo), f"seed={seed} request {b}: kmin differs"
+        assert torch.equal(kmax[phys].double(), hi), f"seed={seed} request {b}: kmax differs"
+
+
+# ----------------------------------------------------------------------------- selection + decode
+def _budget_pages(npg, budget, sink, recent):
+    want = math.ceil(budget * npg) if budget <= 1 else int(budget)
+    return max(min(npg, sink + recent), min(npg, want))
+
+
+def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, seed, tag):
+    """Kernel selection == reference; a difference in the number of appended pages is accepted only
+    when the reference's certificate sits at delta within float32 accuracy at both counts."""
+    h_kv, width = ref_sel.pages.shape
+    k_pages = w.pages[b].long()
+    k_num = w.num_selected[b].long()
+    for g in range(h_kv):
+        kn, rn = int(k_num[g]), int(ref_sel.num_selected[g])
+        if kn != rn:
+            lo_n = min(kn, rn)
+            assert torch.equal(k_pages[g, :lo_n], ref_sel.pages[g, :lo_n]), \
+                f"seed={seed} {tag} b={b} g={g}: page order differs"
+            # certificate of the reference's prefix at both counts must straddle delta closely
+            for cnt in (kn, rn):
+                pages = k_pages[g:g + 1, :cnt] if cnt == kn else ref_sel.pages[g:g + 1, :cnt]
+                dh = float(prhs.prehoc_delta_hat(ub[g:g + 1], lb[g:g + 1], page_lens, pages,
+                                                 torch.tensor([cnt], device=pages.device)))
+                assert abs(dh - delta) <= 1e-4 * max(delta, 1e-3) + 2e-6, \
+                    f"seed={seed} {tag} b={b} g={g}: {kn} vs {rn} pages selected, delta_hat {dh} vs delta {delta}"
+            continue
+        assert torch.equal(k_pages[g, :kn], ref_sel.pages[g, :rn]), \
+            f"seed={seed} {tag} b={b} g={g}: pages {k_pages[g, :kn].tolist()} vs {ref_sel.pages[g, :rn].tolist()}"
+        assert bool((k_pages[g, kn:] == -1).all()), f"seed={seed} {tag} b={b} g={g}: padding not -1"
+        dk, dr = float(w.delta_hat[b, g]), float(ref_sel.delta_hat[g])
+        assert abs(dk - dr) <= 1e-4 + 1e-3 * abs(dr), f"seed={seed} {tag} b={b} g={g}: delta_hat {dk} vs {dr}"
+
+
+def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
+                 tol=1e-2, max_seq_len=None, check_bounds=True):
+    """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_q, h_kv, d, dv, device, gen, structured=structured)
+    kmin, kmax = reference_summaries(pool)
+    sm_scale = 1.0 / math.sqrt(d)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1,
+                            max_seq_len=max_seq_len or max(lens) + P, head_dim_v=dv, device=device)
+    for cfg in settings:
+        tag = f"{cfg}"
+        poison_wrapper(w)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        mode = cfg.get("mode", "prhs")
+        use_art = cfg.get("art", False)
+        for b, n in enumerate(lens):
+            q, k, v = pool.logical(b)
+            npg = -(-n // P)
+            page_lens = prhs.page_lengths(n, P, device=k.device)
+            lo, hi = prhs.page_summaries(k, P)
+            ub, lb = prhs.page_bounds(q, lo, hi, sm_scale)
+            if check_bounds and w.select:
+                ku = w.ub[b, :, :npg].double()
+                kl = w.lb[b, :, :npg].double()
+                scale = ub.abs().max().clamp_min(1.0)
+                assert float((ku - ub).abs().max() / scale) < 1e-5, f"seed={seed} {tag} b={b}: ub differs"
+                assert float((kl - lb).abs().max() / lb.abs().max().clamp_min(1.0)) < 1e-5, \
+                    f"seed={seed} {tag} b={b}: lb differs"
+            sink, recent = cfg.get("sink_pages", 1), cfg.get("recent_pages", 2)
+            if mode == "prhs":
+                bud = _budget_pages(npg, cfg.get("budget", 1 / 16), sink, recent)
+                delta = cfg.get("delta", 0.05)
+                ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
+                _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, seed, tag)
+                order = w.pages[b, :, :bud].long()
+                num = w.num_selected[b].long()
+            elif w.select:     # dense + ART in bound order: the whole list, sorted
+                ref_sel = prhs.select_pages(ub, lb, page_lens, 0.0, npg, sink, recent)
+                _assert_selection(w, b, ref_sel, ub, lb, page_lens, 0.0, seed, tag)
+                order = w.pages[b, :, :npg].long()
+                num = w.num_selected[b].long()
+            else:
+                order = torch.arange(npg, device=k.device)[None, :].expand(h_kv, npg)
+                num = torch.full((h_kv,), npg, device=k.device, dtype=torch.long)
+            if not use_art:
+                if mode == "prhs":
+                    ref, ref_lse = prhs.sparse_attention(q, k, v, P, order, num, sm_scale, return_lse=True)
+                else:
+                    ref, ref_lse = prhs.dense_attention(q, k, v, sm_scale, return_lse=True)
+                e = rel_err(out[b], ref)
+                assert e <= tol, f"seed={seed} {tag} b={b}: out rel err {e:.3e}"
+                assert torch.allclose(w.lse[b].double(), ref_lse, atol=2e-3, rtol=1e-4), \
+                    f"seed={seed} {tag} b={b}: lse {w.lse[b].tolist()} vs {ref_lse.tolist()}"
+                assert bool((w.blocks_read[b].long() == num.repeat_interleave(h_q // h_kv)).all()), \
+                    f"seed={seed} {tag} b={b}: blocks_read"
+                assert bool((w.stop_reason[b] == art.STOP_NONE).all()), f"seed={seed} {tag} b={b}: stop_reason"
+            else:
+                _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol)
+
+
+def _art_ref(q, k, v, P, sm_scale, order, ub, cfg, scale_tau=1.0, scale_eps=1.0):
+    eps = cfg.get("eps_cert")
+    return art.art_attention(q, k, v, P, sm_scale, block_order=order,
+                             tau_mag=cfg.get("tau_mag", 0.01) * scale_tau,
+                             tau_dir=cfg.get("tau_dir", 1e-4) * scale_tau, patience=cfg.get("patience", 2),
+                             eps_cert=None if eps is None else eps * scale_eps, block_ub=ub,
+                             min_blocks=cfg.get("min_blocks", 4))
+
+
+def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
+    """ART decisions must equal the reference's (tolerating thresholds perturbed by +-20% where the
+    float32 kernel and the float64 reference sit on opposite sides of a threshold); output,
+    lse and delta_hat must match the reference run with the same decisions."""
+    h_q = q.shape[0]
+    kb = w.blocks_read[b].long()
+    kr = w.stop_reason[b].long()
+    n_list = int((order >= 0).sum(dim=1).max())
+    head = getattr(w, "head_len", n_list)
+    match = None
+    for st, se in ((1.0, 1.0), (0.8, 1.0), (1.25, 1.0), (1.0, 0.8), (1.0, 1.25), (0.8, 0.8), (1.25, 1.25)):
+        ref = _art_ref(q, k, v, P, sm_scale, order, ub, cfg, st, se)
+        rb, rr = ref.blocks_read.clone(), ref.stop_reason.clone()
+        listed = (order >= 0).sum(dim=1).repeat_interleave(h_q // order.shape[0])
+        late = (rr != art.STOP_NONE) & (rb > head)          # the kernel never stops after its head
+        rb = torch.where(late, listed, rb)
+        rr = torch.where(late, torch.full_like(rr, art.STOP_NONE), rr)
+        if torch.equal(kb.cpu(), rb.cpu()) and torch.equal(kr.cpu(), rr.cpu()):
+            match = (ref, late)
+            break
+    assert match is not None, (f"seed={seed} {tag} b={b}: ART blocks_read {kb.tolist()} reason {kr.tolist()} vs "
+                               f"reference {_art_ref(q, k, v, P, sm_scale, order, ub, cfg).blocks_read.tolist()} "
+                               f"{_art_ref(q, k, v, P, sm_scale, order, ub, cfg).stop_reason.tolist()}")
+    ref, late = match
+    ref_out, ref_lse, ref_dhat = ref.out.clone(), ref.lse.clone(), ref.delta_hat.clone()
+    if bool(late.any()):
+        full = art.art_attention(q, k, v, P, sm_scale, block_order=order, block_ub=ub)
+        lm = late.to(ref_out.device)
+        ref_out[lm] = full.out[lm]
+        ref_lse[lm] = full.lse[lm]
+        ref_dhat[lm] = full.delta_hat[lm]
+    e = rel_err(out[b], ref_out)
+    assert e <= tol, f"seed={seed} {tag} b={b}: ART out rel err {e:.3e}"
+    assert torch.allclose(w.lse[b].double(), ref_lse, atol=2e-3, rtol=1e-4), f"seed={seed} {tag} b={b}: ART lse"
+    if w.select:   # natural-order ART has no page bounds: delta_hat is NaN (unknown) where it stopped
+        assert torch.allclose(w.art_delta_hat[b].double(), ref_dhat, atol=1e-4, rtol=2e-2), \
+            f"seed={seed} {tag} b={b}: ART delta_hat {w.art_delta_hat[b].tolist()} vs {ref_dhat.tolist()}"
+    else:
+        stopped = kr != art.STOP_NONE
+        assert bool(w.art_delta_hat[b][~stopped.to(w.art_delta_hat.device)].eq(0).all()), \
+            f"seed={seed} {tag} b={b}: ART delta_hat of unstopped groups must be 0"

@@ -1,0 +1,95 @@
+"""flashinfer_ext's Triton kernels against sglang_sparse's reference math, small sizes.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors. The interpreter
+must be chosen before the kernels are defined, so this file sets ``TRITON_INTERPRET=1`` (when CUDA is
+absent) before importing flashinfer_ext; CI runs it in its own pytest process with the variable
+already set (ci/run_tests.sh). With CUDA and without ``TRITON_INTERPRET`` the same tests run
+compiled on the GPU.
+
+The interpreter's bf16 ``tl.dot`` is wrong in triton 3.6 (it multiplies raw bits); the
+``triton_interpreter_bf16_dot`` fixture from conftest.py fixes it for these tests. The interpreter
+also truncates fp32 -> bf16 casts (the GPU rounds to nearest), hence the 1e-2 output tolerance.
+
+Sizes are tiny (an interpreted launch costs ~0.1-0.5 s per program); the whole file takes about a
+minute on two cores.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+# kernels defined before the variable was set (imported by an earlier test module) would be compiled ones
+for _name in [m for m in list(sys.modules) if m.startswith("flashinfer_ext")]:
+    importlib.reload(sys.modules[_name])
+
+from kernel_cases import (  # noqa: E402
+    check_claa,
+    check_decode,
+    check_page_summaries,
+    fresh_seed,
+)
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot")
+
+H_Q, H_KV, D = 4, 2, 32
+
+
+def test_claa_window_scores():
+    # n below, at and above one tile; the window longer than a short prompt
+    check_claa([5, 64, 150], H_Q, H_KV, D, window=8, device=DEVICE, seed=fresh_seed(), block_n=32)
+
+
+def test_claa_window_scores_gqa4():
+    check_claa([97], 8, 2, 16, window=4, device=DEVICE, seed=fresh_seed(), pool_kinds=("avg",),
+               block_n=16, num_layers=3)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_page_summaries_extend_decode_reuse(page_size):
+    check_page_summaries([3 * page_size + 5, 2 * page_size + 1, 4 * page_size], page_size, H_KV, D,
+                         DEVICE, fresh_seed())
+
+
+def test_dense_decode():
+    check_decode([150, 37, 64], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
+                 [dict(mode="dense"), dict(mode="dense", num_splits=3, pages_per_iter=2)])
+
+
+def test_prhs_select_and_decode_random():
+    check_decode([230, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
+                 [dict(mode="prhs", budget=0.5, delta=0.05),
+                  dict(mode="prhs", budget=4, delta=0.0, sink_pages=2, recent_pages=1, num_splits=2)])
+
+
+def test_prhs_select_and_decode_structured():
+    # peaked attention: the certificate stops the selection before the budget
+    check_decode([260, 150], 16, H_Q, H_KV, D, 16, DEVICE, fresh_seed(),
+                 [dict(mode="prhs", budget=0.75, delta=0.05),
+                  dict(mode="prhs", budget=1.0, delta=0.6, sink_pages=0, recent_pages=1),   # delta binds
+                  dict(mode="prhs", budget=2, delta=0.05, sink_pages=2, recent_pages=2)],  # budget < forced
+                 structured=True)
+
+
+def test_art_prhs_structured():
+    seed = fresh_seed()
+    art_cfg = dict(art=True, tau_mag=0.03, tau_dir=1e-3, patience=2, min_blocks=2)
+    check_decode([300, 200], 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(mode="prhs", budget=1.0, delta=0.0, **art_cfg),                        # sequential
+                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, **art_cfg),
+                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg)],      # certified
+                 structured=True)
+
+
+def test_art_dense_orders():
+    art_cfg = dict(art=True, tau_mag=0.05, tau_dir=2e-3, patience=1, min_blocks=3)
+    check_decode([170, 120], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
+                 [dict(mode="dense", art_order="bound", **art_cfg),
+                  dict(mode="dense", art_order="natural", **art_cfg)],
+                 structured=True)
