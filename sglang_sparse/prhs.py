@@ -53,6 +53,7 @@ __all__ = [
     "page_means",
     "page_bounds",
     "page_mean_lower_bounds",
+    "page_log_mean_exp",
     "select_pages",
     "prehoc_delta_hat",
     "posthoc_delta_hat",
@@ -159,6 +160,20 @@ def page_mean_lower_bounds(q: Tensor, kmean: Tensor, sm_scale: float) -> Tensor:
     return _group_reduce(lbm, h_kv, "min")
 
 
+def page_log_mean_exp(q: Tensor, k: Tensor, page_size: int, sm_scale: float) -> Tensor:
+    """The tightest valid ``lb`` for :func:`select_pages`: ``[H_kv, N]``.
+
+    ``min_{h in g} log( (1/n_p) sum_{t in p} exp(s_t) )``. With it, ``Z_lb`` is the exact selected
+    normaliser of the group's weakest head, i.e. the pre-hoc rule becomes the post-hoc one. It needs
+    the logits, so it is a reference (or comes from an earlier attention pass), not a pre-hoc summary.
+    """
+    logits = _logits(q, k, sm_scale)                                          # [H_q, n]
+    h_q, n = logits.shape
+    lse = torch.logsumexp(_paged(logits.T, page_size, _NEG_INF), dim=1).T     # [H_q, N]
+    lse = lse - page_lengths(n, page_size, device=q.device).to(lse.dtype).log()[None, :]
+    return _group_reduce(lse, k.shape[1], "min")
+
+
 # --------------------------------------------------------------------------- selection
 @dataclass
 class PageSelection:
@@ -243,8 +258,12 @@ def select_pages(ub: Tensor, lb: Tensor, page_lens: Tensor, delta: float, budget
     """Certified pre-hoc page selection, per KV head.
 
     Args:
-        ub, lb: ``[H_kv, N]`` group logit bounds (:func:`page_bounds`; ``lb`` may also be
-            :func:`page_mean_lower_bounds`).
+        ub, lb: ``[H_kv, N]`` group bounds (:func:`page_bounds`). ``ub[g, p]`` must bound every
+            logit of page p for every head of group g; ``lb`` only needs
+            ``n_p exp(lb[g, p]) <= sum_{t in p} exp(s_t)`` for every head, so
+            :func:`page_mean_lower_bounds` (Jensen) or :func:`page_log_mean_exp` (exact, e.g. from
+            an earlier pass) may replace the box bound. The box and mean bounds are loose on
+            pages with one dominant token (a needle), where only the post-hoc value certifies.
         page_lens: ``[N]`` tokens per page (:func:`page_lengths`).
         delta: target bound on the dropped mass, ``0 <= delta < 1``.
         budget: most pages per KV head (the width of ``pages``).
