@@ -161,14 +161,11 @@ def art_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, sm_scale: fl
         ends = torch.nonzero(row < 0)
         listed = row[: int(ends[0]) if ends.numel() else row.numel()].tolist()
         qg = q[heads]                                                    # [G, D]
-        if listed:
-            tok = torch.cat([torch.arange(b * block_size, b * block_size + int(blens[b]), device=dev)
-                             for b in listed])
-            vmax = v[tok, g].norm(dim=-1).max()
-        else:
-            vmax = torch.zeros((), dtype=dt, device=dev)
+        listed_t = torch.tensor(listed, dtype=torch.long, device=dev)
+        in_listed = torch.isin(torch.arange(n, device=dev) // block_size, listed_t)
+        vmax = v[in_listed, g].norm(dim=-1).amax() if listed else torch.zeros((), dtype=dt, device=dev)
         # log U_rest after j blocks read: logsumexp over listed[j:] of log n_b + ub_b
-        w = torch.tensor([float(log_blen[b] + block_ub[g, b]) for b in listed], dtype=dt, device=dev)
+        w = log_blen[listed_t] + block_ub[g, listed_t]
         log_u_rest = torch.cat([torch.logcumsumexp(w.flip(0), 0).flip(0),
                                 torch.full((1,), float("-inf"), dtype=dt, device=dev)])
 
