@@ -1,0 +1,229 @@
+"""Run the tasks against a running SGLang server through the SGLang frontend language.
+
+The program only talks to ``/generate`` through ``sglang.RuntimeEndpoint``, so it runs unchanged against plain
+``python -m sglang.launch_server`` and against ``python -m sglang_sparse.launch_server``.
+
+Prompt formats:
+  ``chat``   ``sgl.user(prompt)``, then the assistant turn starts with the answer prefix and ``sgl.gen`` continues it
+             (the frontend's chat template, e.g. ``chatml`` for SmolLM2-Instruct);
+  ``plain``  ``prompt + "\\n" + answer_prefix`` then ``sgl.gen``.
+``auto`` picks ``chat`` when the served tokenizer has a chat template, with the frontend template matched by the
+model path, or ``chatml`` when that match is the frontend's generic default and the tokenizer's template uses
+``<|im_start|>``.
+
+:func:`render_prompt` returns exactly the text the frontend sends, for local runs (the CPU reference) and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from .tasks import TaskSample, make_samples, score
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+@dataclass(frozen=True)
+class PromptFormat:
+    kind: str                          # "chat" or "plain"
+    chat_template: Optional[str] = None  # frontend template name when kind == "chat"
+    system_prompt: Optional[str] = None
+
+    def describe(self) -> str:
+        return f"chat:{self.chat_template}" if self.kind == "chat" else "plain"
+
+
+def render_prompt(sample: TaskSample, fmt: PromptFormat, include_prefix: bool = True) -> str:
+    """The text the frontend program below sends for ``sample`` (before generation)."""
+    prefix = sample.answer_prefix if include_prefix else ""
+    if fmt.kind == "plain":
+        return sample.prompt + "\n" + prefix
+    from sglang.lang.chat_template import get_chat_template
+
+    tpl = get_chat_template(fmt.chat_template)
+    messages: List[Dict[str, Any]] = []
+    text = ""
+    roles = []
+    system = fmt.system_prompt if fmt.system_prompt is not None else tpl.default_system_prompt
+    if system:
+        roles.append(("system", system))
+    roles.append(("user", sample.prompt))
+    for role, content in roles:
+        pre, suf = tpl.get_prefix_and_suffix(role, messages)
+        text += pre + content + suf
+        messages.append({"role": role, "content": content})
+    pre, _ = tpl.get_prefix_and_suffix("assistant", messages)
+    return text + pre + prefix
+
+
+def template_overhead(fmt: PromptFormat, count) -> int:
+    """Tokens the format adds around the user prompt and the answer prefix (the ``reserve`` of the tasks)."""
+    empty = TaskSample(task="single_needle", length=0, index=0, seed=0, depth=None, prompt="", answer_prefix="",
+                       answers=[""], max_new_tokens=0, num_tokens=0, haystack="none")
+    return count(render_prompt(empty, fmt))
+
+
+def resolve_prompt_format(kind: str, tokenizer, model_path: str, chat_template: Optional[str] = None,
+                          system_prompt: Optional[str] = None) -> PromptFormat:
+    if kind not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}")
+    hf_template = getattr(tokenizer, "chat_template", None)
+    if kind == "plain" or (kind == "auto" and not hf_template and not chat_template):
+        return PromptFormat("plain")
+    if not chat_template:
+        from sglang.lang.chat_template import get_chat_template_by_model_path
+
+        chat_template = get_chat_template_by_model_path(model_path).name
+        if chat_template == "default" and hf_template and "<|im_start|>" in str(hf_template):
+            chat_template = "chatml"
+    return PromptFormat("chat", chat_template, system_prompt)
+
+
+# ------------------------------------------------------------------------------------------------ program
+def _program():
+    import sglang as sgl
+
+    @sgl.function
+    def task_program(s, prompt, answer_prefix, max_new_tokens, chat, system_prompt):
+        if chat:
+            if system_prompt:
+                s += sgl.system(system_prompt)
+            s += sgl.user(prompt)
+            s += sgl.assistant_begin()
+            s += answer_prefix
+        else:
+            s += prompt + "\n" + answer_prefix
+        s += sgl.gen("answer", max_tokens=max_new_tokens, temperature=0.0)
+
+    return task_program
+
+
+# ------------------------------------------------------------------------------------------------ results
+def summarize(records: Sequence[Dict[str, Any]], config: str, where: str) -> List[Dict[str, Any]]:
+    """Rows (config, task, length, accuracy, samples, errors, where) from per-sample records."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["length"])].append(r)
+    rows = []
+    for (task, length), rs in sorted(groups.items()):
+        ok = sum(r["score"] for r in rs)
+        rows.append({"config": config, "task": task, "length": length, "accuracy": ok / len(rs),
+                     "correct": ok, "samples": len(rs), "errors": sum(1 for r in rs if r.get("error")),
+                     "where": where})
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Accuracy table: one line per (config, task), one column per length."""
+    lengths = sorted({r["length"] for r in rows})
+    keyed = {(r["config"], r["task"], r["length"]): r for r in rows}
+    lines = []
+    head = f"{'config':<24} {'task':<18} " + " ".join(f"{L:>9}" for L in lengths)
+    lines.append(head)
+    lines.append("-" * len(head))
+    seen = []
+    for r in rows:
+        k = (r["config"], r["task"])
+        if k not in seen:
+            seen.append(k)
+    for cfg, task in seen:
+        cells = []
+        for L in lengths:
+            r = keyed.get((cfg, task, L))
+            cells.append(f"{r['accuracy'] * 100:6.1f}/{r['samples']:<2d}" if r else f"{'-':>9}")
+        lines.append(f"{cfg:<24} {task:<18} " + " ".join(cells))
+    lines.append("(accuracy % / samples)")
+    return "\n".join(lines)
+
+
+def merge_rows(path: Path, rows: Sequence[Dict[str, Any]], meta_key: str, meta: Dict[str, Any]) -> None:
+    """Add ``rows`` to the combined results file ``path`` (rows with the same config, task, length and where are
+    replaced) and record ``meta`` under ``runs[meta_key]``."""
+    data: Dict[str, Any] = {"rows": [], "runs": {}}
+    if path.exists():
+        data = json.loads(path.read_text())
+        data.setdefault("rows", [])
+        data.setdefault("runs", {})
+    new_keys = {(r["config"], r["task"], r["length"], r["where"]) for r in rows}
+    data["rows"] = [r for r in data["rows"]
+                    if (r["config"], r["task"], r["length"], r["where"]) not in new_keys] + list(rows)
+    data["rows"].sort(key=lambda r: (r["where"], r["config"], r["task"], r["length"]))
+    data["runs"][meta_key] = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_eval(url: str, tasks: Sequence[str], lengths: Sequence[int], num_samples: int, seed: int = 0,
+             tokenizer_path: Optional[str] = None, prompt_format: str = "auto",
+             chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
+             haystack: str = "essays", depths: Optional[Sequence[float]] = None, num_threads: int = 16,
+             config: str = "unnamed", where: str = "sglang-gpu", progress: bool = True) -> Dict[str, Any]:
+    import sglang as sgl
+    from transformers import AutoTokenizer
+
+    from .tasks import DEFAULT_DEPTHS, token_counter
+
+    backend = sgl.RuntimeEndpoint(url)
+    info = backend.model_info
+    model_path = info.get("model_path", "")
+    tok_path = tokenizer_path or info.get("tokenizer_path") or model_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    fmt = resolve_prompt_format(prompt_format, tokenizer, model_path, chat_template, system_prompt)
+    if fmt.kind == "chat":
+        backend = sgl.RuntimeEndpoint(url, chat_template_name=fmt.chat_template)
+    sgl.set_default_backend(backend)
+    count = token_counter(tokenizer)
+    reserve = template_overhead(fmt, count)
+    depths = tuple(depths) if depths else DEFAULT_DEPTHS
+
+    t0 = time.time()
+    print(f"[eval] server {url}: model {model_path}; prompt format {fmt.describe()} (+{reserve} tokens); "
+          f"building {len(tasks) * len(lengths) * num_samples} samples", file=sys.stderr, flush=True)
+    samples = make_samples(tasks, lengths, num_samples, tokenizer, seed=seed, haystack=haystack, depths=depths,
+                           reserve=reserve)
+    print(f"[eval] samples ready in {time.time() - t0:.1f}s; generating", file=sys.stderr, flush=True)
+    program = _program()
+    args = [dict(prompt=s.prompt, answer_prefix=s.answer_prefix, max_new_tokens=s.max_new_tokens,
+                 chat=fmt.kind == "chat", system_prompt=fmt.system_prompt) for s in samples]
+    t1 = time.time()
+    states = program.run_batch(args, num_threads=num_threads, progress_bar=progress)
+    gen_s = time.time() - t1
+
+    records = []
+    for s, st in zip(samples, states):
+        rec: Dict[str, Any] = {"id": s.sample_id, "task": s.task, "length": s.length, "index": s.index,
+                               "depth": s.depth, "num_tokens": s.num_tokens, "answers": s.answers}
+        try:
+            out = st["answer"]
+            meta = st.get_meta_info("answer") or {}
+            rec.update(output=out, score=score(s, out), prompt_tokens=meta.get("prompt_tokens"),
+                       completion_tokens=meta.get("completion_tokens"))
+        except Exception as e:  # a failed request counts as wrong and is reported
+            rec.update(output=None, score=0, error=f"{type(e).__name__}: {e}")
+        records.append(rec)
+    rows = summarize(records, config, where)
+    meta = {
+        "url": url, "model_path": model_path, "tokenizer": str(tok_path), "config": config, "where": where,
+        "tasks": list(tasks), "lengths": list(lengths), "samples_per_cell": num_samples, "seed": seed,
+        "haystack": haystack, "depths": list(depths), "prompt_format": fmt.describe(),
+        "system_prompt": fmt.system_prompt, "template_tokens": reserve, "generation": "greedy (temperature 0)",
+        "generate_seconds": round(gen_s, 1), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(),
+    }
+    try:
+        import sglang
+
+        meta["sglang_version"] = sglang.__version__
+    except Exception:
+        pass
+    return {"meta": meta, "rows": rows, "records": records}
