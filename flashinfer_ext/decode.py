@@ -97,7 +97,6 @@ class SparseDecodeWrapper:
         self.device = torch.device(device)
         self.num_sms = _num_sms(self.device)
         self.block_pg = _pow2(self.max_pages)
-        self.sort_pad = _pow2(self.max_sel)
 
         dev = self.device
         i32 = dict(dtype=torch.int32, device=dev)
@@ -112,7 +111,7 @@ class SparseDecodeWrapper:
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.sel_phys = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.sel_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
-        self.sel_scratch = torch.empty(bs, hk, self.sort_pad, dtype=torch.int64, device=dev)
+        self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
         self.num_sel = torch.zeros(bs, hk, **i32)
         self.sel_dhat = torch.zeros(bs, hk, **f32)
         self.mid_o = torch.empty(bs, hq, max_num_splits, self.dv, **f32)
@@ -185,7 +184,7 @@ class SparseDecodeWrapper:
         self.eps_cert = eps_cert
         self.min_blocks = int(min_blocks)
 
-        lut = self._budget_lut(budget_mode, budget)
+        lut, self.list_max = self._budget_lut(budget_mode, budget)
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
             req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
             self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
@@ -224,7 +223,8 @@ class SparseDecodeWrapper:
         self._planned = True
 
     def _budget_lut(self, budget_mode: int, budget: float) -> torch.Tensor:
-        """Device table ``[max_pages + 1]``: page budget of a request of N pages (cached per setting).
+        """(device table ``[max_pages + 1]``: page budget of a request of N pages, largest budget),
+        cached per setting.
 
         Same formula as ``PrhsConfig.budget_pages``: ``ceil(budget * N)`` (fraction) or ``budget``
         (count), at least ``min(N, sink + recent)``, at most N; then capped by the list width."""
@@ -241,7 +241,7 @@ class SparseDecodeWrapper:
                 else:
                     want = int(budget)
                 vals.append(min(self.max_sel, max(min(n, forced), min(n, want))))
-            cache[key] = torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True)
+            cache[key] = (torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True), max(1, max(vals)))
         return cache[key]
 
     # ------------------------------------------------------------------ run
@@ -286,8 +286,8 @@ class SparseDecodeWrapper:
                 self.sel_phys, self.num_sel, self.sel_dhat, self.sel_rest, self.sel_scratch,
                 self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
                 self.sel_scratch.stride(0), self.sel_scratch.stride(1),
-                self.sink_pages, self.recent_pages, log_ratio,
-                P=self.page_size, MAX_SEL=self.max_sel, BLOCK_PG=self.block_pg, SORT_PAD=self.sort_pad,
+                self.sink_pages, self.recent_pages, log_ratio, self.list_max,
+                P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
                 DELTA_ZERO=delta_zero, WRITE_REST=self.art, num_warps=sel_warps)
         elif not self.select:
             self.sel_dhat[:bs].zero_()
@@ -348,7 +348,8 @@ class SparseDecodeWrapper:
 
     @property
     def pages(self) -> torch.Tensor:
-        """``[bs, H_kv, max_sel]`` int32 logical page ids in read order, -1 padded (selecting plans)."""
+        """``[bs, H_kv, max_sel]`` int32 logical page ids in read order, -1 padded up to the plan's
+        largest budget (selecting plans)."""
         return self.sel_pages[: self.bs]
 
     def bytes_read(self, kv_bytes_per_token_head: int, summary_bytes_per_page_head: int) -> torch.Tensor:

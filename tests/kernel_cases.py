@@ -217,7 +217,7 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, seed, tag):
             continue
         assert torch.equal(k_pages[g, :kn], ref_sel.pages[g, :rn]), \
             f"seed={seed} {tag} b={b} g={g}: pages {k_pages[g, :kn].tolist()} vs {ref_sel.pages[g, :rn].tolist()}"
-        assert bool((k_pages[g, kn:] == -1).all()), f"seed={seed} {tag} b={b} g={g}: padding not -1"
+        assert bool((k_pages[g, kn:width] == -1).all()), f"seed={seed} {tag} b={b} g={g}: padding not -1"
         dk, dr = float(w.delta_hat[b, g]), float(ref_sel.delta_hat[g])
         assert abs(dk - dr) <= 1e-4 + 1e-3 * abs(dr), f"seed={seed} {tag} b={b} g={g}: delta_hat {dk} vs {dr}"
 

@@ -17,16 +17,19 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
    inside the tie group ``{ub == T}`` is then resolved exactly with a prefix scan in page-id order.
    32 bisection steps, each three reductions over the tile.
 3. The chosen candidates are compacted (prefix sum + scatter into a small scratch row) and sorted
-   by (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``next_pow2(max budget)``.
+   by (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``SORT_PAD = next_pow2(LIST_MAX)``,
+   ``LIST_MAX`` being the plan's largest budget (not the buffer width), so a 1/16 budget sorts 1/16
+   of the pages.
 
 ``U = sum_{p dropped} n_p exp(ub_p)`` and ``Z_lb = sum_{p selected} n_p exp(lb_p)`` are evaluated as
 fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
 ``delta == 0`` selects all the budget allows, as the reference.
 
-Outputs, per (b, h): ``SelPages [MAX_SEL]`` int32 logical page ids in selection order (sinks,
+Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the plan's largest budget
+are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
 decode loop has a single indirection); ``NumSel`` int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
-``WRITE_REST``, ``SelRest [MAX_SEL]`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
+``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
 
@@ -52,8 +55,8 @@ def _certified(d_sum, s_sum, mu, ml, log_ratio):
 @triton.jit
 def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, SelDhat, SelRest,
                         Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
-                        sink_pages, recent_pages, log_ratio,
-                        P: tl.constexpr, MAX_SEL: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
+                        sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -148,7 +151,7 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, 
     tl.store(sel_base + fpos, idx, mask=taken_f)
     tl.store(phys_base + fpos, tl.load(pt_base + idx, mask=taken_f, other=-1), mask=taken_f)
     pos = tl.arange(0, SORT_PAD)
-    pad_ok = (n_sel + pos) < MAX_SEL
+    pad_ok = (n_sel + pos) < LIST_MAX
     tl.store(sel_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
     tl.store(phys_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
     # candidates: compact, sort by (ub desc, id asc), append after the forced pages
@@ -159,8 +162,8 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, 
     tl.store(sc_base + cpos, packed, mask=sel & (cpos < SORT_PAD))
     tl.debug_barrier()
     tops = tl.sort(tl.load(sc_base + pos), descending=True)
-    top_ids = (2147483647 - (tops & 0xFFFFFFFF)).to(tl.int32)
-    top_ok = (pos < k) & ((n_taken_f + pos) < MAX_SEL)
+    top_ids = (2147483647 - (tops - ((tops >> 32) << 32))).to(tl.int32)
+    top_ok = (pos < k) & ((n_taken_f + pos) < LIST_MAX)
     tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
     tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
     tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
@@ -169,7 +172,7 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, 
     if WRITE_REST:
         tl.debug_barrier()
         lst_ok = pos < n_sel
-        lst = tl.load(sel_base + pos, mask=lst_ok & (pos < MAX_SEL), other=0)
+        lst = tl.load(sel_base + pos, mask=lst_ok, other=0)
         ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"))
         len_l = tl.where(lst == npg - 1, last_len, P).to(tl.float32)
         w = tl.where(lst_ok, tl.log(len_l) + ub_l, float("-inf"))
@@ -178,4 +181,4 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, 
         e = tl.where(lst_ok, tl.exp(w - mw), 0.0)
         rest = tl.log(tl.cumsum(e, axis=0, reverse=True)) + mw
         rest_base = SelRest + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
-        tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < MAX_SEL)
+        tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < LIST_MAX)

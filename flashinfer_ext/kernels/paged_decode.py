@@ -177,7 +177,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPhy
                         dmag = diff / tl.maximum(n_o, 1e-30)
                         ddir = 1.0 - tl.sum(o * o_prev, axis=1) / tl.maximum(n_o * n_p, 1e-30)
                         ok = (dmag < tau_mag) & (ddir < tau_dir)
-                        holds = tl.min(tl.where(g_ok, ok, True).to(tl.int32), axis=0) > 0
+                        holds = tl.min((ok | (~g_ok)).to(tl.int32), axis=0) > 0
                         streak = tl.where(live & (read > 0), tl.where(holds, streak + 1, 0), streak)
                         o_prev = tl.where(live, o, o_prev)
                         read = tl.where(live, read + 1, read)
