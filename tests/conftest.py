@@ -44,3 +44,24 @@ def patch_triton_interpreter_bf16_dot() -> bool:
 def triton_interpreter_bf16_dot():
     """Session fixture for Triton-kernel tests: applies :func:`patch_triton_interpreter_bf16_dot`."""
     return patch_triton_interpreter_bf16_dot()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-tensor tests (faster, and steady on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per test (torch is seeded with it); tests put it in their failure messages."""
+    import torch
+
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s

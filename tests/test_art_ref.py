@@ -4,7 +4,6 @@ recomputation, the certified error bound on many random and structured cases, or
 Fresh random seed every run; it is printed in every assertion message (``seed=...``) for reproduction.
 """
 
-import os
 
 import pytest
 import torch
@@ -14,20 +13,7 @@ from sglang_sparse import art, prhs
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster and immune to a busy machine; restored afterwards
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(n, h_kv, group, d=16, dv=8, q_scale=1.0, needle=False):

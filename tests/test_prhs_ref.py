@@ -5,7 +5,6 @@ Fresh random seed every run; it is printed in every assertion message (``seed=..
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,20 +15,7 @@ F64 = torch.float64
 REL = 1e-9      # float64 slack for comparing a bound with the exact mass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster and immune to a busy machine; restored afterwards
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(n, h_kv, group, d, dv=8, needle=False, scale_range=(-1.0, 1.0)):
