@@ -129,6 +129,7 @@ class SparseDecodeWrapper:
              recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
              tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
              min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
+             dense_below_pages: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 2,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -156,6 +157,8 @@ class SparseDecodeWrapper:
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
             num_warps, num_stages: launch settings of the decode kernel.
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
+            dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
+                budget is all its pages), so short requests take the dense path of the same kernel.
         """
         if mode not in ("prhs", "dense"):
             raise ValueError(f"mode must be 'prhs' or 'dense', got {mode!r}")
@@ -184,7 +187,7 @@ class SparseDecodeWrapper:
         self.eps_cert = eps_cert
         self.min_blocks = int(min_blocks)
 
-        lut, self.list_max = self._budget_lut(budget_mode, budget)
+        lut, self.list_max = self._budget_lut(budget_mode, budget, int(dense_below_pages))
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
             req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
             self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
@@ -222,19 +225,19 @@ class SparseDecodeWrapper:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
         self._planned = True
 
-    def _budget_lut(self, budget_mode: int, budget: float) -> torch.Tensor:
+    def _budget_lut(self, budget_mode: int, budget: float, dense_below_pages: int = 0) -> torch.Tensor:
         """(device table ``[max_pages + 1]``: page budget of a request of N pages, largest budget),
         cached per setting.
 
         Same formula as ``PrhsConfig.budget_pages``: ``ceil(budget * N)`` (fraction) or ``budget``
         (count), at least ``min(N, sink + recent)``, at most N; then capped by the list width."""
-        key = (budget_mode, float(budget), self.sink_pages, self.recent_pages)
+        key = (budget_mode, float(budget), self.sink_pages, self.recent_pages, dense_below_pages)
         cache = self.__dict__.setdefault("_lut_cache", {})
         if key not in cache:
             forced = self.sink_pages + self.recent_pages
             vals = []
             for n in range(self.max_pages + 1):
-                if budget_mode == 0:
+                if budget_mode == 0 or n < dense_below_pages:
                     want = n
                 elif budget_mode == 1:
                     want = math.ceil(budget * n)
