@@ -9,7 +9,7 @@ prefix) plus the layer's GEMMs measured with torch matmuls of Llama-3.1-8B shape
 o 4096 x 4096, gate/up 4096 x 28672, down 14336 x 4096, bf16). Goal: < 3 % of the layer at 32K.
 
 Writes benchmarks/results/claa_score_cost_h100.json (rows: n, claa_us, attention_us, gemm_us,
-layer_us, frac_of_layer, frac_of_attention) and prints a short table last.
+layer_us, frac_of_layer, frac_of_attention), also to ``$OUT`` when set, and prints a short table last.
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ def main(argv=None):
             row["frac_of_layer"] = row["claa_us"] / row["layer_us"]
             row["frac_of_attention"] = row["claa_us"] / row["attention_us"]
         rows.append(row)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        for folder in [os.path.dirname(args.out)] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, os.path.basename(args.out)), "w") as f:
+                json.dump(rows, f, indent=1)
         torch.cuda.empty_cache()
     print("\nCLAA window scoring (w=8, avg pool 7) vs one Llama-3.1-8B prefill layer (H100)")
     print(f"{'n':>7s} {'claa_us':>9s} {'attn_us':>10s} {'gemm_us':>10s} {'% layer':>8s} {'% attn':>7s}")

@@ -30,7 +30,7 @@ measured first (read + write bytes / time).
 
 Output: benchmarks/results/decode_attention_h100.json (a list of rows: method, batch, context,
 budget, delta, kv_set, time_us, bytes_read, gbps, frac_copy_bw, speedup_vs_flashinfer), written
-after every row; ``..._meta.json`` (copy bandwidth, tuning, devices, skipped items, errors);
+after every row (and copied to ``$OUT`` when set); ``..._meta.json`` (copy bandwidth, tuning, devices, skipped items, errors);
 a PNG plot; a short table printed last. ``--quick`` runs batch 8 at 32K and 128K with the main
 methods; a time guard (``--time-limit``, default 420 s) stops starting new work, so a full run fits
 in 8 minutes on an H100.
@@ -328,10 +328,13 @@ def main(argv=None):
     rows = []
 
     def save():
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        # results go to benchmarks/results/ and, when $OUT is set (GPU machine), to $OUT as well
+        for folder in [os.path.dirname(args.out)] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, os.path.basename(args.out)), "w") as f:
+                json.dump(rows, f, indent=1)
+            with open(os.path.join(folder, os.path.basename(meta_path)), "w") as f:
+                json.dump(meta, f, indent=1)
 
     configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
     gen = torch.Generator().manual_seed(20261123)
@@ -453,6 +456,10 @@ def main(argv=None):
 
         png = plot(args.out)
         log(f"plot: {png}")
+        if os.environ.get("OUT"):
+            import shutil
+
+            shutil.copy(png, os.environ["OUT"])
     except Exception as exc:  # noqa: BLE001
         meta["errors"].append(f"plot: {exc!r}")
         log(f"plot failed ({exc!r}); run: python -m benchmarks.plot_decode_attention {args.out}")

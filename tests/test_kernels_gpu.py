@@ -3,14 +3,35 @@ head_dim 128, bf16 KV), against sglang_sparse's reference math in float64, plus 
 and replay of ``SparseDecodeWrapper.run``.
 
 Run (GPU machine, repo root):  python -m pytest -m gpu tests/test_kernels_gpu.py -q
+or, where pytest is missing:    python tests/test_kernels_gpu.py
 Skipped without CUDA or under TRITON_INTERPRET=1.
 """
 
 import math
 import os
+import sys
 
-import pytest
 import torch
+
+try:
+    import pytest
+except ImportError:           # run as a script without pytest: a minimal stand-in for the markers
+    class _Mark:
+        def __getattr__(self, name):
+            def deco(*args, **kwargs):
+                if name == "parametrize":
+                    def wrap(fn):
+                        fn._params = (args[0], args[1])
+                        return fn
+                    return wrap
+                return args[0] if args and callable(args[0]) and not kwargs else (lambda fn: fn)
+            return deco
+
+    class pytest:  # noqa: N801
+        mark = _Mark()
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = [
     pytest.mark.gpu,
@@ -162,3 +183,32 @@ def test_cuda_graph_capture_replay(mode, art):
     g2.replay()
     torch.cuda.synchronize()
     assert torch.equal(kmin[5], knew[0]) and torch.equal(kmax[5], knew[0])
+
+
+if __name__ == "__main__":
+    import time
+    import traceback
+
+    failed = 0
+    for name, fn in [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]:
+        params = getattr(fn, "_params", None)
+        if params is None and hasattr(fn, "pytestmark"):
+            for m in fn.pytestmark:
+                if m.name == "parametrize":
+                    params = m.args
+        if params:
+            names = [x.strip() for x in params[0].split(",")]
+            cases = [dict(zip(names, v if isinstance(v, tuple) else (v,))) for v in params[1]]
+        else:
+            cases = [{}]
+        for kw in cases:
+            t = time.time()
+            try:
+                fn(**kw)
+                print(f"PASS {name} {kw} ({time.time() - t:.1f}s)", flush=True)
+            except Exception:  # noqa: BLE001
+                failed += 1
+                print(f"FAIL {name} {kw}", flush=True)
+                traceback.print_exc()
+    print(f"{failed} failed")
+    sys.exit(1 if failed else 0)
