@@ -2,8 +2,8 @@
 
 ``--attention-backend sparse`` builds :class:`SparseAttnBackend`, a subclass of SGLang's
 FlashInfer backend. Prefill (extend) is FlashInfer's; the decode path, CLAA's prefill hooks and
-PrHS/ART belong here as the mechanisms are wired in. With every mechanism off the subclass
-overrides no forward or metadata method, so SGLang runs FlashInfer's own code unchanged.
+PrHS/ART belong here as the mechanisms are wired in. With every mechanism off each override hands
+the call straight to FlashInfer's own method, so SGLang runs FlashInfer's code unchanged.
 
 On a CPU-only host (``--device cpu``, ``SGLANG_USE_CPU_ENGINE=1``) FlashInfer does not exist; the
 same mixin sits on SGLang's torch-native backend instead (:class:`SparseTorchNativeAttnBackend`),
@@ -19,6 +19,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 from sglang_sparse.config import BACKEND_NAME, ConfigError, SparseConfig, from_server_args
+from sglang_sparse.sparse_decode import SparseDecodeMixin
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
@@ -44,8 +45,11 @@ class SparseBackendMixin:
                     BACKEND_NAME, type(self).__name__, cfg.to_json())
 
 
-class SparseAttnBackend(SparseBackendMixin, FlashInferAttnBackend):
-    """FlashInfer prefill and decode, plus the sparse mechanisms that are switched on."""
+class SparseAttnBackend(SparseDecodeMixin, SparseBackendMixin, FlashInferAttnBackend):
+    """FlashInfer prefill and decode, plus the sparse mechanisms that are switched on.
+
+    Decode with PrHS and/or ART: :class:`sglang_sparse.sparse_decode.SparseDecodeMixin`.
+    """
 
     def __init__(self, model_runner: "ModelRunner", **kwargs):
         super().__init__(model_runner, **kwargs)
@@ -57,6 +61,7 @@ class SparseAttnBackend(SparseBackendMixin, FlashInferAttnBackend):
         if decode == BACKEND_NAME:
             self._check_kv_attention_access("decode", self.decode_kv_access)
         self._init_sparse(model_runner)
+        self._init_sparse_decode(model_runner)
 
 
 class SparseTorchNativeAttnBackend(SparseBackendMixin, TorchNativeAttnBackend):

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Optional, Sequence
 ENV_VAR = "SGLANG_SPARSE_CONFIG"
 SERVER_ARGS_ATTR = "_sglang_sparse"
 BACKEND_NAME = "sparse"
+# Concurrent requests the launcher allows by default with PrHS/ART (decode buffers scale with it).
+DEFAULT_MAX_RUNNING_REQUESTS = 64
 
 # Speculative algorithms SGLang accepts; any of them conflicts with a sparse mechanism.
 _NO_SPECULATION = (None, "", "none", "NONE")
@@ -365,6 +367,9 @@ def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
     _check(spec in _NO_SPECULATION, "--speculative-algorithm",
            f"speculative decoding cannot be combined with sparse attention, got {spec!r}")
     if cfg.prhs.enabled or cfg.art.enabled:
+        device = str(getattr(server_args, "device", None) or "cuda")
+        _check(device.startswith("cuda"), "--device",
+               f"--sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, got --device {device}")
         page = server_args.page_size or 1
         _check(page >= 16, "--page-size",
                f"--sparse-decode prhs / --art on need --page-size >= 16 (KV pages of 16+ tokens), got {page}")
@@ -385,7 +390,8 @@ def adjust_sglang_argv(cfg: SparseConfig, argv: Sequence[str]) -> list[str]:
     """SGLang flags the launcher fills in when the user did not give them.
 
     * ``--attention-backend sparse`` (our backend; it delegates to FlashInfer when all is off);
-    * with PrHS or ART: ``--page-size`` = the PrHS page size (default 32);
+    * with PrHS or ART: ``--page-size`` = the PrHS page size (default 32), and
+      ``--max-running-requests`` 64 (the decode kernels' buffers are sized for it);
     * with CLAA and ``--claa-max-prompt-len N``: ``--chunked-prefill-size`` >= N so prompts up to N
       arrive in one chunk.
     """
@@ -395,6 +401,8 @@ def adjust_sglang_argv(cfg: SparseConfig, argv: Sequence[str]) -> list[str]:
         out += ["--attention-backend", BACKEND_NAME]
     if (cfg.prhs.enabled or cfg.art.enabled) and not _flag_given(out, "--page-size"):
         out += ["--page-size", str(cfg.prhs.page_size or 32)]
+    if (cfg.prhs.enabled or cfg.art.enabled) and not _flag_given(out, "--max-running-requests"):
+        out += ["--max-running-requests", str(DEFAULT_MAX_RUNNING_REQUESTS)]
     if cfg.claa.enabled and cfg.claa.max_prompt_len and not _flag_given(out, "--chunked-prefill-size"):
         out += ["--chunked-prefill-size", str(cfg.claa.max_prompt_len)]
     return out

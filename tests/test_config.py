@@ -78,7 +78,8 @@ def test_bad_values_name_their_flag(argv, flag):
 
 def _server_args(**kw):
     base = dict(attention_backend="sparse", prefill_attention_backend=None, decode_attention_backend=None,
-                speculative_algorithm=None, page_size=32, enable_mixed_chunk=False, chunked_prefill_size=8192)
+                speculative_algorithm=None, page_size=32, enable_mixed_chunk=False, chunked_prefill_size=8192,
+                device="cuda")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -92,6 +93,7 @@ def _server_args(**kw):
     (["--art", "on"], dict(page_size=8), "--page-size"),
     (["--sparse-decode", "prhs", "--prhs-page-size", "64"], dict(page_size=32), "--prhs-page-size"),
     (["--sparse-prefill", "claa"], dict(enable_mixed_chunk=True), "--enable-mixed-chunk"),
+    (["--sparse-decode", "prhs"], dict(device="cpu"), "--device"),
     (["--sparse-prefill", "claa", "--claa-max-prompt-len", "32768"], dict(chunked_prefill_size=8192),
      "--chunked-prefill-size"),
 ])
@@ -114,9 +116,10 @@ def test_launcher_fills_in_sglang_flags():
                                     "--sparse-prefill", "claa", "--claa-max-prompt-len", "65536"])
     out = C.adjust_sglang_argv(cfg, rest)
     assert out == ["--model-path", "m", "--attention-backend", "sparse", "--page-size", "64",
-                   "--chunked-prefill-size", "65536"]
+                   "--max-running-requests", "64", "--chunked-prefill-size", "65536"]
     # Flags the user gave are never overridden.
-    given = ["--attention-backend=flashinfer", "--page-size", "16", "--chunked-prefill-size", "4096"]
+    given = ["--attention-backend=flashinfer", "--page-size", "16", "--chunked-prefill-size", "4096",
+             "--max-running-requests", "8"]
     assert C.adjust_sglang_argv(cfg, given) == given
     assert C.adjust_sglang_argv(C.SparseConfig(), []) == ["--attention-backend", "sparse"]
 

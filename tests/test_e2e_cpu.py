@@ -141,7 +141,7 @@ def _frontend_checks(base):
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--sparse-decode", "prhs", "--page-size", "8"], "error: --page-size:"),
+    (["--sparse-decode", "prhs", "--page-size", "8"], "error: --device:"),
     (["--art", "on", "--attention-backend", "torch_native"], "error: --attention-backend:"),
 ])
 def test_launcher_rejects_combinations_before_loading(model_dir, argv, line):

@@ -99,10 +99,38 @@ def test_backend_class_for_sparse():
     assert backend_class_for("cpu") is SparseTorchNativeAttnBackend
     assert issubclass(SparseAttnBackend, FlashInferAttnBackend)
     assert issubclass(SparseTorchNativeAttnBackend, TorchNativeAttnBackend)
-    # With everything off the GPU backend runs FlashInfer's own forward and metadata code.
-    for name in ("forward_extend", "forward_decode", "init_forward_metadata", "init_forward_metadata_out_graph",
-                 "init_forward_metadata_in_graph", "init_cuda_graph_state"):
-        assert getattr(SparseAttnBackend, name) is getattr(FlashInferAttnBackend, name), name
+
+
+def test_decode_mixin_delegates_everything_when_off():
+    """With PrHS and ART off, every method the decode mixin overrides calls the parent's, unchanged."""
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+
+    calls = []
+
+    class Parent:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    for name in ("init_forward_metadata", "init_forward_metadata_out_graph", "init_forward_metadata_in_graph",
+                 "forward_extend", "forward_decode"):
+        def method(self, *args, _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _name
+        setattr(Parent, name, method)
+
+    class Backend(SparseDecodeMixin, Parent):
+        _decode_on = False
+
+    b = Backend()
+    fb = object()
+    assert b.init_forward_metadata(fb) == "init_forward_metadata"
+    assert b.init_forward_metadata_out_graph(fb, True) == "init_forward_metadata_out_graph"
+    assert b.init_forward_metadata_in_graph(fb) == "init_forward_metadata_in_graph"
+    assert b.forward_extend(1, 2, 3, "layer", fb, False) == "forward_extend"
+    assert b.forward_decode(1, 2, 3, "layer", fb, True) == "forward_decode"
+    assert calls == [("init_forward_metadata", (fb,), {}), ("init_forward_metadata_out_graph", (fb, True), {}),
+                     ("init_forward_metadata_in_graph", (fb,), {}), ("forward_extend", (1, 2, 3, "layer", fb, False), {}),
+                     ("forward_decode", (1, 2, 3, "layer", fb, True), {})]
 
 
 def test_patches_refuse_other_sglang_versions(monkeypatch):

@@ -1,0 +1,171 @@
+"""PrHS + ART decode inside SGLang's ``sparse`` attention backend (GPU).
+
+What SGLang calls, and what happens (``SparseDecodeMixin`` sits in front of FlashInfer's backend):
+
+* ``forward_extend``: FlashInfer prefill as usual (it writes K/V), then the written keys are folded
+  into the per-physical-page summaries (``flashinfer_ext.summaries.PageSummaries``).
+* ``init_forward_metadata`` (eager) and ``init_forward_metadata_out_graph`` (before a CUDA-graph
+  capture or replay) for decode batches: ``SparseDecodeWrapper.plan`` copies the batch's pages out
+  of ``req_to_token`` (the only place it is read) into the wrapper's fixed-size buffers. No host
+  synchronisation.
+* ``forward_decode``: write K/V, update the summaries, then ``SparseDecodeWrapper.run``: page bounds,
+  certified selection (PrHS), split-KV decode with ART, merge - kernels only, graph-capturable. A
+  group of ``--prhs-layers-per-selection`` consecutive layers shares its first layer's selection.
+
+Extend batches, idle batches and everything else go to FlashInfer unchanged. Page summaries are
+keyed by physical page (``slot // page_size``): a prefix reused from the radix cache reuses its
+pages' summaries, and a page's summary is reset when its first slot is written, so freed and
+reused pages are never stale.
+
+Statistics of the decode batches (pages read, certified delta-hat, ART stop rate, blocks read) are
+read back every ``--decode-log-interval`` decode batches (one device-to-host copy) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS
+
+if TYPE_CHECKING:
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+
+def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
+                            page_size: int) -> int:
+    """HBM cost of the page summaries per KV-cache token (min and max keys per page, every layer)."""
+    return -(-2 * num_layers * num_kv_heads * head_dim * elem_size // page_size)
+
+
+class SparseDecodeMixin:
+    """Our decode path; inert (pure delegation) unless PrHS or ART is on."""
+
+    def _init_sparse_decode(self, model_runner) -> None:
+        cfg = self.sparse_config
+        self._decode_on = (cfg.prhs.enabled or cfg.art.enabled) and str(model_runner.device).startswith("cuda")
+        if not self._decode_on:
+            return
+        from flashinfer_ext.decode import SparseDecodeWrapper
+        from flashinfer_ext.summaries import PageSummaries
+        from sglang.srt.runtime_context import get_parallel
+
+        pool = self.token_to_kv_pool
+        self.layer_offset = getattr(pool, "start_layer", 0) or 0
+        k0 = pool.get_key_buffer(self.layer_offset)
+        self.page_size = model_runner.page_size
+        self.num_kv_heads_local = k0.shape[1]
+        self.head_dim = k0.shape[2]
+        self.num_q_heads_local = (model_runner.model_config.get_max_num_attention_heads()
+                                  // get_parallel().attn_tp_size)
+        self._q_dtype = model_runner.dtype
+        self.summaries = PageSummaries(pool.layer_num, k0.shape[0], self.num_kv_heads_local, self.head_dim,
+                                       self.page_size, dtype=k0.dtype, device=k0.device)
+        max_bs = min(model_runner.req_to_token_pool.size, model_runner.server_args.max_running_requests
+                     or DEFAULT_MAX_RUNNING_REQUESTS)
+        self.max_ctx = model_runner.req_to_token_pool.req_to_token.shape[1]
+        self.decode_wrapper = SparseDecodeWrapper(
+            self.num_q_heads_local, self.num_kv_heads_local, self.head_dim, self.page_size,
+            max_batch_size=max_bs, max_seq_len=self.max_ctx, device=k0.device)
+        self._plan_kwargs = self._make_plan_kwargs()
+        self._group = cfg.prhs.layers_per_selection if cfg.prhs.enabled else 1
+        self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
+        self._decode_batches = 0
+        logger.info("sglang_sparse decode: %s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
+                    "PrHS" + (" + ART" if cfg.art.enabled else "") if cfg.prhs.enabled else "dense + ART",
+                    self.summaries.nbytes() / 2 ** 20, max_bs, self.max_ctx)
+
+    def _make_plan_kwargs(self) -> dict:
+        p, a = self.sparse_config.prhs, self.sparse_config.art
+        kw = dict(mode="prhs" if p.enabled else "dense", art=a.enabled)
+        if p.enabled:
+            kw.update(budget=p.budget, delta=p.delta, sink_pages=p.sink_pages, recent_pages=p.recent_pages,
+                      dense_below_pages=-(-p.min_context_len // self.page_size))
+        if a.enabled:
+            kw.update(tau_mag=a.tau_mag, tau_dir=a.tau_dir, patience=a.patience, eps_cert=a.eps_cert,
+                      min_blocks=a.min_blocks)
+        return kw
+
+    # ------------------------------------------------------------------ metadata
+    def _sparse_decode_batch(self, fb: "ForwardBatch") -> bool:
+        return self._decode_on and fb.forward_mode.is_decode() and fb.batch_size > 0
+
+    def _plan_decode(self, fb: "ForwardBatch") -> None:
+        self._maybe_log_stats()
+        self.decode_wrapper.plan(self.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
+                                 q_dtype=self._q_dtype, **self._plan_kwargs)
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch"):
+        if self._sparse_decode_batch(forward_batch):
+            self._plan_decode(forward_batch)
+            return
+        return super().init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
+        if self._sparse_decode_batch(forward_batch):
+            self._plan_decode(forward_batch)
+            return
+        return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch: "ForwardBatch"):
+        if self._sparse_decode_batch(forward_batch):
+            return
+        return super().init_forward_metadata_in_graph(forward_batch)
+
+    # ------------------------------------------------------------------ forward
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self._decode_on and save_kv_cache and k is not None:
+            self.summaries.update(layer.layer_id - self.layer_offset,
+                                  k.view(-1, self.num_kv_heads_local, self.head_dim), forward_batch.out_cache_loc)
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if not self._sparse_decode_batch(forward_batch):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        lid = layer.layer_id - self.layer_offset
+        if k is not None and save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                *self._kv_write_scales(layer))
+            self.summaries.update(lid, k.view(-1, self.num_kv_heads_local, self.head_dim),
+                                  forward_batch.out_cache_loc)
+        k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        kmin, kmax = self.summaries.layer(lid)
+        o = self.decode_wrapper.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
+                                    kmin, kmax, select=(lid % self._group == 0))
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    # ------------------------------------------------------------------ statistics
+    def decode_stats(self) -> Optional[dict]:
+        """Statistics of the last decode batch's last layer (reads device buffers: synchronises)."""
+        w = self.decode_wrapper
+        if not getattr(w, "_planned", False):
+            return None
+        bs = w.bs
+        g = w.group
+        blocks = w.blocks_read.reshape(bs, w.h_kv, g)[:, :, 0].float()
+        pages = w.num_pages[:bs].float().clamp(min=1)[:, None].expand(bs, w.h_kv)
+        dhat = w.delta_hat.float()
+        stop = (w.stop_reason.reshape(bs, w.h_kv, g)[:, :, 0] != 0).float()
+        vals = torch.stack([blocks.sum() / pages.sum(), dhat.mean(), dhat.max(), stop.mean(), blocks.mean()]).tolist()
+        return dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
+                        vals), batch_size=bs)
+
+    def _maybe_log_stats(self) -> None:
+        self._decode_batches += 1
+        if self._decode_batches % self._log_every:
+            return
+        stats = self.decode_stats()
+        if stats:
+            self.last_decode_stats = stats
+            logger.info("sglang_sparse decode stats: bs=%d pages_read=%.3f delta_hat mean=%.4f max=%.4f "
+                        "art_stop_rate=%.3f blocks_read_mean=%.1f", stats["batch_size"], stats["pages_read_frac"],
+                        stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
+                        stats["blocks_read_mean"])
