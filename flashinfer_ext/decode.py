@@ -203,22 +203,26 @@ class SparseDecodeWrapper:
             list_len = hint_pages
         list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
         self.ppi = 1 if self.art else (pages_per_iter or max(1, 64 // P))
+        # Splits: about 8 programs per SM in total (many short programs balance the SMs; a tail
+        # wave of a few long ones would idle most of the GPU), but at least MIN_SPLIT_PAGES pages each.
         base = bs * self.h_kv
-        target = 2 * self.num_sms
+        target = 8 * self.num_sms
+        min_split_pages = 16
         if self.art:
             if art_head_pages is None:
                 art_head_pages = list_len if base * 2 >= self.num_sms else 16
             self.head_len = max(1, int(art_head_pages))
             tail = max(0, list_len - self.head_len)
             if num_splits is None:
-                tail_splits = min(triton.cdiv(target, base), triton.cdiv(tail, 4)) if tail > 0 else 0
+                tail_splits = min(triton.cdiv(target, base), tail // min_split_pages) if tail > 0 else 0
+                tail_splits = max(tail_splits, 1 if tail > 0 else 0)
             else:
                 tail_splits = max(0, int(num_splits) - 1)
             self.num_splits = 1 + min(tail_splits, self.max_splits - 1)
         else:
             self.head_len = 0
             if num_splits is None:
-                num_splits = min(triton.cdiv(target, base), max(1, list_len // (2 * self.ppi)))
+                num_splits = min(triton.cdiv(target, base), max(1, list_len // min_split_pages))
             self.num_splits = max(1, min(int(num_splits), self.max_splits))
         self.num_warps, self.num_stages = num_warps, num_stages
         if self._out is None or self._out.dtype != q_dtype:
