@@ -93,7 +93,7 @@ def _program():
     import sglang as sgl
 
     @sgl.function
-    def task_program(s, prompt, answer_prefix, max_new_tokens, chat, system_prompt):
+    def task_program(s, prompt, answer_prefix, answer_tokens, chat, system_prompt):
         if chat:
             if system_prompt:
                 s += sgl.system(system_prompt)
@@ -102,7 +102,7 @@ def _program():
             s += answer_prefix
         else:
             s += prompt + "\n" + answer_prefix
-        s += sgl.gen("answer", max_tokens=max_new_tokens, temperature=0.0)
+        s += sgl.gen("answer", max_tokens=answer_tokens, temperature=0.0)
 
     return task_program
 
@@ -193,7 +193,7 @@ def run_eval(url: str, tasks: Sequence[str], lengths: Sequence[int], num_samples
                            reserve=reserve)
     print(f"[eval] samples ready in {time.time() - t0:.1f}s; generating", file=sys.stderr, flush=True)
     program = _program()
-    args = [dict(prompt=s.prompt, answer_prefix=s.answer_prefix, max_new_tokens=s.max_new_tokens,
+    args = [dict(prompt=s.prompt, answer_prefix=s.answer_prefix, answer_tokens=s.max_new_tokens,
                  chat=fmt.kind == "chat", system_prompt=fmt.system_prompt) for s in samples]
     t1 = time.time()
     states = program.run_batch(args, num_threads=num_threads, progress_bar=progress)

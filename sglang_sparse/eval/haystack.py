@@ -163,7 +163,7 @@ def filler_words(seed: int, num_words: int) -> List[str]:
     while len(words) < num_words:
         s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
         words.extend(s.split())
-    return words
+    return words[:num_words]
 
 
 @functools.lru_cache(maxsize=4)
