@@ -11,6 +11,7 @@ Kernels and their references (``sglang_sparse``)::
     plan  kernels.page_table     req_to_token -> page table, page counts   prhs.page_lengths, PrhsConfig.budget_pages
     run   kernels.page_bounds    Quest ub/lb per page and KV head         prhs.page_bounds
           kernels.page_select    certified selection, ordered list        prhs.select_pages
+          kernels.page_dilate    reuse of the last selection (+-r pages)  prhs.reuse_with_dilation
           kernels.paged_decode   split-KV decode (+ ART) and merge        prhs.sparse_attention / dense_attention,
                                                                           art.art_attention
 
@@ -23,11 +24,17 @@ Modes (``plan(mode=...)``):
 * ``"prhs"``: sinks + recents + the highest-bound pages until the certified ``delta_hat <= delta`` or
   the budget; ART (optional) walks that list in order.
 
-Reuse across layers (PrHS's layer axis): call ``run(..., select=False)`` on the layers that share
-the selection of the group's leader layer; the list from the last selecting ``run`` is read again
-(its pages are logical page ids, valid for every layer). Between reselection steps (time axis) the
-caller may equally skip selection; the page list then lacks pages appended since, so reselect at
-least whenever a new page starts or use the reference's dilation (not done in-kernel here).
+Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run(..., select=False)``
+on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
+is read again (logical pages, valid for every layer).
+
+Reuse across decode steps (time axis, ``SelectionSchedule.SELECT`` / ``DILATE``): ``plan(reselect=...)``
+with a bool or a ``[bs]`` bool tensor (per request: True = select afresh this step, False = reuse the
+request's last fresh selection widened by ``dilation`` pages, plus sinks, recents and pages appended
+since, as ``prhs.reuse_with_dilation``). The choice is a device flag per request, so one captured graph
+serves both kinds of steps; the leader layer's ``run`` launches the selector and the reuse kernel and
+each does only its requests. ``reselect=None`` (default) always selects and launches no reuse kernel.
+A reused list carries no certificate (``delta_hat`` NaN) and no ART certified bound.
 
 Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
 ``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
@@ -46,6 +53,7 @@ import torch
 import triton
 
 from flashinfer_ext.kernels.page_bounds import _page_bounds_kernel
+from flashinfer_ext.kernels.page_dilate import _page_dilate_kernel
 from flashinfer_ext.kernels.page_select import _page_select_kernel
 from flashinfer_ext.kernels.page_table import _page_table_kernel
 from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
@@ -108,12 +116,19 @@ class SparseDecodeWrapper:
         self.budget = torch.zeros(bs, **i32)
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
+        # last fresh selection per (request, KV head): logical pages, count, page count at that time
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
-        self.sel_phys = torch.full((bs, hk, self.max_sel), -1, **i32)
-        self.sel_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
-        self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
         self.num_sel = torch.zeros(bs, hk, **i32)
-        self.sel_dhat = torch.zeros(bs, hk, **f32)
+        self.sel_npg = torch.zeros(bs, **i32)
+        # the list the decode reads this step (fresh or reused): physical pages, count, ART suffix bounds
+        self.cur_pages = torch.full((bs, hk, self.max_sel), -1, **i32)     # logical, reused steps only
+        self.cur_phys = torch.full((bs, hk, self.max_sel), -1, **i32)
+        self.cur_num = torch.zeros(bs, hk, **i32)
+        self.cur_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
+        self.cur_dhat = torch.zeros(bs, hk, **f32)
+        self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
+        self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
+        self.reselect_flag = torch.ones(bs, **i32)
         self.mid_o = torch.empty(bs, hq, max_num_splits, self.dv, **f32)
         self.mid_lse = torch.empty(bs, hq, max_num_splits, **f32)
         self.blocks_read_buf = torch.zeros(bs, hq, **i32)
@@ -129,7 +144,7 @@ class SparseDecodeWrapper:
              recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
              tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
              min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
-             dense_below_pages: int = 0,
+             dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 2,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -159,6 +174,10 @@ class SparseDecodeWrapper:
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
+            reselect: None (select every step), or a bool / ``[bs]`` bool tensor: which requests
+                select afresh this step; the others reuse their last fresh selection (``dilation``
+                pages around each kept page, plus sinks, recents and new pages). See the module doc.
+            dilation: r of the reuse (``>= 0``).
         """
         if mode not in ("prhs", "dense"):
             raise ValueError(f"mode must be 'prhs' or 'dense', got {mode!r}")
@@ -186,6 +205,15 @@ class SparseDecodeWrapper:
         self.tau_mag, self.tau_dir, self.patience = float(tau_mag), float(tau_dir), int(patience)
         self.eps_cert = eps_cert
         self.min_blocks = int(min_blocks)
+        if dilation < 0:
+            raise ValueError(f"dilation must be >= 0, got {dilation}")
+        self.reuse = reselect is not None and self.select
+        self.dilation = int(dilation)
+        if reselect is None or isinstance(reselect, bool):
+            self.reselect_flag[:bs].fill_(0 if reselect is False else 1)
+        else:
+            self.reselect_flag[:bs].copy_(reselect.reshape(-1)[:bs], non_blocking=True)
+        self._reused_all = reselect is False
 
         lut, self.list_max = self._budget_lut(budget_mode, budget, int(dense_below_pages))
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
@@ -281,7 +309,7 @@ class SparseDecodeWrapper:
                 raise ValueError("this plan selects pages: pass the layer's kmin/kmax summaries")
             block_p = 64
             _page_bounds_kernel[(bs, self.h_kv, triton.cdiv(self.max_pages, block_p))](
-                q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
+                self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
                 q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
                 self.ub.stride(0), self.ub.stride(1), self.sm_scale,
                 G=self.group, G_PAD=g_pad, D=self.d, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
@@ -289,22 +317,31 @@ class SparseDecodeWrapper:
             log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
             sel_warps = max(4, min(16, self.block_pg // 256))
             _page_select_kernel[(bs, self.h_kv)](
-                self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table, self.sel_pages,
-                self.sel_phys, self.num_sel, self.sel_dhat, self.sel_rest, self.sel_scratch,
-                self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
-                self.sel_scratch.stride(0), self.sel_scratch.stride(1),
+                self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
+                self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
+                self.sel_npg, self.sel_scratch,
+                self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
+                self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
                 self.sink_pages, self.recent_pages, log_ratio, self.list_max,
                 P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
                 DELTA_ZERO=delta_zero, WRITE_REST=self.art, num_warps=sel_warps)
+            if self.reuse:
+                _page_dilate_kernel[(bs, self.h_kv)](
+                    self.reselect_flag, self.sel_pages, self.num_sel, self.sel_npg, self.num_pages,
+                    self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
+                    self.bitmap, self.page_table.stride(0), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                    self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
+                    self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.max_sel),
+                    num_warps=sel_warps)
         elif not self.select:
-            self.sel_dhat[:bs].zero_()
+            self.cur_dhat[:bs].zero_()
         sparse = self.select
         cert = self.art and self.eps_cert is not None
-        args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.sel_phys,
-                self.num_sel, self.sel_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
+        args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.cur_phys,
+                self.cur_num, self.cur_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
                 self.stop_reason_buf, self.art_dhat_buf,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
-                v_cache.stride(1), self.page_table.stride(0), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                v_cache.stride(1), self.page_table.stride(0), self.cur_phys.stride(0), self.cur_phys.stride(1),
                 self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
                 self.mid_lse.stride(0), self.mid_lse.stride(1), self.h_q,
                 self.sm_scale * _LOG2E, self.num_splits, self.head_len, self.tau_mag, self.tau_dir,
@@ -347,17 +384,19 @@ class SparseDecodeWrapper:
     def num_selected(self) -> torch.Tensor:
         if not self.select:
             return self.num_pages[: self.bs, None].expand(self.bs, self.h_kv)
-        return self.num_sel[: self.bs]
+        return self.cur_num[: self.bs]
 
     @property
     def delta_hat(self) -> torch.Tensor:
-        return self.sel_dhat[: self.bs]
+        """PrHS pre-hoc certificate of the list read this step (NaN for a reused list, 0 in dense mode)."""
+        return self.cur_dhat[: self.bs]
 
     @property
     def pages(self) -> torch.Tensor:
         """``[bs, H_kv, max_sel]`` int32 logical page ids in read order, -1 padded up to the plan's
-        largest budget (selecting plans)."""
-        return self.sel_pages[: self.bs]
+        largest budget (selecting plans). With ``plan(reselect=tensor)`` mixing fresh and reused
+        requests, fresh rows are in ``sel_pages`` and reused rows in ``cur_pages``."""
+        return (self.cur_pages if self._reused_all else self.sel_pages)[: self.bs]
 
     def bytes_read(self, kv_bytes_per_token_head: int, summary_bytes_per_page_head: int) -> torch.Tensor:
         """Bytes the last ``run`` read from HBM per request (K/V of the pages read + summaries scored).

@@ -110,11 +110,16 @@ def reference_summaries(pool: Pool):
     return kmin, kmax
 
 
-def poison_wrapper(w) -> None:
-    for name in ("page_table", "num_pages", "last_len", "budget", "sel_pages", "sel_phys", "num_sel",
-                 "blocks_read_buf", "stop_reason_buf"):
+def poison_wrapper(w, keep_selection: bool = False) -> None:
+    """Fill the wrapper's outputs with NaN / SENTINEL. ``keep_selection`` spares the state a reuse
+    step reads (the last fresh selection: sel_pages, num_sel, sel_npg)."""
+    names = ["page_table", "num_pages", "last_len", "budget", "cur_pages", "cur_phys", "cur_num",
+             "blocks_read_buf", "stop_reason_buf"]
+    if not keep_selection:
+        names += ["sel_pages", "num_sel", "sel_npg"]
+    for name in names:
         getattr(w, name).fill_(SENTINEL)
-    for name in ("ub", "lb", "sel_rest", "sel_dhat", "mid_o", "mid_lse", "art_dhat_buf", "lse_buf"):
+    for name in ("ub", "lb", "cur_rest", "cur_dhat", "mid_o", "mid_lse", "art_dhat_buf", "lse_buf"):
         getattr(w, name).fill_(float("nan"))
     if w._out is not None:
         w._out.fill_(float("nan"))
@@ -355,3 +360,74 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
         stopped = kr != art.STOP_NONE
         assert bool(w.art_delta_hat[b][~stopped.to(w.art_delta_hat.device)].eq(0).all()), \
             f"seed={seed} {tag} b={b}: ART delta_hat of unstopped groups must be 0"
+
+
+# ----------------------------------------------------------------------------- reuse across steps
+def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilation=1, budget=0.25, delta=0.05,
+                sink=1, recent=2, tol=1e-2):
+    """Time axis: step 1 selects afresh on page-aligned prefixes; step 2 (``grow_pages`` more pages
+    per request) reuses that selection with dilation (prhs.reuse_with_dilation); step 3 mixes a fresh
+    selection (request 0) with reuse (the others) through the per-request flags."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_q, h_kv, d, d, device, gen, structured=True)
+    kmin, kmax = reference_summaries(pool)
+    sm_scale = 1.0 / math.sqrt(d)
+    prefix = [(-(-n // P) - grow_pages) * P for n in lens]
+    assert min(prefix) > 0
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device)
+    cfg = dict(mode="prhs", budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dilation=dilation)
+    pre_lens = torch.tensor(prefix, dtype=torch.int64, device=device)
+
+    def bounds(b, n):
+        q, k, v = pool.logical(b)
+        k, v = k[:n], v[:n]
+        lo, hi = prhs.page_summaries(k, P)
+        ub, lb = prhs.page_bounds(q, lo, hi, sm_scale)
+        return q, k, v, ub, lb
+
+    # step 1: fresh selection on the prefixes
+    poison_wrapper(w)
+    w.plan(pool.req_to_token, pool.rows, pre_lens, reselect=True, **cfg)
+    w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+    first = []
+    for b, n in enumerate(prefix):
+        q, k, v, ub, lb = bounds(b, n)
+        npg = n // P
+        bud = _budget_pages(npg, budget, sink, recent)
+        ref_sel = prhs.select_pages(ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink, recent)
+        _assert_selection(w, b, ref_sel, ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink,
+                          recent, seed, "reuse step 1")
+        first.append((w.pages[b, :, :bud].long().clone(), w.num_selected[b].long().clone(), npg))
+
+    # step 2: every request reuses (dilated) on the grown contexts; step 3: request 0 selects afresh
+    for step, flags in ((2, False), (3, torch.tensor([b == 0 for b in range(len(lens))], device=device))):
+        poison_wrapper(w, keep_selection=True)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, reselect=flags, **cfg)
+        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        for b, n in enumerate(lens):
+            q, k, v, ub, lb = bounds(b, n)
+            npg = -(-n // P)
+            tag = f"seed={seed} reuse step {step} b={b}"
+            fresh = step == 3 and b == 0
+            if fresh:
+                bud = _budget_pages(npg, budget, sink, recent)
+                page_lens = prhs.page_lengths(n, P, device=k.device)
+                ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
+                _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
+                pages, num = w.sel_pages[b, :, :bud].long(), w.cur_num[b].long()
+            else:
+                prev_pages, prev_num, prev_npg = first[b]
+                ref_pages, ref_num = prhs.reuse_with_dilation(prev_pages, dilation, npg, prev_npg, sink, recent,
+                                                              prev_num)
+                num = w.cur_num[b].long()
+                assert torch.equal(num, ref_num), f"{tag}: {num.tolist()} vs {ref_num.tolist()} pages"
+                width = ref_pages.shape[1]
+                pages = w.cur_pages[b, :, :width].long()
+                assert torch.equal(pages, ref_pages), f"{tag}: reused list differs"
+                assert bool(torch.isnan(w.cur_dhat[b]).all()), f"{tag}: a reused list has no certificate (NaN)"
+            ref = prhs.sparse_attention(q, k, v, P, pages, num, sm_scale)
+            e = rel_err(out[b], ref)
+            assert e <= tol, f"{tag}: out rel err {e:.3e}"

@@ -39,6 +39,7 @@ from kernel_cases import (  # noqa: E402
     check_claa,
     check_decode,
     check_page_summaries,
+    check_reuse,
     fresh_seed,
 )
 
@@ -99,3 +100,8 @@ def test_art_dense_orders():
                  [dict(mode="dense", art_order="bound", **art_cfg),
                   dict(mode="dense", art_order="natural", **art_cfg)],
                  structured=True)
+
+
+@pytest.mark.parametrize("dilation", [0, 1])
+def test_prhs_reuse_across_steps(dilation):
+    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation)

@@ -43,6 +43,7 @@ from kernel_cases import (  # noqa: E402
     check_claa,
     check_decode,
     check_page_summaries,
+    check_reuse,
     fresh_seed,
     make_pool,
     poison_wrapper,
@@ -93,11 +94,18 @@ def test_art_decode_structured():
                  structured=True)
 
 
-@pytest.mark.parametrize("mode,art", [("prhs", False), ("prhs", True), ("dense", False)])
-def test_cuda_graph_capture_replay(mode, art):
+@pytest.mark.parametrize("dilation", [0, 2])
+def test_prhs_reuse_across_steps(dilation):
+    check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16)
+
+
+@pytest.mark.parametrize("mode,art,reuse", [("prhs", False, False), ("prhs", True, False), ("dense", False, False),
+                                            ("prhs", False, True)])
+def test_cuda_graph_capture_replay(mode, art, reuse):
     """plan() outside the graph, run() captured once, replayed for two different batches of the same
     size (new queries, new lengths, new page placement), each checked against the reference;
-    run() allocates nothing."""
+    run() allocates nothing. ``reuse``: captured with per-request reselection flags, replayed for a
+    selecting step and then a reusing step (dilation 1), each equal to the eager run."""
     from flashinfer_ext.decode import SparseDecodeWrapper
     from flashinfer_ext.summaries import update_page_summaries
     from sglang_sparse import prhs
@@ -108,6 +116,8 @@ def test_cuda_graph_capture_replay(mode, art):
     max_len = 16384
     cfg = dict(mode=mode, budget=1 / 8, delta=0.05, art=art, tau_mag=0.02, tau_dir=5e-4, patience=2,
                min_blocks=4, seq_len_hint=max_len)
+    if reuse:
+        cfg.update(reselect=True, dilation=1)
     batches = [make_pool([12000, 5000, 16000], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len),
                make_pool([9000, 16384, 300], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len)]
     num_pages = max(p.num_pages for p in batches)
@@ -157,6 +167,17 @@ def test_cuda_graph_capture_replay(mode, art):
         torch.cuda.synchronize()
         assert torch.equal(out, eager), f"seed={seed} {mode} art={art}: replay differs from the eager run"
         assert torch.equal(w.blocks_read, eager_blocks), f"seed={seed}: replay blocks_read differ"
+        if reuse:       # a reusing step through the same graph
+            cfg_r = dict(cfg, reselect=False)
+            w.plan(r2t, rows, lens, **cfg_r)
+            eager_r = w.run(q, kc, vc, kmin, kmax).clone()
+            w.plan(r2t, rows, lens, **cfg_r)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager_r), f"seed={seed}: reusing replay differs from the eager run"
+            w.plan(r2t, rows, lens, **cfg)          # back to a selecting step for the reference checks
+            graph.replay()
+            torch.cuda.synchronize()
         if art:
             continue          # ART's decisions against the reference: test_art_decode_structured
         for b, n in enumerate(pool.seq_lens.tolist()):

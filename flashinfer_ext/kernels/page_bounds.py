@@ -12,7 +12,8 @@ ordinary dot products, so a program scores ``BLOCK_P`` pages of one (request, KV
 whole GQA group with ``tl.dot`` (rows padded to 16). For bf16 q and bf16 summaries every product is
 exact in fp32; only the fp32 summation order differs from the reference.
 
-Grid ``(bs, H_kv, cdiv(max_pages, BLOCK_P))``; programs past a request's page count exit. Output
+Grid ``(bs, H_kv, cdiv(max_pages, BLOCK_P))``; programs past a request's page count exit, and so do
+requests whose reselection flag ``Flag[b]`` is 0 (they reuse an earlier selection). Output
 ``UB, LB [bs, H_kv, MAX_PAGES]`` fp32 (natural-log units, sm_scale applied), read by the selector.
 """
 
@@ -21,7 +22,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _page_bounds_kernel(Q, KMin, KMax, PageTable, NumPages, UB, LB,
+def _page_bounds_kernel(Flag, Q, KMin, KMax, PageTable, NumPages, UB, LB,
                         stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
                         sm_scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -29,7 +30,7 @@ def _page_bounds_kernel(Q, KMin, KMax, PageTable, NumPages, UB, LB,
     h = tl.program_id(1)
     c = tl.program_id(2)
     npg = tl.load(NumPages + b)
-    if c * BLOCK_P < npg:
+    if (c * BLOCK_P < npg) & (tl.load(Flag + b) != 0):
         g = tl.arange(0, G_PAD)
         g_ok = g < G
         offs_d = tl.arange(0, BLOCK_D)

@@ -25,10 +25,15 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
 fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
 ``delta == 0`` selects all the budget allows, as the reference.
 
+The kernel works only on requests whose device flag ``Flag[b]`` is set (a reselection step), so that a
+CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
+each step's action is chosen per request, out of the graph, by writing the flags.
+
 Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the plan's largest budget
 are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
-decode loop has a single indirection); ``NumSel`` int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+decode loop has a single indirection); ``NumSel`` (kept for reuse) and ``CurNum`` (read by the
+decode), ``SelNpg[b]`` the request's page count at selection time (for the reuse kernel); int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
 ``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
@@ -53,11 +58,25 @@ def _certified(d_sum, s_sum, mu, ml, log_ratio):
 
 
 @triton.jit
-def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, SelDhat, SelRest,
-                        Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
-                        sink_pages, recent_pages, log_ratio, LIST_MAX,
+def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+                        SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
+                        stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
+    """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
+    if tl.load(Flag + tl.program_id(0)) != 0:
+        _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+                    SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
+                    stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST)
+
+
+@triton.jit
+def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+                SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
+                stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
+                DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     npg = tl.load(NumPages + b)
@@ -167,7 +186,10 @@ def _page_select_kernel(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, 
     tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
     tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
     tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
+    tl.store(CurNum + b * tl.num_programs(1) + h, n_sel)
     tl.store(SelDhat + b * tl.num_programs(1) + h, dhat)
+    if h == 0:
+        tl.store(SelNpg + b, npg)
 
     if WRITE_REST:
         tl.debug_barrier()

@@ -10,8 +10,8 @@ Layout (SGLang's MHA pool): ``K [num_slots, H_kv, D]``, ``V [num_slots, H_kv, Dv
 
 Stage 1, ``_decode_split_kernel``, grid ``(bs, H_kv, num_splits)``: one program reads a range of
 list positions for one (request, KV head) and all ``G`` query heads of its group (padded to 16
-rows for ``tl.dot``), so every K/V byte is read once per step. The list is ``SelPages[b, h, :]``
-(``SPARSE``, read as the physical ids ``SelPhys``) or the identity ``0..N-1`` (dense). Each iteration gathers ``PPI`` pages (``PPI*P`` rows),
+rows for ``tl.dot``), so every K/V byte is read once per step. The list is ``ListPhys[b, h, :]``
+(``SPARSE``: the selector's or the reuse kernel's list, read as physical ids ``ListPhys``) or the identity ``0..N-1`` (dense). Each iteration gathers ``PPI`` pages (``PPI*P`` rows),
 computes the logits with one ``tl.dot``, updates the online softmax (base 2) and ``acc += p V`` with
 a second ``tl.dot``. A split ends by storing ``acc / l`` and ``lse = m + log2 l`` to the split buffers.
 
@@ -23,7 +23,7 @@ into a *head* and a *tail*:
   is compared with ``o_{j-1}`` (``||o_j - o_{j-1}|| / ||o_j|| < tau_mag`` and ``1 - cos < tau_dir`` for
   all query heads of the group, ``patience`` consecutive times), and in certified mode the
   unread-mass bound ``U_rest / (Z_seen + U_rest) <= eps_cert`` with ``U_rest`` from the selector's
-  suffix sums (``SelRest``). A group stops as a whole (termination is per KV head, as the reference).
+  suffix sums (``ListRest``). A group stops as a whole (termination is per KV head, as the reference).
   The head loop runs in chunks of ``ART_CHUNK`` pages and skips the remaining chunks once stopped.
 * the tail, ``[H, L)``, is split over the other programs in a second launch (``TAIL=True``), which
   first reads the group's stop flag and returns at once if the head stopped.
@@ -51,7 +51,7 @@ def _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len, last_ph
                     P: tl.constexpr, PPI: tl.constexpr, SPARSE: tl.constexpr, active):
     """K [PPI*P, BLOCK_D], V [PPI*P, BLOCK_DV] of list positions jpos..jpos+PPI-1 and the row mask.
 
-    ``list_base`` points at the physical page ids of the list: ``SelPhys[b, h]`` (sparse) or the
+    ``list_base`` points at the physical page ids of the list: ``ListPhys[b, h]`` (sparse) or the
     request's page-table row (dense, where list position = logical page)."""
     j = jpos + tl.arange(0, PPI)
     j_ok = (j < end) & active
@@ -87,7 +87,7 @@ def _online_update(q, k, v, row_ok, m, l, acc, qk_scale):
 
 
 @triton.jit
-def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPhys, NumSel, SelRest,
+def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPhys, ListNum, ListRest,
                          MidO, MidLse, BlocksRead, StopReason, ArtDhat,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                          stride_sel_b, stride_sel_h, stride_mo_b, stride_mo_h, stride_mo_s,
@@ -106,12 +106,12 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPhy
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
     if SPARSE:
-        n_list = tl.load(NumSel + b * (H_Q // G) + h)
+        n_list = tl.load(ListNum + b * (H_Q // G) + h)
     else:
         n_list = npg
     pt_base = PageTable + b64 * stride_pt
     if SPARSE:
-        list_base = SelPhys + b64 * stride_sel_b + h * stride_sel_h
+        list_base = ListPhys + b64 * stride_sel_b + h * stride_sel_h
     else:
         list_base = pt_base
     last_phys = tl.load(pt_base + tl.maximum(npg - 1, 0))
@@ -155,7 +155,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, SelPhy
             reason = b * 0
             stopped = b < 0
             dhat = tl.zeros([G_PAD], tl.float32)
-            rest_base = SelRest + b64 * stride_sel_b + h * stride_sel_h
+            rest_base = ListRest + b64 * stride_sel_b + h * stride_sel_h
             n_chunks = tl.cdiv(end, ART_CHUNK)
             for c in range(0, n_chunks):
                 if stopped == 0:
