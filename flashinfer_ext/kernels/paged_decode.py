@@ -190,7 +190,8 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                             dhat = tl.where(live, dh, dhat)
                         can_stop = live & (read >= min_blocks) & (read < n_list)
                         if CERT:
-                            cert = tl.max(tl.where(g_ok, dhat, 0.0), axis=0) <= eps_cert
+                            # every head of the group certified (NaN, e.g. a reused list, never is)
+                            cert = tl.max((g_ok & (~(dhat <= eps_cert))).to(tl.int32), axis=0) == 0
                             stop_c = can_stop & cert
                             reason = tl.where(stop_c, 2, reason)
                             stopped = stopped | stop_c
