@@ -33,7 +33,9 @@ with a bool or a ``[bs]`` bool tensor (per request: True = select afresh this st
 request's last fresh selection widened by ``dilation`` pages, plus sinks, recents and pages appended
 since, as ``prhs.reuse_with_dilation``). The choice is a device flag per request, so one captured graph
 serves both kinds of steps; the leader layer's ``run`` launches the selector and the reuse kernel and
-each does only its requests. ``reselect=None`` (default) always selects and launches no reuse kernel.
+each does only its requests. Fresh selections are kept per ``req_to_token`` row (requests may move
+within the batch between steps) and per leader layer (``run(reuse_slot=k)``, ``reuse_slots`` slots
+built into the wrapper). ``reselect=None`` (default) always selects and launches no reuse kernel.
 A reused list carries no certificate (``delta_hat`` NaN) and no ART certified bound.
 
 Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
@@ -84,11 +86,17 @@ class SparseDecodeWrapper:
             saves memory but caps the budget and forbids the bound-ordered dense+ART mode beyond it).
         max_num_splits: most KV splits per (request, KV head).
         device: where the buffers live.
+        reuse_slots: number of selections kept per request for reuse across decode steps (one per
+            leader layer that reuses; 0 = no reuse, ``plan(reselect=...)`` unavailable).
+        max_reqs: rows of ``req_to_token`` (the state is keyed by row); needed with ``reuse_slots``.
+        reuse_width: pages kept per (request, KV head) and slot (default ``max_budget_pages``): the
+            largest fresh list that must survive (the plan's budget).
     """
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  max_batch_size: int, max_seq_len: int, head_dim_v: Optional[int] = None,
-                 max_budget_pages: Optional[int] = None, max_num_splits: int = 64, device="cuda"):
+                 max_budget_pages: Optional[int] = None, max_num_splits: int = 64, device="cuda",
+                 reuse_slots: int = 0, max_reqs: Optional[int] = None, reuse_width: Optional[int] = None):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if page_size < 16 or page_size & (page_size - 1):
@@ -116,10 +124,9 @@ class SparseDecodeWrapper:
         self.budget = torch.zeros(bs, **i32)
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
-        # last fresh selection per (request, KV head): logical pages, count, page count at that time
+        # this step's fresh selection per (batch row, KV head): logical pages in read order, count
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.num_sel = torch.zeros(bs, hk, **i32)
-        self.sel_npg = torch.zeros(bs, **i32)
         # the list the decode reads this step (fresh or reused): physical pages, count, ART suffix bounds
         self.cur_pages = torch.full((bs, hk, self.max_sel), -1, **i32)     # logical, reused steps only
         self.cur_phys = torch.full((bs, hk, self.max_sel), -1, **i32)
@@ -129,6 +136,21 @@ class SparseDecodeWrapper:
         self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
         self.reselect_flag = torch.ones(bs, **i32)
+        self.req_idx = torch.zeros(bs, **i32)
+        # per-request state for reuse across steps: [slot, req_to_token row, KV head, pages]
+        self.reuse_slots = int(reuse_slots)
+        if self.reuse_slots > 0:
+            if max_reqs is None:
+                raise ValueError("reuse_slots needs max_reqs (the number of req_to_token rows)")
+            self.reuse_width = min(self.max_sel, int(reuse_width or self.max_sel))
+            self.state_pages = torch.full((self.reuse_slots, max_reqs, hk, self.reuse_width), -1, **i32)
+            self.state_num = torch.zeros(self.reuse_slots, max_reqs, hk, **i32)
+            self.state_npg = torch.zeros(self.reuse_slots, max_reqs, **i32)
+        else:
+            self.reuse_width = 1
+            self.state_pages = torch.full((1, 1, hk, 1), -1, **i32)
+            self.state_num = torch.zeros(1, 1, hk, **i32)
+            self.state_npg = torch.zeros(1, 1, **i32)
         self.mid_o = torch.empty(bs, hq, max_num_splits, self.dv, **f32)
         self.mid_lse = torch.empty(bs, hq, max_num_splits, **f32)
         self.blocks_read_buf = torch.zeros(bs, hq, **i32)
@@ -208,6 +230,9 @@ class SparseDecodeWrapper:
         if dilation < 0:
             raise ValueError(f"dilation must be >= 0, got {dilation}")
         self.reuse = reselect is not None and self.select
+        if reselect is not None and self.reuse_slots == 0:
+            raise ValueError("plan(reselect=...) needs a wrapper built with reuse_slots >= 1")
+        self.req_idx[:bs].copy_(req_pool_indices.reshape(-1), non_blocking=True)
         self.dilation = int(dilation)
         if reselect is None or isinstance(reselect, bool):
             self.reselect_flag[:bs].fill_(0 if reselect is False else 1)
@@ -282,7 +307,7 @@ class SparseDecodeWrapper:
     # ------------------------------------------------------------------ run
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             kmin: Optional[torch.Tensor] = None, kmax: Optional[torch.Tensor] = None,
-            out: Optional[torch.Tensor] = None, select: bool = True) -> torch.Tensor:
+            out: Optional[torch.Tensor] = None, select: bool = True, reuse_slot: int = 0) -> torch.Tensor:
         """Decode attention for the planned batch (graph-capturable).
 
         Args:
@@ -293,6 +318,8 @@ class SparseDecodeWrapper:
                 required when the plan selects pages (PrHS, or dense + ART in bound order).
             out: ``[bs, H_q, Dv]`` output; default the wrapper's own buffer (returned).
             select: False reuses the page lists of the previous selecting ``run`` (layer sharing).
+            reuse_slot: with ``plan(reselect=...)``: which per-request state slot this (leader) layer
+                keeps its fresh selection in and reuses from, ``0 <= reuse_slot < reuse_slots``.
         Returns ``out``.
         """
         if not self._planned:
@@ -316,22 +343,29 @@ class SparseDecodeWrapper:
             delta_zero = self.delta <= 0.0
             log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
             sel_warps = max(4, min(16, self.block_pg // 256))
+            if self.reuse and not 0 <= reuse_slot < self.reuse_slots:
+                raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
+            st_p, st_n, st_g = (self.state_pages[reuse_slot], self.state_num[reuse_slot],
+                                self.state_npg[reuse_slot]) if self.reuse else (
+                self.state_pages[0], self.state_num[0], self.state_npg[0])
             _page_select_kernel[(bs, self.h_kv)](
                 self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
                 self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
-                self.sel_npg, self.sel_scratch,
+                self.req_idx, st_p, st_n, st_g, self.sel_scratch,
                 self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
                 self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
+                st_p.stride(0), st_p.stride(1), self.reuse_width,
                 self.sink_pages, self.recent_pages, log_ratio, self.list_max,
                 P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
-                DELTA_ZERO=delta_zero, WRITE_REST=self.art, num_warps=sel_warps)
+                DELTA_ZERO=delta_zero, WRITE_REST=self.art, WRITE_STATE=self.reuse, num_warps=sel_warps)
             if self.reuse:
                 _page_dilate_kernel[(bs, self.h_kv)](
-                    self.reselect_flag, self.sel_pages, self.num_sel, self.sel_npg, self.num_pages,
+                    self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
                     self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
-                    self.bitmap, self.page_table.stride(0), self.sel_pages.stride(0), self.sel_pages.stride(1),
+                    self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
+                    self.cur_pages.stride(0), self.cur_pages.stride(1),
                     self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
-                    self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.max_sel),
+                    self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
                     num_warps=sel_warps)
         elif not self.select:
             self.cur_dhat[:bs].zero_()

@@ -112,11 +112,11 @@ def reference_summaries(pool: Pool):
 
 def poison_wrapper(w, keep_selection: bool = False) -> None:
     """Fill the wrapper's outputs with NaN / SENTINEL. ``keep_selection`` spares the state a reuse
-    step reads (the last fresh selection: sel_pages, num_sel, sel_npg)."""
+    step reads (the kept fresh selections: state_pages, state_num, state_npg)."""
     names = ["page_table", "num_pages", "last_len", "budget", "cur_pages", "cur_phys", "cur_num",
-             "blocks_read_buf", "stop_reason_buf"]
+             "blocks_read_buf", "stop_reason_buf", "sel_pages", "num_sel"]
     if not keep_selection:
-        names += ["sel_pages", "num_sel", "sel_npg"]
+        names += ["state_pages", "state_num", "state_npg"]
     for name in names:
         getattr(w, name).fill_(SENTINEL)
     for name in ("ub", "lb", "cur_rest", "cur_dhat", "mid_o", "mid_lse", "art_dhat_buf", "lse_buf"):
@@ -366,8 +366,9 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
 def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilation=1, budget=0.25, delta=0.05,
                 sink=1, recent=2, tol=1e-2):
     """Time axis: step 1 selects afresh on page-aligned prefixes; step 2 (``grow_pages`` more pages
-    per request) reuses that selection with dilation (prhs.reuse_with_dilation); step 3 mixes a fresh
-    selection (request 0) with reuse (the others) through the per-request flags."""
+    per request, batch order reversed) reuses that selection with dilation (prhs.reuse_with_dilation);
+    step 3 (original order) mixes a fresh selection (request 0) with reuse (the others) through the
+    per-request flags. The state lives in slot 1 of 2, keyed by req_to_token row."""
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(seed)
@@ -377,7 +378,9 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
     sm_scale = 1.0 / math.sqrt(d)
     prefix = [(-(-n // P) - grow_pages) * P for n in lens]
     assert min(prefix) > 0
-    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device,
+                            reuse_slots=2, max_reqs=pool.req_to_token.shape[0])
+    slot = 1
     cfg = dict(mode="prhs", budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dilation=dilation)
     pre_lens = torch.tensor(prefix, dtype=torch.int64, device=device)
 
@@ -391,7 +394,7 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
     # step 1: fresh selection on the prefixes
     poison_wrapper(w)
     w.plan(pool.req_to_token, pool.rows, pre_lens, reselect=True, **cfg)
-    w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+    w.run(pool.q, pool.kc, pool.vc, kmin, kmax, reuse_slot=slot)
     first = []
     for b, n in enumerate(prefix):
         q, k, v, ub, lb = bounds(b, n)
@@ -403,11 +406,16 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
         first.append((w.pages[b, :, :bud].long().clone(), w.num_selected[b].long().clone(), npg))
 
     # step 2: every request reuses (dilated) on the grown contexts; step 3: request 0 selects afresh
-    for step, flags in ((2, False), (3, torch.tensor([b == 0 for b in range(len(lens))], device=device))):
+    nb = len(lens)
+    for step, flags, order in ((2, False, list(reversed(range(nb)))),
+                               (3, torch.tensor([b == 0 for b in range(nb)], device=device), list(range(nb)))):
         poison_wrapper(w, keep_selection=True)
-        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, reselect=flags, **cfg)
-        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        perm = torch.tensor(order, device=device)
+        w.plan(pool.req_to_token, pool.rows[perm], pool.seq_lens[perm], reselect=flags, **cfg)
+        out_perm = w.run(pool.q[perm], pool.kc, pool.vc, kmin, kmax, reuse_slot=slot)
+        pos_of = {r: i for i, r in enumerate(order)}
         for b, n in enumerate(lens):
+            i = pos_of[b]                                  # batch row of request b in this step
             q, k, v, ub, lb = bounds(b, n)
             npg = -(-n // P)
             tag = f"seed={seed} reuse step {step} b={b}"
@@ -416,18 +424,18 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
                 bud = _budget_pages(npg, budget, sink, recent)
                 page_lens = prhs.page_lengths(n, P, device=k.device)
                 ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
-                _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
-                pages, num = w.sel_pages[b, :, :bud].long(), w.cur_num[b].long()
+                _assert_selection(w, i, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
+                pages, num = w.sel_pages[i, :, :bud].long(), w.cur_num[i].long()
             else:
                 prev_pages, prev_num, prev_npg = first[b]
                 ref_pages, ref_num = prhs.reuse_with_dilation(prev_pages, dilation, npg, prev_npg, sink, recent,
                                                               prev_num)
-                num = w.cur_num[b].long()
+                num = w.cur_num[i].long()
                 assert torch.equal(num, ref_num), f"{tag}: {num.tolist()} vs {ref_num.tolist()} pages"
                 width = ref_pages.shape[1]
-                pages = w.cur_pages[b, :, :width].long()
+                pages = w.cur_pages[i, :, :width].long()
                 assert torch.equal(pages, ref_pages), f"{tag}: reused list differs"
-                assert bool(torch.isnan(w.cur_dhat[b]).all()), f"{tag}: a reused list has no certificate (NaN)"
+                assert bool(torch.isnan(w.cur_dhat[i]).all()), f"{tag}: a reused list has no certificate (NaN)"
             ref = prhs.sparse_attention(q, k, v, P, pages, num, sm_scale)
-            e = rel_err(out[b], ref)
+            e = rel_err(out_perm[i], ref)
             assert e <= tol, f"{tag}: out rel err {e:.3e}"

@@ -131,7 +131,8 @@ def test_cuda_graph_capture_replay(mode, art, reuse):
     rows = torch.zeros(3, dtype=torch.int64, device=DEV)
     lens = torch.zeros(3, dtype=torch.int64, device=DEV)
     q = torch.zeros(3, H_Q, D, dtype=torch.bfloat16, device=DEV)
-    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV,
+                            reuse_slots=1 if reuse else 0, max_reqs=16)
 
     def load(pool):
         kc[: pool.kc.shape[0]] = pool.kc

@@ -10,6 +10,9 @@ both the selector and this kernel and the action is chosen out of the graph by w
 no certificate (``delta_hat`` = NaN) and no unread-mass suffix (``ListRest`` = NaN, so ART's
 certified test cannot fire; its magnitude/direction test still runs).
 
+The previous selection is read from the selector's per-request state (``StatePages[req, h]``, keyed
+by the request's ``req_to_token`` row, so a request may move within the batch between steps).
+
 One program per (request b, KV head h): the previous list's pages, shifted by ``t`` in ``[-r, r]``,
 are scattered as flags into a scratch row of ``BLOCK_PG`` entries, OR-ed with the forced and new
 pages, and compacted in ascending order with a prefix sum. The list is capped at the buffer width
@@ -21,9 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _page_dilate_kernel(Flag, SelPages, NumSel, SelNpg, NumPages, PageTable, CurPages, CurPhys, CurNum, CurDhat,
-                        CurRest, Bitmap, stride_pt, stride_sel_b, stride_sel_h, stride_bm_b, stride_bm_h,
-                        dilation, sink_pages, recent_pages, width,
+def _page_dilate_kernel(Flag, ReqIdx, StatePages, StateNum, StateNpg, NumPages, PageTable, CurPages, CurPhys,
+                        CurNum, CurDhat, CurRest, Bitmap, stride_pt, stride_st_r, stride_st_h, stride_sel_b,
+                        stride_sel_h, stride_bm_b, stride_bm_h, dilation, sink_pages, recent_pages, width,
                         BLOCK_PG: tl.constexpr, PREV_PAD: tl.constexpr):
     b = tl.program_id(0)
     if tl.load(Flag + b) == 0:
@@ -31,9 +34,10 @@ def _page_dilate_kernel(Flag, SelPages, NumSel, SelNpg, NumPages, PageTable, Cur
         n_heads = tl.num_programs(1)
         b64 = b.to(tl.int64)
         npg = tl.load(NumPages + b)
-        prev_npg = tl.load(SelNpg + b)
-        n_prev = tl.load(NumSel + b * n_heads + h)
-        sel_base = SelPages + b64 * stride_sel_b + h * stride_sel_h
+        req = tl.load(ReqIdx + b).to(tl.int64)
+        prev_npg = tl.load(StateNpg + req)
+        n_prev = tl.load(StateNum + req * n_heads + h)
+        sel_base = StatePages + req * stride_st_r + h * stride_st_h
         bm_base = Bitmap + b64 * stride_bm_b + h * stride_bm_h
         idx = tl.arange(0, BLOCK_PG)
         tl.store(bm_base + idx, tl.zeros([BLOCK_PG], tl.int8))

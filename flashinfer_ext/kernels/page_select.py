@@ -33,7 +33,9 @@ Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the p
 are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
 decode loop has a single indirection); ``NumSel`` (kept for reuse) and ``CurNum`` (read by the
-decode), ``SelNpg[b]`` the request's page count at selection time (for the reuse kernel); int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+decode); with ``WRITE_STATE``, the list is also kept in ``StatePages[req, h]`` (``req`` = the request's
+``req_to_token`` row, so it survives batch reordering), with ``StateNum`` and the page count at
+selection time ``StateNpg[req]``, for the reuse kernel; int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
 ``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
@@ -59,24 +61,27 @@ def _certified(d_sum, s_sum, mu, ml, log_ratio):
 
 @triton.jit
 def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                        SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
-                        stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
+                        stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
+                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                    SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
-                    stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
-                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST)
+                    SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
+                    stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                    state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
 
 
 @triton.jit
 def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                SelDhat, SelRest, SelNpg, Scratch, stride_pt, stride_ub_b, stride_ub_h, stride_sel_b,
-                stride_sel_h, stride_sc_b, stride_sc_h, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
+                stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr):
+                DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     npg = tl.load(NumPages + b)
@@ -188,8 +193,16 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
     tl.store(CurNum + b * tl.num_programs(1) + h, n_sel)
     tl.store(SelDhat + b * tl.num_programs(1) + h, dhat)
-    if h == 0:
-        tl.store(SelNpg + b, npg)
+    if WRITE_STATE:
+        # the fresh selection, kept per (request pool row, KV head) for later reuse steps
+        tl.debug_barrier()
+        req = tl.load(ReqIdx + b).to(tl.int64)
+        st_ok = (pos < n_sel) & (pos < state_width)
+        lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
+        tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
+        tl.store(StateNum + req * tl.num_programs(1) + h, tl.minimum(n_sel, state_width))
+        if h == 0:
+            tl.store(StateNpg + req, npg)
 
     if WRITE_REST:
         tl.debug_barrier()
