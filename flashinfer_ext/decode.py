@@ -187,8 +187,10 @@ class SparseDecodeWrapper:
             art, tau_mag, tau_dir, patience, eps_cert, min_blocks: ART's settings
                 (``sglang_sparse.art.art_attention``; one ART block = one page).
             art_order: dense + ART: ``"bound"`` (descending upper bound) or ``"natural"``.
-            art_head_pages: ART's sequential head H (see ``kernels.paged_decode``); default: the whole
-                list when ``bs * H_kv`` fills half the GPU, else 16 pages.
+            art_head_pages: ART's sequential head H (see ``kernels.paged_decode``): ART can stop only
+                within the first H pages of the list. Default: when ``bs * H_kv`` fills half the SMs,
+                the whole list if it has at most 256 pages (exact reference semantics), else 64;
+                for smaller batches 16 (the rest of the list is split over more programs).
             num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
                 ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
@@ -263,7 +265,12 @@ class SparseDecodeWrapper:
         min_split_pages = 16
         if self.art:
             if art_head_pages is None:
-                art_head_pages = list_len if base * 2 >= self.num_sms else 16
+                # a batch that fills the GPU can afford one sequential program per (request, KV head)
+                # for a PrHS-sized list; long lists and small batches keep a short sequential head
+                if base * 2 >= self.num_sms:
+                    art_head_pages = list_len if list_len <= 256 else 64
+                else:
+                    art_head_pages = 16
             self.head_len = max(1, int(art_head_pages))
             tail = max(0, list_len - self.head_len)
             if num_splits is None:
