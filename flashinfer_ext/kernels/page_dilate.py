@@ -69,4 +69,4 @@ def _page_dilate_kernel(Flag, ReqIdx, StatePages, StateNum, StateNpg, NumPages, 
         tl.store(CurPages + cur_base + pad, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
         tl.store(CurPhys + cur_base + pad, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
         tl.store(CurNum + b * n_heads + h, n_new)
-        tl.store(CurDhat + b * n_heads + h, tl.full([], float("nan"), tl.float32))
+        tl.store(CurDhat + b * n_heads + h, n_new.to(tl.float32) * 0.0 + float("nan"))
