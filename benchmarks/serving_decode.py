@@ -1,0 +1,139 @@
+"""Decode inside SGLang on one GPU: plain FlashInfer vs the sparse backend's PrHS / ART decode.
+
+    source .devbundle/prelude.sh && python -m benchmarks.serving_decode [--configs a,b] [--input-lens 32768]
+
+For each config a server is started on dummy weights of the Llama-3.1-8B-shaped model (same SGLang
+flags for all: --page-size 32, decode CUDA graphs on, prefill graphs off), then:
+  1. greedy parity: 8 fixed prompts, 32 tokens, compared with the ``flashinfer`` config's tokens;
+  2. ``python -m sglang.bench_serving --dataset-name random-ids --random-range-ratio 1
+     --random-input-len L --random-output-len 256 --max-concurrency C`` for each L and C;
+  3. the decode statistics the backend logged (pages read, certified delta-hat, ART stop rate).
+Rows are merged into benchmarks/results/serving_decode_h100.json (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from benchmarks.parity import fixed_prompts
+from benchmarks.serving import OURS, PLAIN, bench_serving, greedy, log, out_dir, server
+
+CONFIGS = {
+    "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
+    "ours_off": (OURS, ["--attention-backend", "sparse"]),
+    "ours_dense_exact": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1", "--prhs-delta", "0"]),
+    "ours_prhs": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16"]),
+    "ours_prhs_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--art", "on"]),
+    "ours_dense_art": (OURS, ["--art", "on"]),
+}
+STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) delta_hat mean=([\d.]+) "
+                   r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
+
+
+def decode_stats(log_path: str) -> dict:
+    rows = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = STATS.search(line)
+            if m:
+                rows.append([float(x) for x in m.groups()])
+    if not rows:
+        return {}
+    big = [r for r in rows if r[0] >= 2] or rows
+    mean = lambda i: sum(r[i] for r in big) / len(big)  # noqa: E731
+    return {"pages_read_frac": mean(1), "delta_hat_mean": mean(2), "delta_hat_max": max(r[3] for r in big),
+            "art_stop_rate": mean(4), "blocks_read_mean": mean(5), "stat_samples": len(big)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.environ.get("LLAMA8B_SHAPE"))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--input-lens", default="32768")
+    ap.add_argument("--concurrency", default="8")
+    ap.add_argument("--num-prompts-per-concurrency", type=int, default=2)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--port", type=int, default=30124)
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "serving_decode_h100.json"))
+    args = ap.parse_args(argv)
+    lens = [int(x) for x in args.input_lens.split(",")]
+    concs = [int(x) for x in args.concurrency.split(",")]
+    ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
+    common = ["--model-path", args.model, "--load-format", "dummy", "--grammar-backend", "none",
+              "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
+              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "32", "--max-running-requests", "32",
+              "--decode-log-interval", "20"]
+    rows = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = json.load(f)
+    ref_path = os.path.join(out_dir(), "parity_tokens_flashinfer.json")
+    prompts = fixed_prompts()
+    for name in args.configs.split(","):
+        launcher, flags = CONFIGS[name]
+        logs = out_dir()
+        slog = os.path.join(logs, f"server_{name}.log")
+        try:
+            with server(launcher + common + flags, args.port, slog) as base:
+                parity = None
+                if not args.skip_parity:
+                    toks = [greedy(base, p, 32) for p in prompts]
+                    if name == "flashinfer":
+                        with open(ref_path, "w") as f:
+                            json.dump(toks, f)
+                    elif os.path.exists(ref_path):
+                        with open(ref_path) as f:
+                            ref = json.load(f)
+                        parity = sum(a == b for a, b in zip(toks, ref))
+                        log(f"{name}: greedy tokens identical to flashinfer on {parity}/8 prompts")
+                for L in lens:
+                    for C in concs:
+                        res = bench_serving(base, args.model, os.path.join(logs, f"bench_{name}_{L}_{C}.jsonl"),
+                                            os.path.join(logs, f"bench_{name}_{L}_{C}.log"),
+                                            ["--dataset-name", "random-ids", "--random-range-ratio", "1",
+                                             "--random-input-len", str(L), "--random-output-len",
+                                             str(args.output_len), "--num-prompts",
+                                             str(C * args.num_prompts_per_concurrency), "--max-concurrency", str(C),
+                                             "--tokenize-prompt"])
+                        if not res.get("median_ttft_ms"):
+                            raise RuntimeError(f"bench_serving served nothing (TTFT 0); see {slog}")
+                        row = {"config": name, "input_len": L, "concurrency": C,
+                               "output_tok_s": res.get("output_throughput"),
+                               "median_tpot_ms": res.get("median_tpot_ms"), "mean_tpot_ms": res.get("mean_tpot_ms"),
+                               "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
+                               "median_ttft_ms": res.get("median_ttft_ms"), "completed": res.get("completed"),
+                               "greedy_identical_prompts": parity,
+                               "command": f"python -m benchmarks.serving_decode --configs {name}",
+                               "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
+                        row.update({k: None for k in ("pages_read_frac", "delta_hat_mean", "art_stop_rate")})
+                        row.update(decode_stats(slog))
+                        rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"]) != (name, L, C)]
+                        rows.append(row)
+                        log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
+                        for path in filter(None, [args.out, os.path.join(os.environ["OUT"], os.path.basename(args.out))
+                                                  if os.environ.get("OUT") else None]):
+                            os.makedirs(os.path.dirname(path), exist_ok=True)
+                            with open(path, "w") as f:
+                                json.dump(rows, f, indent=1)
+        except Exception as e:  # keep the other configs' numbers
+            log(f"{name} FAILED: {e!r}")
+    base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
+    print("\n| config | input | conc | out tok/s | median TPOT ms | vs flashinfer | pages read | delta_hat | ART stop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = base_tpot.get((r["input_len"], r["concurrency"]))
+        sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"| {r['config']} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
+              f"{r['median_tpot_ms'] or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
+              f"{fmt(r['art_stop_rate'])} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
