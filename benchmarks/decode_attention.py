@@ -276,13 +276,13 @@ def method_specs(quick: bool):
     return specs
 
 
-TUNE_CANDIDATES = [  # (pages_per_iter rows factor, num_warps, num_stages, split factor)
-    dict(pages_per_iter=None, num_warps=4, num_stages=2, split=1),
+TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num_stages, split factor
     dict(pages_per_iter=None, num_warps=4, num_stages=3, split=1),
-    dict(pages_per_iter=None, num_warps=4, num_stages=2, split=2),
-    dict(pages_per_iter="x2", num_warps=8, num_stages=2, split=1),
-    dict(pages_per_iter="x2", num_warps=4, num_stages=3, split=1),
-    dict(pages_per_iter="half", num_warps=4, num_stages=4, split=1),
+    dict(pages_per_iter=None, num_warps=4, num_stages=2, split=1),
+    dict(pages_per_iter=None, num_warps=8, num_stages=3, split=1),
+    dict(pages_per_iter="x2", num_warps=8, num_stages=3, split=1),
+    dict(pages_per_iter="half", num_warps=4, num_stages=3, split=1),
+    dict(pages_per_iter=None, num_warps=4, num_stages=3, split=2),
 ]
 
 

@@ -168,7 +168,7 @@ class SparseDecodeWrapper:
              min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
-             pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 2,
+             pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
@@ -194,7 +194,8 @@ class SparseDecodeWrapper:
             num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
                 ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
-            num_warps, num_stages: launch settings of the decode kernel.
+            num_warps, num_stages: launch settings of the decode kernel (with 3 stages Triton turns the
+                K/V gathers into cp.async copies one iteration ahead, ~96 registers per thread).
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
