@@ -192,6 +192,23 @@ class Batch:
 
 # ----------------------------------------------------------------------------- methods
 def flashinfer_method(batch: Batch, page_size: int, use_tc: bool):
+    """FlashInfer's decode wrapper on the pool; tries the CUDA-graph variant of the wrapper first, then
+    the plain one, then without tensor cores (each failure is logged)."""
+    errors = []
+    for use_graph, tc in ((True, use_tc), (False, use_tc), (False, not use_tc)):
+        try:
+            res = _flashinfer_method(batch, page_size, tc, use_graph)
+            if errors:
+                log(f"  flashinfer page_size {page_size}: using use_cuda_graph={use_graph} use_tensor_cores={tc} "
+                    f"after {errors}")
+            return res
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"use_cuda_graph={use_graph} use_tensor_cores={tc}: {exc!r}")
+            torch.cuda.synchronize()
+    raise RuntimeError("; ".join(errors))
+
+
+def _flashinfer_method(batch: Batch, page_size: int, use_tc: bool, use_graph: bool):
     import flashinfer
 
     P = batch.P
@@ -207,9 +224,12 @@ def flashinfer_method(batch: Batch, page_size: int, use_tc: bool):
         indices = batch.pages.reshape(-1).to(torch.int32)
         indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * batch.npg
         last = torch.full((bs,), batch.ctx - (batch.npg - 1) * P, dtype=torch.int32, device=dev)
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        ws, "NHD", use_cuda_graph=True, use_tensor_cores=use_tc, paged_kv_indptr_buffer=indptr.clone(),
-        paged_kv_indices_buffer=indices.clone(), paged_kv_last_page_len_buffer=last.clone())
+    if use_graph:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_cuda_graph=True, use_tensor_cores=use_tc, paged_kv_indptr_buffer=indptr.clone(),
+            paged_kv_indices_buffer=indices.clone(), paged_kv_last_page_len_buffer=last.clone())
+    else:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=use_tc)
     try:
         w.plan(indptr, indices, last, H_Q, H_KV, D, page_size, q_data_type=torch.bfloat16,
                kv_data_type=torch.bfloat16)
@@ -231,6 +251,8 @@ def flashinfer_method(batch: Batch, page_size: int, use_tc: bool):
     except TypeError:       # a FlashInfer without run(out=...)
         def call(i):
             out.copy_(w.run(batch.q, caches[i]))
+        call(0)
+    torch.cuda.synchronize()
 
     nbytes = bs * batch.ctx * H_KV * 2 * D * ELEM + indices.numel() * 4
     return call, nbytes, out, (w, ws)
