@@ -26,7 +26,8 @@ def hook(cell_size, self, kvc, num_layers, *args, **kwargs):
     from sglang.srt.runtime_context import get_parallel
 
     model_config = kvc.model_config
-    extra = summary_bytes_per_token(num_layers, model_config.get_num_kv_heads(get_parallel().attn_tp_size),
+    leaders = -(-num_layers // (cfg.prhs.layers_per_selection if cfg.prhs.enabled else 1))
+    extra = summary_bytes_per_token(leaders, model_config.get_num_kv_heads(get_parallel().attn_tp_size),
                                     model_config.head_dim, torch._utils._element_size(kvc.kv_cache_dtype),
                                     kvc.server_args.page_size)
     return cell_size + extra

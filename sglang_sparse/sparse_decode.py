@@ -64,8 +64,11 @@ class SparseDecodeMixin:
         self.num_q_heads_local = (model_runner.model_config.get_max_num_attention_heads()
                                   // get_parallel().attn_tp_size)
         self._q_dtype = model_runner.dtype
-        self.summaries = PageSummaries(pool.layer_num, k0.shape[0], self.num_kv_heads_local, self.head_dim,
-                                       self.page_size, dtype=k0.dtype, device=k0.device)
+        # With g layers per selection only every g-th layer (the group's leader) selects pages, so
+        # only the leaders keep summaries.
+        self._group = cfg.prhs.layers_per_selection if cfg.prhs.enabled else 1
+        self.summaries = PageSummaries(-(-pool.layer_num // self._group), k0.shape[0], self.num_kv_heads_local,
+                                       self.head_dim, self.page_size, dtype=k0.dtype, device=k0.device)
         max_bs = min(model_runner.req_to_token_pool.size, model_runner.server_args.max_running_requests
                      or DEFAULT_MAX_RUNNING_REQUESTS)
         self.max_ctx = model_runner.req_to_token_pool.req_to_token.shape[1]
@@ -73,7 +76,6 @@ class SparseDecodeMixin:
             self.num_q_heads_local, self.num_kv_heads_local, self.head_dim, self.page_size,
             max_batch_size=max_bs, max_seq_len=self.max_ctx, device=k0.device)
         self._plan_kwargs = self._make_plan_kwargs()
-        self._group = cfg.prhs.layers_per_selection if cfg.prhs.enabled else 1
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
         logger.info("sglang_sparse decode: %s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
@@ -118,11 +120,15 @@ class SparseDecodeMixin:
         return super().init_forward_metadata_in_graph(forward_batch)
 
     # ------------------------------------------------------------------ forward
+    def _update_summaries(self, lid: int, k, loc) -> None:
+        """Fold the keys just written into the page summaries (leader layers only)."""
+        if lid % self._group == 0:
+            self.summaries.update(lid // self._group, k.view(-1, self.num_kv_heads_local, self.head_dim), loc)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if self._decode_on and save_kv_cache and k is not None:
-            self.summaries.update(layer.layer_id - self.layer_offset,
-                                  k.view(-1, self.num_kv_heads_local, self.head_dim), forward_batch.out_cache_loc)
+            self._update_summaries(layer.layer_id - self.layer_offset, k, forward_batch.out_cache_loc)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -134,12 +140,12 @@ class SparseDecodeMixin:
         if k is not None and save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
                                                 *self._kv_write_scales(layer))
-            self.summaries.update(lid, k.view(-1, self.num_kv_heads_local, self.head_dim),
-                                  forward_batch.out_cache_loc)
+            self._update_summaries(lid, k, forward_batch.out_cache_loc)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        kmin, kmax = self.summaries.layer(lid)
+        leader = lid % self._group == 0
+        kmin, kmax = self.summaries.layer(lid // self._group) if leader else (None, None)
         o = self.decode_wrapper.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
-                                    kmin, kmax, select=(lid % self._group == 0))
+                                    kmin, kmax, select=leader)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ statistics
