@@ -113,6 +113,9 @@ class SparseDecodeWrapper:
         self.device = torch.device(device)
         self.num_sms = _num_sms(self.device)
         self.block_pg = _pow2(self.max_pages)
+        if self.block_pg > 32768:
+            # the selector's packed counts use 16-bit fields; its register tile holds every page
+            raise ValueError(f"{self.max_pages} pages per request exceed the selector's 32768-page limit")
 
         dev = self.device
         i32 = dict(dtype=torch.int32, device=dev)

@@ -439,3 +439,41 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
             ref = prhs.sparse_attention(q, k, v, P, pages, num, sm_scale)
             e = rel_err(out_perm[i], ref)
             assert e <= tol, f"{tag}: out rel err {e:.3e}"
+
+
+def check_selection_ties(page_size, h_q, h_kv, d, device, seed, n=400, patterns=3):
+    """Pages with identical keys (so identical bounds): the selection must break ties by page id
+    exactly like the reference, including a tie group cut by the budget or by delta."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool([n], P, h_q, h_kv, d, d, device, gen)
+    s = pool.slots[0]
+    npg = -(-n // P)
+    for lp in range(patterns, npg - 1):                      # full pages copy one of a few patterns
+        src = lp % patterns
+        pool.kc[s[lp * P:(lp + 1) * P]] = pool.kc[s[src * P:(src + 1) * P]]
+    kmin, kmax = reference_summaries(pool)
+    sm_scale = 1.0 / math.sqrt(d)
+    q, k, v = pool.logical(0)
+    lo, hi = prhs.page_summaries(k, P)
+    ub, lb = prhs.page_bounds(q, lo, hi, sm_scale)
+    page_lens = prhs.page_lengths(n, P, device=k.device)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=1, max_seq_len=n, device=device)
+    for budget, delta in ((0.3, 0.0), (0.5, 0.0), (1.0, 0.3), (0.45, 0.6)):
+        poison_wrapper(w)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, mode="prhs", budget=budget, delta=delta)
+        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        bud = _budget_pages(npg, budget, 1, 2)
+        ref = prhs.select_pages(ub, lb, page_lens, delta, bud, 1, 2)
+        tag = f"seed={seed} ties budget={budget} delta={delta}"
+        for g in range(h_kv):
+            kn, rn = int(w.num_selected[0, g]), int(ref.num_selected[g])
+            if kn == rn:
+                assert torch.equal(w.pages[0, g, :kn].long(), ref.pages[g, :rn]), \
+                    f"{tag} g={g}: {w.pages[0, g, :kn].tolist()} vs {ref.pages[g, :rn].tolist()}"
+        _assert_selection(w, 0, ref, ub, lb, page_lens, delta, bud, 1, 2, seed, tag)
+        e = rel_err(out[0], prhs.sparse_attention(q, k, v, P, w.pages[0, :, :bud].long(),
+                                                   w.num_selected[0].long(), sm_scale))
+        assert e <= 1e-2, f"{tag}: out rel err {e:.3e}"

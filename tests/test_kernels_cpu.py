@@ -40,6 +40,7 @@ from kernel_cases import (  # noqa: E402
     check_decode,
     check_page_summaries,
     check_reuse,
+    check_selection_ties,
     fresh_seed,
 )
 
@@ -82,6 +83,10 @@ def test_prhs_select_and_decode_structured():
                   dict(mode="prhs", budget=1.0, delta=0.6, sink_pages=0, recent_pages=1),   # delta binds
                   dict(mode="prhs", budget=2, delta=0.05, sink_pages=2, recent_pages=2)],  # budget < forced
                  structured=True)
+
+
+def test_prhs_selection_ties():
+    check_selection_ties(16, H_Q, H_KV, D, DEVICE, fresh_seed())
 
 
 def test_art_prhs_structured():

@@ -44,6 +44,7 @@ from kernel_cases import (  # noqa: E402
     check_decode,
     check_page_summaries,
     check_reuse,
+    check_selection_ties,
     fresh_seed,
     make_pool,
     poison_wrapper,
@@ -82,6 +83,10 @@ def test_prhs_decode_structured():
                  [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1.0, delta=0.5),
                   dict(mode="prhs", budget=1 / 8, delta=0.6, sink_pages=0, recent_pages=1)],
                  structured=True)
+
+
+def test_prhs_selection_ties():
+    check_selection_ties(32, H_Q, H_KV, D, DEV, fresh_seed(), n=20000, patterns=5)
 
 
 def test_art_decode_structured():

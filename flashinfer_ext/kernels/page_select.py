@@ -9,17 +9,17 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
 
 1. Forced pages F: sinks ``[0, min(sink, N))`` then recents ``[max(N - recent, sinks), N)``; the first
    ``budget`` of them are taken.
-2. Candidates C (the other pages) are ranked by descending ub, ties to the lower page id. The
+2. Candidates C (the other pages) are ranked by descending ub, ties to the lower page id; the
    reference appends them one by one while ``delta_hat = U / (Z_lb + U) > delta`` and the budget
-   allows. Because both stopping conditions are monotone along that order, the kernel finds the
-   same prefix without sorting all pages: a bisection over the (order-preserving int32 image of the)
-   ub value finds the largest threshold T whose set ``{ub >= T}`` already stops; the stopping point
-   inside the tie group ``{ub == T}`` is then resolved exactly with a prefix scan in page-id order.
-   32 bisection steps, each three reductions over the tile.
-3. The chosen candidates are compacted (prefix sum + scatter into a small scratch row) and sorted
-   by (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``SORT_PAD = next_pow2(LIST_MAX)``,
+   allows, i.e. it takes the shortest prefix of the top ``k_max = budget - |F|`` candidates whose
+   certificate is <= delta. The kernel finds the top k_max without sorting all pages: a 5-ary search
+   over the (order-preserving int32 image of the) ub values finds the k_max-th largest, T (16 steps,
+   one packed-count reduction each); ties at T are taken by page id with a prefix sum.
+3. Those k_max candidates are compacted (prefix sum + scatter into a scratch row) and sorted by
+   (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``SORT_PAD = next_pow2(LIST_MAX)``,
    ``LIST_MAX`` being the plan's largest budget (not the buffer width), so a 1/16 budget sorts 1/16
-   of the pages.
+   of the pages. Suffix / prefix sums along the sorted order give the certificate of every prefix at
+   once; the first prefix with ``delta_hat <= delta`` is the selection.
 
 ``U = sum_{p dropped} n_p exp(ub_p)`` and ``Z_lb = sum_{p selected} n_p exp(lb_p)`` are evaluated as
 fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
@@ -125,68 +125,77 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     d_forced = tl.sum(tl.where(forced & (~taken_f), eu, 0.0), axis=0)   # forced pages cut by the budget
 
     key = _orderable(ub).to(tl.int64)
+    pos = tl.arange(0, SORT_PAD)
+
+    # 1. the k_max-th largest candidate key T: 5-ary search over the key range; the four counts of
+    #    an iteration travel packed in 16-bit fields of one int64 sum (one reduction per iteration)
     int_big: tl.constexpr = 1 << 40
-    lo = tl.min(tl.where(cand, key, int_big), axis=0)
-    hi = tl.max(tl.where(cand, key, -int_big), axis=0) + 1
-    # stop(hi): no candidate needed (only possible through the certificate)
-    d_hi = d_forced + tl.sum(tl.where(cand, eu, 0.0), axis=0)
-    none_needed = (k_max == 0)
-    if not DELTA_ZERO:
-        none_needed = none_needed | _certified(d_hi, s_forced, mu, ml, log_ratio)
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        in_set = cand & (key >= mid)
-        cnt = tl.sum(in_set.to(tl.int32), axis=0)
-        stop = cnt >= k_max
-        if not DELTA_ZERO:
-            d_sum = d_forced + tl.sum(tl.where(cand & (~in_set), eu, 0.0), axis=0)
-            s_sum = s_forced + tl.sum(tl.where(in_set, el, 0.0), axis=0)
-            stop = stop | _certified(d_sum, s_sum, mu, ml, log_ratio)
-        lo = tl.where(stop, mid, lo)
-        hi = tl.where(stop, hi, mid)
-    thr = lo
-    gt = cand & (key > thr) & (~none_needed)
-    eq = cand & (key == thr) & (~none_needed)
+    lo = tl.min(tl.where(cand, key, int_big), axis=0)          # count(lo) = n_cand >= k_max
+    hi = tl.max(tl.where(cand, key, -int_big), axis=0) + 1     # count(hi) = 0 < k_max
+    for _ in range(16):
+        span = hi - lo
+        t1 = lo + span // 5
+        t2 = lo + (span * 2) // 5
+        t3 = lo + (span * 3) // 5
+        t4 = lo + (span * 4) // 5
+        bits = (key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16) \
+            + ((key >= t3).to(tl.int64) << 32) + ((key >= t4).to(tl.int64) << 48)
+        counts = tl.sum(tl.where(cand, bits, 0), axis=0)
+        ok1 = (counts & 65535) >= k_max
+        ok2 = ((counts >> 16) & 65535) >= k_max
+        ok3 = ((counts >> 32) & 65535) >= k_max
+        ok4 = (counts >> 48) >= k_max
+        new_lo = tl.where(ok4, t4, tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo))))
+        hi = tl.where(ok4, hi, tl.where(ok3, t4, tl.where(ok2, t3, tl.where(ok1, t2, t1))))
+        lo = new_lo
+    # 2. the top k_max candidates in the reference's order: keys above T, then ties at T by page id
+    gt = cand & (key > lo)
+    eq = cand & (key == lo)
     cnt_gt = tl.sum(gt.to(tl.int32), axis=0)
-    cnt_eq = tl.sum(eq.to(tl.int32), axis=0)
     eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    ok_r = (cnt_gt + eq_rank) >= k_max
-    if not DELTA_ZERO:
-        d_gt = d_forced + tl.sum(tl.where(cand & (~gt), eu, 0.0), axis=0)
-        s_gt = s_forced + tl.sum(tl.where(gt, el, 0.0), axis=0)
-        cum_eu = tl.cumsum(tl.where(eq, eu, 0.0), axis=0)
-        cum_el = tl.cumsum(tl.where(eq, el, 0.0), axis=0)
-        ok_r = ok_r | _certified(tl.maximum(d_gt - cum_eu, 0.0), s_gt + cum_el, mu, ml, log_ratio)
-    r_star = tl.min(tl.where(eq & ok_r, eq_rank, cnt_eq), axis=0)
-    r_star = tl.minimum(r_star, tl.maximum(k_max - cnt_gt, 0))
-    sel = gt | (eq & (eq_rank <= r_star))
-    k = cnt_gt + r_star
+    top = (gt | (eq & (eq_rank <= k_max - cnt_gt))) & (k_max > 0)
+    # 3. compact them into the scratch row and sort by (ub desc, id asc)
+    tl.store(sc_base + pos, tl.full([SORT_PAD], -(1 << 62), tl.int64))
+    tl.debug_barrier()
+    cpos = tl.cumsum(top.to(tl.int32), axis=0) - 1
+    packed = (key << 32) | (2147483647 - idx).to(tl.int64)
+    tl.store(sc_base + cpos, packed, mask=top & (cpos < SORT_PAD))
+    tl.debug_barrier()
+    tops = tl.sort(tl.load(sc_base + pos), descending=True)
+    top_ids = (2147483647 - (tops - ((tops >> 32) << 32))).to(tl.int32)
+    in_top = pos < k_max
+    # 4. the shortest prefix of that order whose certificate is <= delta (else all k_max of it):
+    #    U_j = forced pages cut + candidates outside the top + top positions >= j  (suffix sum),
+    #    Z_j = forced pages taken + top positions < j                              (prefix sum)
+    ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"))
+    lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"))
+    log_len_s = tl.log(tl.where(top_ids == npg - 1, last_len, P).to(tl.float32))
+    eu_s = tl.where(in_top, tl.exp(log_len_s + ub_s - mu), 0.0)
+    el_s = tl.where(in_top, tl.exp(log_len_s + lb_s - ml), 0.0)
+    d_out = d_forced + tl.sum(tl.where(cand & (~top), eu, 0.0), axis=0)
+    if DELTA_ZERO:
+        k = k_max
+    else:
+        d_j = d_out + tl.cumsum(eu_s, axis=0, reverse=True)
+        s_j = s_forced + tl.cumsum(el_s, axis=0) - el_s
+        ok = _certified(d_j, s_j, mu, ml, log_ratio) & in_top
+        k = tl.min(tl.where(ok, pos, k_max), axis=0)
     n_sel = n_taken_f + k
 
     # pre-hoc certificate of the final selection
-    d_fin = d_forced + tl.sum(tl.where(cand & (~sel), eu, 0.0), axis=0)
-    s_fin = s_forced + tl.sum(tl.where(sel, el, 0.0), axis=0)
+    d_fin = d_out + tl.sum(tl.where(pos >= k, eu_s, 0.0), axis=0)
+    s_fin = s_forced + tl.sum(tl.where(pos < k, el_s, 0.0), axis=0)
     log_u = tl.log(d_fin) + mu
     log_z = tl.log(s_fin) + ml
     dhat = 1.0 / (1.0 + tl.exp(log_z - log_u))
     dhat = tl.where(d_fin <= 0.0, 0.0, tl.where(s_fin <= 0.0, 1.0, dhat))
 
-    # forced part of the list, then -1 padding after the selection
+    # the list: forced pages, the first k of the sorted top, -1 after
     tl.store(sel_base + fpos, idx, mask=taken_f)
     tl.store(phys_base + fpos, tl.load(pt_base + idx, mask=taken_f, other=-1), mask=taken_f)
-    pos = tl.arange(0, SORT_PAD)
     pad_ok = (n_sel + pos) < LIST_MAX
     tl.store(sel_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
     tl.store(phys_base + n_sel + pos, tl.full([SORT_PAD], -1, tl.int32), mask=pad_ok)
-    # candidates: compact, sort by (ub desc, id asc), append after the forced pages
-    tl.store(sc_base + pos, tl.full([SORT_PAD], -(1 << 62), tl.int64))
-    tl.debug_barrier()
-    cpos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    packed = (key << 32) | (2147483647 - idx).to(tl.int64)
-    tl.store(sc_base + cpos, packed, mask=sel & (cpos < SORT_PAD))
-    tl.debug_barrier()
-    tops = tl.sort(tl.load(sc_base + pos), descending=True)
-    top_ids = (2147483647 - (tops - ((tops >> 32) << 32))).to(tl.int32)
     top_ok = (pos < k) & ((n_taken_f + pos) < LIST_MAX)
     tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
     tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
