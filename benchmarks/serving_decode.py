@@ -52,6 +52,14 @@ def decode_stats(log_path: str) -> dict:
             "art_stop_rate": mean(4), "blocks_read_mean": mean(5), "stat_samples": len(big)}
 
 
+def save(rows: list, out: str) -> None:
+    for path in filter(None, [out, os.path.join(os.environ["OUT"], os.path.basename(out))
+                              if os.environ.get("OUT") else None]):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.environ.get("LLAMA8B_SHAPE"))
@@ -105,6 +113,7 @@ def main(argv=None):
                             if r["config"] == name:
                                 r["greedy_identical_prompts"] = parity
                 if args.parity_only:
+                    save(rows, args.out)
                     continue
                 for L in lens:
                     for C in concs:
@@ -130,11 +139,7 @@ def main(argv=None):
                         rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"]) != (name, L, C)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
-                        for path in filter(None, [args.out, os.path.join(os.environ["OUT"], os.path.basename(args.out))
-                                                  if os.environ.get("OUT") else None]):
-                            os.makedirs(os.path.dirname(path), exist_ok=True)
-                            with open(path, "w") as f:
-                                json.dump(rows, f, indent=1)
+                        save(rows, args.out)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
     base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
