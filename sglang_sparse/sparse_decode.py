@@ -84,8 +84,10 @@ class SparseDecodeMixin:
 
     def _make_plan_kwargs(self) -> dict:
         p, a = self.sparse_config.prhs, self.sparse_config.art
-        kw = dict(mode="prhs" if p.enabled else "dense", art=a.enabled)
-        if p.enabled:
+        # PrHS that must read every page (budget = all pages, delta = 0) is the dense path of the kernel.
+        selects = p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
+        kw = dict(mode="prhs" if selects else "dense", art=a.enabled)
+        if selects:
             kw.update(budget=p.budget, delta=p.delta, sink_pages=p.sink_pages, recent_pages=p.recent_pages,
                       dense_below_pages=-(-p.min_context_len // self.page_size))
         if a.enabled:
