@@ -361,6 +361,7 @@ def main(argv=None):
     configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
     gen = torch.Generator().manual_seed(20261123)
     tuned = {}
+    tuned_select = {}
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
             meta["skipped"].append(f"batch {bs} context {ctx}: time limit")
@@ -435,12 +436,33 @@ def main(argv=None):
                 launch = dict(pages_per_iter=kw["pages_per_iter"], num_warps=kw["num_warps"],
                               num_stages=kw["num_stages"])
                 meta["tuning"][f"used_b{bs}_c{ctx}"] = dict(launch, split_factor=split_factor)
+                # warps of the selection kernel (latency-bound: fewer warps may win)
+                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_select:
+                    best = None
+                    for sw in (4, 8, 16):
+                        try:
+                            kw = dict(mode="prhs", budget=1 / 16, delta=0.05, select_warps=sw, **launch)
+                            call, nbytes, out, _ = ours_method(batch, wrapper, kw)
+                            t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
+                            log(f"  tune select_warps={sw}: PrHS 1/16 {t_us:.1f} us")
+                            meta["tuning"].setdefault(f"select_{ctx}", []).append(dict(select_warps=sw, time_us=t_us))
+                            if best is None or t_us < best[0]:
+                                best = (t_us, sw)
+                        except Exception as exc:  # noqa: BLE001
+                            meta["errors"].append(f"tune select_warps {sw} c{ctx}: {exc!r}")
+                            traceback.print_exc()
+                    if best is not None:
+                        tuned_select[ctx] = best[1]
+                if ctx in tuned_select:
+                    meta["tuning"][f"used_b{bs}_c{ctx}"]["select_warps"] = tuned_select[ctx]
             for name, plan_kw, bud, dl, select in method_specs(args.quick):
                 if time.time() - T0 > args.time_limit:
                     meta["skipped"].append(f"{name} b{bs} c{ctx} {kind} budget {bud} delta {dl}: time limit")
                     continue
                 try:
                     kw = dict(plan_kw)
+                    if ctx in tuned_select:
+                        kw["select_warps"] = tuned_select[ctx]
                     if not kw.get("art"):
                         kw.update(launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \

@@ -172,6 +172,7 @@ class SparseDecodeWrapper:
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
+             select_warps: Optional[int] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
@@ -199,6 +200,8 @@ class SparseDecodeWrapper:
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
             num_warps, num_stages: launch settings of the decode kernel (with 3 stages Triton turns the
                 K/V gathers into cp.async copies one iteration ahead, ~96 registers per thread).
+            select_warps: warps of the selection kernel (default by tile size: 4 up to 1024 pages,
+                8 up to 2048, else 16).
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
@@ -289,6 +292,7 @@ class SparseDecodeWrapper:
                 num_splits = min(triton.cdiv(target, base), max(1, list_len // min_split_pages))
             self.num_splits = max(1, min(int(num_splits), self.max_splits))
         self.num_warps, self.num_stages = num_warps, num_stages
+        self.select_warps = select_warps or max(4, min(16, self.block_pg // 256))
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
         self._planned = True
@@ -353,7 +357,7 @@ class SparseDecodeWrapper:
                 G=self.group, G_PAD=g_pad, D=self.d, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
             delta_zero = self.delta <= 0.0
             log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
-            sel_warps = max(4, min(16, self.block_pg // 256))
+            sel_warps = self.select_warps
             if self.reuse and not 0 <= reuse_slot < self.reuse_slots:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
             st_p, st_n, st_g = (self.state_pages[reuse_slot], self.state_num[reuse_slot],
