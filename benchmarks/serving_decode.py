@@ -71,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=30124)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true", help="greedy parity, no bench_serving")
+    ap.add_argument("--check-metrics", action="store_true",
+                    help="serve with --enable-metrics and record the sglang_sparse gauges of /metrics")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "serving_decode_h100.json"))
     args = ap.parse_args(argv)
@@ -94,6 +96,8 @@ def main(argv=None):
     prompts = fixed_prompts()
     for name in args.configs.split(","):
         launcher, flags = CONFIGS[name]
+        if args.check_metrics:
+            flags = flags + ["--enable-metrics"]
         logs = out_dir()
         slog = os.path.join(logs, f"server_{name}.log")
         try:
@@ -112,6 +116,14 @@ def main(argv=None):
                         for r in rows:
                             if r["config"] == name:
                                 r["greedy_identical_prompts"] = parity
+                if args.check_metrics:
+                    import urllib.request
+
+                    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+                        lines = [l for l in r.read().decode().splitlines() if l.startswith("sglang_sparse:")]
+                    log(f"{name}: /metrics sglang_sparse gauges: {lines}")
+                    with open(os.path.join(out_dir(), f"metrics_{name}.txt"), "w") as f:
+                        f.write("\n".join(lines) + "\n")
                 if args.parity_only:
                     save(rows, args.out)
                     continue

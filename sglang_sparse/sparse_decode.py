@@ -78,6 +78,9 @@ class SparseDecodeMixin:
         self._plan_kwargs = self._make_plan_kwargs()
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
+        self._metrics_on = bool(getattr(model_runner.server_args, "enable_metrics", False))
+        self._gauges = None
+        self._tp_rank = str(getattr(model_runner, "tp_rank", 0))
         logger.info("sglang_sparse decode: %s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     "PrHS" + (" + ART" if cfg.art.enabled else "") if cfg.prhs.enabled else "dense + ART",
                     self.summaries.nbytes() / 2 ** 20, max_bs, self.max_ctx)
@@ -177,3 +180,22 @@ class SparseDecodeMixin:
                         "art_stop_rate=%.3f blocks_read_mean=%.1f", stats["batch_size"], stats["pages_read_frac"],
                         stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
                         stats["blocks_read_mean"])
+            if self._metrics_on:
+                self._export_metrics(stats)
+
+    _METRICS = (("pages_read_frac", "Fraction of KV pages the last decode batch read (PrHS/ART)."),
+                ("delta_hat_mean", "Mean certified dropped-mass bound of the last decode batch's selection."),
+                ("delta_hat_max", "Largest certified dropped-mass bound of the last decode batch's selection."),
+                ("art_stop_rate", "Fraction of (request, KV head) pairs where ART stopped early."),
+                ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."))
+
+    def _export_metrics(self, stats: dict) -> None:
+        """Publish the statistics on SGLang's Prometheus endpoint (``--enable-metrics``)."""
+        if self._gauges is None:
+            # imported late, as SGLang does, after PROMETHEUS_MULTIPROC_DIR is set
+            from prometheus_client import Gauge
+
+            self._gauges = {name: Gauge(f"sglang_sparse:{name}", doc, labelnames=["tp_rank"],
+                                        multiprocess_mode="mostrecent") for name, doc in self._METRICS}
+        for name, gauge in self._gauges.items():
+            gauge.labels(tp_rank=self._tp_rank).set(stats[name])
