@@ -139,7 +139,7 @@ def main(argv=None):
                     alive = greedy(base, prompts[0], 4) is not None
                     with open(slog, errors="replace") as f:
                         text = f.read()
-                    leak = [l for l in text.splitlines() if "leak" in l.lower() or "Traceback" in l]
+                    leak = [l for l in text.splitlines() if "Leak Detected" in l or "Traceback" in l]
                     res = {"config": name, "dataset": "generated-shared-prefix", "completed": gsp.get("completed"),
                            "median_tpot_ms": gsp.get("median_tpot_ms"), "server_alive_after": alive,
                            "leak_or_traceback_lines": leak[:5]}
