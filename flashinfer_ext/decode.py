@@ -172,7 +172,7 @@ class SparseDecodeWrapper:
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
-             select_warps: Optional[int] = None,
+             select_warps: Optional[int] = None, kv_start: Optional[torch.Tensor] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
@@ -209,6 +209,10 @@ class SparseDecodeWrapper:
                 select afresh this step; the others reuse their last fresh selection (``dilation``
                 pages around each kept page, plus sinks, recents and new pages). See the module doc.
             dilation: r of the reuse (``>= 0``).
+            kv_start: optional ``[bs]`` int32/int64 device tensor: request ``i`` attends only to
+                positions ``[kv_start[i], seq_lens[i])`` (each a multiple of the page size); the page
+                table, page counts, sinks and recents are those of that suffix. CLAA's layers after the
+                filter layer (their KV holds only the kept tokens, in the request's last slots).
         """
         if mode not in ("prhs", "dense"):
             raise ValueError(f"mode must be 'prhs' or 'dense', got {mode!r}")
@@ -253,7 +257,8 @@ class SparseDecodeWrapper:
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
             req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
             self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
-            P=P, BLOCK=256, num_warps=4)
+            kv_start if kv_start is not None else seq_lens, P=P, BLOCK=256, HAS_START=kv_start is not None,
+            num_warps=4)
 
         # static sizing (depends only on bs, the settings and the hint, so graph replays agree)
         hint_pages = triton.cdiv(seq_len_hint, P) if seq_len_hint else self.max_pages

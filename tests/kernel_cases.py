@@ -247,8 +247,11 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, budget, sink, rec
 
 
 def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
-                 tol=1e-2, max_seq_len=None, check_bounds=True):
-    """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments."""
+                 tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None):
+    """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments.
+
+    ``kv_start_pages``: per request, leading pages the plan skips (``plan(kv_start=pages * P)``); the
+    reference then sees only the request's positions from there on (CLAA's post-filter layers)."""
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(seed)
@@ -258,15 +261,19 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
     sm_scale = 1.0 / math.sqrt(d)
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1,
                             max_seq_len=max_seq_len or max(lens) + P, head_dim_v=dv, device=device)
+    starts = [0] * len(lens) if kv_start_pages is None else [p * P for p in kv_start_pages]
+    kv_start = None if kv_start_pages is None else torch.tensor(starts, dtype=torch.int32, device=device)
     for cfg in settings:
-        tag = f"{cfg}"
+        tag = f"{cfg} kv_start={starts}"
         poison_wrapper(w)
-        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, kv_start=kv_start, **cfg)
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
         mode = cfg.get("mode", "prhs")
         use_art = cfg.get("art", False)
         for b, n in enumerate(lens):
             q, k, v = pool.logical(b)
+            assert starts[b] < n, "kv_start must leave at least one token"
+            k, v, n = k[starts[b]:], v[starts[b]:], n - starts[b]
             npg = -(-n // P)
             page_lens = prhs.page_lengths(n, P, device=k.device)
             lo, hi = prhs.page_summaries(k, P)

@@ -70,6 +70,12 @@ def test_dense_decode():
                  [dict(mode="dense"), dict(mode="dense", num_splits=3, pages_per_iter=2)])
 
 
+def test_decode_kv_start():
+    # CLAA's post-filter layers: each request reads only its last pages (kept tokens + decode tokens)
+    check_decode([150, 37, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
+                 [dict(mode="dense"), dict(mode="prhs", budget=0.5, delta=0.05)], kv_start_pages=[4, 0, 3])
+
+
 def test_prhs_select_and_decode_random():
     check_decode([230, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(mode="prhs", budget=0.5, delta=0.05),

@@ -9,6 +9,11 @@ physical page ``req_to_token[r, lp*P] // P`` and its slots are contiguous. The d
 this kernel from ``plan()`` (outside CUDA graphs, where SGLang allows reading ``req_to_token``) and
 the graph-captured ``run()`` only reads the copy.
 
+``KvStart`` (optional, ``HAS_START``): per batch row, a number of leading tokens (a multiple of P)
+that this table skips: the request's view is positions ``[start, seq_len)``, i.e. logical page
+``lp`` of the view is the request's page ``start // P + lp``. CLAA uses it for the layers after its
+filter layer, whose kept tokens sit in the request's last slots (see ``sglang_sparse.claa_prefill``).
+
 Grid ``(bs, cdiv(max_pages, BLOCK))``. Entries past a request's page count are set to -1.
 """
 
@@ -18,17 +23,23 @@ import triton.language as tl
 
 @triton.jit
 def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, stride_pt,
-                       NumPages, LastLen, Budget, BudgetLut, max_pages, P: tl.constexpr, BLOCK: tl.constexpr):
+                       NumPages, LastLen, Budget, BudgetLut, max_pages, KvStart,
+                       P: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr):
     """``BudgetLut[N]`` is the page budget of a request of N pages (built on the host once per
     setting with the reference formula, so rounding matches it exactly)."""
     b = tl.program_id(0)
     c = tl.program_id(1)
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
     n = tl.load(SeqLens + b).to(tl.int32)
+    if HAS_START:
+        start = tl.load(KvStart + b).to(tl.int32)
+        n = n - start
+    else:
+        start = 0
     npg = (n + P - 1) // P
     lp = c * BLOCK + tl.arange(0, BLOCK)
     ok = lp < npg
-    slot = tl.load(ReqToToken + req * stride_r2t + lp.to(tl.int64) * P, mask=ok, other=0)
+    slot = tl.load(ReqToToken + req * stride_r2t + start + lp.to(tl.int64) * P, mask=ok, other=0)
     phys = (slot // P).to(tl.int32)
     tl.store(PageTable + b * stride_pt + lp, tl.where(ok, phys, -1), mask=lp < max_pages)
     if c == 0:
