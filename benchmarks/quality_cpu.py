@@ -113,6 +113,7 @@ def main(argv=None) -> int:
             f"{[c.name for c in all_settings]}")
 
     records: List[Dict] = []
+    dense_only = [t for t in args.dense_tasks if t not in args.tasks]   # sweep tasks get dense rows anyway
 
     def run_sample(task: str, length: int, index: int, configs: List[RefConfig], phase: str) -> None:
         s = T.make_sample(task, length, index, tok, seed=args.seed, haystack=args.haystack, reserve=reserve)
@@ -168,12 +169,16 @@ def main(argv=None) -> int:
                     f"({torch.get_num_threads()} threads)",
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        if args.json.exists():
-            old = json.loads(args.json.read_text())
-            old["rows"] = [r for r in old.get("rows", []) if r.get("where") != WHERE]
-            args.json.write_text(json.dumps(old, indent=1) + "\n")
-        merge_rows(args.json, rows, WHERE, meta)
-        args.records.write_text(json.dumps({"meta": meta, "records": records}, indent=0) + "\n")
+        run_key = f"{WHERE}/" + "+".join(sorted(set(args.tasks) | set(dense_only)))
+        merge_rows(args.json, rows, run_key, meta)          # replaces only the (config, task, length) cells run here
+        kept_records = []
+        if args.records.exists():                           # keep other runs' records
+            mine = {(r["config"], r["id"]) for r in records}
+            kept_records = [r for r in json.loads(args.records.read_text()).get("records", [])
+                            if (r["config"], r["id"]) not in mine]
+        args.records.write_text(json.dumps({"runs_note": "records of every quality_cpu.py run; see runs in "
+                                                         + args.json.name, "records": kept_records + records},
+                                           indent=0) + "\n")
         data = json.loads(args.json.read_text())
         plot(data["rows"], args.png)
 
@@ -191,7 +196,6 @@ def main(argv=None) -> int:
             save()
             log(t0, f"{phase}: round {index} done in {last:.0f}s; results saved")
 
-    dense_only = [t for t in args.dense_tasks if t not in args.tasks]   # sweep tasks get dense rows anyway
     if args.dense_samples > 0 and dense_only:
         rounds(dense_only, args.dense_samples, dense, "dense")
     rounds(args.tasks, args.samples, all_settings, "sweep")

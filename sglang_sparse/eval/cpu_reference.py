@@ -10,7 +10,9 @@ the project's reference functions:
   so their KV cache holds only those; earlier layers keep the whole prompt.
 * decode: dense attention, or PrHS (:mod:`sglang_sparse.prhs`: Quest page summaries, certified selection with
   delta and a page budget, exact attention over the selected pages), or ART (:mod:`sglang_sparse.art`: blocks =
-  pages, visited in descending upper bound, stopping rule), or PrHS with ART over the selected pages.
+  pages, stopping rule) over every page in the selector's order (sink pages, recent pages, then descending upper
+  bound: PrHS's selector with delta 0 and all pages as budget, as the GPU decode plans dense + ART), or PrHS with
+  ART over the pages PrHS selected, in selection order.
 
 The settings are the server's own dataclasses (:class:`sglang_sparse.config.ClaaConfig`, ``PrhsConfig``,
 ``ArtConfig``), so a CPU-reference row and a server row with the same flags describe the same algorithm. Only the
@@ -310,8 +312,11 @@ class ReferenceLlama:
             stats["prhs_calls"] += 1
             order, num_sel = sel.pages, sel.num_selected
         else:
-            order = torch.sort(ub, dim=1, descending=True, stable=True).indices
-            num_sel = torch.full((self.h_kv,), n_pages, dtype=torch.long)
+            # ART over all pages: the selector with delta 0 and every page as budget gives the read order
+            # (sink pages, recent pages, then descending upper bound), as the GPU decode plans it
+            sel = prhs_ref.select_pages(ub, lb, page_lens, 0.0, n_pages, cfg.prhs.sink_pages,
+                                        cfg.prhs.recent_pages)
+            order, num_sel = sel.pages, sel.num_selected
         if use_art:
             a = cfg.art
             res = art_ref.art_attention(q, k, v, P, self.sm_scale, block_order=order, tau_mag=a.tau_mag,
