@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 SGLANG_VERSION = "0.5.17"
 
 # Module names under patches/, in installation order.
-PATCHES = ("support_triton", "pool_configurator_cell_size")
+PATCHES = ("support_triton", "pool_configurator_cell_size", "schedule_batch_prepare_for_extend")
 
 _installed = False
 

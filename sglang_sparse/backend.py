@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
+from sglang_sparse.claa_prefill import ClaaBackendMixin
 from sglang_sparse.config import BACKEND_NAME, ConfigError, SparseConfig, from_server_args
 from sglang_sparse.sparse_decode import SparseDecodeMixin
 
@@ -45,10 +46,11 @@ class SparseBackendMixin:
                     BACKEND_NAME, type(self).__name__, cfg.to_json())
 
 
-class SparseAttnBackend(SparseDecodeMixin, SparseBackendMixin, FlashInferAttnBackend):
+class SparseAttnBackend(ClaaBackendMixin, SparseDecodeMixin, SparseBackendMixin, FlashInferAttnBackend):
     """FlashInfer prefill and decode, plus the sparse mechanisms that are switched on.
 
-    Decode with PrHS and/or ART: :class:`sglang_sparse.sparse_decode.SparseDecodeMixin`.
+    CLAA prefill filtering: :class:`sglang_sparse.claa_prefill.ClaaBackendMixin`.
+    Decode with PrHS and/or ART (and CLAA's kept-token view): :class:`sglang_sparse.sparse_decode.SparseDecodeMixin`.
     """
 
     def __init__(self, model_runner: "ModelRunner", **kwargs):
@@ -61,6 +63,7 @@ class SparseAttnBackend(SparseDecodeMixin, SparseBackendMixin, FlashInferAttnBac
         if decode == BACKEND_NAME:
             self._check_kv_attention_access("decode", self.decode_kv_access)
         self._init_sparse(model_runner)
+        self._init_claa(model_runner)
         self._init_sparse_decode(model_runner)
 
 

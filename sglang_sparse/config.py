@@ -366,14 +366,16 @@ def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
     spec = getattr(server_args, "speculative_algorithm", None)
     _check(spec in _NO_SPECULATION, "--speculative-algorithm",
            f"speculative decoding cannot be combined with sparse attention, got {spec!r}")
-    if cfg.prhs.enabled or cfg.art.enabled:
+    if cfg.prhs.enabled or cfg.art.enabled or cfg.claa.enabled:
         device = str(getattr(server_args, "device", None) or "cuda")
         _check(device.startswith("cuda"), "--device",
-               f"--sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, got --device {device}")
+               f"--sparse-prefill claa / --sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, "
+               f"got --device {device}")
         page = server_args.page_size or 1
         _check(page >= 16, "--page-size",
-               f"--sparse-decode prhs / --art on need --page-size >= 16 (KV pages of 16+ tokens), got {page}")
-        if cfg.prhs.page_size is not None:
+               f"--sparse-prefill claa / --sparse-decode prhs / --art on decode from KV pages of 16+ tokens "
+               f"(--page-size >= 16), got {page}")
+        if cfg.prhs.enabled and cfg.prhs.page_size is not None:
             _check(cfg.prhs.page_size == page, "--prhs-page-size",
                    f"must equal --page-size ({page}), got {cfg.prhs.page_size}")
     if cfg.claa.enabled:
@@ -384,25 +386,35 @@ def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
             _check(chunk >= cfg.claa.max_prompt_len, "--chunked-prefill-size",
                    f"must be >= --claa-max-prompt-len ({cfg.claa.max_prompt_len}) so such prompts arrive whole, "
                    f"got {chunk}")
+        graph = getattr(server_args, "cuda_graph_backend_prefill", None)
+        graph_off = graph == "disabled" or bool(getattr(server_args, "disable_prefill_cuda_graph", False)) \
+            or bool(getattr(server_args, "disable_cuda_graph", False))
+        _check(graph_off, "--cuda-graph-backend-prefill",
+               f"CLAA changes the token count inside the model; prefill CUDA graphs must be off "
+               f"(--disable-prefill-cuda-graph), got {graph or 'the default (on)'}")
 
 
 def adjust_sglang_argv(cfg: SparseConfig, argv: Sequence[str]) -> list[str]:
     """SGLang flags the launcher fills in when the user did not give them.
 
     * ``--attention-backend sparse`` (our backend; it delegates to FlashInfer when all is off);
-    * with PrHS or ART: ``--page-size`` = the PrHS page size (default 32), and
+    * with PrHS, ART or CLAA: ``--page-size`` = the PrHS page size (default 32), and
       ``--max-running-requests`` 64 (the decode kernels' buffers are sized for it);
-    * with CLAA and ``--claa-max-prompt-len N``: ``--chunked-prefill-size`` >= N so prompts up to N
-      arrive in one chunk.
+    * with CLAA: ``--disable-prefill-cuda-graph`` (filtered batches must run eager), and with
+      ``--claa-max-prompt-len N`` a ``--chunked-prefill-size`` >= N so prompts up to N arrive in one chunk.
     """
     out = list(argv)
     if not any(_flag_given(out, f) for f in ("--attention-backend", "--prefill-attention-backend",
                                                "--decode-attention-backend")):
         out += ["--attention-backend", BACKEND_NAME]
-    if (cfg.prhs.enabled or cfg.art.enabled) and not _flag_given(out, "--page-size"):
+    ours = cfg.prhs.enabled or cfg.art.enabled or cfg.claa.enabled
+    if ours and not _flag_given(out, "--page-size"):
         out += ["--page-size", str(cfg.prhs.page_size or 32)]
-    if (cfg.prhs.enabled or cfg.art.enabled) and not _flag_given(out, "--max-running-requests"):
+    if ours and not _flag_given(out, "--max-running-requests"):
         out += ["--max-running-requests", str(DEFAULT_MAX_RUNNING_REQUESTS)]
     if cfg.claa.enabled and cfg.claa.max_prompt_len and not _flag_given(out, "--chunked-prefill-size"):
         out += ["--chunked-prefill-size", str(cfg.claa.max_prompt_len)]
+    if cfg.claa.enabled and not any(_flag_given(out, f) for f in (
+            "--disable-prefill-cuda-graph", "--cuda-graph-backend-prefill", "--disable-cuda-graph")):
+        out += ["--disable-prefill-cuda-graph"]
     return out

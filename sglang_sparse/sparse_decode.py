@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS
+from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -48,7 +48,9 @@ class SparseDecodeMixin:
 
     def _init_sparse_decode(self, model_runner) -> None:
         cfg = self.sparse_config
-        self._decode_on = (cfg.prhs.enabled or cfg.art.enabled) and str(model_runner.device).startswith("cuda")
+        claa = getattr(self, "claa", None)
+        self._decode_on = (cfg.prhs.enabled or cfg.art.enabled or claa is not None) \
+            and str(model_runner.device).startswith("cuda")
         if not self._decode_on:
             return
         from flashinfer_ext.decode import SparseDecodeWrapper
@@ -67,23 +69,39 @@ class SparseDecodeMixin:
         # With g layers per selection only every g-th layer (the group's leader) selects pages, so
         # only the leaders keep summaries.
         self._group = cfg.prhs.layers_per_selection if cfg.prhs.enabled else 1
-        self.summaries = PageSummaries(-(-pool.layer_num // self._group), k0.shape[0], self.num_kv_heads_local,
-                                       self.head_dim, self.page_size, dtype=k0.dtype, device=k0.device)
+        # CLAA: layers from the filter layer on read only the kept tokens (a page-aligned suffix of each
+        # filtered request), through a second wrapper planned with kv_start.
+        self._claa_from = claa.filter_layer if claa is not None and claa.active else None
+        if self._claa_from is not None and self._claa_from % self._group:
+            raise ConfigError("--prhs-layers-per-selection",
+                              f"must divide the CLAA filter layer ({self._claa_from}) so that no selection "
+                              f"group spans it, got {self._group}")
+        self._need_summaries = cfg.prhs.enabled or cfg.art.enabled
+        self.summaries = (PageSummaries(-(-pool.layer_num // self._group), k0.shape[0], self.num_kv_heads_local,
+                                        self.head_dim, self.page_size, dtype=k0.dtype, device=k0.device)
+                          if self._need_summaries else None)
         max_bs = min(model_runner.req_to_token_pool.size, model_runner.server_args.max_running_requests
                      or DEFAULT_MAX_RUNNING_REQUESTS)
         self.max_ctx = model_runner.req_to_token_pool.req_to_token.shape[1]
-        self.decode_wrapper = SparseDecodeWrapper(
-            self.num_q_heads_local, self.num_kv_heads_local, self.head_dim, self.page_size,
-            max_batch_size=max_bs, max_seq_len=self.max_ctx, device=k0.device)
+
+        def wrapper():
+            return SparseDecodeWrapper(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
+                                       self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
+                                       device=k0.device)
+
+        self.decode_wrapper = wrapper()
+        self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
         self._plan_kwargs = self._make_plan_kwargs()
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
         self._metrics_on = bool(getattr(model_runner.server_args, "enable_metrics", False))
         self._gauges = None
         self._tp_rank = str(getattr(model_runner, "tp_rank", 0))
-        logger.info("sglang_sparse decode: %s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
-                    "PrHS" + (" + ART" if cfg.art.enabled else "") if cfg.prhs.enabled else "dense + ART",
-                    self.summaries.nbytes() / 2 ** 20, max_bs, self.max_ctx)
+        what = ("PrHS" + (" + ART" if cfg.art.enabled else "") if cfg.prhs.enabled
+                else "dense + ART" if cfg.art.enabled else "dense")
+        logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
+                    what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
+                    self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
 
     def _make_plan_kwargs(self) -> dict:
         p, a = self.sparse_config.prhs, self.sparse_config.art
@@ -104,8 +122,11 @@ class SparseDecodeMixin:
 
     def _plan_decode(self, fb: "ForwardBatch") -> None:
         self._maybe_log_stats()
-        self.decode_wrapper.plan(self.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
-                                 q_dtype=self._q_dtype, **self._plan_kwargs)
+        r2t = self.req_to_token_pool.req_to_token
+        self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **self._plan_kwargs)
+        if self.decode_wrapper_kept is not None:
+            self.decode_wrapper_kept.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype,
+                                          kv_start=self.claa.drop[fb.req_pool_indices], **self._plan_kwargs)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch"):
         if self._sparse_decode_batch(forward_batch):
@@ -127,7 +148,7 @@ class SparseDecodeMixin:
     # ------------------------------------------------------------------ forward
     def _update_summaries(self, lid: int, k, loc) -> None:
         """Fold the keys just written into the page summaries (leader layers only)."""
-        if lid % self._group == 0:
+        if self.summaries is not None and lid % self._group == 0:
             self.summaries.update(lid // self._group, k.view(-1, self.num_kv_heads_local, self.head_dim), loc)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -148,9 +169,11 @@ class SparseDecodeMixin:
             self._update_summaries(lid, k, forward_batch.out_cache_loc)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         leader = lid % self._group == 0
-        kmin, kmax = self.summaries.layer(lid // self._group) if leader else (None, None)
-        o = self.decode_wrapper.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
-                                    kmin, kmax, select=leader)
+        kmin, kmax = (self.summaries.layer(lid // self._group) if leader and self.summaries is not None
+                      else (None, None))
+        w = self.decode_wrapper_kept if self._claa_from is not None and lid >= self._claa_from else self.decode_wrapper
+        o = w.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
+                  kmin, kmax, select=leader)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ statistics

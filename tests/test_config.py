@@ -79,7 +79,8 @@ def test_bad_values_name_their_flag(argv, flag):
 def _server_args(**kw):
     base = dict(attention_backend="sparse", prefill_attention_backend=None, decode_attention_backend=None,
                 speculative_algorithm=None, page_size=32, enable_mixed_chunk=False, chunked_prefill_size=8192,
-                device="cuda")
+                device="cuda", disable_prefill_cuda_graph=True, cuda_graph_backend_prefill=None,
+                disable_cuda_graph=False)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -94,6 +95,11 @@ def _server_args(**kw):
     (["--sparse-decode", "prhs", "--prhs-page-size", "64"], dict(page_size=32), "--prhs-page-size"),
     (["--sparse-prefill", "claa"], dict(enable_mixed_chunk=True), "--enable-mixed-chunk"),
     (["--sparse-decode", "prhs"], dict(device="cpu"), "--device"),
+    (["--sparse-prefill", "claa"], dict(device="cpu"), "--device"),
+    (["--sparse-prefill", "claa"], dict(page_size=1), "--page-size"),
+    (["--sparse-prefill", "claa"], dict(disable_prefill_cuda_graph=False, cuda_graph_backend_prefill="breakable"),
+     "--cuda-graph-backend-prefill"),
+    (["--sparse-prefill", "claa"], dict(disable_prefill_cuda_graph=False), "--cuda-graph-backend-prefill"),
     (["--sparse-prefill", "claa", "--claa-max-prompt-len", "32768"], dict(chunked_prefill_size=8192),
      "--chunked-prefill-size"),
 ])
@@ -116,10 +122,13 @@ def test_launcher_fills_in_sglang_flags():
                                     "--sparse-prefill", "claa", "--claa-max-prompt-len", "65536"])
     out = C.adjust_sglang_argv(cfg, rest)
     assert out == ["--model-path", "m", "--attention-backend", "sparse", "--page-size", "64",
-                   "--max-running-requests", "64", "--chunked-prefill-size", "65536"]
+                   "--max-running-requests", "64", "--chunked-prefill-size", "65536", "--disable-prefill-cuda-graph"]
+    cfg2, rest2 = C.parse_known_args(["--sparse-prefill", "claa"])
+    assert C.adjust_sglang_argv(cfg2, rest2) == ["--attention-backend", "sparse", "--page-size", "32",
+                                                 "--max-running-requests", "64", "--disable-prefill-cuda-graph"]
     # Flags the user gave are never overridden.
     given = ["--attention-backend=flashinfer", "--page-size", "16", "--chunked-prefill-size", "4096",
-             "--max-running-requests", "8"]
+             "--max-running-requests", "8", "--cuda-graph-backend-prefill", "disabled"]
     assert C.adjust_sglang_argv(cfg, given) == given
     assert C.adjust_sglang_argv(C.SparseConfig(), []) == ["--attention-backend", "sparse"]
 

@@ -71,6 +71,12 @@ def test_dense_decode(page_size):
                  [dict(mode="dense"), dict(mode="dense", num_splits=5)])
 
 
+def test_decode_kv_start():
+    # CLAA's post-filter layers read a page-aligned suffix of each filtered request
+    check_decode([32768, 8192, 5000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
+                 [dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05)], kv_start_pages=[900, 0, 100])
+
+
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_prhs_decode_random(page_size):
     check_decode([32768, 8192, 20000], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),

@@ -33,6 +33,7 @@ def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, s
     n = tl.load(SeqLens + b).to(tl.int32)
     if HAS_START:
         start = tl.load(KvStart + b).to(tl.int32)
+        start = tl.where(start < n, start, 0)     # padded rows of a CUDA graph (seq_len 1): no offset
         n = n - start
     else:
         start = 0

@@ -1,0 +1,369 @@
+"""CLAA prefill token filtering inside SGLang's ``sparse`` attention backend (GPU).
+
+The math (window scores, cross-layer max, top-k) is :mod:`sglang_sparse.claa`; the scoring kernel is
+:class:`flashinfer_ext.claa_score.ClaaWindowScorer`. This module is the wiring, in the order a
+prefill batch meets it:
+
+1. **Scheduler** - ``ScheduleBatch.prepare_for_extend`` (patched in
+   ``patches/schedule_batch_prepare_for_extend.py``) calls :func:`mark_batch`. A request is filtered
+   when its whole prompt is in this extend with no cached prefix, it is long enough, it asks for no
+   input logprobs and ``max_new_tokens != 0`` (:func:`filter_decision`). It gets
+   ``req.skip_radix_cache_insert = True`` (its later-layer KV is query-specific: never shared) and
+   its kept count ``k`` (:func:`kept_count`, a function of the prompt length only, so every TP rank
+   agrees without communication), recorded under its rid for the model runner, and logged.
+2. **Metadata** - the backend's ``init_forward_metadata`` (extend) plans FlashInfer as usual, then
+   :meth:`ClaaPrefill.begin` attaches a :class:`BatchPlan` to the ForwardBatch and records, per
+   ``req_to_token`` row, how many leading positions the post-filter layers skip (``drop = n - k``,
+   0 for every other request of the batch).
+3. **Scoring** - ``forward_extend`` of the ``N`` layers before the filter layer ``F`` runs
+   FlashInfer, then :meth:`ClaaPrefill.score` folds the window scores of each filtered request into
+   its cross-layer max (post-RoPE q and k of the layer, no extra KV reads).
+4. **Filter** - a forward pre-hook on decoder layer ``F`` (:meth:`ClaaPrefill.apply`) combines the
+   scores over TP ranks (max), selects (:func:`select_batch`), gathers hidden states and residuals
+   to the kept rows, rewrites the ForwardBatch (:func:`rewrite_forward_batch`: positions = the
+   kept tokens' original positions, ``out_cache_loc``, extend lengths and starts) and re-plans
+   FlashInfer's ragged prefill. Pre-hooks on layers ``> F`` hand them the kept positions. Layers
+   ``>= F`` therefore compute and write KV only for the kept tokens.
+5. **KV layout** - the kept tokens' post-filter KV goes to the request's *last* ``k`` slots
+   (positions ``[n - k, n)``), in order. ``k`` is rounded up so that ``n - k`` is a multiple of the
+   page size: the post-filter view of a request is then the page-aligned suffix ``[drop, seq_len)``,
+   which decode reads with ``SparseDecodeWrapper.plan(kv_start=drop)`` (``sparse_decode.py``).
+   Layers ``< F`` keep the whole prompt. Slots stay allocated until the request ends (no memory is
+   saved; prefill compute and decode reads are).
+6. **Response** - a forward hook on the logits processor reports ``claa_kept_tokens`` per request
+   through SGLang's ``customized_info`` (it appears in the response's ``meta_info``).
+
+Everything here is inert for batches without a filtered request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+import torch
+
+from sglang_sparse import claa
+from sglang_sparse.config import ClaaConfig
+
+if TYPE_CHECKING:
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+# Model classes whose decoder layers are called as layer(positions, hidden, forward_batch, residual).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# rid -> kept count, written by the scheduler (mark_batch), consumed by the model runner (begin).
+# Both run in the same scheduler process (one per TP rank).
+PENDING: Dict[str, int] = {}
+_PENDING_LIMIT = 65536
+
+CUSTOM_INFO_KEY = "claa_kept_tokens"
+
+
+# --------------------------------------------------------------------------- decisions (host)
+def kept_count(n: int, cfg: ClaaConfig, page_size: int = 1) -> int:
+    """Tokens the post-filter layers process for a prompt of ``n`` tokens.
+
+    ``claa.num_kept_tokens(n, keep_ratio, window)``, rounded up so that ``n - k`` (the dropped
+    positions, which the post-filter KV skips) is a multiple of ``page_size``.
+    """
+    k0 = claa.num_kept_tokens(n, cfg.keep_ratio, cfg.window)
+    p = max(1, int(page_size))
+    return n - ((n - k0) // p) * p
+
+
+def filter_decision(req, cfg: ClaaConfig, page_size: int, batch_return_logprob: bool = False):
+    """``(kept, reason)``: the kept count if ``req`` is filtered, else ``(None, why not)``."""
+    n = len(req.origin_input_ids) + len(req.output_ids)
+    if batch_return_logprob or getattr(req, "return_logprob", False):
+        return None, "logprobs requested"
+    if len(req.prefix_indices) != 0:
+        return None, "cached prefix"
+    if req.extend_range.end != n or req.extend_range.length != n:
+        return None, "prompt split across prefill chunks"
+    max_new = getattr(req.sampling_params, "max_new_tokens", None)
+    if max_new == 0:
+        return None, "max_new_tokens = 0"
+    if getattr(req, "multimodal_inputs", None) is not None or getattr(req, "input_embeds", None) is not None:
+        return None, "multimodal or embedding input"
+    if n < max(cfg.min_prompt_len, cfg.window + 1):
+        return None, "prompt shorter than --claa-min-prompt-len"
+    if cfg.max_prompt_len and n > cfg.max_prompt_len:
+        return None, "prompt longer than --claa-max-prompt-len"
+    k = kept_count(n, cfg, page_size)
+    if k >= n:
+        return None, "nothing to drop"
+    return k, "filtered"
+
+
+def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
+    """Decide CLAA for each request of a prefill batch (called after ``prepare_for_extend``)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    out: List[Optional[int]] = []
+    if batch.forward_mode != ForwardMode.EXTEND:
+        return [None] * len(batch.reqs)
+    batch_logprob = bool(getattr(batch, "return_logprob", False))
+    for req in batch.reqs:
+        k, _ = filter_decision(req, cfg, page_size, batch_logprob)
+        out.append(k)
+        if k is None:
+            continue
+        req.skip_radix_cache_insert = True
+        if len(PENDING) >= _PENDING_LIMIT:      # requests aborted between scheduling and forward
+            PENDING.clear()
+        PENDING[req.rid] = k
+        n = len(req.origin_input_ids) + len(req.output_ids)
+        logger.info("sglang_sparse CLAA: rid=%s prompt %d tokens, %d kept (%.1f%%)", req.rid, n, k, 100.0 * k / n)
+    return out
+
+
+# --------------------------------------------------------------------------- batch plan
+@dataclass
+class BatchPlan:
+    """CLAA's view of one prefill batch (host lists; the score buffer on the device)."""
+
+    starts: List[int]            # token offset of each request in the batch
+    lens: List[int]              # extend lengths (= prompt lengths of filtered requests)
+    kept: List[int]              # kept tokens per request (= lens for requests not filtered)
+    filtered: List[int]          # batch indices of filtered requests
+    acc_off: List[int]           # offset of each filtered request's scores in acc
+    acc: torch.Tensor            # [sum of filtered lens] fp32 cross-layer max, -inf initialised
+    applied: bool = False
+    positions: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, lens: Sequence[int], kept: Sequence[Optional[int]], device) -> Optional["BatchPlan"]:
+        lens = [int(x) for x in lens]
+        kept_l = [int(lens[i]) if k is None else int(k) for i, k in enumerate(kept)]
+        filtered = [i for i, k in enumerate(kept) if k is not None and int(k) < lens[i]]
+        if not filtered:
+            return None
+        starts, s = [], 0
+        for n in lens:
+            starts.append(s)
+            s += n
+        acc_off, o = [], 0
+        for i in filtered:
+            acc_off.append(o)
+            o += lens[i]
+        acc = torch.full((o,), float("-inf"), dtype=torch.float32, device=device)
+        return cls(starts, lens, kept_l, filtered, acc_off, acc)
+
+    @property
+    def drops(self) -> List[int]:
+        return [n - k for n, k in zip(self.lens, self.kept)]
+
+    def scores(self, j: int) -> torch.Tensor:
+        """Cross-layer max of the j-th filtered request, ``[n]``."""
+        i = self.filtered[j]
+        return self.acc[self.acc_off[j]: self.acc_off[j] + self.lens[i]]
+
+
+def select_batch(plan: BatchPlan, window: int):
+    """``(keep_idx, loc_idx)``: batch rows the post-filter layers process, and the rows of the old
+    ``out_cache_loc`` their KV is written to (the request's last ``k`` slots).
+
+    Per filtered request: the ``k - w`` highest scores among positions ``[0, n - w)`` plus the ``w``
+    window tokens, ascending (:func:`sglang_sparse.claa.select_tokens` with ``k`` given); other
+    requests keep every row.
+    """
+    dev = plan.acc.device
+    keep, loc = [], []
+    fpos = {i: j for j, i in enumerate(plan.filtered)}
+    for i, (s, n, k) in enumerate(zip(plan.starts, plan.lens, plan.kept)):
+        if i not in fpos:
+            r = torch.arange(s, s + n, device=dev)
+            keep.append(r)
+            loc.append(r)
+            continue
+        w = min(window, n)
+        imp = plan.scores(fpos[i])[: n - w]
+        top = torch.topk(imp, k - w, sorted=False).indices if k > w else imp.new_zeros(0, dtype=torch.long)
+        keep.append(torch.cat([torch.sort(top).values + s, torch.arange(s + n - w, s + n, device=dev)]))
+        loc.append(torch.arange(s + n - k, s + n, device=dev))
+    return torch.cat(keep), torch.cat(loc)
+
+
+def rewrite_forward_batch(fb: "ForwardBatch", plan: BatchPlan, keep_idx: torch.Tensor,
+                          loc_idx: torch.Tensor) -> None:
+    """Point the ForwardBatch at the kept tokens (new tensors; the old ones are not modified).
+
+    positions -> the kept tokens' original positions; out_cache_loc -> the request's last k slots;
+    extend_seq_lens(_cpu), extend_start_loc, extend_num_tokens -> the kept counts. seq_lens,
+    req_pool_indices and the prefix lengths are unchanged (the request still holds n tokens).
+    """
+    dev = fb.positions.device
+    fb.positions = fb.positions[keep_idx]
+    fb.out_cache_loc = fb.out_cache_loc[loc_idx]
+    kept = list(plan.kept)
+    starts, s = [], 0
+    for k in kept:
+        starts.append(s)
+        s += k
+    fb.extend_seq_lens = torch.tensor(kept, dtype=fb.extend_seq_lens.dtype, device=dev)
+    fb.extend_start_loc = torch.tensor(starts, dtype=fb.extend_start_loc.dtype, device=dev)
+    fb.extend_seq_lens_cpu = kept
+    fb.extend_num_tokens = s
+    plan.positions = fb.positions
+
+
+# --------------------------------------------------------------------------- in the backend
+class ClaaPrefill:
+    """Per-backend CLAA state: scorer, per-row drop counts, model hooks."""
+
+    def __init__(self, backend, model_runner, cfg: ClaaConfig, num_layers: int):
+        from flashinfer_ext.claa_score import ClaaWindowScorer
+        from sglang.srt.runtime_context import get_parallel
+
+        self.backend = backend
+        self.cfg = cfg
+        self.filter_layer = claa.default_filter_layer(num_layers) if cfg.filter_layer is None else cfg.filter_layer
+        self.agg_layers = set(claa.default_claa_layers(num_layers, self.filter_layer, cfg.num_layers))
+        pool = backend.token_to_kv_pool
+        self.layer_offset = getattr(pool, "start_layer", 0) or 0
+        k0 = pool.get_key_buffer(self.layer_offset)
+        self.h_kv, self.d = k0.shape[1], k0.shape[2]
+        self.h_q = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
+        self.page_size = model_runner.page_size
+        self.tp_group = get_parallel().attn_tp_group if get_parallel().attn_tp_size > 1 else None
+        self.scorer = ClaaWindowScorer(self.h_q, self.h_kv, self.d, cfg.window,
+                                       max_len=model_runner.model_config.context_len,
+                                       pool_kernel=cfg.pool_kernel, device=k0.device)
+        # per req_to_token row: leading positions the post-filter layers skip (0 = dense)
+        self.drop = torch.zeros(model_runner.req_to_token_pool.req_to_token.shape[0], dtype=torch.int32,
+                                device=k0.device)
+        self.active = self._install_hooks(model_runner)
+        logger.info("sglang_sparse CLAA: filter layer %d, scores of layers %s, keep %.3f, window %d%s",
+                    self.filter_layer, sorted(self.agg_layers), cfg.keep_ratio, cfg.window,
+                    "" if self.active else " - INACTIVE (unsupported model), prompts are prefilled densely")
+
+    # -- hooks
+    def _install_hooks(self, model_runner) -> bool:
+        model = model_runner.model
+        arch = (getattr(model_runner.model_config.hf_config, "architectures", None) or ["?"])[0]
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if arch not in SUPPORTED_ARCHITECTURES or layers is None or getattr(model, "pp_group", None) is not None \
+                and not (model.pp_group.is_first_rank and model.pp_group.is_last_rank):
+            logger.warning("sglang_sparse CLAA: %s is not supported (supported: %s, no pipeline parallelism); "
+                           "--sparse-prefill claa falls back to dense prefill", arch, ", ".join(SUPPORTED_ARCHITECTURES))
+            return False
+        for i in range(self.filter_layer, len(layers)):
+            layers[i].register_forward_pre_hook(self._pre_hook_filter if i == self.filter_layer
+                                                else self._pre_hook_positions)
+        lp = getattr(model, "logits_processor", None)
+        if lp is not None:
+            lp.register_forward_hook(self._logits_hook)
+        return True
+
+    def _pre_hook_filter(self, module, args):
+        fb = args[2]
+        plan = getattr(fb, "_claa_plan", None)
+        if plan is None or plan.applied:
+            return None
+        hidden, residual = self.apply(fb, plan, args[1], args[3])
+        return (fb.positions, hidden, fb, residual) + tuple(args[4:])
+
+    @staticmethod
+    def _pre_hook_positions(module, args):
+        plan = getattr(args[2], "_claa_plan", None)
+        if plan is None or not plan.applied:
+            return None
+        return (plan.positions,) + tuple(args[1:])
+
+    @staticmethod
+    def _logits_hook(module, args, output):
+        fb = args[3] if len(args) > 3 else None
+        plan = getattr(fb, "_claa_plan", None)
+        if plan is None or not plan.applied or not hasattr(output, "customized_info"):
+            return None
+        info = dict(output.customized_info or {})
+        info[CUSTOM_INFO_KEY] = list(plan.kept)
+        output.customized_info = info
+        return output
+
+    # -- per batch
+    def begin(self, fb: "ForwardBatch", use_ragged: bool) -> None:
+        """After FlashInfer's extend plan: attach the batch plan and record each row's drop."""
+        fb._claa_plan = None
+        bs = int(fb.req_pool_indices.shape[0])
+        rids = getattr(fb, "rids", None) or [None] * bs
+        kept = [PENDING.pop(r, None) if r is not None else None for r in rids]
+        plan = None
+        if self.active and use_ragged and any(k is not None for k in kept) \
+                and not fb.return_logprob and fb.extend_seq_lens_cpu is not None \
+                and not any(fb.extend_prefix_lens_cpu[i] for i, k in enumerate(kept) if k is not None):
+            plan = BatchPlan.build(fb.extend_seq_lens_cpu, kept, fb.positions.device)
+        if plan is not None:
+            logger.info("sglang_sparse CLAA batch: %d of %d requests filtered, %d -> %d tokens after layer %d",
+                        len(plan.filtered), bs, sum(plan.lens), sum(plan.kept), self.filter_layer)
+        drops = plan.drops if plan is not None else [0] * bs
+        if len(drops) == bs and bs > 0:
+            self.drop[fb.req_pool_indices] = torch.tensor(drops, dtype=torch.int32).to(self.drop.device,
+                                                                                       non_blocking=True)
+        fb._claa_plan = plan
+
+    def score(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, fb: "ForwardBatch") -> None:
+        plan = getattr(fb, "_claa_plan", None)
+        lid = layer_id - self.layer_offset
+        if plan is None or plan.applied or lid not in self.agg_layers or k is None:
+            return
+        q3 = q.reshape(-1, self.h_q, self.d)
+        k3 = k.reshape(-1, self.h_kv, self.d)
+        for j, i in enumerate(plan.filtered):
+            s, n = plan.starts[i], plan.lens[i]
+            self.scorer.score(q3[s: s + n], k3[s: s + n], plan.scores(j))
+
+    def apply(self, fb: "ForwardBatch", plan: BatchPlan, hidden: torch.Tensor, residual: Optional[torch.Tensor]):
+        if self.tp_group is not None:
+            plan.acc.copy_(claa.combine_tp_scores(plan.acc[None], self.tp_group.device_group, op="max"))
+        keep_idx, loc_idx = select_batch(plan, self.cfg.window)
+        rewrite_forward_batch(fb, plan, keep_idx, loc_idx)
+        plan.applied = True
+        self.backend._claa_replan(fb)
+        hidden = hidden[keep_idx]
+        residual = residual[keep_idx] if residual is not None else None
+        return hidden, residual
+
+
+class ClaaBackendMixin:
+    """What the ``sparse`` backend adds for CLAA: the plan after FlashInfer's extend metadata, the
+    scores after FlashInfer's extend attention, and the re-plan at the filter layer."""
+
+    claa: Optional[ClaaPrefill] = None
+
+    def _init_claa(self, model_runner) -> None:
+        cfg = self.sparse_config.claa
+        if cfg.enabled and str(model_runner.device).startswith("cuda"):
+            self.claa = ClaaPrefill(self, model_runner, cfg, self.num_layers)
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch"):
+        out = super().init_forward_metadata(forward_batch)
+        if self.claa is not None and forward_batch.forward_mode.is_extend() \
+                and not forward_batch.forward_mode.is_target_verify():
+            md = self.forward_metadata
+            self.claa.begin(forward_batch, bool(getattr(md, "use_ragged", False)))
+        return out
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.claa is not None:
+            self.claa.score(layer.layer_id, q, k, forward_batch)
+        return o
+
+    def _claa_replan(self, fb: "ForwardBatch") -> None:
+        """FlashInfer's ragged prefill plan for the kept lengths (paged prefix part unchanged)."""
+        from sglang.srt.layers.attention.flashinfer_backend import MultiItemScoringParams
+
+        prefix_cpu = list(fb.extend_prefix_lens_cpu)
+        seq_cpu = torch.tensor([p + k for p, k in zip(prefix_cpu, fb.extend_seq_lens_cpu)], dtype=torch.int64)
+        seq_lens = fb.extend_prefix_lens.to(torch.int64) + fb.extend_seq_lens.to(torch.int64)
+        self.indices_updater_prefill.update(
+            fb.req_pool_indices, seq_lens, seq_cpu, int(seq_cpu.sum()), fb.extend_prefix_lens,
+            prefill_wrappers=self.prefill_wrappers_paged, use_ragged=True, encoder_lens=fb.encoder_lens,
+            spec_info=None, fixed_split_size=self.prefill_split_tile_size,
+            multi_item_params=MultiItemScoringParams(), extend_prefix_lens_cpu=prefix_cpu)

@@ -1,0 +1,179 @@
+"""CLAA's SGLang wiring on CPU: eligibility, kept counts, batch selection, the ForwardBatch rewrite and
+the KV layout that decode reads (sglang_sparse.claa_prefill)."""
+
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_sparse import claa
+from sglang_sparse import claa_prefill as CP
+from sglang_sparse.config import ClaaConfig
+
+
+def _req(n, prefix=0, end=None, rid="r", max_new=16, logprob=False, output=0, mm=None):
+    end = n + output if end is None else end
+    return SimpleNamespace(
+        rid=rid, origin_input_ids=list(range(n)), output_ids=list(range(output)), prefix_indices=[0] * prefix,
+        extend_range=SimpleNamespace(start=prefix, end=end, length=end - prefix),
+        sampling_params=SimpleNamespace(max_new_tokens=max_new), return_logprob=logprob,
+        multimodal_inputs=mm, input_embeds=None, skip_radix_cache_insert=False)
+
+
+CFG = ClaaConfig(mode="claa", keep_ratio=0.1, window=8, num_layers=4, min_prompt_len=256, max_prompt_len=8192)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 32])
+def test_kept_count_page_aligned(page_size, seed):
+    rng = random.Random(seed)
+    for _ in range(300):
+        n = rng.randint(9, 20000)
+        cfg = ClaaConfig(mode="claa", keep_ratio=rng.uniform(0.01, 0.99), window=rng.randint(1, 8))
+        k0 = claa.num_kept_tokens(n, cfg.keep_ratio, cfg.window)
+        k = CP.kept_count(n, cfg, page_size)
+        assert (n - k) % page_size == 0, (n, k, page_size)
+        assert k0 <= k < k0 + page_size and k <= n, (n, k0, k, page_size)
+
+
+def test_filter_decision_rules():
+    P = 32
+    assert CP.filter_decision(_req(4000), CFG, P) == (CP.kept_count(4000, CFG, P), "filtered")
+    why = {
+        "logprobs requested": _req(4000, logprob=True),
+        "cached prefix": _req(4000, prefix=64),
+        "prompt split across prefill chunks": _req(4000, end=2048),
+        "max_new_tokens = 0": _req(4000, max_new=0),
+        "multimodal or embedding input": _req(4000, mm=object()),
+        "prompt shorter than --claa-min-prompt-len": _req(255),
+        "prompt longer than --claa-max-prompt-len": _req(8193),
+    }
+    for reason, req in why.items():
+        assert CP.filter_decision(req, CFG, P) == (None, reason)
+    assert CP.filter_decision(_req(4000), CFG, P, batch_return_logprob=True) == (None, "logprobs requested")
+    # a retracted request re-prefilled with its outputs is a whole prompt again
+    assert CP.filter_decision(_req(3000, output=100), CFG, P)[0] == CP.kept_count(3100, CFG, P)
+    # keep 100 %: nothing to drop, the request stays dense (and cacheable)
+    full = ClaaConfig(mode="claa", keep_ratio=1.0, min_prompt_len=16)
+    assert CP.filter_decision(_req(4000), full, P) == (None, "nothing to drop")
+
+
+def test_mark_batch_sets_skip_insert_and_pending():
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    CP.PENDING.clear()
+    reqs = [_req(4000, rid="a"), _req(100, rid="b"), _req(5000, rid="c", prefix=32)]
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=reqs, return_logprob=False)
+    kept = CP.mark_batch(batch, CFG, 16)
+    assert kept == [CP.kept_count(4000, CFG, 16), None, None]
+    assert [r.skip_radix_cache_insert for r in reqs] == [True, False, False]
+    assert CP.PENDING == {"a": kept[0]}
+    CP.PENDING.clear()
+    mixed = SimpleNamespace(forward_mode=ForwardMode.MIXED, reqs=[_req(4000, rid="d")], return_logprob=False)
+    assert CP.mark_batch(mixed, CFG, 16) == [None] and not CP.PENDING
+    logp = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[_req(4000, rid="e")], return_logprob=True)
+    assert CP.mark_batch(logp, CFG, 16) == [None] and not CP.PENDING
+
+
+def _hand_built_batch(lens, prefix, page_size, gen):
+    """A ForwardBatch as SGLang builds it for an extend batch, over a paged req_to_token."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    bs = len(lens)
+    rows = torch.randperm(3 * bs, generator=gen)[:bs] + 1
+    max_ctx = max(p + n for p, n in zip(prefix, lens)) + page_size
+    num_pages = sum(-(-(p + n) // page_size) for p, n in zip(prefix, lens)) + 2
+    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    r2t = torch.zeros(3 * bs + 2, max_ctx, dtype=torch.int32)
+    locs, pos, used = [], [], 0
+    for b, (p, n) in enumerate(zip(prefix, lens)):
+        npg = -(-(p + n) // page_size)
+        pages = torch.tensor(perm[used: used + npg])
+        used += npg
+        slots = (pages[:, None] * page_size + torch.arange(page_size)[None, :]).flatten()[: p + n]
+        r2t[rows[b], : p + n] = slots.to(torch.int32)
+        locs.append(slots[p:])
+        pos.append(torch.arange(p, p + n))
+    ext = torch.tensor(lens, dtype=torch.int32)
+    fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=bs, input_ids=torch.randint(0, 100, (sum(lens),)),
+                      req_pool_indices=rows, seq_lens=torch.tensor([p + n for p, n in zip(prefix, lens)]),
+                      out_cache_loc=torch.cat(locs), seq_lens_sum=sum(prefix) + sum(lens),
+                      positions=torch.cat(pos), extend_seq_lens=ext,
+                      extend_start_loc=torch.cumsum(ext, 0) - ext, extend_seq_lens_cpu=list(lens),
+                      extend_prefix_lens=torch.tensor(prefix, dtype=torch.int32), extend_prefix_lens_cpu=list(prefix),
+                      extend_num_tokens=sum(lens), rids=[f"r{i}" for i in range(bs)])
+    return fb, r2t
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_select_and_rewrite_against_reference(page_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    lens = [rng.randint(300, 900), rng.randint(20, 60), rng.randint(300, 900)]
+    prefix = [0, 64, 0]          # the middle request reuses a cached prefix: dense
+    cfg = ClaaConfig(mode="claa", keep_ratio=rng.choice([0.1, 0.2, 0.4]), window=8)
+    fb, r2t = _hand_built_batch(lens, prefix, page_size, gen)
+    old_pos, old_loc = fb.positions.clone(), fb.out_cache_loc.clone()
+    kept = [CP.kept_count(lens[0], cfg, page_size), None, CP.kept_count(lens[2], cfg, page_size)]
+    plan = CP.BatchPlan.build(fb.extend_seq_lens_cpu, kept, "cpu")
+    assert plan.filtered == [0, 2] and plan.drops[1] == 0
+    for j in range(2):                              # cross-layer max of random layer scores
+        plan.scores(j).copy_(torch.rand(plan.scores(j).shape, generator=gen, dtype=torch.float64).float())
+    keep_idx, loc_idx = CP.select_batch(plan, cfg.window)
+    CP.rewrite_forward_batch(fb, plan, keep_idx, loc_idx)
+
+    off = 0
+    for i, (p, n) in enumerate(zip(prefix, lens)):
+        k = plan.kept[i]
+        rows_i = keep_idx[off: off + k] - plan.starts[i]
+        if i in plan.filtered:
+            w = cfg.window
+            imp = plan.scores(plan.filtered.index(i))
+            ref = torch.sort(imp[: n - w], descending=True, stable=True).indices[: k - w]
+            ref = torch.sort(torch.cat([ref, torch.arange(n - w, n)])).values
+            assert torch.equal(rows_i, ref)
+            # kept rows keep their original positions (RoPE)
+            assert torch.equal(fb.positions[off: off + k], old_pos[plan.starts[i] + ref])
+            # KV of the post-filter layers goes to the request's last k slots, which decode reads as
+            # the page-aligned suffix [drop, n) of req_to_token
+            drop = n - k
+            assert drop % page_size == 0 and drop > 0
+            assert torch.equal(fb.out_cache_loc[off: off + k].to(torch.int32), r2t[fb.req_pool_indices[i], drop:n])
+        else:
+            assert torch.equal(rows_i, torch.arange(n))
+            assert torch.equal(fb.out_cache_loc[off: off + k], old_loc[plan.starts[i]: plan.starts[i] + n])
+        off += k
+    assert fb.extend_seq_lens_cpu == plan.kept and fb.extend_num_tokens == sum(plan.kept) == keep_idx.numel()
+    assert fb.extend_seq_lens.tolist() == plan.kept
+    assert fb.extend_start_loc.tolist() == [sum(plan.kept[:i]) for i in range(3)]
+    assert fb.seq_lens.tolist() == [p + n for p, n in zip(prefix, lens)]     # the request still holds n tokens
+
+
+def test_filtered_attention_equals_dense_attention_over_kept_tokens(seed):
+    """What the post-filter layers compute: causal attention among the kept tokens, in original order
+    (FlashInfer's ragged prefill over the rewritten lengths) = dense causal attention restricted to the kept
+    keys, evaluated at the kept queries."""
+    gen = torch.Generator().manual_seed(seed)
+    n, h, d = 200, 2, 16
+    q, k, v = (torch.randn(n, h, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    keep = torch.sort(torch.randperm(n - 8, generator=gen)[:40]).values
+    keep = torch.cat([keep, torch.arange(n - 8, n)])
+    # ragged causal attention on the gathered rows (index-causal)
+    qk = torch.einsum("ihd,jhd->hij", q[keep], k[keep]) / d ** 0.5
+    m = len(keep)
+    qk = qk.masked_fill(torch.triu(torch.ones(m, m, dtype=torch.bool), 1), float("-inf"))
+    ragged = torch.einsum("hij,jhd->ihd", qk.softmax(-1), v[keep])
+    # dense causal attention with every dropped key masked (position-causal)
+    full = torch.einsum("ihd,jhd->hij", q, k) / d ** 0.5
+    mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[keep] = False
+    full = full.masked_fill(mask | dropped[None, :], float("-inf"))
+    dense = torch.einsum("hij,jhd->ihd", full.softmax(-1), v)[keep]
+    assert torch.allclose(ragged, dense, atol=1e-12)
+
+
+def test_no_filtered_request_means_no_plan():
+    assert CP.BatchPlan.build([100, 200], [None, None], "cpu") is None
+    assert CP.BatchPlan.build([100], [100], "cpu") is None
