@@ -4,14 +4,14 @@
 
 Each config is one server on dummy weights of the Llama-3.1-8B-shaped model, the same SGLang flags for
 all (--page-size 32, prefill CUDA graphs off, decode graphs on, one prefill chunk up to the longest
-prompt). Per server:
+prompt, radix cache off so that every prompt is prefilled in full). Per server:
   1. greedy parity: 8 fixed prompts (17 to 12,000 tokens), 32 tokens each, against the ``flashinfer``
      config's tokens (keep 100 % must be identical; prompts below --claa-min-prompt-len stay dense);
   2. a mixed batch: the 8 prompts again, sent together with two long prompts that CLAA filters; the
      dense prompts must give the tokens they gave alone on the same server;
   3. ``meta_info`` of one filtered request (``claa_kept_tokens``);
   4. ``python -m sglang.bench_serving --dataset-name random-ids --random-range-ratio 1`` with output 32
-     at each input length, single request and concurrency 4: median TTFT;
+     at each input length, single request (3 prompts) and concurrency 4 (4 prompts, one wave): median TTFT;
   5. after the load, 10 s idle, then SGLang's log is checked for leaked KV slots and tracebacks.
 Rows go to benchmarks/results/serving_prefill_h100.json (and $OUT): ``config``, ``input_len``,
 ``concurrency``, ``median_ttft_ms``, ``speedup`` (plain FlashInfer TTFT / this one), ``ceiling``
@@ -45,6 +45,16 @@ CONFIGS = {
     "claa_keep20": (OURS, claa(0.2), 0.2),
     "claa_keep40": (OURS, claa(0.4), 0.4),
 }
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 def ceiling(keep: float) -> float:
@@ -94,7 +104,7 @@ def main(argv=None):
     common = ["--model-path", args.model, "--load-format", "dummy", "--grammar-backend", "none",
               "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
               "--disable-prefill-cuda-graph", "--chunked-prefill-size", str(longest), "--cuda-graph-max-bs", "16",
-              "--max-running-requests", "16"]
+              "--max-running-requests", "16", "--disable-radix-cache"]
     rows = []
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -139,7 +149,7 @@ def main(argv=None):
                         f"claa_kept_tokens={mi.get('claa_kept_tokens')}")
                 for L in lens:
                     for C in concs:
-                        n = args.single_prompts if C == 1 else 2 * C
+                        n = args.single_prompts if C == 1 else C
                         tag = f"{name}_{L}_{C}"
                         res = bench_serving(base, args.model, os.path.join(out_dir(), f"bench_{tag}.jsonl"),
                                             os.path.join(out_dir(), f"bench_{tag}.log"),
@@ -152,7 +162,7 @@ def main(argv=None):
                         row = {"config": name, "keep": keep, "input_len": L, "concurrency": C,
                                "median_ttft_ms": res.get("median_ttft_ms"), "mean_ttft_ms": res.get("mean_ttft_ms"),
                                "completed": res.get("completed"), "num_prompts": n,
-                               "ceiling": ceiling(keep) if keep is not None else 1.0,
+                               "ceiling": ceiling(keep) if keep is not None else 1.0, "gpu": gpu_name(),
                                "command": f"python -m benchmarks.serving_prefill --configs {name}",
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
                         rows = [x for x in rows if (x["config"], x["input_len"], x["concurrency"]) != (name, L, C)]
