@@ -105,3 +105,28 @@ def out_dir() -> str:
     d = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results", "logs")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def save_rows(rows: list, out: str) -> None:
+    """Write a results list to ``out`` and, when $OUT is set, to $OUT under the same name."""
+    for path in filter(None, [out, os.path.join(os.environ["OUT"], os.path.basename(out))
+                              if os.environ.get("OUT") else None]):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def greedy_vs_reference(base: str, prompts: Sequence[Sequence[int]], ref_path: str, is_reference: bool,
+                        new_tokens: int = 32):
+    """Greedy tokens of ``prompts``; the reference server saves them to ``ref_path``, any other server is
+    compared with the saved ones. Returns ``(tokens, [identical per prompt] or None)``."""
+    toks = [greedy(base, p, new_tokens) for p in prompts]
+    if is_reference:
+        with open(ref_path, "w") as f:
+            json.dump(toks, f)
+        return toks, None
+    if not os.path.exists(ref_path):
+        return toks, None
+    with open(ref_path) as f:
+        ref = json.load(f)
+    return toks, [a == b for a, b in zip(toks, ref)]

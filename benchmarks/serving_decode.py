@@ -21,7 +21,8 @@ import sys
 import time
 
 from benchmarks.parity import fixed_prompts
-from benchmarks.serving import OURS, PLAIN, bench_serving, greedy, log, out_dir, server
+from benchmarks.serving import (OURS, PLAIN, bench_serving, greedy, greedy_vs_reference, log, out_dir,
+                                save_rows, server)
 
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
@@ -51,14 +52,6 @@ def decode_stats(log_path: str) -> dict:
     mean = lambda i: sum(r[i] for r in big) / len(big)  # noqa: E731
     return {"pages_read_frac": mean(1), "delta_hat_mean": mean(2), "delta_hat_max": max(r[3] for r in big),
             "art_stop_rate": mean(4), "blocks_read_mean": mean(5), "stat_samples": len(big)}
-
-
-def save(rows: list, out: str) -> None:
-    for path in filter(None, [out, os.path.join(os.environ["OUT"], os.path.basename(out))
-                              if os.environ.get("OUT") else None]):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 def main(argv=None):
@@ -108,14 +101,9 @@ def main(argv=None):
             with server(launcher + common + flags, args.port, slog) as base:
                 parity = None
                 if not args.skip_parity:
-                    toks = [greedy(base, p, 32) for p in prompts]
-                    if name == "flashinfer":
-                        with open(ref_path, "w") as f:
-                            json.dump(toks, f)
-                    elif os.path.exists(ref_path):
-                        with open(ref_path) as f:
-                            ref = json.load(f)
-                        parity = sum(a == b for a, b in zip(toks, ref))
+                    _, same = greedy_vs_reference(base, prompts, ref_path, name == "flashinfer")
+                    if same is not None:
+                        parity = sum(same)
                         log(f"{name}: greedy tokens identical to flashinfer on {parity}/8 prompts")
                         for r in rows:
                             if r["config"] == name:
@@ -147,7 +135,7 @@ def main(argv=None):
                     with open(os.path.join(out_dir(), f"shared_prefix_{name}.json"), "w") as f:
                         json.dump(res, f, indent=1)
                 if args.parity_only:
-                    save(rows, args.out)
+                    save_rows(rows, args.out)
                     continue
                 for L in lens:
                     for C in concs:
@@ -173,7 +161,7 @@ def main(argv=None):
                         rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"]) != (name, L, C)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
-                        save(rows, args.out)
+                        save_rows(rows, args.out)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
     base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}

@@ -29,7 +29,8 @@ import threading
 import time
 
 from benchmarks.parity import fixed_prompts
-from benchmarks.serving import OURS, PLAIN, bench_serving, greedy, log, out_dir, post_json, server
+from benchmarks.serving import (OURS, PLAIN, bench_serving, greedy, greedy_vs_reference, log, out_dir,
+                                post_json, save_rows, server)
 
 NUM_LAYERS, FILTER_LAYER = 32, 15
 
@@ -60,14 +61,6 @@ def gpu_name() -> str:
 def ceiling(keep: float) -> float:
     f = FILTER_LAYER / NUM_LAYERS
     return 1.0 / (f + keep * (1.0 - f))
-
-
-def save(rows: list, out: str) -> None:
-    for path in filter(None, [out, os.path.join(os.environ["OUT"], os.path.basename(out))
-                              if os.environ.get("OUT") else None]):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 def concurrent_greedy(base: str, prompts: list, new_tokens: int) -> list:
@@ -127,15 +120,10 @@ def main(argv=None):
             with server(launcher + common + flags, args.port, slog) as base:
                 chk = {"config": name}
                 if not args.skip_checks:
-                    toks = [greedy(base, p, 32) for p in prompts]
-                    if name == "flashinfer":
-                        with open(ref_path, "w") as f:
-                            json.dump(toks, f)
-                    elif os.path.exists(ref_path):
-                        with open(ref_path) as f:
-                            ref = json.load(f)
-                        chk["identical_to_flashinfer"] = [a == b for a, b in zip(toks, ref)]
-                        log(f"{name}: greedy tokens identical to flashinfer: {chk['identical_to_flashinfer']}")
+                    toks, same = greedy_vs_reference(base, prompts, ref_path, name == "flashinfer")
+                    if same is not None:
+                        chk["identical_to_flashinfer"] = same
+                        log(f"{name}: greedy tokens identical to flashinfer: {same}")
                     mixed = concurrent_greedy(base, prompts + long_prompts, 32)
                     chk["mixed_batch_same_as_alone"] = [a == b for a, b in zip(mixed[:len(prompts)], toks)]
                     log(f"{name}: mixed batch (8 prompts + 2 filtered long ones) same tokens as alone: "
@@ -168,7 +156,7 @@ def main(argv=None):
                         rows = [x for x in rows if (x["config"], x["input_len"], x["concurrency"]) != (name, L, C)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: median TTFT {row['median_ttft_ms']:.1f} ms")
-                        save(rows, args.out)
+                        save_rows(rows, args.out)
                 time.sleep(10)   # idle: SGLang's scheduler checks for leaked KV slots when it has no work
                 chk["server_alive_after"] = greedy(base, prompts[0], 4) is not None
                 with open(slog, errors="replace") as f:
@@ -188,7 +176,7 @@ def main(argv=None):
         b = base_ttft.get((r["input_len"], r["concurrency"]))
         r["speedup"] = b / r["median_ttft_ms"] if b and r["median_ttft_ms"] else None
         r["frac_of_ceiling"] = r["speedup"] / r["ceiling"] if r["speedup"] else None
-    save(rows, args.out)
+    save_rows(rows, args.out)
     print("\n| config | input | conc | median TTFT ms | speedup | ceiling | of ceiling |")
     print("|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
