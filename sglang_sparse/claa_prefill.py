@@ -299,7 +299,7 @@ class ClaaPrefill:
                 and not any(fb.extend_prefix_lens_cpu[i] for i, k in enumerate(kept) if k is not None):
             plan = BatchPlan.build(fb.extend_seq_lens_cpu, kept, fb.positions.device)
         if plan is not None:
-            logger.info("sglang_sparse CLAA batch: %d of %d requests filtered, %d -> %d tokens after layer %d",
+            logger.debug("sglang_sparse CLAA batch: %d of %d requests filtered, %d -> %d tokens after layer %d",
                         len(plan.filtered), bs, sum(plan.lens), sum(plan.kept), self.filter_layer)
         drops = plan.drops if plan is not None else [0] * bs
         if len(drops) == bs and bs > 0:
