@@ -199,3 +199,58 @@ def test_prepare_for_extend_patch_marks_only_with_claa_on(monkeypatch):
     assert patch.hook("result", batch) == "result"
     assert CP.PENDING == {"x": CP.kept_count(4000, CFG, 32)} and batch.reqs[0].skip_radix_cache_insert
     CP.PENDING.clear()
+
+
+def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
+    """SparseDecodeMixin with CLAA: both page tables are planned (the kept one from each row's drop), layers
+    before the filter layer read the full view, layers from it the kept view; with PrHS layer sharing the
+    filter layer must start a selection group."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_sparse.config import ConfigError, SparseConfig
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+
+    class FakeWrapper:
+        def __init__(self):
+            self.plans, self.runs = [], []
+
+        def plan(self, r2t, rows, seq_lens, **kw):
+            self.plans.append(kw)
+
+        def run(self, q, k, v, kmin, kmax, select=True):
+            self.runs.append(select)
+            return torch.zeros(q.shape[0], q.shape[1], q.shape[2])
+
+    gen = torch.Generator().manual_seed(seed)
+    F = 12
+    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m.sparse_config = SparseConfig()
+    m._decode_on, m._claa_from, m._group, m.summaries, m.layer_offset = True, F, 1, None, 0
+    m.decode_wrapper, m.decode_wrapper_kept = FakeWrapper(), FakeWrapper()
+    m.claa = SimpleNamespace(drop=torch.randint(0, 50, (10,), generator=gen, dtype=torch.int32) * 32)
+    m.req_to_token_pool = SimpleNamespace(req_to_token=torch.zeros(10, 64, dtype=torch.int32))
+    m.token_to_kv_pool = SimpleNamespace(get_kv_buffer=lambda lid: (None, None))
+    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"mode": "dense"}, 10 ** 9, 0
+    rows = torch.tensor([3, 7, 1])
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=3, req_pool_indices=rows,
+                         seq_lens=torch.tensor([2000, 3000, 4000]))
+    m.init_forward_metadata(fb)
+    assert len(m.decode_wrapper.plans) == 1 and "kv_start" not in m.decode_wrapper.plans[0]
+    assert torch.equal(m.decode_wrapper_kept.plans[0]["kv_start"], m.claa.drop[rows])
+    for lid in range(16):
+        layer = SimpleNamespace(layer_id=lid, tp_q_head_num=4, head_dim=8, v_head_dim=8)
+        m.forward_decode(torch.randn(3, 32), None, None, layer, fb, save_kv_cache=False)
+    assert len(m.decode_wrapper.runs) == F and len(m.decode_wrapper_kept.runs) == 16 - F
+
+    # layer sharing across the filter layer is refused at start-up
+    m2 = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m2.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 8}})
+    m2.claa = SimpleNamespace(filter_layer=F, active=True)
+    m2.token_to_kv_pool = SimpleNamespace(start_layer=0, get_key_buffer=lambda lid: torch.zeros(4, 2, 8))
+    mr = SimpleNamespace(device="cuda", page_size=32, dtype=torch.bfloat16,
+                         model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4))
+    import sglang.srt.runtime_context as rc
+
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    with pytest.raises(ConfigError, match="--prhs-layers-per-selection"):
+        m2._init_sparse_decode(mr)
