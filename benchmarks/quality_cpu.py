@@ -57,6 +57,9 @@ def settings() -> List[RefConfig]:
         RefConfig("prhs-d0.01-b1/16", prhs=prhs(0.01, 1 / 16)),
         RefConfig("prhs-d0.05-b1/4", prhs=prhs(0.05, 1 / 4)),
         RefConfig("art", art=art),
+        # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
+        RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),
+        RefConfig("art-cert0.05", art=ArtConfig(mode="on", tau_mag=0.0, tau_dir=0.0, eps_cert=0.05)),
         RefConfig("all(claa0.2+prhs+art)", claa=claa(0.2), prhs=prhs(0.05, 1 / 16), art=art),
     ]
 
