@@ -38,8 +38,9 @@ Everything here is inert for batches without a filtered request.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
@@ -122,6 +123,11 @@ def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
 
 
 # --------------------------------------------------------------------------- batch plan
+def _offsets(lengths: Sequence[int]) -> List[int]:
+    """Exclusive prefix sums: where each of consecutive segments of these lengths starts."""
+    return list(itertools.accumulate(lengths, initial=0))[:-1]
+
+
 @dataclass
 class BatchPlan:
     """CLAA's view of one prefill batch (host lists; the score buffer on the device)."""
@@ -134,7 +140,6 @@ class BatchPlan:
     acc: torch.Tensor            # [sum of filtered lens] fp32 cross-layer max, -inf initialised
     applied: bool = False
     positions: Optional[torch.Tensor] = None
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, lens: Sequence[int], kept: Sequence[Optional[int]], device) -> Optional["BatchPlan"]:
@@ -143,16 +148,9 @@ class BatchPlan:
         filtered = [i for i, k in enumerate(kept) if k is not None and int(k) < lens[i]]
         if not filtered:
             return None
-        starts, s = [], 0
-        for n in lens:
-            starts.append(s)
-            s += n
-        acc_off, o = [], 0
-        for i in filtered:
-            acc_off.append(o)
-            o += lens[i]
-        acc = torch.full((o,), float("-inf"), dtype=torch.float32, device=device)
-        return cls(starts, lens, kept_l, filtered, acc_off, acc)
+        acc_off = _offsets([lens[i] for i in filtered])
+        acc = torch.full((sum(lens[i] for i in filtered),), float("-inf"), dtype=torch.float32, device=device)
+        return cls(_offsets(lens), lens, kept_l, filtered, acc_off, acc)
 
     @property
     def drops(self) -> List[int]:
@@ -201,14 +199,10 @@ def rewrite_forward_batch(fb: "ForwardBatch", plan: BatchPlan, keep_idx: torch.T
     fb.positions = fb.positions[keep_idx]
     fb.out_cache_loc = fb.out_cache_loc[loc_idx]
     kept = list(plan.kept)
-    starts, s = [], 0
-    for k in kept:
-        starts.append(s)
-        s += k
     fb.extend_seq_lens = torch.tensor(kept, dtype=fb.extend_seq_lens.dtype, device=dev)
-    fb.extend_start_loc = torch.tensor(starts, dtype=fb.extend_start_loc.dtype, device=dev)
+    fb.extend_start_loc = torch.tensor(_offsets(kept), dtype=fb.extend_start_loc.dtype, device=dev)
     fb.extend_seq_lens_cpu = kept
-    fb.extend_num_tokens = s
+    fb.extend_num_tokens = sum(kept)
     plan.positions = fb.positions
 
 

@@ -21,6 +21,29 @@ from sglang_sparse import art, claa, prhs
 SENTINEL = -777
 
 
+def interpreter_device(test_file: str) -> str:
+    """Device for a kernel test file: on a host without CUDA, select Triton's interpreter (it must be set
+    before the kernels are defined) and return "cpu"; otherwise "cuda". Kernels defined earlier in this
+    process without the interpreter cannot run on CPU tensors: the module is then skipped with a message
+    (ci/run_tests.sh runs these files in their own process under TRITON_INTERPRET=1)."""
+    import sys
+
+    import pytest
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "cuda"
+    stale = any(type(obj).__name__ == "JITFunction"
+                for name, mod in list(sys.modules.items()) if name.startswith("flashinfer_ext.kernels.")
+                for obj in vars(mod).values())
+    if stale:
+        pytest.skip(f"flashinfer_ext kernels were imported before TRITON_INTERPRET=1 was set; run "
+                    f"`TRITON_INTERPRET=1 pytest {test_file}` in its own process (ci/run_tests.sh does)",
+                    allow_module_level=True)
+    return "cpu"
+
+
 def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 

@@ -14,35 +14,19 @@ Sizes are tiny (an interpreted launch costs ~0.1-0.5 s per program); the whole f
 minute on two cores.
 """
 
-import os
-import sys
-
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-# Kernels defined before the variable was set (a module imported by an earlier test in this process)
-# are compiled ones and cannot run on CPU tensors: this file must then run in its own process.
-_STALE = INTERPRET and any(
-    type(obj).__name__ == "JITFunction"
-    for name, mod in list(sys.modules.items()) if name.startswith("flashinfer_ext.kernels.")
-    for obj in vars(mod).values())
-if _STALE:
-    pytest.skip("flashinfer_ext kernels were imported before TRITON_INTERPRET=1 was set; run "
-                "`TRITON_INTERPRET=1 pytest tests/test_kernels_cpu.py` in its own process "
-                "(ci/run_tests.sh does)", allow_module_level=True)
-
-from kernel_cases import (  # noqa: E402
+from kernel_cases import (
     check_claa,
     check_decode,
     check_page_summaries,
     check_reuse,
     check_selection_ties,
     fresh_seed,
+    interpreter_device,
 )
+
+DEVICE = interpreter_device("tests/test_kernels_cpu.py")   # before flashinfer_ext's kernels are defined
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot")
 

@@ -9,24 +9,14 @@ counts reach the logits output; per-row drops are recorded for decode. A batch w
 requests passes through untouched.
 """
 
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-_STALE = INTERPRET and any(
-    type(obj).__name__ == "JITFunction"
-    for name, mod in list(sys.modules.items()) if name.startswith("flashinfer_ext.kernels.")
-    for obj in vars(mod).values())
-if _STALE:
-    pytest.skip("flashinfer_ext kernels were imported before TRITON_INTERPRET=1 was set; run this file "
-                "in its own process under TRITON_INTERPRET=1 (ci/run_tests.sh does)", allow_module_level=True)
+from kernel_cases import interpreter_device
+
+DEVICE = interpreter_device("tests/test_kernels_cpu_claa_wiring.py")   # before flashinfer_ext's kernels
 
 from sglang_sparse import claa  # noqa: E402
 from sglang_sparse import claa_prefill as CP  # noqa: E402
