@@ -308,6 +308,9 @@ TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num
 ]
 
 
+BOUNDS_CANDIDATES = [(64, 4), (32, 4), (128, 4), (128, 8), (256, 8)]   # (pages per program, warps)
+
+
 def _launch_kwargs(cand: dict, P: int, auto_splits: int):
     base = max(1, 64 // P)
     ppi = {None: base, "x2": base * 2, "half": max(1, base // 2)}[cand["pages_per_iter"]]
@@ -362,6 +365,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(20261123)
     tuned = {}
     tuned_select = {}
+    tuned_bounds = {}
+    bounds_ctx = None
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
             meta["skipped"].append(f"batch {bs} context {ctx}: time limit")
@@ -455,6 +460,28 @@ def main(argv=None):
                         tuned_select[ctx] = best[1]
                 if ctx in tuned_select:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["select_warps"] = tuned_select[ctx]
+                # launch shape of the page-bound kernel (bandwidth-bound over all page summaries)
+                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_bounds:
+                    best = None
+                    for bp, bw in BOUNDS_CANDIDATES:
+                        try:
+                            kw = dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=bp, bounds_warps=bw,
+                                      select_warps=tuned_select.get(ctx), **launch)
+                            call, nbytes, out, _ = ours_method(batch, wrapper, kw)
+                            t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
+                            log(f"  tune bounds_block_p={bp} bounds_warps={bw}: PrHS 1/16 {t_us:.1f} us")
+                            meta["tuning"].setdefault(f"bounds_{ctx}", []).append(
+                                dict(bounds_block_p=bp, bounds_warps=bw, time_us=t_us))
+                            if best is None or t_us < best[0]:
+                                best = (t_us, (bp, bw))
+                        except Exception as exc:  # noqa: BLE001
+                            meta["errors"].append(f"tune bounds {bp},{bw} c{ctx}: {exc!r}")
+                            traceback.print_exc()
+                    if best is not None:
+                        tuned_bounds[ctx] = best[1]
+                bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
+                if bounds_ctx is not None:
+                    meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
             for name, plan_kw, bud, dl, select in method_specs(args.quick):
                 if time.time() - T0 > args.time_limit:
                     meta["skipped"].append(f"{name} b{bs} c{ctx} {kind} budget {bud} delta {dl}: time limit")
@@ -463,6 +490,8 @@ def main(argv=None):
                     kw = dict(plan_kw)
                     if ctx in tuned_select:
                         kw["select_warps"] = tuned_select[ctx]
+                    if bounds_ctx is not None:
+                        kw["bounds_block_p"], kw["bounds_warps"] = tuned_bounds[bounds_ctx]
                     if not kw.get("art"):
                         kw.update(launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \

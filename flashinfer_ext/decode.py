@@ -168,11 +168,12 @@ class SparseDecodeWrapper:
              mode: str = "prhs", budget: float = 1 / 16, delta: float = 0.05, sink_pages: int = 1,
              recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
              tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
-             min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
+             min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None, art_chunk: int = 4,
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
-             select_warps: Optional[int] = None, kv_start: Optional[torch.Tensor] = None,
+             select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
+             kv_start: Optional[torch.Tensor] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
@@ -195,13 +196,16 @@ class SparseDecodeWrapper:
                 within the first H pages of the list. Default: when ``bs * H_kv`` fills half the SMs,
                 the whole list if it has at most 256 pages (exact reference semantics), else 64;
                 for smaller batches 16 (the rest of the list is split over more programs).
+            art_chunk: pages of ART's sequential head read per pipelined inner loop (the head skips the
+                remaining chunks once stopped; a power of two).
             num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
                 ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
             num_warps, num_stages: launch settings of the decode kernel (with 3 stages Triton turns the
                 K/V gathers into cp.async copies one iteration ahead, ~96 registers per thread).
-            select_warps: warps of the selection kernel (default by tile size: 4 up to 1024 pages,
-                8 up to 2048, else 16).
+            select_warps: warps of the selection kernel (default by tile size: 4 up to 512 pages,
+                8 up to 2048, else 16; the fastest on an H200 in benchmarks/decode_breakdown.py).
+            bounds_block_p, bounds_warps: pages per program and warps of the page-bound kernel.
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
@@ -240,6 +244,9 @@ class SparseDecodeWrapper:
         self.tau_mag, self.tau_dir, self.patience = float(tau_mag), float(tau_dir), int(patience)
         self.eps_cert = eps_cert
         self.min_blocks = int(min_blocks)
+        if art_chunk < 1 or art_chunk & (art_chunk - 1):
+            raise ValueError(f"art_chunk must be a power of two >= 1, got {art_chunk}")
+        self.art_chunk = int(art_chunk)
         if dilation < 0:
             raise ValueError(f"dilation must be >= 0, got {dilation}")
         self.reuse = reselect is not None and self.select
@@ -297,7 +304,10 @@ class SparseDecodeWrapper:
                 num_splits = min(triton.cdiv(target, base), max(1, list_len // min_split_pages))
             self.num_splits = max(1, min(int(num_splits), self.max_splits))
         self.num_warps, self.num_stages = num_warps, num_stages
-        self.select_warps = select_warps or max(4, min(16, self.block_pg // 256))
+        if bounds_block_p < 16 or bounds_block_p & (bounds_block_p - 1):
+            raise ValueError(f"bounds_block_p must be a power of two >= 16, got {bounds_block_p}")
+        self.bounds_block_p, self.bounds_warps = int(bounds_block_p), int(bounds_warps)
+        self.select_warps = select_warps or (4 if self.block_pg <= 512 else 8 if self.block_pg <= 2048 else 16)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
         self._planned = True
@@ -349,46 +359,62 @@ class SparseDecodeWrapper:
             raise ValueError(f"q {tuple(q.shape)} does not match the plan ({bs}, {self.h_q}, {self.d})")
         if out is None:
             out = self._out[:bs]
-        g_pad = max(16, _pow2(self.group))
-        block_d, block_dv = _pow2(self.d), _pow2(self.dv)
         if self.select and select:
             if kmin is None or kmax is None:
                 raise ValueError("this plan selects pages: pass the layer's kmin/kmax summaries")
-            block_p = 64
-            _page_bounds_kernel[(bs, self.h_kv, triton.cdiv(self.max_pages, block_p))](
-                self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
-                q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
-                self.ub.stride(0), self.ub.stride(1), self.sm_scale,
-                G=self.group, G_PAD=g_pad, D=self.d, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4)
-            delta_zero = self.delta <= 0.0
-            log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
-            sel_warps = self.select_warps
             if self.reuse and not 0 <= reuse_slot < self.reuse_slots:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
-            st_p, st_n, st_g = (self.state_pages[reuse_slot], self.state_num[reuse_slot],
-                                self.state_npg[reuse_slot]) if self.reuse else (
-                self.state_pages[0], self.state_num[0], self.state_npg[0])
-            _page_select_kernel[(bs, self.h_kv)](
-                self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
-                self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
-                self.req_idx, st_p, st_n, st_g, self.sel_scratch,
-                self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
-                self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
-                st_p.stride(0), st_p.stride(1), self.reuse_width,
-                self.sink_pages, self.recent_pages, log_ratio, self.list_max,
-                P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
-                DELTA_ZERO=delta_zero, WRITE_REST=self.art, WRITE_STATE=self.reuse, num_warps=sel_warps)
-            if self.reuse:
-                _page_dilate_kernel[(bs, self.h_kv)](
-                    self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
-                    self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
-                    self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
-                    self.cur_pages.stride(0), self.cur_pages.stride(1),
-                    self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
-                    self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
-                    num_warps=sel_warps)
+            self._launch_bounds(q, kmin, kmax)
+            self._launch_select(reuse_slot)
         elif not self.select:
             self.cur_dhat[:bs].zero_()
+        self._launch_decode(q, k_cache, v_cache, out)
+        return out
+
+    # The three stages of ``run`` (also timed one by one by benchmarks/decode_breakdown.py).
+    def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+        block_p = self.bounds_block_p
+        _page_bounds_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, block_p))](
+            self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
+            q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
+            self.ub.stride(0), self.ub.stride(1), self.sm_scale,
+            G=self.group, G_PAD=max(16, _pow2(self.group)), D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
+            num_warps=self.bounds_warps)
+
+    def _launch_select(self, reuse_slot: int = 0) -> None:
+        bs = self.bs
+        delta_zero = self.delta <= 0.0
+        log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
+        sel_warps = self.select_warps
+        st_p, st_n, st_g = (self.state_pages[reuse_slot], self.state_num[reuse_slot],
+                            self.state_npg[reuse_slot]) if self.reuse else (
+            self.state_pages[0], self.state_num[0], self.state_npg[0])
+        _page_select_kernel[(bs, self.h_kv)](
+            self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
+            self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
+            self.req_idx, st_p, st_n, st_g, self.sel_scratch,
+            self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
+            self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
+            st_p.stride(0), st_p.stride(1), self.reuse_width,
+            self.sink_pages, self.recent_pages, log_ratio, self.list_max,
+            P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
+            DELTA_ZERO=delta_zero, WRITE_REST=self.art, WRITE_STATE=self.reuse,
+            num_warps=sel_warps)
+        if self.reuse:
+            _page_dilate_kernel[(bs, self.h_kv)](
+                self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
+                self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
+                self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
+                self.cur_pages.stride(0), self.cur_pages.stride(1),
+                self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
+                self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
+                num_warps=sel_warps)
+
+    def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       out: torch.Tensor) -> None:
+        bs = self.bs
+        g_pad = max(16, _pow2(self.group))
+        block_d, block_dv = _pow2(self.d), _pow2(self.dv)
         sparse = self.select
         cert = self.art and self.eps_cert is not None
         args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.cur_phys,
@@ -402,7 +428,7 @@ class SparseDecodeWrapper:
                 self.patience, float(self.eps_cert) if cert else 0.0, self.min_blocks)
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, ART_CHUNK=4, NUM_STAGES=self.num_stages,
+                    HAS_REST=self.art and sparse, ART_CHUNK=self.art_chunk, NUM_STAGES=self.num_stages,
                     num_warps=self.num_warps)
         if self.art:
             _decode_split_kernel[(bs, self.h_kv, 1)](*args, TAIL=False, **meta)
@@ -415,7 +441,6 @@ class SparseDecodeWrapper:
             self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
             self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
             DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.num_splits), ART=self.art, num_warps=4)
-        return out
 
     # ------------------------------------------------------------------ results
     @property

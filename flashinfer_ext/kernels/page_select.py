@@ -12,9 +12,9 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
 2. Candidates C (the other pages) are ranked by descending ub, ties to the lower page id; the
    reference appends them one by one while ``delta_hat = U / (Z_lb + U) > delta`` and the budget
    allows, i.e. it takes the shortest prefix of the top ``k_max = budget - |F|`` candidates whose
-   certificate is <= delta. The kernel finds the top k_max without sorting all pages: a 5-ary search
-   over the (order-preserving int32 image of the) ub values finds the k_max-th largest, T (16 steps,
-   one packed-count reduction each); ties at T are taken by page id with a prefix sum.
+   certificate is <= delta. The kernel finds the top k_max without sorting all pages: a radix select
+   over the (order-preserving int32 image of the) ub values finds the k_max-th largest, T (four
+   8-bit passes, one 256-bin histogram each); ties at T are taken by page id with a prefix sum.
 3. Those k_max candidates are compacted (prefix sum + scatter into a scratch row) and sorted by
    (ub desc, id asc) with ``tl.sort`` on packed int64 keys of width ``SORT_PAD = next_pow2(LIST_MAX)``,
    ``LIST_MAX`` being the plan's largest budget (not the buffer width), so a 1/16 budget sorts 1/16
@@ -57,6 +57,28 @@ def _certified(d_sum, s_sum, mu, ml, log_ratio):
     log_ratio = log(delta / (1 - delta))."""
     lhs = tl.log(d_sum) + mu - tl.log(s_sum) - ml
     return (d_sum <= 0.0) | ((s_sum > 0.0) & (lhs <= log_ratio))
+
+
+@triton.jit
+def _kth_largest(key, cand, k_max):
+    """The k_max-th largest of ``key`` over ``cand`` (``1 <= k_max <= count(cand)``; anything when k_max == 0):
+    radix select over the unsigned image of the int32 keys, 8 bits per pass from the top. Each pass
+    histograms the digit of the candidates that match the prefix found so far and keeps the largest
+    digit whose suffix count still reaches the remaining rank (4 dependent passes)."""
+    ukey = key + (1 << 31)                                      # int64 in [0, 2^32), same order
+    bins = tl.arange(0, 256)
+    prefix = tl.sum(tl.zeros_like(ukey), axis=0)                # int64 0
+    k_rem = k_max
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        match = cand & ((ukey >> (shift + 8)) == prefix)
+        digit = ((ukey >> shift) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        suffix = tl.cumsum(hist, axis=0, reverse=True)          # matching candidates with digit >= d
+        d_star = tl.max(tl.where(suffix >= k_rem, bins, 0), axis=0)
+        k_rem = k_rem - tl.sum(tl.where(bins > d_star, hist, 0), axis=0)
+        prefix = prefix * 256 + d_star
+    return prefix - (1 << 31)
 
 
 @triton.jit
@@ -127,27 +149,8 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     key = _orderable(ub).to(tl.int64)
     pos = tl.arange(0, SORT_PAD)
 
-    # 1. the k_max-th largest candidate key T: 5-ary search over the key range; the four counts of
-    #    an iteration travel packed in 16-bit fields of one int64 sum (one reduction per iteration)
-    int_big: tl.constexpr = 1 << 40
-    lo = tl.min(tl.where(cand, key, int_big), axis=0)          # count(lo) = n_cand >= k_max
-    hi = tl.max(tl.where(cand, key, -int_big), axis=0) + 1     # count(hi) = 0 < k_max
-    for _ in range(16):
-        span = hi - lo
-        t1 = lo + span // 5
-        t2 = lo + (span * 2) // 5
-        t3 = lo + (span * 3) // 5
-        t4 = lo + (span * 4) // 5
-        bits = (key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 16) \
-            + ((key >= t3).to(tl.int64) << 32) + ((key >= t4).to(tl.int64) << 48)
-        counts = tl.sum(tl.where(cand, bits, 0), axis=0)
-        ok1 = (counts & 65535) >= k_max
-        ok2 = ((counts >> 16) & 65535) >= k_max
-        ok3 = ((counts >> 32) & 65535) >= k_max
-        ok4 = (counts >> 48) >= k_max
-        new_lo = tl.where(ok4, t4, tl.where(ok3, t3, tl.where(ok2, t2, tl.where(ok1, t1, lo))))
-        hi = tl.where(ok4, hi, tl.where(ok3, t4, tl.where(ok2, t3, tl.where(ok1, t2, t1))))
-        lo = new_lo
+    # 1. the k_max-th largest candidate key T
+    lo = _kth_largest(key, cand, k_max)
     # 2. the top k_max candidates in the reference's order: keys above T, then ties at T by page id
     gt = cand & (key > lo)
     eq = cand & (key == lo)

@@ -1,0 +1,115 @@
+"""Where the time of one PrHS decode layer goes: page bounds, selection, sparse decode, one by one.
+
+    python -m benchmarks.decode_breakdown [--configs 8x131072,8x32768] [--page-sizes 32,64]
+
+Same data and timing as benchmarks/decode_attention.py (one Llama-3.1-8B layer: 32 query heads, 8 KV
+heads, d 128, bf16 KV in SGLang's paged layout, random KV; CUDA-graph replays, median per call). For
+each (batch, context, page size), PrHS at budget 1/16 and delta 0.05:
+
+* ``full``: ``SparseDecodeWrapper.run`` (bounds + selection + decode + merge), default launch shapes;
+* ``bounds``: the page-bound kernel alone (reads every page summary), per (pages per program, warps);
+* ``select``: the selection kernel alone, per warp count;
+* ``full+art``: ``run`` with ART, per (sequential head pages, ART chunk);
+* ``decode``: decode + merge over the selected pages (``run(select=False)``);
+* ``dense``: ours over every page (the bandwidth reference of this machine).
+
+Output: ``benchmarks/results/decode_breakdown.json`` (and ``$OUT``), a table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from benchmarks.decode_attention import DEV, Batch, copy_bandwidth_gbps, log, time_calls
+
+H_Q, H_KV, D = 32, 8, 128
+
+
+def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_shapes) -> list:
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(1234 + bs + ctx + P)
+    batch = Batch(bs, ctx, P, gen)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device=DEV)
+    rows = []
+
+    def row(part, us, **kw):
+        r = dict(batch=bs, context=ctx, page_size=P, part=part, time_us=us, **kw)
+        rows.append(r)
+        log(f"bs={bs} ctx={ctx} P={P} {part} {kw} {us:.1f} us")
+
+    out = torch.empty(bs, H_Q, D, dtype=torch.bfloat16, device=DEV)
+    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="dense", seq_len_hint=ctx)
+    row("dense", time_calls(lambda i: w.run(batch.q, *batch.copies[i][:2], out=out), batch.n_copies)[0])
+
+    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05, seq_len_hint=ctx)
+    default_warps = w.select_warps
+    row("full", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
+        warps=default_warps, block_p=w.bounds_block_p, bounds_warps=w.bounds_warps)
+    q = batch.q
+    for bp, bw in bounds_shapes:
+        w.bounds_block_p, w.bounds_warps = bp, bw
+        row("bounds", time_calls(lambda i: w._launch_bounds(q, batch.copies[i][2], batch.copies[i][3]),
+                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw)
+    for warps in warps_list:
+        w.select_warps = warps
+        row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
+    w.select_warps = default_warps
+    for head, chunk in art_shapes:
+        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
+               seq_len_hint=ctx, art=True, art_head_pages=head, art_chunk=chunk)
+        row("full+art", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
+            art_head=w.head_len, art_chunk=chunk, splits=w.num_splits)
+    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05, seq_len_hint=ctx)
+    row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0])
+    batch.free()
+    del w
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="8x131072,8x32768,1x131072,32x32768")
+    ap.add_argument("--page-sizes", default="32")
+    ap.add_argument("--warps", default="4,8,16,32")
+    ap.add_argument("--art", default="autox4,autox8,autox16,8x8", help="ART head pages x chunk (auto = default head)")
+    ap.add_argument("--bounds", default="64x4,32x4,128x4,128x8,256x8", help="pages per program x warps")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "decode_breakdown.json"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    gbps = copy_bandwidth_gbps()
+    log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
+    rows = []
+    warps = [int(x) for x in args.warps.split(",")]
+    art_shapes = [tuple(None if y == "auto" else int(y) for y in x.split("x")) for x in args.art.split(",")]
+    bounds_shapes = [tuple(int(y) for y in x.split("x")) for x in args.bounds.split(",")]
+    for P in (int(x) for x in args.page_sizes.split(",")):
+        for cfg in args.configs.split(","):
+            bs, ctx = (int(x) for x in cfg.split("x"))
+            try:
+                rows += measure(bs, ctx, P, warps, bounds_shapes, art_shapes)
+            except Exception as exc:  # noqa: BLE001  keep the other configurations
+                log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
+    res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
+               + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
+    for path in [args.out] + ([os.path.join(os.environ["OUT"], os.path.basename(args.out))] if os.environ.get("OUT") else []):
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    print("\n| batch | context | P | part | select warps | bounds pages x warps | us |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        shape = f"{r['block_p']}x{r['bounds_warps']}" if "block_p" in r else (
+            f"art head {r['art_head']} chunk {r['art_chunk']}" if "art_head" in r else "")
+        print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
+              f"{shape} | {r['time_us']:.1f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
