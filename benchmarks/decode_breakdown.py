@@ -9,7 +9,7 @@ each (batch, context, page size), PrHS at budget 1/16 and delta 0.05:
 * ``full``: ``SparseDecodeWrapper.run`` (bounds + selection + decode + merge), default launch shapes;
 * ``bounds``: the page-bound kernel alone (reads every page summary), per (pages per program, warps);
 * ``select``: the selection kernel alone, per warp count;
-* ``full+art``: ``run`` with ART, per (sequential head pages, ART chunk);
+* ``full+art``: ``run`` with ART, per length of ART's sequential head (random KV: no stop);
 * ``decode``: decode + merge over the selected pages (``run(select=False)``);
 * ``dense``: ours over every page (the bandwidth reference of this machine).
 
@@ -30,7 +30,7 @@ from benchmarks.decode_attention import DEV, Batch, copy_bandwidth_gbps, log, ti
 H_Q, H_KV, D = 32, 8, 128
 
 
-def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_shapes) -> list:
+def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads) -> list:
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(1234 + bs + ctx + P)
@@ -60,11 +60,11 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_shapes) ->
         w.select_warps = warps
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
     w.select_warps = default_warps
-    for head, chunk in art_shapes:
+    for head in art_heads:
         w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-               seq_len_hint=ctx, art=True, art_head_pages=head, art_chunk=chunk)
+               seq_len_hint=ctx, art=True, art_head_pages=head)
         row("full+art", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
-            art_head=w.head_len, art_chunk=chunk, splits=w.num_splits)
+            art_head=w.head_len, splits=w.num_splits)
     w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05, seq_len_hint=ctx)
     row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0])
     batch.free()
@@ -78,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="8x131072,8x32768,1x131072,32x32768")
     ap.add_argument("--page-sizes", default="32")
     ap.add_argument("--warps", default="4,8,16,32")
-    ap.add_argument("--art", default="autox4,autox8,autox16,8x8", help="ART head pages x chunk (auto = default head)")
+    ap.add_argument("--art-heads", default="auto,8,32", help="ART sequential head pages (auto = the default)")
     ap.add_argument("--bounds", default="64x4,32x4,128x4,128x8,256x8", help="pages per program x warps")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
@@ -88,13 +88,13 @@ def main(argv=None):
     log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
-    art_shapes = [tuple(None if y == "auto" else int(y) for y in x.split("x")) for x in args.art.split(",")]
+    art_heads = [None if x == "auto" else int(x) for x in args.art_heads.split(",")]
     bounds_shapes = [tuple(int(y) for y in x.split("x")) for x in args.bounds.split(",")]
     for P in (int(x) for x in args.page_sizes.split(",")):
         for cfg in args.configs.split(","):
             bs, ctx = (int(x) for x in cfg.split("x"))
             try:
-                rows += measure(bs, ctx, P, warps, bounds_shapes, art_shapes)
+                rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads)
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
@@ -106,7 +106,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         shape = f"{r['block_p']}x{r['bounds_warps']}" if "block_p" in r else (
-            f"art head {r['art_head']} chunk {r['art_chunk']}" if "art_head" in r else "")
+            f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
               f"{shape} | {r['time_us']:.1f} |")
 

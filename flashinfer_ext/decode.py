@@ -160,6 +160,11 @@ class SparseDecodeWrapper:
         self.stop_reason_buf = torch.zeros(bs, hq, **i32)
         self.art_dhat_buf = torch.zeros(bs, hq, **f32)
         self.lse_buf = torch.zeros(bs, hq, **f32)
+        # ART: per (request, KV head) stop flag raised by the head for its tails, pages loaded this step
+        # (both reset by the merge kernel), and the pages loaded per query head, published by the merge
+        self.art_flag = torch.zeros(bs, hk, **i32)
+        self.art_loaded = torch.zeros(bs, hk, **i32)
+        self.pages_loaded_buf = torch.zeros(bs, hq, **i32)
         self._out = None
         self._planned = False
 
@@ -168,7 +173,7 @@ class SparseDecodeWrapper:
              mode: str = "prhs", budget: float = 1 / 16, delta: float = 0.05, sink_pages: int = 1,
              recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
              tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
-             min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None, art_chunk: int = 4,
+             min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
@@ -195,9 +200,7 @@ class SparseDecodeWrapper:
             art_head_pages: ART's sequential head H (see ``kernels.paged_decode``): ART can stop only
                 within the first H pages of the list. Default: when ``bs * H_kv`` fills half the SMs,
                 the whole list if it has at most 256 pages (exact reference semantics), else 64;
-                for smaller batches 16 (the rest of the list is split over more programs).
-            art_chunk: pages of ART's sequential head read per pipelined inner loop (the head skips the
-                remaining chunks once stopped; a power of two).
+                for smaller batches 8 (the rest of the list is split over programs that run alongside).
             num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
                 ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
@@ -244,9 +247,6 @@ class SparseDecodeWrapper:
         self.tau_mag, self.tau_dir, self.patience = float(tau_mag), float(tau_dir), int(patience)
         self.eps_cert = eps_cert
         self.min_blocks = int(min_blocks)
-        if art_chunk < 1 or art_chunk & (art_chunk - 1):
-            raise ValueError(f"art_chunk must be a power of two >= 1, got {art_chunk}")
-        self.art_chunk = int(art_chunk)
         if dilation < 0:
             raise ValueError(f"dilation must be >= 0, got {dilation}")
         self.reuse = reselect is not None and self.select
@@ -276,7 +276,7 @@ class SparseDecodeWrapper:
         else:
             list_len = hint_pages
         list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
-        self.ppi = 1 if self.art else (pages_per_iter or max(1, 64 // P))
+        self.ppi = pages_per_iter or max(1, 64 // P)   # ART's head reads one page per iteration
         # Splits: about 8 programs per SM in total (many short programs balance the SMs; a tail
         # wave of a few long ones would idle most of the GPU), but at least MIN_SPLIT_PAGES pages each.
         base = bs * self.h_kv
@@ -289,11 +289,12 @@ class SparseDecodeWrapper:
                 if base * 2 >= self.num_sms:
                     art_head_pages = list_len if list_len <= 256 else 64
                 else:
-                    art_head_pages = 16
+                    art_head_pages = 8
             self.head_len = max(1, int(art_head_pages))
             tail = max(0, list_len - self.head_len)
             if num_splits is None:
-                tail_splits = min(triton.cdiv(target, base), tail // min_split_pages) if tail > 0 else 0
+                # the tails run alongside the sequential head: split them finer (8 pages at least)
+                tail_splits = min(triton.cdiv(target, base), tail // 8) if tail > 0 else 0
                 tail_splits = max(tail_splits, 1 if tail > 0 else 0)
             else:
                 tail_splits = max(0, int(num_splits) - 1)
@@ -419,7 +420,7 @@ class SparseDecodeWrapper:
         cert = self.art and self.eps_cert is not None
         args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.cur_phys,
                 self.cur_num, self.cur_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
-                self.stop_reason_buf, self.art_dhat_buf,
+                self.stop_reason_buf, self.art_dhat_buf, self.art_flag, self.art_loaded,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
                 v_cache.stride(1), self.page_table.stride(0), self.cur_phys.stride(0), self.cur_phys.stride(1),
                 self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
@@ -428,19 +429,16 @@ class SparseDecodeWrapper:
                 self.patience, float(self.eps_cert) if cert else 0.0, self.min_blocks)
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, ART_CHUNK=self.art_chunk, NUM_STAGES=self.num_stages,
+                    HAS_REST=self.art and sparse, NUM_STAGES=self.num_stages,
                     num_warps=self.num_warps)
-        if self.art:
-            _decode_split_kernel[(bs, self.h_kv, 1)](*args, TAIL=False, **meta)
-            if self.num_splits > 1:
-                _decode_split_kernel[(bs, self.h_kv, self.num_splits - 1)](*args, TAIL=True, **meta)
-        else:
-            _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, TAIL=False, **meta)
+        _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, **meta)
         _merge_splits_kernel[(bs, self.h_q)](
-            self.mid_o, self.mid_lse, self.stop_reason_buf, out, self.lse_buf, self.num_splits,
+            self.mid_o, self.mid_lse, self.stop_reason_buf, self.art_flag, self.art_loaded, self.pages_loaded_buf,
+            out, self.lse_buf, self.num_splits,
             self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
             self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
-            DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.num_splits), ART=self.art, num_warps=4)
+            DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.num_splits), ART=self.art, G=self.group, G_PAD=g_pad,
+            num_warps=4)
 
     # ------------------------------------------------------------------ results
     @property
@@ -458,6 +456,15 @@ class SparseDecodeWrapper:
     @property
     def lse(self) -> torch.Tensor:
         return self.lse_buf[: self.bs]
+
+    @property
+    def pages_loaded(self) -> torch.Tensor:
+        """``[bs, H_q]`` int32 pages the query head's KV group actually loaded in the last ``run``: with
+        ART, the head's pages plus what the concurrent tail programs read before the stop flag reached
+        them (>= ``blocks_read`` after a stop); without ART, ``blocks_read``."""
+        if not self.art:
+            return self.blocks_read
+        return self.pages_loaded_buf[: self.bs]
 
     @property
     def num_selected(self) -> torch.Tensor:
@@ -481,11 +488,12 @@ class SparseDecodeWrapper:
         """Bytes the last ``run`` read from HBM per request (K/V of the pages read + summaries scored).
 
         ``kv_bytes_per_token_head = (D + Dv) * elem``; ``summary_bytes_per_page_head = 2 * D * elem``.
-        Pages read counts the full page for every read page (partial last pages included), as the
-        kernel issues masked page loads. Host-side helper for benchmarks (reads device tensors).
+        Pages read counts the full page for every loaded page (partial last pages included), as the
+        kernel issues masked page loads; with ART, the pages loaded (``pages_loaded``), including tail
+        pages read before a stop. Host-side helper for benchmarks (reads device tensors).
         """
         bs = self.bs
-        read_pages = self.blocks_read_buf[:bs].reshape(bs, self.h_kv, self.group)[:, :, 0].to(torch.int64)
+        read_pages = self.pages_loaded.reshape(bs, self.h_kv, self.group)[:, :, 0].to(torch.int64)
         kv = read_pages.sum(dim=1) * self.page_size * kv_bytes_per_token_head
         if self.select:
             kv = kv + self.num_pages[:bs].to(torch.int64) * self.h_kv * summary_bytes_per_page_head

@@ -184,11 +184,12 @@ class SparseDecodeMixin:
             return None
         bs = w.bs
         g = w.group
-        blocks = w.blocks_read.reshape(bs, w.h_kv, g)[:, :, 0].float()
+        blocks = w.blocks_read.reshape(bs, w.h_kv, g)[:, :, 0].float()        # pages in the output
+        loaded = w.pages_loaded.reshape(bs, w.h_kv, g)[:, :, 0].float()       # pages read from HBM
         pages = w.num_pages[:bs].float().clamp(min=1)[:, None].expand(bs, w.h_kv)
         dhat = w.delta_hat.float()
         stop = (w.stop_reason.reshape(bs, w.h_kv, g)[:, :, 0] != 0).float()
-        vals = torch.stack([blocks.sum() / pages.sum(), dhat.mean(), dhat.max(), stop.mean(), blocks.mean()]).tolist()
+        vals = torch.stack([loaded.sum() / pages.sum(), dhat.mean(), dhat.max(), stop.mean(), blocks.mean()]).tolist()
         return dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
                         vals), batch_size=bs)
 

@@ -373,6 +373,12 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
                                f"reference {_art_ref(q, k, v, P, sm_scale, order, ub, cfg).blocks_read.tolist()} "
                                f"{_art_ref(q, k, v, P, sm_scale, order, ub, cfg).stop_reason.tolist()}")
     ref, late = match
+    # pages the group actually loaded: at least those in the output, at most the list (the tails run
+    # alongside the head and may load pages past a stop; the counters are reset after every run)
+    loaded = w.pages_loaded[b].long().cpu()
+    listed_q = (order >= 0).sum(dim=1).repeat_interleave(h_q // order.shape[0]).cpu()
+    assert bool((loaded >= kb.cpu()).all()) and bool((loaded <= listed_q).all()), \
+        f"seed={seed} {tag} b={b}: pages_loaded {loaded.tolist()} vs blocks_read {kb.tolist()} / listed {listed_q.tolist()}"
     ref_out, ref_lse, ref_dhat = ref.out.clone(), ref.lse.clone(), ref.delta_hat.clone()
     if bool(late.any()):
         full = art.art_attention(q, k, v, P, sm_scale, block_order=order, block_ub=ub)

@@ -161,12 +161,20 @@ def test_cuda_graph_capture_replay(mode, art, reuse):
     w.plan(r2t, rows, lens, **cfg)
     w.run(q, kc, vc, kmin, kmax)                      # compile + warm up outside the graph
     torch.cuda.synchronize()
+    # the capture itself may take a little memory (torch 2.11 takes 1 KiB for an empty graph): run()
+    # must add nothing to what capturing an empty graph takes
+    before = torch.cuda.memory_allocated()
+    empty = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(empty):
+        pass
+    torch.cuda.synchronize()
+    capture_cost = torch.cuda.memory_allocated() - before
     before = torch.cuda.memory_allocated()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = w.run(q, kc, vc, kmin, kmax)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before, "run() allocated memory during capture"
+    assert torch.cuda.memory_allocated() - before == capture_cost, "run() allocated memory during capture"
     sm_scale = 1 / math.sqrt(D)
     for pool in batches:
         load(pool)

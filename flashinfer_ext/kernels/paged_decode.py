@@ -15,27 +15,32 @@ rows for ``tl.dot``), so every K/V byte is read once per step. The list is ``Lis
 computes the logits with one ``tl.dot``, updates the online softmax (base 2) and ``acc += p V`` with
 a second ``tl.dot``. A split ends by storing ``acc / l`` and ``lse = m + log2 l`` to the split buffers.
 
-ART (``ART=True``, one page per iteration). A sequential test cannot be split, so the list is cut
-into a *head* and a *tail*:
+ART (``ART=True``). A sequential test cannot be split, so the list is cut into a *head* and a
+*tail*, read at the same time by the programs of one launch:
 
-* the head, positions ``[0, H)``, is read by split 0 alone, in order, running exactly the
-  reference's test after every page: the running output ``o_j = acc/l`` of every head of the group
-  is compared with ``o_{j-1}`` (``||o_j - o_{j-1}|| / ||o_j|| < tau_mag`` and ``1 - cos < tau_dir`` for
-  all query heads of the group, ``patience`` consecutive times), and in certified mode the
-  unread-mass bound ``U_rest / (Z_seen + U_rest) <= eps_cert`` with ``U_rest`` from the selector's
-  suffix sums (``ListRest``). A group stops as a whole (termination is per KV head, as the reference).
-  The head loop runs in chunks of ``ART_CHUNK`` pages and skips the remaining chunks once stopped.
-* the tail, ``[H, L)``, is split over the other programs in a second launch (``TAIL=True``), which
-  first reads the group's stop flag and returns at once if the head stopped.
+* the head, positions ``[0, H)``, is read by split 0 alone, one page per iteration, in order, running
+  exactly the reference's test after every page: the running output ``o_j = acc/l`` of every head of
+  the group is compared with ``o_{j-1}`` (``||o_j - o_{j-1}|| / ||o_j|| < tau_mag`` and
+  ``1 - cos < tau_dir`` for all query heads of the group, ``patience`` consecutive times), and in
+  certified mode the unread-mass bound ``U_rest / (Z_seen + U_rest) <= eps_cert`` with ``U_rest`` from
+  the selector's suffix sums (``ListRest``). A group stops as a whole (termination is per KV head, as
+  the reference); once stopped, the head's remaining pages leave the output unchanged, and it raises
+  the group's flag ``ArtFlag[b, h]``. (Every head page is loaded, so that the loads can run ahead of the
+  sequential test; the head is short.)
+* the tail, ``[H, L)``, is split over programs ``s >= 1`` (``PPI`` pages per iteration), which run
+  alongside the head and read the flag before every ``TAIL_SUB`` iterations: after a stop they issue
+  no more loads and the merge ignores their partial results. Without a stop they read their whole range, so the
+  latency of the head's sequential test is hidden behind the tail instead of added to it.
 
 So the kernel equals the reference whenever the reference stops within the first H pages (or never
-stops); when the reference would stop later, the kernel reads the whole list (no stop). ``H = L``
-gives the exact sequential semantics (one program per (request, KV head)); ``H < L`` buys
-parallelism for small batches. The per-(request, query head) statistics (``BlocksRead``,
-``StopReason``, ``ArtDhat``) are written by the head program.
+stops); when the reference would stop later, the kernel reads the whole list (no stop). The pages a
+group's programs actually loaded (head and tails, counted by atomics into ``ArtLoaded``) are what an
+early stop saves on HBM traffic; the merge publishes them (``PagesLoaded``) and resets the group's
+counter and flag for the next step. The per-(request, query head) statistics (``BlocksRead`` = pages
+in the output, ``StopReason``, ``ArtDhat``) are written by the head program.
 
 Stage 2, ``_merge_splits_kernel``, grid ``(bs, H_q)``: merges the splits by their LSE (only split 0
-for a group ART stopped), writes ``out`` in the output dtype and the natural-log ``lse`` (used for
+for a group ART stopped; it runs after stage 1 has finished, so the reset of the flags is safe), writes ``out`` in the output dtype and the natural-log ``lse`` (used for
 PrHS's post-hoc certificate, :func:`sglang_sparse.prhs.posthoc_delta_hat`).
 """
 
@@ -88,20 +93,18 @@ def _online_update(q, k, v, row_ok, m, l, acc, qk_scale):
 
 @triton.jit
 def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPhys, ListNum, ListRest,
-                         MidO, MidLse, BlocksRead, StopReason, ArtDhat,
+                         MidO, MidLse, BlocksRead, StopReason, ArtDhat, ArtFlag, ArtLoaded,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                          stride_sel_b, stride_sel_h, stride_mo_b, stride_mo_h, stride_mo_s,
                          stride_ml_b, stride_ml_h, H_Q,
                          qk_scale, num_splits, head_len, tau_mag, tau_dir, patience, eps_cert, min_blocks,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, P: tl.constexpr, PPI: tl.constexpr,
-                         SPARSE: tl.constexpr, ART: tl.constexpr, TAIL: tl.constexpr, CERT: tl.constexpr,
-                         HAS_REST: tl.constexpr, ART_CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                         SPARSE: tl.constexpr, ART: tl.constexpr, CERT: tl.constexpr,
+                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr = 4):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    if TAIL:
-        s = s + 1
     b64 = b.to(tl.int64)
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
@@ -133,20 +136,28 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     skip = s < 0   # false
 
     if ART:
-        if TAIL:
+        flag_ptr = ArtFlag + b64 * (H_Q // G) + h
+        if s > 0:
+            # tail split s of [H, L): runs alongside the head and stops loading (masked loads, no
+            # traffic) once the head has published a stop; the merge then ignores its result
             head = tl.minimum(head_len, n_list)
             tail_len = n_list - head
-            chunk = tl.cdiv(tail_len, num_splits - 1)
+            chunk = tl.cdiv(tl.cdiv(tail_len, num_splits - 1), PPI) * PPI
             start = head + (s - 1) * chunk
             end = tl.minimum(start + chunk, n_list)
-            reason = tl.load(StopReason + b64 * H_Q + h * G)
-            skip = reason != 0
-            if skip == 0:
-                for jpos in tl.range(start, end, 1, num_stages=NUM_STAGES):
-                    k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len,
-                                                   last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
-                                                   offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE, jpos >= 0)
-                    m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
+            loaded = b * 0
+            # the flag is read once per sub-range of TAIL_SUB iterations; inside one the loads do not
+            # depend on it, so the loop stays software-pipelined
+            for c in range(start, end, PPI * TAIL_SUB):
+                if tl.load(flag_ptr, volatile=True) == 0:
+                    c_end = tl.minimum(c + PPI * TAIL_SUB, end)
+                    for jpos in tl.range(c, c_end, PPI, num_stages=NUM_STAGES):
+                        k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, c_end, npg, last_len,
+                                                       last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
+                                                       offs_d, offs_dv, d_ok, dv_ok, P, PPI, SPARSE, jpos >= 0)
+                        m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
+                    loaded += c_end - c
+            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, loaded)
         else:
             end = tl.minimum(head_len, n_list)
             o_prev = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
@@ -156,48 +167,47 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
             stopped = b < 0
             dhat = tl.zeros([G_PAD], tl.float32)
             rest_base = ListRest + b64 * stride_sel_b + h * stride_sel_h
-            n_chunks = tl.cdiv(end, ART_CHUNK)
-            for c in range(0, n_chunks):
-                if stopped == 0:
-                    for jj in tl.range(0, ART_CHUNK, num_stages=NUM_STAGES):
-                        jpos = c * ART_CHUNK + jj
-                        live = (~stopped) & (jpos < end)
-                        k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len,
-                                                       last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
-                                                       offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE, live)
-                        m2, l2, acc2 = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
-                        m = tl.where(live, m2, m)
-                        l = tl.where(live, l2, l)
-                        acc = tl.where(live, acc2, acc)
-                        # stability test of the running output against the previous one
-                        o = acc / tl.where(l > 0, l, 1.0)[:, None]
-                        diff = tl.sqrt(tl.sum((o - o_prev) * (o - o_prev), axis=1))
-                        n_o = tl.sqrt(tl.sum(o * o, axis=1))
-                        n_p = tl.sqrt(tl.sum(o_prev * o_prev, axis=1))
-                        dmag = diff / tl.maximum(n_o, 1e-30)
-                        ddir = 1.0 - tl.sum(o * o_prev, axis=1) / tl.maximum(n_o * n_p, 1e-30)
-                        ok = (dmag < tau_mag) & (ddir < tau_dir)
-                        holds = tl.min((ok | (~g_ok)).to(tl.int32), axis=0) > 0
-                        streak = tl.where(live & (read > 0), tl.where(holds, streak + 1, 0), streak)
-                        o_prev = tl.where(live, o, o_prev)
-                        read = tl.where(live, read + 1, read)
-                        if HAS_REST:
-                            log_u = tl.load(rest_base + jpos + 1, mask=live & (jpos + 1 < n_list),
-                                            other=float("-inf"))
-                            log_z = (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453
-                            dh = 1.0 / (1.0 + tl.exp(log_z - log_u))
-                            dh = tl.where(log_u == float("-inf"), 0.0, dh)
-                            dhat = tl.where(live, dh, dhat)
-                        can_stop = live & (read >= min_blocks) & (read < n_list)
-                        if CERT:
-                            # every head of the group certified (NaN, e.g. a reused list, never is)
-                            cert = tl.max((g_ok & (~(dhat <= eps_cert))).to(tl.int32), axis=0) == 0
-                            stop_c = can_stop & cert
-                            reason = tl.where(stop_c, 2, reason)
-                            stopped = stopped | stop_c
-                        stop_m = can_stop & (~stopped) & (streak >= patience)
-                        reason = tl.where(stop_m, 1, reason)
-                        stopped = stopped | stop_m
+            for jpos in tl.range(0, end, 1, num_stages=NUM_STAGES):
+                live = ~stopped
+                # every head page is loaded (a load masked by the stop decision of the previous
+                # iteration could not be issued ahead); pages after a stop are not used
+                k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, end, npg, last_len,
+                                               last_phys, h, stride_ks, stride_kh, stride_vs, stride_vh,
+                                               offs_d, offs_dv, d_ok, dv_ok, P, 1, SPARSE, jpos >= 0)
+                m2, l2, acc2 = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
+                m = tl.where(live, m2, m)
+                l = tl.where(live, l2, l)
+                acc = tl.where(live, acc2, acc)
+                # stability test of the running output against the previous one
+                o = acc / tl.where(l > 0, l, 1.0)[:, None]
+                diff = tl.sqrt(tl.sum((o - o_prev) * (o - o_prev), axis=1))
+                n_o = tl.sqrt(tl.sum(o * o, axis=1))
+                n_p = tl.sqrt(tl.sum(o_prev * o_prev, axis=1))
+                dmag = diff / tl.maximum(n_o, 1e-30)
+                ddir = 1.0 - tl.sum(o * o_prev, axis=1) / tl.maximum(n_o * n_p, 1e-30)
+                ok = (dmag < tau_mag) & (ddir < tau_dir)
+                holds = tl.min((ok | (~g_ok)).to(tl.int32), axis=0) > 0
+                streak = tl.where(live & (read > 0), tl.where(holds, streak + 1, 0), streak)
+                o_prev = tl.where(live, o, o_prev)
+                read = tl.where(live, read + 1, read)
+                if HAS_REST:
+                    log_u = tl.load(rest_base + jpos + 1, mask=live & (jpos + 1 < n_list), other=float("-inf"))
+                    log_z = (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453
+                    dh = 1.0 / (1.0 + tl.exp(log_z - log_u))
+                    dh = tl.where(log_u == float("-inf"), 0.0, dh)
+                    dhat = tl.where(live, dh, dhat)
+                can_stop = live & (read >= min_blocks) & (read < n_list)
+                if CERT:
+                    # every head of the group certified (NaN, e.g. a reused list, never is)
+                    cert = tl.max((g_ok & (~(dhat <= eps_cert))).to(tl.int32), axis=0) == 0
+                    stop_c = can_stop & cert
+                    reason = tl.where(stop_c, 2, reason)
+                    stopped = stopped | stop_c
+                stop_m = can_stop & (~stopped) & (streak >= patience)
+                reason = tl.where(stop_m, 1, reason)
+                stopped = stopped | stop_m
+                tl.store(flag_ptr, 1, mask=stopped & live)      # the tails stop loading
+            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, end)
             if stopped == 0:
                 read = n_list
                 dhat = tl.zeros([G_PAD], tl.float32)
@@ -232,10 +242,10 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
 
 
 @triton.jit
-def _merge_splits_kernel(MidO, MidLse, StopReason, Out, LseOut, num_splits,
+def _merge_splits_kernel(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
                          stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
                          stride_ob, stride_oh, H_Q, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         S_PAD: tl.constexpr, ART: tl.constexpr):
+                         S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
     b = tl.program_id(0)
     hq = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -243,6 +253,15 @@ def _merge_splits_kernel(MidO, MidLse, StopReason, Out, LseOut, num_splits,
     if ART:
         reason = tl.load(StopReason + b64 * H_Q + hq)
         n_use = tl.where(reason != 0, 1, num_splits)
+        if hq % G == 0:
+            # the group's first head: pages its programs loaded this step (for every head of the group),
+            # then the group's counters and stop flag are reset for the next step
+            grp = b64 * (H_Q // G) + hq // G
+            gg = tl.arange(0, G_PAD)
+            tl.store(PagesLoaded + b64 * H_Q + hq + gg, tl.zeros([G_PAD], tl.int32) + tl.load(ArtLoaded + grp),
+                     mask=gg < G)
+            tl.store(ArtLoaded + grp, 0)
+            tl.store(ArtFlag + grp, 0)
     offs_s = tl.arange(0, S_PAD)
     s_ok = offs_s < n_use
     lse = tl.load(MidLse + b64 * stride_ml_b + hq * stride_ml_h + offs_s, mask=s_ok, other=float("-inf"))
