@@ -34,9 +34,26 @@ CONFIGS = {
     "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                 "4", "--art", "on"]),
     "ours_dense_art": (OURS, ["--art", "on"]),
+    # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps
+    # (reused steps widen the last selection by one page on each side), plus ART
+    "ours_prhs_g4_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
+                               "4", "--prhs-reselect-interval", "4", "--prhs-dilation", "1"]),
+    "ours_prhs_g4_r4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
+                                   "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
+                                   "--prhs-dilation", "1", "--art", "on"]),
 }
 STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) delta_hat mean=([\d.]+) "
                    r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
+
+
+def _gpu_name() -> str:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 def decode_stats(log_path: str) -> dict:
@@ -76,10 +93,12 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
+    max_bs = str(max(concs))   # decode graphs up to the largest concurrency (fewer graphs: faster start)
     common = ["--model-path", args.model, "--load-format", "dummy", "--grammar-backend", "none",
               "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
-              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "32", "--max-running-requests", "32",
+              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", max_bs, "--max-running-requests", max_bs,
               "--decode-log-interval", "40"]
+    gpu = _gpu_name()
     rows = []
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -148,11 +167,13 @@ def main(argv=None):
                                              "--tokenize-prompt"])
                         if not res.get("median_ttft_ms"):
                             raise RuntimeError(f"bench_serving served nothing (TTFT 0); see {slog}")
-                        row = {"config": name, "input_len": L, "concurrency": C,
+                        row = {"config": name, "input_len": L, "concurrency": C, "gpu": gpu,
+                               "num_prompts": C * args.num_prompts_per_concurrency, "output_len": args.output_len,
                                "output_tok_s": res.get("output_throughput"),
                                "median_tpot_ms": res.get("median_tpot_ms"), "mean_tpot_ms": res.get("mean_tpot_ms"),
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
-                               "median_ttft_ms": res.get("median_ttft_ms"), "completed": res.get("completed"),
+                               "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
+                               "completed": res.get("completed"),
                                "greedy_identical_prompts": parity,
                                "command": f"python -m benchmarks.serving_decode --configs {name}",
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
@@ -165,14 +186,21 @@ def main(argv=None):
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
     base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
-    print("\n| config | input | conc | out tok/s | median TPOT ms | vs flashinfer | pages read | delta_hat | ART stop |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        from benchmarks.plot_serving_decode import plot
+
+        log(f"plot: {plot(args.out)}")
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {e!r}")
+    print("\n| config | input | conc | out tok/s | median TPOT ms | median ITL ms | vs flashinfer | pages read | "
+          "delta_hat | ART stop |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = base_tpot.get((r["input_len"], r["concurrency"]))
         sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         print(f"| {r['config']} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
-              f"{r['median_tpot_ms'] or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
+              f"{r['median_tpot_ms'] or 0:.2f} | {r.get('median_itl_ms') or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
               f"{fmt(r['art_stop_rate'])} |")
 
 
