@@ -31,6 +31,9 @@ if str(REPO) not in sys.path:
 
 from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E402
 
+# every server: no prefill CUDA graphs (capturing them for a new model costs minutes of start-up; the
+# sparse prefill runs without them anyway) and decode graphs only up to the harness's concurrency
+COMMON_FLAGS = ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "32"]
 _CLAA = ["--sparse-prefill", "claa", "--claa-min-prompt-len", "0"]
 _PRHS = ["--sparse-decode", "prhs", "--prhs-min-context-len", "0"]
 SETTINGS = {
@@ -68,7 +71,7 @@ def run_setting(name: str, args) -> dict:
     url = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", module, "--model-path", str(args.model), "--host", "127.0.0.1",
            "--port", str(args.port), "--context-length", "8192", "--grammar-backend", "none",
-           "--mem-fraction-static", str(args.mem_fraction)] + flags + args.server_args.split()
+           "--mem-fraction-static", str(args.mem_fraction)] + COMMON_FLAGS + flags + args.server_args.split()
     safe = name.replace("/", "_")
     log_path = Path(args.out_dir) / f"server-{safe}.log"
     print(f"[quality_gpu] {name}: {' '.join(cmd)}", flush=True)
