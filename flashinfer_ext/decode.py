@@ -430,7 +430,7 @@ class SparseDecodeWrapper:
                 self.patience, float(self.eps_cert) if cert else 0.0, self.min_blocks)
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, NUM_STAGES=self.num_stages,
+                    HAS_REST=self.art and sparse, NUM_STAGES=self.num_stages, TAIL_SUB=4,
                     num_warps=self.num_warps)
         _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, **meta)
         _merge_splits_kernel[(bs, self.h_q)](

@@ -101,7 +101,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, P: tl.constexpr, PPI: tl.constexpr,
                          SPARSE: tl.constexpr, ART: tl.constexpr, CERT: tl.constexpr,
-                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr = 4):
+                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)

@@ -1,0 +1,41 @@
+"""The served decode statistics (``SparseDecodeMixin.decode_stats``) from a wrapper's buffers: the
+fraction of KV pages read counts the pages actually loaded (ART's concurrent tails included), the
+ART blocks are the pages in the output. CPU only: the buffers are filled by hand."""
+
+import types
+
+import torch
+
+from flashinfer_ext.decode import SparseDecodeWrapper
+from sglang_sparse.sparse_decode import SparseDecodeMixin
+
+
+def _wrapper(art: bool, gen: torch.Generator):
+    h_q, h_kv, bs = 8, 2, 3
+    w = SparseDecodeWrapper(h_q, h_kv, 16, 16, max_batch_size=4, max_seq_len=4096, device="cpu")
+    w.bs, w._planned, w.art, w.select = bs, True, art, True
+    npg = torch.randint(20, 200, (bs,), generator=gen, dtype=torch.int32)
+    w.num_pages[:bs] = npg
+    per_group = torch.stack([torch.randint(1, int(n), (h_kv,), generator=gen) for n in npg]).to(torch.int32)
+    loaded = torch.minimum(per_group + torch.randint(0, 9, (bs, h_kv), generator=gen, dtype=torch.int32),
+                           npg[:, None])
+    w.blocks_read_buf[:bs] = per_group.repeat_interleave(h_q // h_kv, dim=1)
+    w.pages_loaded_buf[:bs] = loaded.repeat_interleave(h_q // h_kv, dim=1)
+    w.stop_reason_buf[:bs] = (torch.rand(bs, h_kv, generator=gen) < 0.5).int().repeat_interleave(h_q // h_kv, dim=1)
+    w.cur_dhat[:bs] = torch.rand(bs, h_kv, generator=gen)
+    return w, npg, per_group, loaded
+
+
+def test_decode_stats_counts_loaded_pages():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    for art in (True, False):
+        w, npg, blocks, loaded = _wrapper(art, gen)
+        stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+        read = (loaded if art else blocks).double()
+        expect = read.sum() / (npg.double()[:, None].expand_as(read)).sum()
+        assert abs(stats["pages_read_frac"] - float(expect)) < 1e-6, (art, stats, float(expect))
+        assert abs(stats["blocks_read_mean"] - float(blocks.double().mean())) < 1e-4
+        stop = w.stop_reason_buf[: w.bs, ::4].ne(0).double().mean()
+        assert abs(stats["art_stop_rate"] - float(stop)) < 1e-6
+        assert abs(stats["delta_hat_max"] - float(w.cur_dhat[: w.bs].max())) < 1e-6
+        assert stats["batch_size"] == w.bs
