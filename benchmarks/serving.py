@@ -101,6 +101,15 @@ def bench_serving(base: str, tokenizer: str, out_file: str, log_path: str, args:
         return json.loads(f.read().strip().splitlines()[-1])
 
 
+def gpu_name() -> str:
+    """The first GPU's name from nvidia-smi ("unknown" without one)."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def out_dir() -> str:
     d = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results", "logs")
     os.makedirs(d, exist_ok=True)

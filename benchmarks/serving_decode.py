@@ -21,7 +21,7 @@ import sys
 import time
 
 from benchmarks.parity import fixed_prompts
-from benchmarks.serving import (OURS, PLAIN, bench_serving, greedy, greedy_vs_reference, log, out_dir,
+from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
                                 save_rows, server)
 
 CONFIGS = {
@@ -44,16 +44,6 @@ CONFIGS = {
 }
 STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) delta_hat mean=([\d.]+) "
                    r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
-
-
-def _gpu_name() -> str:
-    try:
-        import subprocess
-
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def decode_stats(log_path: str) -> dict:
@@ -98,7 +88,7 @@ def main(argv=None):
               "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
               "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", max_bs, "--max-running-requests", max_bs,
               "--decode-log-interval", "40"]
-    gpu = _gpu_name()
+    gpu = gpu_name()
     rows = []
     if os.path.exists(args.out):
         with open(args.out) as f:

@@ -29,7 +29,7 @@ import threading
 import time
 
 from benchmarks.parity import fixed_prompts
-from benchmarks.serving import (OURS, PLAIN, bench_serving, greedy, greedy_vs_reference, log, out_dir,
+from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
                                 post_json, save_rows, server)
 
 NUM_LAYERS, FILTER_LAYER = 32, 15
@@ -46,16 +46,6 @@ CONFIGS = {
     "claa_keep20": (OURS, claa(0.2), 0.2),
     "claa_keep40": (OURS, claa(0.4), 0.4),
 }
-
-
-def gpu_name() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def ceiling(keep: float) -> float:
