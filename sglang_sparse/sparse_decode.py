@@ -24,6 +24,7 @@ read back every ``--decode-log-interval`` decode batches (one device-to-host cop
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -82,16 +83,29 @@ class SparseDecodeMixin:
                           if self._need_summaries else None)
         max_bs = min(model_runner.req_to_token_pool.size, model_runner.server_args.max_running_requests
                      or DEFAULT_MAX_RUNNING_REQUESTS)
-        self.max_ctx = model_runner.req_to_token_pool.req_to_token.shape[1]
+        r2t = model_runner.req_to_token_pool.req_to_token
+        self.max_ctx = r2t.shape[1]
+        self._plan_kwargs = self._make_plan_kwargs()
+        # PrHS's time axis: a request selects afresh on its first decode step and whenever its length is a
+        # multiple of R; in between, each leader layer reuses its last fresh selection (kept per
+        # req_to_token row and leader layer), widened by --prhs-dilation pages.
+        p = cfg.prhs
+        self._reselect_every = p.reselect_interval if self._plan_kwargs["mode"] == "prhs" else 1
+        reuse = {}
+        if self._reselect_every > 1:
+            max_pages = -(-self.max_ctx // self.page_size)
+            width = math.ceil(p.budget * max_pages) if p.budget <= 1 else int(p.budget)
+            reuse = dict(reuse_slots=-(-pool.layer_num // self._group), max_reqs=r2t.shape[0],
+                         reuse_width=min(max_pages, max(width, p.sink_pages + p.recent_pages)))
+            self._fresh = torch.ones(r2t.shape[0], dtype=torch.bool, device=k0.device)
 
         def wrapper():
             return SparseDecodeWrapper(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
                                        self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
-                                       device=k0.device)
+                                       device=k0.device, **reuse)
 
         self.decode_wrapper = wrapper()
         self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
-        self._plan_kwargs = self._make_plan_kwargs()
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
         self._metrics_on = bool(getattr(model_runner.server_args, "enable_metrics", False))
@@ -99,6 +113,8 @@ class SparseDecodeMixin:
         self._tp_rank = str(getattr(model_runner, "tp_rank", 0))
         what = ("PrHS" + (" + ART" if cfg.art.enabled else "") if cfg.prhs.enabled
                 else "dense + ART" if cfg.art.enabled else "dense")
+        if self._reselect_every > 1:
+            what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
@@ -123,21 +139,35 @@ class SparseDecodeMixin:
     def _plan_decode(self, fb: "ForwardBatch") -> None:
         self._maybe_log_stats()
         r2t = self.req_to_token_pool.req_to_token
-        self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **self._plan_kwargs)
+        kw = self._plan_kwargs
+        if self._reselect_every > 1:
+            # device-side choice per request (no host sync): fresh rows and lengths that are multiples of R
+            rows = fb.req_pool_indices
+            reselect = self._fresh[rows] | (fb.seq_lens % self._reselect_every == 0)
+            self._fresh[rows] = False
+            kw = dict(kw, reselect=reselect, dilation=self.sparse_config.prhs.dilation)
+        self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **kw)
         if self.decode_wrapper_kept is not None:
             self.decode_wrapper_kept.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype,
-                                          kv_start=self.claa.drop[fb.req_pool_indices], **self._plan_kwargs)
+                                          kv_start=self.claa.drop[fb.req_pool_indices], **kw)
+
+    def _mark_fresh(self, fb: "ForwardBatch") -> None:
+        """Rows that (re)start a request (an extend batch) select afresh on their next decode step."""
+        if self._decode_on and self._reselect_every > 1 and fb.forward_mode.is_extend() and fb.batch_size > 0:
+            self._fresh[fb.req_pool_indices] = True
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch"):
         if self._sparse_decode_batch(forward_batch):
             self._plan_decode(forward_batch)
             return
+        self._mark_fresh(forward_batch)
         return super().init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
         if self._sparse_decode_batch(forward_batch):
             self._plan_decode(forward_batch)
             return
+        self._mark_fresh(forward_batch)
         return super().init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch: "ForwardBatch"):
@@ -172,13 +202,15 @@ class SparseDecodeMixin:
         kmin, kmax = (self.summaries.layer(lid // self._group) if leader and self.summaries is not None
                       else (None, None))
         w = self.decode_wrapper_kept if self._claa_from is not None and lid >= self._claa_from else self.decode_wrapper
+        reuse = {"reuse_slot": lid // self._group} if self._reselect_every > 1 else {}
         o = w.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
-                  kmin, kmax, select=leader)
+                  kmin, kmax, select=leader, **reuse)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ statistics
     def decode_stats(self) -> Optional[dict]:
-        """Statistics of the last decode batch's last layer (reads device buffers: synchronises)."""
+        """Statistics of the last decode batch's last layer (reads device buffers: synchronises). The
+        certified delta-hat is over freshly selected lists only (NaN when every list was reused)."""
         w = self.decode_wrapper
         if not getattr(w, "_planned", False):
             return None
@@ -187,9 +219,11 @@ class SparseDecodeMixin:
         blocks = w.blocks_read.reshape(bs, w.h_kv, g)[:, :, 0].float()        # pages in the output
         loaded = w.pages_loaded.reshape(bs, w.h_kv, g)[:, :, 0].float()       # pages read from HBM
         pages = w.num_pages[:bs].float().clamp(min=1)[:, None].expand(bs, w.h_kv)
-        dhat = w.delta_hat.float()
+        dhat = w.delta_hat.float()          # NaN for a list reused from an earlier step (no certificate)
+        dhat_max = dhat.nan_to_num(nan=float("-inf")).max()
+        dhat_max = torch.where(torch.isinf(dhat_max), torch.full_like(dhat_max, float("nan")), dhat_max)
         stop = (w.stop_reason.reshape(bs, w.h_kv, g)[:, :, 0] != 0).float()
-        vals = torch.stack([loaded.sum() / pages.sum(), dhat.mean(), dhat.max(), stop.mean(), blocks.mean()]).tolist()
+        vals = torch.stack([loaded.sum() / pages.sum(), dhat.nanmean(), dhat_max, stop.mean(), blocks.mean()]).tolist()
         return dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
                         vals), batch_size=bs)
 

@@ -226,6 +226,7 @@ def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
     m = SparseDecodeMixin.__new__(SparseDecodeMixin)
     m.sparse_config = SparseConfig()
     m._decode_on, m._claa_from, m._group, m.summaries, m.layer_offset = True, F, 1, None, 0
+    m._reselect_every = 1
     m.decode_wrapper, m.decode_wrapper_kept = FakeWrapper(), FakeWrapper()
     m.claa = SimpleNamespace(drop=torch.randint(0, 50, (10,), generator=gen, dtype=torch.int32) * 32)
     m.req_to_token_pool = SimpleNamespace(req_to_token=torch.zeros(10, 64, dtype=torch.int32))
@@ -254,3 +255,56 @@ def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     with pytest.raises(ConfigError, match="--prhs-layers-per-selection"):
         m2._init_sparse_decode(mr)
+
+
+def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
+    """--prhs-reselect-interval R: a request's first decode step after an extend selects afresh, later
+    steps select afresh only when the length is a multiple of R, and leader layers reuse their own slot."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_sparse.config import SparseConfig
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+
+    class FakeWrapper:
+        def __init__(self):
+            self.plans, self.runs = [], []
+
+        def plan(self, r2t, rows, seq_lens, **kw):
+            self.plans.append(kw)
+
+        def run(self, q, k, v, kmin, kmax, select=True, reuse_slot=None):
+            self.runs.append((select, reuse_slot))
+            return torch.zeros(q.shape[0], q.shape[1], q.shape[2])
+
+    gen = torch.Generator().manual_seed(seed)
+    R, G = 4, 2
+    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "reselect_interval": R, "dilation": 1,
+                                                       "layers_per_selection": G}})
+    m._decode_on, m._claa_from, m._group, m.summaries, m.layer_offset = True, None, G, None, 0
+    m._reselect_every = R
+    m._fresh = torch.zeros(10, dtype=torch.bool)
+    m.decode_wrapper, m.decode_wrapper_kept = FakeWrapper(), None
+    m.req_to_token_pool = SimpleNamespace(req_to_token=torch.zeros(10, 64, dtype=torch.int32))
+    m.token_to_kv_pool = SimpleNamespace(get_kv_buffer=lambda lid: (None, None))
+    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"mode": "prhs"}, 10 ** 9, 0
+    rows = torch.randperm(10, generator=gen)[:3]
+    lens = torch.randint(100, 5000, (3,), generator=gen)
+    # an extend batch of the first two rows (new requests) marks them fresh; the third row is older
+    ext = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=2, req_pool_indices=rows[:2])
+    m._mark_fresh(ext)
+    for step in range(2 * R):
+        seq = lens + step
+        fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=3, req_pool_indices=rows, seq_lens=seq)
+        m.init_forward_metadata(fb)
+        kw = m.decode_wrapper.plans[-1]
+        expect = seq % R == 0
+        if step == 0:
+            expect = expect | torch.tensor([True, True, False])
+        assert torch.equal(kw["reselect"], expect), (step, kw["reselect"], expect)
+        assert kw["dilation"] == 1 and kw["mode"] == "prhs"
+    assert not bool(m._fresh[rows].any())
+    for lid in range(6):
+        layer = SimpleNamespace(layer_id=lid, tp_q_head_num=4, head_dim=8, v_head_dim=8)
+        m.forward_decode(torch.randn(3, 32), None, None, layer, fb, save_kv_cache=False)
+    assert m.decode_wrapper.runs == [(lid % G == 0, lid // G) for lid in range(6)]

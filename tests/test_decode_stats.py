@@ -39,3 +39,17 @@ def test_decode_stats_counts_loaded_pages():
         assert abs(stats["art_stop_rate"] - float(stop)) < 1e-6
         assert abs(stats["delta_hat_max"] - float(w.cur_dhat[: w.bs].max())) < 1e-6
         assert stats["batch_size"] == w.bs
+
+
+def test_decode_stats_skip_reused_lists():
+    """A reused list has no certificate (NaN): mean and max are over the fresh lists."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    w, _, _, _ = _wrapper(True, gen)
+    w.cur_dhat[0] = float("nan")
+    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    fresh = w.cur_dhat[1: w.bs]
+    assert abs(stats["delta_hat_mean"] - float(fresh.mean())) < 1e-6
+    assert abs(stats["delta_hat_max"] - float(fresh.max())) < 1e-6
+    w.cur_dhat[: w.bs] = float("nan")
+    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
