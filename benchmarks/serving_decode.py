@@ -34,6 +34,8 @@ CONFIGS = {
     "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                 "4", "--art", "on"]),
     "ours_dense_art": (OURS, ["--art", "on"]),
+    "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4",
+                                "--art", "on"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps
     # (reused steps widen the last selection by one page on each side), plus ART
     "ours_prhs_g4_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
