@@ -37,6 +37,7 @@ from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E40
 COMMON_FLAGS = ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "32"]
 _CLAA = ["--sparse-prefill", "claa", "--claa-min-prompt-len", "0"]
 _PRHS = ["--sparse-decode", "prhs", "--prhs-min-context-len", "0"]
+_ART = ["--art", "on"]
 SETTINGS = {
     # name: (launcher module, extra flags)
     "dense": ("sglang.launch_server", ["--attention-backend", "flashinfer"]),
@@ -47,11 +48,14 @@ SETTINGS = {
     "prhs-d0.05-b1/16": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.05", "--prhs-budget", "1/16"]),
     "prhs-d0.01-b1/16": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.01", "--prhs-budget", "1/16"]),
     "prhs-d0.05-b1/4": ("sglang_sparse.launch_server", _PRHS + ["--prhs-delta", "0.05", "--prhs-budget", "1/4"]),
-    "art": ("sglang_sparse.launch_server", ["--art", "on"]),
-    "all(claa0.2+prhs+art)": ("sglang_sparse.launch_server",
-                              _CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS + ["--prhs-delta", "0.05",
-                                                                              "--prhs-budget", "1/16",
-                                                                              "--art", "on"]),
+    "claa-keep0.2-F24": ("sglang_sparse.launch_server", _CLAA + ["--claa-keep-ratio", "0.2",
+                                                                 "--claa-filter-layer", "24"]),
+    "art-tau0.01": ("sglang_sparse.launch_server", _ART + ["--art-tau-mag", "0.01", "--art-tau-dir", "1e-4"]),
+    "art-tau0.001": ("sglang_sparse.launch_server", _ART + ["--art-tau-mag", "1e-3", "--art-tau-dir", "1e-6"]),
+    "all(claa0.2+prhs+art-tau0.001)": ("sglang_sparse.launch_server",
+                                       _CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS
+                                       + ["--prhs-delta", "0.05", "--prhs-budget", "1/16"]
+                                       + _ART + ["--art-tau-mag", "1e-3", "--art-tau-dir", "1e-6"]),
 }
 
 
