@@ -45,22 +45,27 @@ WHERE = "cpu-reference"
 def settings() -> List[RefConfig]:
     """The settings measured. Length floors are 0 so that every setting acts at every length (the server's
     defaults are --claa-min-prompt-len 2048 and --prhs-min-context-len 4096: pass 0 there for the same rows)."""
-    claa = lambda r: ClaaConfig(mode="claa", keep_ratio=r, min_prompt_len=0)  # noqa: E731
+    claa = lambda r, f=None: ClaaConfig(mode="claa", keep_ratio=r, min_prompt_len=0, filter_layer=f)  # noqa: E731
     prhs = lambda d, b: PrhsConfig(mode="prhs", delta=d, budget=b, min_context_len=0)  # noqa: E731
-    art = ArtConfig(mode="on")
+    art = ArtConfig(mode="on", tau_mag=0.01, tau_dir=1e-4)     # the former default thresholds
     return [
         RefConfig("dense"),
         RefConfig("claa-keep0.1", claa=claa(0.1)),
         RefConfig("claa-keep0.2", claa=claa(0.2)),
         RefConfig("claa-keep0.4", claa=claa(0.4)),
+        # CLAA filtering later (layer 24 of SmolLM2's 30 instead of the default 14): later layers' window
+        # scores keep the needle's digit tokens, at the price of a lower TTFT ceiling
+        RefConfig("claa-keep0.1-F24", claa=claa(0.1, 24)),
+        RefConfig("claa-keep0.2-F24", claa=claa(0.2, 24)),
+        RefConfig("claa-keep0.4-F24", claa=claa(0.4, 24)),
         RefConfig("prhs-d0.05-b1/16", prhs=prhs(0.05, 1 / 16)),
         RefConfig("prhs-d0.01-b1/16", prhs=prhs(0.01, 1 / 16)),
         RefConfig("prhs-d0.05-b1/4", prhs=prhs(0.05, 1 / 4)),
-        RefConfig("art", art=art),
+        RefConfig("art-tau0.01", art=art),
         # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
         RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),
         RefConfig("art-cert0.05", art=ArtConfig(mode="on", tau_mag=0.0, tau_dir=0.0, eps_cert=0.05)),
-        RefConfig("all(claa0.2+prhs+art)", claa=claa(0.2), prhs=prhs(0.05, 1 / 16), art=art),
+        RefConfig("all(claa0.2+prhs+art-tau0.01)", claa=claa(0.2), prhs=prhs(0.05, 1 / 16), art=art),
     ]
 
 
