@@ -14,7 +14,7 @@ Grid: batch {1, 8, 32} x context {8K, 32K, 128K} x KV set {random, needle} x met
   certified selection + sparse decode, selection made in the timed call).
 * ``ours_prhs_shared``: budget 1/16, delta 0.05, decode only (``run(select=False)``): the cost of a
   layer that shares its group leader's selection (PrHS's layer / time axes).
-* ``ours_prhs_art``: PrHS 1/16, delta 0.05, plus ART (config defaults: tau_mag 0.01, tau_dir 1e-4,
+* ``ours_prhs_art``: PrHS 1/16, delta 0.05, plus ART (tau_mag 0.01, tau_dir 1e-4,
   patience 2, min_blocks 4). ``ours_dense_art``: all pages in descending-bound order plus ART.
 
 KV sets: ``random`` (N(0,1) keys and values: flat attention, ART cannot stop) and ``needle``
