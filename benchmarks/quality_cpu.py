@@ -55,6 +55,9 @@ def settings() -> List[RefConfig]:
         RefConfig("claa-keep0.4", claa=claa(0.4)),
         # CLAA filtering later (layer 24 of SmolLM2's 30 instead of the default 14): later layers' window
         # scores keep the needle's digit tokens, at the price of a lower TTFT ceiling
+        RefConfig("claa-keep0.1-F18", claa=claa(0.1, 18)),
+        RefConfig("claa-keep0.1-F20", claa=claa(0.1, 20)),
+        RefConfig("claa-keep0.1-F22", claa=claa(0.1, 22)),
         RefConfig("claa-keep0.1-F24", claa=claa(0.1, 24)),
         RefConfig("claa-keep0.2-F24", claa=claa(0.2, 24)),
         RefConfig("claa-keep0.4-F24", claa=claa(0.4, 24)),
