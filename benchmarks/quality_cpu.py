@@ -64,6 +64,9 @@ def settings() -> List[RefConfig]:
         RefConfig("prhs-d0.05-b1/16", prhs=prhs(0.05, 1 / 16)),
         RefConfig("prhs-d0.01-b1/16", prhs=prhs(0.01, 1 / 16)),
         RefConfig("prhs-d0.05-b1/4", prhs=prhs(0.05, 1 / 4)),
+        # the same budget over 16-token pages (Quest's page size): twice as many, finer pages
+        RefConfig("prhs-d0.05-b1/16-P16", prhs=PrhsConfig(mode="prhs", delta=0.05, budget=1 / 16, min_context_len=0,
+                                                         page_size=16)),
         RefConfig("art-tau0.01", art=art),
         # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
         RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),

@@ -29,8 +29,8 @@ ART (``ART=True``). A sequential test cannot be split, so the list is cut into a
   sequential test; the head is short.)
 * the tail, ``[H, L)``, is split over programs ``s >= 1`` (``PPI`` pages per iteration), which run
   alongside the head and read the flag before every ``TAIL_SUB`` iterations: after a stop they issue
-  no more loads and the merge ignores their partial results. Without a stop they read their whole range, so the
-  latency of the head's sequential test is hidden behind the tail instead of added to it.
+  no more loads and the merge ignores their partial results. Without a stop they read their whole
+  range, so the latency of the head's sequential test is hidden behind the tail instead of added to it.
 
 So the kernel equals the reference whenever the reference stops within the first H pages (or never
 stops); when the reference would stop later, the kernel reads the whole list (no stop). The pages a
@@ -40,8 +40,9 @@ counter and flag for the next step. The per-(request, query head) statistics (``
 in the output, ``StopReason``, ``ArtDhat``) are written by the head program.
 
 Stage 2, ``_merge_splits_kernel``, grid ``(bs, H_q)``: merges the splits by their LSE (only split 0
-for a group ART stopped; it runs after stage 1 has finished, so the reset of the flags is safe), writes ``out`` in the output dtype and the natural-log ``lse`` (used for
-PrHS's post-hoc certificate, :func:`sglang_sparse.prhs.posthoc_delta_hat`).
+for a group ART stopped; it runs after stage 1 has finished, so the reset of the flags is safe),
+writes ``out`` in the output dtype and the natural-log ``lse`` (used for PrHS's post-hoc certificate,
+:func:`sglang_sparse.prhs.posthoc_delta_hat`).
 """
 
 import triton
@@ -138,8 +139,8 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     if ART:
         flag_ptr = ArtFlag + b64 * (H_Q // G) + h
         if s > 0:
-            # tail split s of [H, L): runs alongside the head and stops loading (masked loads, no
-            # traffic) once the head has published a stop; the merge then ignores its result
+            # tail split s of [H, L): runs alongside the head and skips its remaining sub-ranges once the
+            # head has published a stop; the merge then ignores its result
             head = tl.minimum(head_len, n_list)
             tail_len = n_list - head
             chunk = tl.cdiv(tl.cdiv(tail_len, num_splits - 1), PPI) * PPI
