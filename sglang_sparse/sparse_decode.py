@@ -141,10 +141,16 @@ class SparseDecodeMixin:
         r2t = self.req_to_token_pool.req_to_token
         kw = self._plan_kwargs
         if self._reselect_every > 1:
-            # device-side choice per request (no host sync): fresh rows and lengths that are multiples of R
+            # device-side choice per request (no host sync): fresh rows and lengths that are multiples of R.
+            # A CUDA-graph replay pads the batch with stale row indices (``num_padding``); those may belong
+            # to other requests, so padded entries never select (the selector would overwrite that row's
+            # kept selection) and never consume a fresh flag.
             rows = fb.req_pool_indices
+            n_real = rows.shape[0] - int(getattr(fb, "num_padding", 0) or 0)
             reselect = self._fresh[rows] | (fb.seq_lens % self._reselect_every == 0)
-            self._fresh[rows] = False
+            if n_real < rows.shape[0]:
+                reselect[n_real:] = False
+            self._fresh[rows[:n_real]] = False
             kw = dict(kw, reselect=reselect, dilation=self.sparse_config.prhs.dilation)
         self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **kw)
         if self.decode_wrapper_kept is not None:

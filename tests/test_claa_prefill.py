@@ -304,6 +304,17 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
         assert torch.equal(kw["reselect"], expect), (step, kw["reselect"], expect)
         assert kw["dilation"] == 1 and kw["mode"] == "prhs"
     assert not bool(m._fresh[rows].any())
+    # a CUDA-graph replay view padded with a stale row that now belongs to another, fresh request: the
+    # padded entry neither selects nor clears that request's flag
+    other = int(torch.tensor([r for r in range(10) if r not in rows.tolist()])[0])
+    m._mark_fresh(SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([other])))
+    seq = torch.cat([lens + 2 * R, torch.tensor([R * 3])])                  # multiples of R where padded
+    padded = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, num_padding=1,
+                             req_pool_indices=torch.cat([rows, torch.tensor([other])]), seq_lens=seq)
+    m.init_forward_metadata(padded)
+    kw = m.decode_wrapper.plans[-1]
+    assert not bool(kw["reselect"][3]) and bool(m._fresh[other])
+    assert torch.equal(kw["reselect"][:3], seq[:3] % R == 0)
     for lid in range(6):
         layer = SimpleNamespace(layer_id=lid, tp_q_head_num=4, head_dim=8, v_head_dim=8)
         m.forward_decode(torch.randn(3, 32), None, None, layer, fb, save_kv_cache=False)
