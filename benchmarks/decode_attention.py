@@ -308,7 +308,8 @@ TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num
 ]
 
 
-BOUNDS_CANDIDATES = [(64, 4), (32, 4), (128, 4), (128, 8), (256, 8)]   # (pages per program, warps)
+# page-bound kernel: (pages per chunk, warps, chunks per program)
+BOUNDS_CANDIDATES = [(64, 4, 1), (128, 4, 1), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)]
 
 
 def _launch_kwargs(cand: dict, P: int, auto_splits: int):
@@ -463,19 +464,19 @@ def main(argv=None):
                 # launch shape of the page-bound kernel (bandwidth-bound over all page summaries)
                 if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_bounds:
                     best = None
-                    for bp, bw in BOUNDS_CANDIDATES:
+                    for bp, bw, bi in BOUNDS_CANDIDATES:
                         try:
                             kw = dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=bp, bounds_warps=bw,
-                                      select_warps=tuned_select.get(ctx), **launch)
+                                      bounds_iters=bi, select_warps=tuned_select.get(ctx), **launch)
                             call, nbytes, out, _ = ours_method(batch, wrapper, kw)
                             t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
-                            log(f"  tune bounds_block_p={bp} bounds_warps={bw}: PrHS 1/16 {t_us:.1f} us")
+                            log(f"  tune bounds_block_p={bp} bounds_warps={bw} bounds_iters={bi}: PrHS 1/16 {t_us:.1f} us")
                             meta["tuning"].setdefault(f"bounds_{ctx}", []).append(
-                                dict(bounds_block_p=bp, bounds_warps=bw, time_us=t_us))
+                                dict(bounds_block_p=bp, bounds_warps=bw, bounds_iters=bi, time_us=t_us))
                             if best is None or t_us < best[0]:
-                                best = (t_us, (bp, bw))
+                                best = (t_us, (bp, bw, bi))
                         except Exception as exc:  # noqa: BLE001
-                            meta["errors"].append(f"tune bounds {bp},{bw} c{ctx}: {exc!r}")
+                            meta["errors"].append(f"tune bounds {bp},{bw},{bi} c{ctx}: {exc!r}")
                             traceback.print_exc()
                     if best is not None:
                         tuned_bounds[ctx] = best[1]
@@ -491,7 +492,7 @@ def main(argv=None):
                     if ctx in tuned_select:
                         kw["select_warps"] = tuned_select[ctx]
                     if bounds_ctx is not None:
-                        kw["bounds_block_p"], kw["bounds_warps"] = tuned_bounds[bounds_ctx]
+                        kw["bounds_block_p"], kw["bounds_warps"], kw["bounds_iters"] = tuned_bounds[bounds_ctx]
                     if not kw.get("art"):
                         kw.update(launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \

@@ -52,10 +52,11 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads) -> 
     row("full", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
         warps=default_warps, block_p=w.bounds_block_p, bounds_warps=w.bounds_warps)
     q = batch.q
-    for bp, bw in bounds_shapes:
-        w.bounds_block_p, w.bounds_warps = bp, bw
+    for bp, bw, it in bounds_shapes:
+        w.bounds_block_p, w.bounds_warps, w.bounds_iters = bp, bw, it
         row("bounds", time_calls(lambda i: w._launch_bounds(q, batch.copies[i][2], batch.copies[i][3]),
-                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw)
+                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it)
+    w.bounds_block_p, w.bounds_warps, w.bounds_iters = 64, 4, 1
     for warps in warps_list:
         w.select_warps = warps
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
@@ -79,7 +80,8 @@ def main(argv=None):
     ap.add_argument("--page-sizes", default="32")
     ap.add_argument("--warps", default="4,8,16,32")
     ap.add_argument("--art-heads", default="auto,8,32", help="ART sequential head pages (auto = the default)")
-    ap.add_argument("--bounds", default="64x4,32x4,128x4,128x8,256x8", help="pages per program x warps")
+    ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8",
+                    help="page-bound kernel shapes: pages per chunk x warps [x chunks per program]")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
@@ -89,7 +91,7 @@ def main(argv=None):
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
     art_heads = [None if x == "auto" else int(x) for x in args.art_heads.split(",")]
-    bounds_shapes = [tuple(int(y) for y in x.split("x")) for x in args.bounds.split(",")]
+    bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:3]) for x in args.bounds.split(",")]
     for P in (int(x) for x in args.page_sizes.split(",")):
         for cfg in args.configs.split(","):
             bs, ctx = (int(x) for x in cfg.split("x"))
@@ -102,10 +104,10 @@ def main(argv=None):
     for path in [args.out] + ([os.path.join(os.environ["OUT"], os.path.basename(args.out))] if os.environ.get("OUT") else []):
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
-    print("\n| batch | context | P | part | select warps | bounds pages x warps | us |")
+    print("\n| batch | context | P | part | select warps | bounds pages x warps x iters | us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        shape = f"{r['block_p']}x{r['bounds_warps']}" if "block_p" in r else (
+        shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
             f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
               f"{shape} | {r['time_us']:.1f} |")

@@ -178,6 +178,7 @@ class SparseDecodeWrapper:
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
+             bounds_iters: int = 1,
              kv_start: Optional[torch.Tensor] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
@@ -208,7 +209,8 @@ class SparseDecodeWrapper:
                 K/V gathers into cp.async copies one iteration ahead, ~96 registers per thread).
             select_warps: warps of the selection kernel (default by tile size: 4 up to 512 pages,
                 8 up to 2048, else 16; the fastest on an H200 in benchmarks/decode_breakdown.py).
-            bounds_block_p, bounds_warps: pages per program and warps of the page-bound kernel.
+            bounds_block_p, bounds_warps, bounds_iters: pages per chunk, warps, and chunks per program
+                (pipelined) of the page-bound kernel.
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
@@ -308,7 +310,10 @@ class SparseDecodeWrapper:
         self.num_warps, self.num_stages = num_warps, num_stages
         if bounds_block_p < 16 or bounds_block_p & (bounds_block_p - 1):
             raise ValueError(f"bounds_block_p must be a power of two >= 16, got {bounds_block_p}")
+        if bounds_iters < 1:
+            raise ValueError(f"bounds_iters must be >= 1, got {bounds_iters}")
         self.bounds_block_p, self.bounds_warps = int(bounds_block_p), int(bounds_warps)
+        self.bounds_iters = int(bounds_iters)
         self.select_warps = select_warps or (4 if self.block_pg <= 512 else 8 if self.block_pg <= 2048 else 16)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
@@ -375,13 +380,13 @@ class SparseDecodeWrapper:
 
     # The three stages of ``run`` (also timed one by one by benchmarks/decode_breakdown.py).
     def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
-        block_p = self.bounds_block_p
-        _page_bounds_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, block_p))](
+        block_p, iters = self.bounds_block_p, self.bounds_iters
+        _page_bounds_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, block_p * iters))](
             self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
             self.ub.stride(0), self.ub.stride(1), self.sm_scale,
             G=self.group, G_PAD=max(16, _pow2(self.group)), D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
-            num_warps=self.bounds_warps)
+            ITERS=iters, NUM_STAGES=2 if iters > 1 else 1, num_warps=self.bounds_warps)
 
     def _launch_select(self, reuse_slot: int = 0) -> None:
         bs = self.bs

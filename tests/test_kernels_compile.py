@@ -85,6 +85,7 @@ def _drive_wrappers():
     art = dict(art=True, tau_mag=0.01, tau_dir=1e-4, patience=2, min_blocks=4)
     for cfg in (dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05),
                 dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_iters=4),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, eps_cert=0.01, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, **art),
                 dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art)):

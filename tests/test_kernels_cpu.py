@@ -79,7 +79,8 @@ def test_prhs_select_many_pages():
     # many more candidate pages than the sorted tile (budget 10 of 190 pages sorts 16): the selector's
     # k-th-largest search decides which pages reach the sort, so an error in it changes the selection
     check_decode([3030, 2000], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="prhs", budget=10, delta=0.0), dict(mode="prhs", budget=0.05, delta=0.05)])
+                 [dict(mode="prhs", budget=10, delta=0.0),
+                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=3)])
 
 
 def test_prhs_selection_ties():
