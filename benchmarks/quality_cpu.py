@@ -44,7 +44,8 @@ WHERE = "cpu-reference"
 
 def settings() -> List[RefConfig]:
     """The settings measured. Length floors are 0 so that every setting acts at every length (the server's
-    defaults are --claa-min-prompt-len 2048 and --prhs-min-context-len 4096: pass 0 there for the same rows)."""
+    defaults are --claa-min-prompt-len 2048 and --prhs-min-context-len 4096: pass 16 and 0 there for the same
+    rows; the CLAA floor must exceed its window)."""
     claa = lambda r, f=None: ClaaConfig(mode="claa", keep_ratio=r, min_prompt_len=0, filter_layer=f)  # noqa: E731
     prhs = lambda d, b: PrhsConfig(mode="prhs", delta=d, budget=b, min_context_len=0)  # noqa: E731
     art = ArtConfig(mode="on", tau_mag=0.01, tau_dir=1e-4)     # the former default thresholds

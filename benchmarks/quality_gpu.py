@@ -4,7 +4,7 @@ For each setting: start a server (plain ``sglang.launch_server`` for ``dense``, 
 with the setting's flags otherwise), wait for /health, run the frontend-language harness
 (:func:`sglang_sparse.eval.harness.run_eval`), write ``OUT_DIR/<setting>.json``, stop the server. A setting whose
 server does not come up is recorded as failed and skipped. The flags match the CPU-reference settings of
-benchmarks/quality_cpu.py (length floors 0, so every setting acts at every length).
+benchmarks/quality_cpu.py (length floors low enough that every setting acts at every length).
 
     # on the GPU machine (haystack wheel reachable; --gguf converts the GGUF into --model first, needs `gguf`):
     python benchmarks/quality_gpu.py --model /tmp/q/smollm2 --gguf /tmp/q/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -35,7 +35,7 @@ from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E40
 # every server: no prefill CUDA graphs (capturing them for a new model costs minutes of start-up; the
 # sparse prefill runs without them anyway) and decode graphs only up to the harness's concurrency
 COMMON_FLAGS = ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "32"]
-_CLAA = ["--sparse-prefill", "claa", "--claa-min-prompt-len", "0"]
+_CLAA = ["--sparse-prefill", "claa", "--claa-min-prompt-len", "16"]   # every prompt (all are >= 1K tokens)
 _PRHS = ["--sparse-decode", "prhs", "--prhs-min-context-len", "0"]
 _ART = ["--art", "on"]
 SETTINGS = {
