@@ -39,3 +39,31 @@ def test_benchmark_setting_parses_and_validates(name, flags):
         assert cfg.prhs.reselect_interval == 4
     if "F24" in label:
         assert cfg.claa.filter_layer == 24
+
+
+def _all_flag_sets():
+    for name, (_, flags) in serving_decode.CONFIGS.items():
+        yield f"serving_decode:{name}", list(flags)
+    for name, (_, flags, _) in serving_prefill.CONFIGS.items():
+        yield f"serving_prefill:{name}", list(flags)
+    for name, (_, flags) in quality_gpu.SETTINGS.items():
+        yield f"quality_gpu:{name}", quality_gpu.COMMON_FLAGS + list(flags)
+
+
+def test_benchmark_flags_are_known_to_sglang_or_us():
+    """Every flag of every setting (plain SGLang ones too) is one SGLang's parser or ours accepts."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_sparse.plugin import register
+
+    register()                               # adds the `sparse` backend to SGLang's choices
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    C.add_cli_args(parser)
+    for name, flags in _all_flag_sets():
+        try:
+            parser.parse_args(["--model-path", "m"] + flags)
+        except SystemExit as e:             # argparse reports the bad flag on stderr and exits 2
+            pytest.fail(f"{name}: {flags} rejected (exit {e.code})")
