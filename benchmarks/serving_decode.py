@@ -48,6 +48,15 @@ STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) de
                    r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
 
 
+def common_flags(model: str, ctx: int, max_bs: int) -> list:
+    """SGLang flags of every server of this benchmark (decode graphs up to the largest concurrency: fewer
+    graphs, faster start)."""
+    return ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
+            "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
+            "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests",
+            str(max_bs), "--decode-log-interval", "40"]
+
+
 def decode_stats(log_path: str) -> dict:
     rows = []
     with open(log_path, errors="replace") as f:
@@ -85,11 +94,7 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
-    max_bs = str(max(concs))   # decode graphs up to the largest concurrency (fewer graphs: faster start)
-    common = ["--model-path", args.model, "--load-format", "dummy", "--grammar-backend", "none",
-              "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
-              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", max_bs, "--max-running-requests", max_bs,
-              "--decode-log-interval", "40"]
+    common = common_flags(args.model, ctx, max(concs))
     gpu = gpu_name()
     rows = []
     if os.path.exists(args.out):

@@ -39,6 +39,14 @@ def claa(keep: float) -> list:
     return ["--sparse-prefill", "claa", "--claa-keep-ratio", str(keep), "--claa-filter-layer", str(FILTER_LAYER)]
 
 
+def common_flags(model: str, ctx: int, longest: int) -> list:
+    """SGLang flags of every server of this benchmark (one prefill chunk per prompt, no radix cache)."""
+    return ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
+            "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
+            "--disable-prefill-cuda-graph", "--chunked-prefill-size", str(longest), "--cuda-graph-max-bs", "16",
+            "--max-running-requests", "16", "--disable-radix-cache"]
+
+
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"], None),
     "claa_keep100": (OURS, claa(1.0), 1.0),
@@ -84,10 +92,7 @@ def main(argv=None):
     concs = [int(x) for x in args.concurrency.split(",")]
     longest = max(lens)
     ctx = longest + args.output_len + 1024
-    common = ["--model-path", args.model, "--load-format", "dummy", "--grammar-backend", "none",
-              "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
-              "--disable-prefill-cuda-graph", "--chunked-prefill-size", str(longest), "--cuda-graph-max-bs", "16",
-              "--max-running-requests", "16", "--disable-radix-cache"]
+    common = common_flags(args.model, ctx, longest)
     rows = []
     if os.path.exists(args.out):
         with open(args.out) as f:

@@ -42,10 +42,12 @@ def test_benchmark_setting_parses_and_validates(name, flags):
 
 
 def _all_flag_sets():
+    decode_common = serving_decode.common_flags("m", 34048, 8)[2:]      # without --model-path
+    prefill_common = serving_prefill.common_flags("m", 66560, 65536)[2:]
     for name, (_, flags) in serving_decode.CONFIGS.items():
-        yield f"serving_decode:{name}", list(flags)
+        yield f"serving_decode:{name}", decode_common + list(flags)
     for name, (_, flags, _) in serving_prefill.CONFIGS.items():
-        yield f"serving_prefill:{name}", list(flags)
+        yield f"serving_prefill:{name}", prefill_common + list(flags)
     for name, (_, flags) in quality_gpu.SETTINGS.items():
         yield f"quality_gpu:{name}", quality_gpu.COMMON_FLAGS + list(flags)
 
