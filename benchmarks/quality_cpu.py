@@ -54,6 +54,7 @@ def settings() -> List[RefConfig]:
         RefConfig("claa-keep0.1", claa=claa(0.1)),
         RefConfig("claa-keep0.2", claa=claa(0.2)),
         RefConfig("claa-keep0.4", claa=claa(0.4)),
+        RefConfig("claa-keep0.8", claa=claa(0.8)),
         # CLAA filtering later (layer 24 of SmolLM2's 30 instead of the default 14): later layers' window
         # scores keep the needle's digit tokens, at the price of a lower TTFT ceiling
         RefConfig("claa-keep0.1-F18", claa=claa(0.1, 18)),
