@@ -319,3 +319,31 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
         layer = SimpleNamespace(layer_id=lid, tp_q_head_num=4, head_dim=8, v_head_dim=8)
         m.forward_decode(torch.randn(3, 32), None, None, layer, fb, save_kv_cache=False)
     assert m.decode_wrapper.runs == [(lid % G == 0, lid // G) for lid in range(6)]
+
+
+def test_decode_time_axis_state_sizes(monkeypatch):
+    """With --prhs-reselect-interval > 1 both the state slots (one per leader layer) and the kept list's width
+    (the budget at the longest context, or every page of a densely read short request) are sized at start-up."""
+    from sglang_sparse.config import SparseConfig
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    import sglang.srt.runtime_context as rc
+
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    L, G, P, ctx = 12, 4, 32, 32768
+    for min_ctx, expect_width in ((0, 64), (4096, 128)):
+        m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+        m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16, "reselect_interval": 4,
+                                                           "layers_per_selection": G, "min_context_len": min_ctx}})
+        m.claa = None
+        m.token_to_kv_pool = SimpleNamespace(start_layer=0, layer_num=L,
+                                             get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
+        r2t = torch.zeros(9, ctx, dtype=torch.int32)
+        mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
+                             req_to_token_pool=SimpleNamespace(size=8, req_to_token=r2t),
+                             server_args=SimpleNamespace(max_running_requests=8, decode_log_interval=40,
+                                                         enable_metrics=False))
+        m._init_sparse_decode(mr)
+        w = m.decode_wrapper
+        assert m._reselect_every == 4 and w.reuse_slots == L // G and w.reuse_width == expect_width
+        assert w.state_pages.shape == (L // G, 9, 2, expect_width) and bool(m._fresh.all())
