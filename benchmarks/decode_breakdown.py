@@ -19,13 +19,13 @@ Output: ``benchmarks/results/decode_breakdown.json`` (and ``$OUT``), a table pri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from benchmarks.decode_attention import DEV, Batch, copy_bandwidth_gbps, log, time_calls
+from benchmarks.serving import save_rows
 
 H_Q, H_KV, D = 32, 8, 128
 
@@ -52,11 +52,12 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads) -> 
     row("full", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
         warps=default_warps, block_p=w.bounds_block_p, bounds_warps=w.bounds_warps)
     q = batch.q
+    planned = (w.bounds_block_p, w.bounds_warps, w.bounds_iters)
     for bp, bw, it in bounds_shapes:
         w.bounds_block_p, w.bounds_warps, w.bounds_iters = bp, bw, it
         row("bounds", time_calls(lambda i: w._launch_bounds(q, batch.copies[i][2], batch.copies[i][3]),
                                  batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it)
-    w.bounds_block_p, w.bounds_warps, w.bounds_iters = 64, 4, 1
+    w.bounds_block_p, w.bounds_warps, w.bounds_iters = planned
     for warps in warps_list:
         w.select_warps = warps
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
@@ -101,9 +102,7 @@ def main(argv=None):
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
                + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
-    for path in [args.out] + ([os.path.join(os.environ["OUT"], os.path.basename(args.out))] if os.environ.get("OUT") else []):
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
+    save_rows(res, args.out)
     print("\n| batch | context | P | part | select warps | bounds pages x warps x iters | us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -116,8 +116,8 @@ def out_dir() -> str:
     return d
 
 
-def save_rows(rows: list, out: str) -> None:
-    """Write a results list to ``out`` and, when $OUT is set, to $OUT under the same name."""
+def save_rows(rows, out: str) -> None:
+    """Write results (any JSON value) to ``out`` and, when $OUT is set, to $OUT under the same name."""
     for path in filter(None, [out, os.path.join(os.environ["OUT"], os.path.basename(out))
                               if os.environ.get("OUT") else None]):
         os.makedirs(os.path.dirname(path), exist_ok=True)

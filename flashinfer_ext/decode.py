@@ -103,6 +103,7 @@ class SparseDecodeWrapper:
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         self.h_q, self.h_kv = num_qo_heads, num_kv_heads
         self.group = num_qo_heads // num_kv_heads
+        self.g_pad = max(16, _pow2(self.group))     # query rows of a GQA group, padded for tl.dot
         self.d = head_dim
         self.dv = head_dim if head_dim_v is None else head_dim_v
         self.page_size = page_size
@@ -385,7 +386,7 @@ class SparseDecodeWrapper:
             self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
             self.ub.stride(0), self.ub.stride(1), self.sm_scale,
-            G=self.group, G_PAD=max(16, _pow2(self.group)), D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
+            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
             ITERS=iters, NUM_STAGES=2 if iters > 1 else 1, num_warps=self.bounds_warps)
 
     def _launch_select(self, reuse_slot: int = 0) -> None:
@@ -420,7 +421,7 @@ class SparseDecodeWrapper:
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        out: torch.Tensor) -> None:
         bs = self.bs
-        g_pad = max(16, _pow2(self.group))
+        g_pad = self.g_pad
         block_d, block_dv = _pow2(self.d), _pow2(self.dv)
         sparse = self.select
         cert = self.art and self.eps_cert is not None

@@ -24,7 +24,6 @@ read back every ``--decode-log-interval`` decode batches (one device-to-host cop
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -96,8 +95,7 @@ class SparseDecodeMixin:
             max_pages = -(-self.max_ctx // self.page_size)
             # the kept list must hold the longest fresh list: the budget at the longest context, or every
             # page of a request short enough to be read densely (--prhs-min-context-len)
-            width = math.ceil(p.budget * max_pages) if p.budget <= 1 else int(p.budget)
-            width = max(width, p.sink_pages + p.recent_pages, -(-p.min_context_len // self.page_size))
+            width = max(p.budget_pages(max_pages), -(-p.min_context_len // self.page_size))
             reuse = dict(reuse_slots=-(-pool.layer_num // self._group), max_reqs=r2t.shape[0],
                          reuse_width=min(max_pages, width))
             self._fresh = torch.ones(r2t.shape[0], dtype=torch.bool, device=k0.device)

@@ -150,10 +150,10 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     pos = tl.arange(0, SORT_PAD)
 
     # 1. the k_max-th largest candidate key T
-    lo = _kth_largest(key, cand, k_max)
+    t_key = _kth_largest(key, cand, k_max)
     # 2. the top k_max candidates in the reference's order: keys above T, then ties at T by page id
-    gt = cand & (key > lo)
-    eq = cand & (key == lo)
+    gt = cand & (key > t_key)
+    eq = cand & (key == t_key)
     cnt_gt = tl.sum(gt.to(tl.int32), axis=0)
     eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
     top = (gt | (eq & (eq_rank <= k_max - cnt_gt))) & (k_max > 0)
