@@ -21,6 +21,7 @@ import sys
 import time
 
 from benchmarks.parity import fixed_prompts
+from benchmarks.profile_decode import print_summary, profile_running_decode
 from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
                                 save_rows, server)
 
@@ -34,15 +35,14 @@ CONFIGS = {
     "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                 "4", "--art", "on"]),
     "ours_dense_art": (OURS, ["--art", "on"]),
-    "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4",
-                                "--art", "on"]),
-    # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps
-    # (reused steps widen the last selection by one page on each side), plus ART
+    # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
+    # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
+    # instead of 6.3 % and was slower, 6.82 ms median TPOT on an H200), plus ART
     "ours_prhs_g4_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
-                               "4", "--prhs-reselect-interval", "4", "--prhs-dilation", "1"]),
+                               "4", "--prhs-reselect-interval", "4", "--prhs-dilation", "0"]),
     "ours_prhs_g4_r4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
-                                   "--prhs-dilation", "1", "--art", "on"]),
+                                   "--prhs-dilation", "0", "--art", "on"]),
 }
 STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) delta_hat mean=([\d.]+) "
                    r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
@@ -83,6 +83,10 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=30124)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true", help="greedy parity, no bench_serving")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the benchmark, profile this many decode steps of a full batch (first input "
+                         "length, largest concurrency) and summarise the kernels (benchmarks/profile_decode.py)")
+    ap.add_argument("--profile-only", action="store_true", help="skip parity and bench_serving; profile only")
     ap.add_argument("--shared-prefix-load", action="store_true",
                     help="after parity, run bench_serving's generated-shared-prefix dataset (radix-cache reuse, "
                          "page-summary reuse) and check the server survives and reports no KV leak at idle")
@@ -107,6 +111,11 @@ def main(argv=None):
     if not os.path.exists(ref_path) and os.path.exists(kept_ref):
         ref_path = kept_ref
     prompts = fixed_prompts()
+    prof_out = args.out.replace(".json", "_profile.json")
+    profiles = []
+    if args.profile_steps > 0 and os.path.exists(prof_out):
+        with open(prof_out) as f:
+            profiles = json.load(f)
     for name in args.configs.split(","):
         launcher, flags = CONFIGS[name]
         if args.check_metrics:
@@ -116,7 +125,7 @@ def main(argv=None):
         try:
             with server(launcher + common + flags, args.port, slog) as base:
                 parity = None
-                if not args.skip_parity:
+                if not args.skip_parity and not args.profile_only:
                     _, same = greedy_vs_reference(base, prompts, ref_path, name == "flashinfer")
                     if same is not None:
                         parity = sum(same)
@@ -153,7 +162,7 @@ def main(argv=None):
                 if args.parity_only:
                     save_rows(rows, args.out)
                     continue
-                for L in lens:
+                for L in ([] if args.profile_only else lens):
                     for C in concs:
                         res = bench_serving(base, args.model, os.path.join(logs, f"bench_{name}_{L}_{C}.jsonl"),
                                             os.path.join(logs, f"bench_{name}_{L}_{C}.log"),
@@ -180,6 +189,15 @@ def main(argv=None):
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
+                if args.profile_steps > 0:
+                    prof = profile_running_decode(base, slog, logs, lens[0], max(concs), args.profile_steps)
+                    if prof:
+                        prof.update(config=name, input_len=lens[0], concurrency=max(concs), gpu=gpu,
+                                    command=f"python -m benchmarks.serving_decode --configs {name} "
+                                            f"--profile-steps {args.profile_steps}")
+                        profiles = [p for p in profiles if p["config"] != name] + [prof]
+                        save_rows(profiles, prof_out)
+                        print_summary(name, prof)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
     base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}

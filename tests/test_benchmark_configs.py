@@ -69,3 +69,29 @@ def test_benchmark_flags_are_known_to_sglang_or_us():
             parser.parse_args(["--model-path", "m"] + flags)
         except SystemExit as e:             # argparse reports the bad flag on stderr and exits 2
             pytest.fail(f"{name}: {flags} rejected (exit {e.code})")
+
+
+def test_profile_trace_summary(tmp_path):
+    """The decode profile's busy time is the union of kernel intervals; totals and launches per step."""
+    import gzip
+    import json
+    import random
+
+    from benchmarks.profile_decode import summarize_trace
+
+    rng = random.Random()
+    a, b = rng.uniform(5, 50), rng.uniform(5, 50)
+    ev = [{"cat": "kernel", "name": "attn", "ts": 0.0, "dur": a},
+          {"cat": "kernel", "name": "gemm", "ts": a / 2, "dur": a},          # overlaps the first
+          {"cat": "kernel", "name": "attn", "ts": 2 * a + 10, "dur": b},     # after a 10 us gap
+          {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 999.0}]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    res = summarize_trace(str(path), steps=2)
+    assert res["kernels"] == 3
+    assert abs(res["wall_us_per_step"] - (2 * a + 10 + b) / 2) < 1e-6
+    assert abs(res["busy_us_per_step"] - (1.5 * a + b) / 2) < 1e-6
+    top = {r["name"]: r for r in res["top"]}
+    assert abs(top["attn"]["us_per_step"] - (a + b) / 2) < 1e-6 and top["attn"]["launches_per_step"] == 1
+    assert set(top) == {"attn", "gemm"}
