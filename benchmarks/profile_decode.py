@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from typing import Optional
 
-from benchmarks.serving import greedy, log, post_json
+from benchmarks.serving import greedy, log, post
 
 DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+)")
 
@@ -93,7 +93,7 @@ def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: in
         if not _wait_for_decode_batch(log_path, conc, timeout):
             log(f"profile: no decode batch of {conc} requests within {timeout:.0f}s")
             return None
-        post_json(base + "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["GPU"]})
+        post(base + "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["GPU"]})
         t0 = time.time()
         traces = []
         while time.time() - t0 < timeout and not traces:

@@ -32,11 +32,16 @@ def _get(url: str, timeout: float = 5.0) -> Optional[bytes]:
         return None
 
 
-def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
+def post(url: str, payload: dict, timeout: float = 600.0) -> bytes:
+    """POST ``payload`` as JSON; returns the raw answer (some endpoints, e.g. /start_profile, answer text)."""
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+        return r.read()
+
+
+def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
+    return json.loads(post(url, payload, timeout))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -44,8 +45,9 @@ CONFIGS = {
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
 }
-STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=([\d.]+) delta_hat mean=([\d.]+) "
-                   r"max=([\d.]+) art_stop_rate=([\d.]+) blocks_read_mean=([\d.]+)")
+_NUM = r"([\d.]+|nan)"      # delta-hat is NaN for a batch of reused lists only
+STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} delta_hat mean={_NUM} "
+                   rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
 
 
 def common_flags(model: str, ctx: int, max_bs: int) -> list:
@@ -67,9 +69,15 @@ def decode_stats(log_path: str) -> dict:
     if not rows:
         return {}
     big = [r for r in rows if r[0] >= 2] or rows
-    mean = lambda i: sum(r[i] for r in big) / len(big)  # noqa: E731
-    return {"pages_read_frac": mean(1), "delta_hat_mean": mean(2), "delta_hat_max": max(r[3] for r in big),
-            "art_stop_rate": mean(4), "blocks_read_mean": mean(5), "stat_samples": len(big)}
+
+    def mean(i):
+        vals = [r[i] for r in big if not math.isnan(r[i])]
+        return sum(vals) / len(vals) if vals else None
+
+    dmax = [r[3] for r in big if not math.isnan(r[3])]
+    return {"pages_read_frac": mean(1), "delta_hat_mean": mean(2), "delta_hat_max": max(dmax) if dmax else None,
+            "art_stop_rate": mean(4), "blocks_read_mean": mean(5), "stat_samples": len(big),
+            "stat_samples_with_fresh_selection": sum(not math.isnan(r[2]) for r in big)}
 
 
 def main(argv=None):

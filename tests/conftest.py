@@ -46,6 +46,15 @@ def triton_interpreter_bf16_dot():
     return patch_triton_interpreter_bf16_dot()
 
 
+@pytest.fixture(scope="session")
+def interpreter_bounds_check():
+    """Interpreted kernels fail on any unmasked access outside their tensor arguments (tests/interp_bounds.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from interp_bounds import install
+
+        install()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module of tiny-tensor tests (faster, and steady on a busy machine)."""

@@ -270,7 +270,7 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, budget, sink, rec
 
 
 def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
-                 tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None):
+                 tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None, num_sms=None):
     """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments.
 
     ``kv_start_pages``: per request, leading pages the plan skips (``plan(kv_start=pages * P)``); the
@@ -284,6 +284,8 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
     sm_scale = 1.0 / math.sqrt(d)
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1,
                             max_seq_len=max_seq_len or max(lens) + P, head_dim_v=dv, device=device)
+    if num_sms is not None:     # the SM count steers the launch shapes (splits, ART's head length)
+        w.num_sms = num_sms
     starts = [0] * len(lens) if kv_start_pages is None else [p * P for p in kv_start_pages]
     kv_start = None if kv_start_pages is None else torch.tensor(starts, dtype=torch.int32, device=device)
     for cfg in settings:

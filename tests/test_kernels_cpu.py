@@ -28,7 +28,7 @@ from kernel_cases import (
 
 DEVICE = interpreter_device("tests/test_kernels_cpu.py")   # before flashinfer_ext's kernels are defined
 
-pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot")
+pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot", "interpreter_bounds_check")
 
 H_Q, H_KV, D = 4, 2, 32
 
@@ -108,3 +108,31 @@ def test_art_dense_orders():
 @pytest.mark.parametrize("dilation", [0, 1])
 def test_prhs_reuse_across_steps(dilation):
     check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation)
+
+
+def test_art_dense_whole_list_head_gqa3():
+    """SmolLM2's shapes (9 query / 3 KV heads, d 64): a batch that fills the (small) GPU gives ART's
+    sequential head the whole bound-ordered list, shorter than the planned list length."""
+    art_cfg = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    check_decode([230, 75, 140], 32, 9, 3, 64, 64, DEVICE, fresh_seed(),
+                 [dict(mode="dense", **art_cfg), dict(mode="prhs", budget=1 / 4, delta=0.05, **art_cfg)],
+                 structured=True, max_seq_len=512, num_sms=4)
+
+
+def test_bounds_checker_catches_out_of_bounds():
+    """The interpreter's bounds check (tests/interp_bounds.py) fails an access past a tensor's end."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n, other=0.0), mask=offs < n)
+
+    x = torch.randn(16, device=DEVICE)
+    y = torch.empty(16, device=DEVICE)
+    _copy[(1,)](x, y, 16, BLOCK=32)
+    assert torch.equal(x, y)
+    with pytest.raises(Exception, match="outside every tensor"):     # the interpreter wraps it
+        _copy[(1,)](x, y, 24, BLOCK=32)
