@@ -308,6 +308,11 @@ TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num
 ]
 
 
+# sparse decode over PrHS's lists (1/16 of the pages: shorter programs than dense): pages per iteration,
+# warps, stages, split factor (relative to the plan's default for the sparse list)
+SPARSE_CANDIDATES = [dict(pages_per_iter=ppi, num_warps=nw, num_stages=3, split=sf)
+                     for ppi in (None, "x2") for nw in (4, 8) for sf in (0.5, 1, 2)]
+
 # page-bound kernel: (pages per chunk, warps, chunks per program)
 BOUNDS_CANDIDATES = [(64, 4, 1), (128, 4, 1), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)]
 
@@ -367,6 +372,7 @@ def main(argv=None):
     tuned = {}
     tuned_select = {}
     tuned_bounds = {}
+    tuned_sparse = {}
     bounds_ctx = None
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
@@ -483,6 +489,37 @@ def main(argv=None):
                 bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
                 if bounds_ctx is not None:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
+                # launch of the sparse decode (PrHS without ART), with the tuned selection and bounds
+                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_sparse:
+                    base_kw = dict(mode="prhs", budget=1 / 16, delta=0.05, select_warps=tuned_select.get(ctx))
+                    if bounds_ctx is not None:
+                        base_kw.update(zip(("bounds_block_p", "bounds_warps", "bounds_iters"), tuned_bounds[bounds_ctx]))
+                    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, seq_len_hint=ctx, **base_kw)
+                    sparse_auto = wrapper.num_splits
+                    best = None
+                    for cand in SPARSE_CANDIDATES:
+                        kw = dict(_launch_kwargs(cand, P, 1), num_splits=max(1, round(sparse_auto * cand["split"])))
+                        try:
+                            call, nbytes, out, _ = ours_method(batch, wrapper, dict(base_kw, **kw))
+                            t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
+                            log(f"  tune sparse decode {kw}: PrHS 1/16 {t_us:.1f} us")
+                            meta["tuning"].setdefault(f"sparse_{ctx}", []).append(dict(kw, time_us=t_us))
+                            if best is None or t_us < best[0]:
+                                best = (t_us, cand)
+                        except Exception as exc:  # noqa: BLE001
+                            meta["errors"].append(f"tune sparse {kw} c{ctx}: {exc!r}")
+                            traceback.print_exc()
+                    if best is not None:
+                        tuned_sparse[ctx] = best[1]
+                if ctx in tuned_sparse:
+                    meta["tuning"][f"used_b{bs}_c{ctx}"]["sparse_decode"] = tuned_sparse[ctx]
+
+            def sparse_launch(kw: dict) -> dict:
+                """The tuned sparse-decode launch for this batch: the split factor applies to its default."""
+                cand = tuned_sparse[ctx]
+                wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, seq_len_hint=ctx, **kw)
+                return dict(_launch_kwargs(cand, P, 1), num_splits=max(1, round(wrapper.num_splits * cand["split"])))
+
             for name, plan_kw, bud, dl, select in method_specs(args.quick):
                 if time.time() - T0 > args.time_limit:
                     meta["skipped"].append(f"{name} b{bs} c{ctx} {kind} budget {bud} delta {dl}: time limit")
@@ -494,7 +531,7 @@ def main(argv=None):
                     if bounds_ctx is not None:
                         kw["bounds_block_p"], kw["bounds_warps"], kw["bounds_iters"] = tuned_bounds[bounds_ctx]
                     if not kw.get("art"):
-                        kw.update(launch)
+                        kw.update(sparse_launch(kw) if kw["mode"] == "prhs" and ctx in tuned_sparse else launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \
                                 and kw["mode"] == "dense":
                             kw["num_splits"] = auto_splits * meta["tuning"][f"used_b{bs}_c{ctx}"]["split_factor"]

@@ -30,7 +30,7 @@ from benchmarks.serving import save_rows
 H_Q, H_KV, D = 32, 8, 128
 
 
-def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads) -> list:
+def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,)) -> list:
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(1234 + bs + ctx + P)
@@ -67,8 +67,15 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads) -> 
                seq_len_hint=ctx, art=True, art_head_pages=head)
         row("full+art", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
             art_head=w.head_len, splits=w.num_splits)
-    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05, seq_len_hint=ctx)
-    row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0])
+    for shape in decode_shapes:
+        # the sparse decode alone (the lists of the last selection), default launch or splits x warps x
+        # pages per iteration x stages
+        kw = {} if shape is None else dict(zip(("num_splits", "num_warps", "pages_per_iter", "num_stages"), shape))
+        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
+               seq_len_hint=ctx, **kw)
+        row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False),
+                                 batch.n_copies)[0], splits=w.num_splits, decode_warps=w.num_warps, ppi=w.ppi,
+            stages=w.num_stages)
     batch.free()
     del w
     torch.cuda.empty_cache()
@@ -83,31 +90,39 @@ def main(argv=None):
     ap.add_argument("--art-heads", default="auto,8,32", help="ART sequential head pages (auto = the default)")
     ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8",
                     help="page-bound kernel shapes: pages per chunk x warps [x chunks per program]")
+    ap.add_argument("--decode-shapes", default="auto",
+                    help="sparse-decode launches: 'auto' (the plan's default) or splits x warps x pages per "
+                         "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    gbps = copy_bandwidth_gbps()
-    log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
     art_heads = [None if x == "auto" else int(x) for x in args.art_heads.split(",")]
     bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:3]) for x in args.bounds.split(",")]
+    decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
+    if any(d is not None and len(d) != 4 for d in decode_shapes):
+        ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
+    gbps = copy_bandwidth_gbps()
+    log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     for P in (int(x) for x in args.page_sizes.split(",")):
         for cfg in args.configs.split(","):
             bs, ctx = (int(x) for x in cfg.split("x"))
             try:
-                rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads)
+                rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes)
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
                + " ".join(argv if argv is not None else sys.argv[1:]), rows=rows)
     save_rows(res, args.out)
-    print("\n| batch | context | P | part | select warps | bounds pages x warps x iters | us |")
+    print("\n| batch | context | P | part | select warps | launch shape | us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
-            f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else "")
+            f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else
+            f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
+            if "decode_warps" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
               f"{shape} | {r['time_us']:.1f} |")
 
