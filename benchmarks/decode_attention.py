@@ -448,69 +448,53 @@ def main(argv=None):
                 launch = dict(pages_per_iter=kw["pages_per_iter"], num_warps=kw["num_warps"],
                               num_stages=kw["num_stages"])
                 meta["tuning"][f"used_b{bs}_c{ctx}"] = dict(launch, split_factor=split_factor)
-                # warps of the selection kernel (latency-bound: fewer warps may win)
-                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_select:
+                def sweep(what: str, cands, plan_kw) -> object:
+                    """Time PrHS 1/16 with each candidate's plan arguments; the fastest candidate (or None)."""
                     best = None
-                    for sw in (4, 8, 16):
+                    for cand in cands:
+                        kw = dict(mode="prhs", budget=1 / 16, delta=0.05, **plan_kw(cand))
                         try:
-                            kw = dict(mode="prhs", budget=1 / 16, delta=0.05, select_warps=sw, **launch)
                             call, nbytes, out, _ = ours_method(batch, wrapper, kw)
                             t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
-                            log(f"  tune select_warps={sw}: PrHS 1/16 {t_us:.1f} us")
-                            meta["tuning"].setdefault(f"select_{ctx}", []).append(dict(select_warps=sw, time_us=t_us))
+                            log(f"  tune {what} {cand}: PrHS 1/16 {t_us:.1f} us")
+                            meta["tuning"].setdefault(f"{what}_{ctx}", []).append(dict(candidate=cand, time_us=t_us))
                             if best is None or t_us < best[0]:
-                                best = (t_us, sw)
+                                best = (t_us, cand)
                         except Exception as exc:  # noqa: BLE001
-                            meta["errors"].append(f"tune select_warps {sw} c{ctx}: {exc!r}")
+                            meta["errors"].append(f"tune {what} {cand} c{ctx}: {exc!r}")
                             traceback.print_exc()
+                    return None if best is None else best[1]
+
+                tune_here = not args.no_tune and (bs, ctx) in TUNE_CONFIGS
+                # warps of the selection kernel (latency-bound: fewer warps may win)
+                if tune_here and ctx not in tuned_select:
+                    best = sweep("select", (4, 8, 16), lambda sw: dict(select_warps=sw, **launch))
                     if best is not None:
-                        tuned_select[ctx] = best[1]
+                        tuned_select[ctx] = best
                 if ctx in tuned_select:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["select_warps"] = tuned_select[ctx]
                 # launch shape of the page-bound kernel (bandwidth-bound over all page summaries)
-                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_bounds:
-                    best = None
-                    for bp, bw, bi in BOUNDS_CANDIDATES:
-                        try:
-                            kw = dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=bp, bounds_warps=bw,
-                                      bounds_iters=bi, select_warps=tuned_select.get(ctx), **launch)
-                            call, nbytes, out, _ = ours_method(batch, wrapper, kw)
-                            t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
-                            log(f"  tune bounds_block_p={bp} bounds_warps={bw} bounds_iters={bi}: PrHS 1/16 {t_us:.1f} us")
-                            meta["tuning"].setdefault(f"bounds_{ctx}", []).append(
-                                dict(bounds_block_p=bp, bounds_warps=bw, bounds_iters=bi, time_us=t_us))
-                            if best is None or t_us < best[0]:
-                                best = (t_us, (bp, bw, bi))
-                        except Exception as exc:  # noqa: BLE001
-                            meta["errors"].append(f"tune bounds {bp},{bw},{bi} c{ctx}: {exc!r}")
-                            traceback.print_exc()
+                if tune_here and ctx not in tuned_bounds:
+                    best = sweep("bounds", BOUNDS_CANDIDATES, lambda c: dict(
+                        bounds_block_p=c[0], bounds_warps=c[1], bounds_iters=c[2], select_warps=tuned_select.get(ctx),
+                        **launch))
                     if best is not None:
-                        tuned_bounds[ctx] = best[1]
+                        tuned_bounds[ctx] = best
                 bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
                 if bounds_ctx is not None:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
                 # launch of the sparse decode (PrHS without ART), with the tuned selection and bounds
-                if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned_sparse:
-                    base_kw = dict(mode="prhs", budget=1 / 16, delta=0.05, select_warps=tuned_select.get(ctx))
+                if tune_here and ctx not in tuned_sparse:
+                    base_kw = dict(select_warps=tuned_select.get(ctx))
                     if bounds_ctx is not None:
                         base_kw.update(zip(("bounds_block_p", "bounds_warps", "bounds_iters"), tuned_bounds[bounds_ctx]))
-                    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, seq_len_hint=ctx, **base_kw)
+                    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16,
+                                 delta=0.05, seq_len_hint=ctx, **base_kw)
                     sparse_auto = wrapper.num_splits
-                    best = None
-                    for cand in SPARSE_CANDIDATES:
-                        kw = dict(_launch_kwargs(cand, P, 1), num_splits=max(1, round(sparse_auto * cand["split"])))
-                        try:
-                            call, nbytes, out, _ = ours_method(batch, wrapper, dict(base_kw, **kw))
-                            t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
-                            log(f"  tune sparse decode {kw}: PrHS 1/16 {t_us:.1f} us")
-                            meta["tuning"].setdefault(f"sparse_{ctx}", []).append(dict(kw, time_us=t_us))
-                            if best is None or t_us < best[0]:
-                                best = (t_us, cand)
-                        except Exception as exc:  # noqa: BLE001
-                            meta["errors"].append(f"tune sparse {kw} c{ctx}: {exc!r}")
-                            traceback.print_exc()
+                    best = sweep("sparse", SPARSE_CANDIDATES, lambda c: dict(
+                        base_kw, **dict(_launch_kwargs(c, P, 1), num_splits=max(1, round(sparse_auto * c["split"])))))
                     if best is not None:
-                        tuned_sparse[ctx] = best[1]
+                        tuned_sparse[ctx] = best
                 if ctx in tuned_sparse:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["sparse_decode"] = tuned_sparse[ctx]
 
