@@ -58,14 +58,16 @@ def summarize_trace(path: str, steps: int, top: int = 25) -> dict:
                     for n, v in rows[:top]]}
 
 
-def _wait_for_decode_batch(log_path: str, conc: int, timeout: float) -> bool:
+def _wait_for_decode_batch(log_path: str, conc: int, timeout: float, offset: int = 0) -> bool:
+    """Wait until the server log, from byte ``offset`` on, reports a decode batch of ``conc`` requests."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        with open(log_path, errors="replace") as f:
-            text = f.read()
-        if any(int(m) >= conc for m in DECODE_LINE.findall(text[-20000:])):
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if any(int(m) >= conc for m in DECODE_LINE.findall(text)):
             return True
-        time.sleep(1)
+        time.sleep(0.5)
     return False
 
 
@@ -86,11 +88,12 @@ def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: in
     # requests start decoding together instead of one after the other's prefill
     for t in run_all(1):
         t.join(timeout=timeout)
-    threads = run_all(steps + 256)
+    offset = os.path.getsize(log_path)      # earlier decode batches (a benchmark before) do not count
+    threads = run_all(steps + 400)
     prof_dir = os.path.join(out_dir, f"prof_{int(time.time())}")
     os.makedirs(prof_dir, exist_ok=True)
     try:
-        if not _wait_for_decode_batch(log_path, conc, timeout):
+        if not _wait_for_decode_batch(log_path, conc, timeout, offset):
             log(f"profile: no decode batch of {conc} requests within {timeout:.0f}s")
             return None
         post(base + "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["GPU"]})

@@ -95,3 +95,20 @@ def test_profile_trace_summary(tmp_path):
     top = {r["name"]: r for r in res["top"]}
     assert abs(top["attn"]["us_per_step"] - (a + b) / 2) < 1e-6 and top["attn"]["launches_per_step"] == 1
     assert set(top) == {"attn", "gemm"}
+
+
+def test_profile_waits_for_a_new_full_decode_batch(tmp_path):
+    """The decode profile starts only on a full batch logged after its requests were sent."""
+    from benchmarks.profile_decode import _wait_for_decode_batch
+
+    log = tmp_path / "server.log"
+    log.write_text("[t] Decode batch, #running-req: 8, #token: 100, cuda graph: True\n")
+    offset = log.stat().st_size
+    assert _wait_for_decode_batch(str(log), 8, 0.2, 0)
+    assert not _wait_for_decode_batch(str(log), 8, 0.2, offset)          # only the earlier batch
+    with open(log, "a") as f:
+        f.write("[t] Decode batch, #running-req: 3, #token: 50\n")
+    assert not _wait_for_decode_batch(str(log), 8, 0.2, offset)          # not full
+    with open(log, "a") as f:
+        f.write("[t] Decode batch, #running-req: 8, #token: 200\n")
+    assert _wait_for_decode_batch(str(log), 8, 0.2, offset)
