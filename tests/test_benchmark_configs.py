@@ -1,11 +1,11 @@
 """The server settings of the GPU benchmark scripts parse and validate here, so that a mistyped or invalid
 flag fails in CI instead of after a GPU machine has started: every sglang_sparse setting of
-benchmarks/serving_decode.py, serving_prefill.py and quality_gpu.py goes through the launcher's parser and
+benchmarks/serving_decode.py, serving_logits.py, serving_prefill.py and quality_gpu.py goes through the launcher's parser and
 value checks, leaves none of our flags to SGLang, and turns on what its name says."""
 
 import pytest
 
-from benchmarks import quality_gpu, serving_decode, serving_prefill
+from benchmarks import quality_gpu, serving_decode, serving_logits, serving_prefill
 from benchmarks.serving import OURS
 from sglang_sparse import config as C
 
@@ -16,6 +16,9 @@ def _settings():
     for name, (launcher, flags) in serving_decode.CONFIGS.items():
         if launcher == OURS:
             yield f"serving_decode:{name}", flags
+    for name, (launcher, flags) in serving_logits.CONFIGS.items():
+        if launcher == OURS:
+            yield f"serving_logits:{name}", flags
     for name, (launcher, flags, _) in serving_prefill.CONFIGS.items():
         if launcher == OURS:
             yield f"serving_prefill:{name}", flags
@@ -46,6 +49,8 @@ def _all_flag_sets():
     prefill_common = serving_prefill.common_flags("m", 66560, 65536)[2:]
     for name, (_, flags) in serving_decode.CONFIGS.items():
         yield f"serving_decode:{name}", decode_common + list(flags)
+    for name, (_, flags) in serving_logits.CONFIGS.items():
+        yield f"serving_logits:{name}", decode_common + list(flags)
     for name, (_, flags, _) in serving_prefill.CONFIGS.items():
         yield f"serving_prefill:{name}", prefill_common + list(flags)
     for name, (_, flags) in quality_gpu.SETTINGS.items():
@@ -112,3 +117,21 @@ def test_profile_waits_for_a_new_full_decode_batch(tmp_path):
     with open(log, "a") as f:
         f.write("[t] Decode batch, #running-req: 8, #token: 200\n")
     assert _wait_for_decode_batch(str(log), 8, 0.2, offset)
+
+
+def test_logits_comparison_centres_and_stops_at_divergence():
+    """serving_logits compares centred logits (a per-position constant, the log-partition, cancels) and only
+    while the earlier greedy tokens agree."""
+    import numpy as np
+
+    from benchmarks.serving_logits import compare
+
+    rng = np.random.default_rng()
+    ref = rng.normal(size=(4, 50))
+    shifted = ref + rng.normal(size=(4, 1)) * 10            # log-probabilities of the same logits
+    same = compare([1, 2, 3, 4], ref, [1, 2, 3, 4], shifted)
+    assert same["positions_compared"] == 4 and max(same["rel_err"]) < 1e-12 and same["tokens_equal"]
+    noisy = shifted + 0.01 * rng.normal(size=(4, 50))
+    res = compare([1, 2, 3, 4], ref, [1, 9, 3, 4], noisy)   # diverges after position 1
+    assert res["positions_compared"] == 2 and not res["tokens_equal"]
+    assert 1e-4 < res["rel_err"][1] < 0.1 and res["max_decode_rel_err"] == res["rel_err"][1]
