@@ -373,6 +373,7 @@ def main(argv=None):
     tuned_select = {}
     tuned_bounds = {}
     tuned_sparse = {}
+    tuned_fused = {}
     bounds_ctx = None
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
@@ -483,9 +484,19 @@ def main(argv=None):
                 bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
                 if bounds_ctx is not None:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
+                # bounds and selection in one launch (each request selects as soon as its bounds are in)
+                if tune_here and ctx not in tuned_fused and bounds_ctx is not None:
+                    bp, bw, bi = tuned_bounds[bounds_ctx]
+                    best = sweep("fused", (False, True), lambda f: dict(
+                        fused_select=f, bounds_block_p=bp, bounds_warps=bw, bounds_iters=bi,
+                        select_warps=tuned_select.get(ctx), **launch))
+                    if best is not None:
+                        tuned_fused[ctx] = best
+                if ctx in tuned_fused:
+                    meta["tuning"][f"used_b{bs}_c{ctx}"]["fused_select"] = tuned_fused[ctx]
                 # launch of the sparse decode (PrHS without ART), with the tuned selection and bounds
                 if tune_here and ctx not in tuned_sparse:
-                    base_kw = dict(select_warps=tuned_select.get(ctx))
+                    base_kw = dict(select_warps=tuned_select.get(ctx), fused_select=tuned_fused.get(ctx, False))
                     if bounds_ctx is not None:
                         base_kw.update(zip(("bounds_block_p", "bounds_warps", "bounds_iters"), tuned_bounds[bounds_ctx]))
                     wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16,
@@ -514,6 +525,8 @@ def main(argv=None):
                         kw["select_warps"] = tuned_select[ctx]
                     if bounds_ctx is not None:
                         kw["bounds_block_p"], kw["bounds_warps"], kw["bounds_iters"] = tuned_bounds[bounds_ctx]
+                    if tuned_fused.get(ctx) and kw["mode"] == "prhs":
+                        kw["fused_select"] = True
                     if not kw.get("art"):
                         kw.update(sparse_launch(kw) if kw["mode"] == "prhs" and ctx in tuned_sparse else launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \

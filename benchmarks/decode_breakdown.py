@@ -62,6 +62,20 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
         w.select_warps = warps
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
     w.select_warps = default_warps
+    # bounds and selection in one launch (each request's last chunk program selects), with the chunking of
+    # the fastest bound kernel above
+    best = min((r for r in rows if r["part"] == "bounds"), key=lambda r: r["time_us"], default=None)
+    chunking = (best["block_p"], best["bounds_iters"]) if best else planned[::2]
+    for warps in warps_list:
+        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
+               seq_len_hint=ctx, fused_select=True, select_warps=warps, bounds_block_p=chunking[0],
+               bounds_iters=chunking[1])
+        row("bounds+select fused", time_calls(lambda i: w._launch_bounds_select(q, batch.copies[i][2],
+                                                                                 batch.copies[i][3]),
+                                              batch.n_copies)[0], warps=warps, block_p=chunking[0],
+            bounds_warps=warps, bounds_iters=chunking[1])
+        row("full fused", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
+            warps=warps)
     for head in art_heads:
         w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
                seq_len_hint=ctx, art=True, art_head_pages=head)

@@ -56,7 +56,7 @@ import triton
 
 from flashinfer_ext.kernels.page_bounds import _page_bounds_kernel
 from flashinfer_ext.kernels.page_dilate import _page_dilate_kernel
-from flashinfer_ext.kernels.page_select import _page_select_kernel
+from flashinfer_ext.kernels.page_select import _bounds_select_kernel, _page_select_kernel
 from flashinfer_ext.kernels.page_table import _page_table_kernel
 from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
 
@@ -140,6 +140,7 @@ class SparseDecodeWrapper:
         self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
         self.reselect_flag = torch.ones(bs, **i32)
+        self.sel_count = torch.zeros(bs, hk, **i32)      # fused bounds + selection: chunks done per (b, h)
         self.req_idx = torch.zeros(bs, **i32)
         # per-request state for reuse across steps: [slot, req_to_token row, KV head, pages]
         self.reuse_slots = int(reuse_slots)
@@ -179,7 +180,7 @@ class SparseDecodeWrapper:
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
-             bounds_iters: int = 1,
+             bounds_iters: int = 1, fused_select: bool = False,
              kv_start: Optional[torch.Tensor] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
@@ -212,6 +213,9 @@ class SparseDecodeWrapper:
                 8 up to 2048, else 16; the fastest on an H200 in benchmarks/decode_breakdown.py).
             bounds_block_p, bounds_warps, bounds_iters: pages per chunk, warps, and chunks per program
                 (pipelined) of the page-bound kernel.
+            fused_select: compute the page bounds and select in one launch
+                (``kernels.page_select._bounds_select_kernel``, ``select_warps`` warps): each
+                (request, KV head) selects as soon as its bounds are in.
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
@@ -315,6 +319,7 @@ class SparseDecodeWrapper:
             raise ValueError(f"bounds_iters must be >= 1, got {bounds_iters}")
         self.bounds_block_p, self.bounds_warps = int(bounds_block_p), int(bounds_warps)
         self.bounds_iters = int(bounds_iters)
+        self.fused_select = bool(fused_select)
         self.select_warps = select_warps or (4 if self.block_pg <= 512 else 8 if self.block_pg <= 2048 else 16)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
@@ -372,8 +377,11 @@ class SparseDecodeWrapper:
                 raise ValueError("this plan selects pages: pass the layer's kmin/kmax summaries")
             if self.reuse and not 0 <= reuse_slot < self.reuse_slots:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
-            self._launch_bounds(q, kmin, kmax)
-            self._launch_select(reuse_slot)
+            if self.fused_select:
+                self._launch_bounds_select(q, kmin, kmax, reuse_slot)
+            else:
+                self._launch_bounds(q, kmin, kmax)
+                self._launch_select(reuse_slot)
         elif not self.select:
             self.cur_dhat[:bs].zero_()
         self._launch_decode(q, k_cache, v_cache, out)
@@ -389,14 +397,21 @@ class SparseDecodeWrapper:
             G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
             ITERS=iters, NUM_STAGES=2 if iters > 1 else 1, num_warps=self.bounds_warps)
 
+    def _select_state(self, reuse_slot: int):
+        """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""
+        slot = reuse_slot if self.reuse else 0
+        return self.state_pages[slot], self.state_num[slot], self.state_npg[slot]
+
+    def _select_meta(self) -> dict:
+        return dict(P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
+                    DELTA_ZERO=self.delta <= 0.0, WRITE_REST=self.art, WRITE_STATE=self.reuse)
+
+    def _log_ratio(self) -> float:
+        return 0.0 if self.delta <= 0.0 else math.log(self.delta / (1.0 - self.delta))
+
     def _launch_select(self, reuse_slot: int = 0) -> None:
         bs = self.bs
-        delta_zero = self.delta <= 0.0
-        log_ratio = 0.0 if delta_zero else math.log(self.delta / (1.0 - self.delta))
-        sel_warps = self.select_warps
-        st_p, st_n, st_g = (self.state_pages[reuse_slot], self.state_num[reuse_slot],
-                            self.state_npg[reuse_slot]) if self.reuse else (
-            self.state_pages[0], self.state_num[0], self.state_npg[0])
+        st_p, st_n, st_g = self._select_state(reuse_slot)
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
             self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
@@ -404,19 +419,40 @@ class SparseDecodeWrapper:
             self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
             st_p.stride(0), st_p.stride(1), self.reuse_width,
-            self.sink_pages, self.recent_pages, log_ratio, self.list_max,
-            P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
-            DELTA_ZERO=delta_zero, WRITE_REST=self.art, WRITE_STATE=self.reuse,
-            num_warps=sel_warps)
-        if self.reuse:
-            _page_dilate_kernel[(bs, self.h_kv)](
-                self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
-                self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
-                self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
-                self.cur_pages.stride(0), self.cur_pages.stride(1),
-                self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
-                self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
-                num_warps=sel_warps)
+            self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max,
+            **self._select_meta(), num_warps=self.select_warps)
+        self._launch_reuse(reuse_slot)
+
+    def _launch_bounds_select(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                              reuse_slot: int = 0) -> None:
+        """Bounds and selection in one launch (``plan(fused_select=True)``)."""
+        block_p, iters = self.bounds_block_p, self.bounds_iters
+        st_p, st_n, st_g = self._select_state(reuse_slot)
+        _bounds_select_kernel[(triton.cdiv(self.max_pages, block_p * iters), self.h_kv, self.bs)](
+            self.reselect_flag, self.sel_count, q, kmin, kmax, self.ub, self.lb, self.num_pages, self.last_len,
+            self.budget, self.page_table, self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat,
+            self.cur_rest, self.req_idx, st_p, st_n, st_g, self.sel_scratch,
+            q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
+            self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
+            self.sel_scratch.stride(0), self.sel_scratch.stride(1), st_p.stride(0), st_p.stride(1),
+            self.reuse_width, self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max, self.sm_scale,
+            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p, ITERS=iters,
+            NUM_STAGES=2 if iters > 1 else 1, **self._select_meta(), num_warps=self.select_warps)
+        self._launch_reuse(reuse_slot)
+
+    def _launch_reuse(self, reuse_slot: int) -> None:
+        """Requests that do not reselect this step take their kept list (dilated) instead."""
+        if not self.reuse:
+            return
+        st_p, st_n, st_g = self._select_state(reuse_slot)
+        _page_dilate_kernel[(self.bs, self.h_kv)](
+            self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
+            self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
+            self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
+            self.cur_pages.stride(0), self.cur_pages.stride(1),
+            self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
+            self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
+            num_warps=self.select_warps)
 
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        out: torch.Tensor) -> None:

@@ -293,6 +293,8 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
         poison_wrapper(w)
         w.plan(pool.req_to_token, pool.rows, pool.seq_lens, kv_start=kv_start, **cfg)
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        if cfg.get("fused_select"):      # the per-(request, head) chunk counters are back at 0 for the next run
+            assert int(w.sel_count.abs().sum()) == 0, f"seed={seed} {cfg}: fused selection counters not reset"
         mode = cfg.get("mode", "prhs")
         use_art = cfg.get("art", False)
         for b, n in enumerate(lens):
@@ -402,7 +404,7 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
 
 # ----------------------------------------------------------------------------- reuse across steps
 def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilation=1, budget=0.25, delta=0.05,
-                sink=1, recent=2, tol=1e-2):
+                sink=1, recent=2, tol=1e-2, fused_select=False):
     """Time axis: step 1 selects afresh on page-aligned prefixes; step 2 (``grow_pages`` more pages
     per request, batch order reversed) reuses that selection with dilation (prhs.reuse_with_dilation);
     step 3 (original order) mixes a fresh selection (request 0) with reuse (the others) through the
@@ -419,7 +421,8 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device,
                             reuse_slots=2, max_reqs=pool.req_to_token.shape[0])
     slot = 1
-    cfg = dict(mode="prhs", budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dilation=dilation)
+    cfg = dict(mode="prhs", budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dilation=dilation,
+               fused_select=fused_select)
     pre_lens = torch.tensor(prefix, dtype=torch.int64, device=device)
 
     def bounds(b, n):

@@ -86,6 +86,8 @@ def _drive_wrappers():
     for cfg in (dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05),
                 dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_iters=4),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, select_warps=8),
+                dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, fused_select=True),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, eps_cert=0.01, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, **art),
                 dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art)):
@@ -111,6 +113,7 @@ def test_all_launches_compile_for_sm90():
     launches = _record_launches(_drive_wrappers)
     names = {k[0] for k in launches}
     assert {"_page_table_kernel", "_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel",
+            "_bounds_select_kernel",
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
             "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel"} <= names, names
     failures = []

@@ -63,7 +63,8 @@ def test_decode_kv_start():
 def test_prhs_select_and_decode_random():
     check_decode([230, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(mode="prhs", budget=0.5, delta=0.05),
-                  dict(mode="prhs", budget=4, delta=0.0, sink_pages=2, recent_pages=1, num_splits=2)])
+                  dict(mode="prhs", budget=4, delta=0.0, sink_pages=2, recent_pages=1, num_splits=2),
+                  dict(mode="prhs", budget=0.5, delta=0.05, fused_select=True, bounds_block_p=16)])
 
 
 def test_prhs_select_and_decode_structured():
@@ -80,7 +81,9 @@ def test_prhs_select_many_pages():
     # k-th-largest search decides which pages reach the sort, so an error in it changes the selection
     check_decode([3030, 2000], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(mode="prhs", budget=10, delta=0.0),
-                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=3)])
+                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=3),
+                  # bounds and selection in one launch: each request's last chunk program selects
+                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=2, fused_select=True)])
 
 
 def test_prhs_selection_ties():
@@ -93,7 +96,8 @@ def test_art_prhs_structured():
     check_decode([300, 200], 16, H_Q, H_KV, D, D, DEVICE, seed,
                  [dict(mode="prhs", budget=1.0, delta=0.0, **art_cfg),                        # sequential
                   dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, **art_cfg),
-                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg)],      # certified
+                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg),       # certified
+                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, fused_select=True, **art_cfg)],
                  structured=True)
 
 
@@ -105,9 +109,9 @@ def test_art_dense_orders():
                  structured=True)
 
 
-@pytest.mark.parametrize("dilation", [0, 1])
-def test_prhs_reuse_across_steps(dilation):
-    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation)
+@pytest.mark.parametrize("dilation,fused", [(0, False), (1, False), (1, True)])
+def test_prhs_reuse_across_steps(dilation, fused):
+    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation, fused_select=fused)
 
 
 def test_art_dense_whole_list_head_gqa3():

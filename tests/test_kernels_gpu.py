@@ -81,7 +81,8 @@ def test_decode_kv_start():
 def test_prhs_decode_random(page_size):
     check_decode([32768, 8192, 20000], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
                  [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1 / 8, delta=0.01),
-                  dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4)])
+                  dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4),
+                  dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, bounds_iters=4, select_warps=8)])
 
 
 def test_prhs_decode_structured():
@@ -105,14 +106,16 @@ def test_art_decode_structured():
                  structured=True)
 
 
-@pytest.mark.parametrize("dilation", [0, 2])
-def test_prhs_reuse_across_steps(dilation):
-    check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16)
+@pytest.mark.parametrize("dilation,fused", [(0, False), (2, False), (2, True)])
+def test_prhs_reuse_across_steps(dilation, fused):
+    check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16,
+                fused_select=fused)
 
 
-@pytest.mark.parametrize("mode,art,reuse", [("prhs", False, False), ("prhs", True, False), ("dense", False, False),
-                                            ("prhs", False, True)])
-def test_cuda_graph_capture_replay(mode, art, reuse):
+@pytest.mark.parametrize("mode,art,reuse,fused", [("prhs", False, False, False), ("prhs", True, False, False),
+                                                  ("dense", False, False, False), ("prhs", False, True, False),
+                                                  ("prhs", False, True, True)])
+def test_cuda_graph_capture_replay(mode, art, reuse, fused):
     """plan() outside the graph, run() captured once, replayed for two different batches of the same
     size (new queries, new lengths, new page placement), each checked against the reference;
     run() allocates nothing. ``reuse``: captured with per-request reselection flags, replayed for a
@@ -126,7 +129,7 @@ def test_cuda_graph_capture_replay(mode, art, reuse):
     P = 32
     max_len = 16384
     cfg = dict(mode=mode, budget=1 / 8, delta=0.05, art=art, tau_mag=0.02, tau_dir=5e-4, patience=2,
-               min_blocks=4, seq_len_hint=max_len)
+               min_blocks=4, seq_len_hint=max_len, fused_select=fused)
     if reuse:
         cfg.update(reselect=True, dilation=1)
     batches = [make_pool([12000, 5000, 16000], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len),

@@ -30,33 +30,43 @@ def _page_bounds_kernel(Flag, Q, KMin, KMax, PageTable, NumPages, UB, LB,
                         NUM_STAGES: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    c = tl.program_id(2)
+    first = tl.program_id(2) * (BLOCK_P * ITERS)
+    if (first < tl.load(NumPages + b)) & (tl.load(Flag + b) != 0):
+        _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, h, first,
+                       stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
+                       sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
+
+
+@triton.jit
+def _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, h, first,
+                   stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
+                   sm_scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ITERS: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Bounds of pages ``[first, first + ITERS * BLOCK_P)`` (those below the page count) of request b, KV head h."""
     npg = tl.load(NumPages + b)
-    first = c * (BLOCK_P * ITERS)
-    if (first < npg) & (tl.load(Flag + b) != 0):
-        g = tl.arange(0, G_PAD)
-        g_ok = g < G
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        qf = q.to(tl.float32)
-        q_pos = tl.where(qf > 0, qf, 0.0).to(KMin.dtype.element_ty)
-        q_neg = tl.where(qf < 0, qf, 0.0).to(KMin.dtype.element_ty)
-        base = b.to(tl.int64) * stride_ub_b + h * stride_ub_h
-        # ITERS chunks of BLOCK_P pages per program, software-pipelined (the next chunk's summaries load
-        # while this one is scored)
-        for i in tl.range(0, ITERS, num_stages=NUM_STAGES):
-            lp = first + i * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_ok = lp < npg
-            phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp, mask=p_ok, other=0).to(tl.int64)
-            s_off = phys[:, None] * stride_sp + h * stride_sh + offs_d[None, :]
-            m2 = p_ok[:, None] & d_ok[None, :]
-            kmin = tl.load(KMin + s_off, mask=m2, other=0.0)
-            kmax = tl.load(KMax + s_off, mask=m2, other=0.0)
-            ub = tl.dot(q_pos, tl.trans(kmax)) + tl.dot(q_neg, tl.trans(kmin))    # [G_PAD, BLOCK_P]
-            lb = tl.dot(q_pos, tl.trans(kmin)) + tl.dot(q_neg, tl.trans(kmax))
-            ub_g = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), axis=0) * sm_scale
-            lb_g = tl.min(tl.where(g_ok[:, None], lb, float("inf")), axis=0) * sm_scale
-            tl.store(UB + base + lp, ub_g, mask=p_ok)
-            tl.store(LB + base + lp, lb_g, mask=p_ok)
+    g = tl.arange(0, G_PAD)
+    g_ok = g < G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    qf = q.to(tl.float32)
+    q_pos = tl.where(qf > 0, qf, 0.0).to(KMin.dtype.element_ty)
+    q_neg = tl.where(qf < 0, qf, 0.0).to(KMin.dtype.element_ty)
+    base = b.to(tl.int64) * stride_ub_b + h * stride_ub_h
+    # ITERS chunks of BLOCK_P pages, software-pipelined (the next chunk's summaries load while this
+    # one is scored)
+    for i in tl.range(0, ITERS, num_stages=NUM_STAGES):
+        lp = first + i * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = lp < npg
+        phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp, mask=p_ok, other=0).to(tl.int64)
+        s_off = phys[:, None] * stride_sp + h * stride_sh + offs_d[None, :]
+        m2 = p_ok[:, None] & d_ok[None, :]
+        kmin = tl.load(KMin + s_off, mask=m2, other=0.0)
+        kmax = tl.load(KMax + s_off, mask=m2, other=0.0)
+        ub = tl.dot(q_pos, tl.trans(kmax)) + tl.dot(q_neg, tl.trans(kmin))    # [G_PAD, BLOCK_P]
+        lb = tl.dot(q_pos, tl.trans(kmin)) + tl.dot(q_neg, tl.trans(kmax))
+        ub_g = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), axis=0) * sm_scale
+        lb_g = tl.min(tl.where(g_ok[:, None], lb, float("inf")), axis=0) * sm_scale
+        tl.store(UB + base + lp, ub_g, mask=p_ok)
+        tl.store(LB + base + lp, lb_g, mask=p_ok)

@@ -25,6 +25,10 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
 fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
 ``delta == 0`` selects all the budget allows, as the reference.
 
+``_bounds_select_kernel`` fuses the page-bound kernel (:mod:`flashinfer_ext.kernels.page_bounds`) with
+this selection: the last chunk program of a (request, KV head) to finish selects for it, so selections
+overlap the bound computation of other requests (``SparseDecodeWrapper.plan(fused_select=True)``).
+
 The kernel works only on requests whose device flag ``Flag[b]`` is set (a reselection step), so that a
 CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
 each step's action is chosen per request, out of the graph, by writing the flags.
@@ -42,6 +46,8 @@ list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art
 
 import triton
 import triton.language as tl
+
+from flashinfer_ext.kernels.page_bounds import _bounds_chunks
 
 
 @triton.jit
@@ -90,7 +96,8 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
-        _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+        _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
+                    UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
                     SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
                     stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                     state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
@@ -98,14 +105,13 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
 
 
 @triton.jit
-def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
                 SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
                 stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                 state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                 DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    """Selection of request b, KV head h (of ``n_heads``)."""
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
     budget = tl.load(Budget + b)
@@ -118,8 +124,8 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
 
     idx = tl.arange(0, BLOCK_PG)
     valid = idx < npg
-    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"))
-    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"))
+    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
     n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
     log_n = tl.log(tl.where(valid, n_p, 1.0))
     wu = tl.where(valid, log_n + ub, float("-inf"))
@@ -170,8 +176,8 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     # 4. the shortest prefix of that order whose certificate is <= delta (else all k_max of it):
     #    U_j = forced pages cut + candidates outside the top + top positions >= j  (suffix sum),
     #    Z_j = forced pages taken + top positions < j                              (prefix sum)
-    ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"))
-    lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"))
+    ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"), cache_modifier=".cg")
+    lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"), cache_modifier=".cg")
     log_len_s = tl.log(tl.where(top_ids == npg - 1, last_len, P).to(tl.float32))
     eu_s = tl.where(in_top, tl.exp(log_len_s + ub_s - mu), 0.0)
     el_s = tl.where(in_top, tl.exp(log_len_s + lb_s - ml), 0.0)
@@ -202,9 +208,9 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
     top_ok = (pos < k) & ((n_taken_f + pos) < LIST_MAX)
     tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
     tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
-    tl.store(NumSel + b * tl.num_programs(1) + h, n_sel)
-    tl.store(CurNum + b * tl.num_programs(1) + h, n_sel)
-    tl.store(SelDhat + b * tl.num_programs(1) + h, dhat)
+    tl.store(NumSel + b * n_heads + h, n_sel)
+    tl.store(CurNum + b * n_heads + h, n_sel)
+    tl.store(SelDhat + b * n_heads + h, dhat)
     if WRITE_STATE:
         # the fresh selection, kept per (request pool row, KV head) for later reuse steps
         tl.debug_barrier()
@@ -212,7 +218,7 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
         st_ok = (pos < n_sel) & (pos < state_width)
         lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
         tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
-        tl.store(StateNum + req * tl.num_programs(1) + h, tl.minimum(n_sel, state_width))
+        tl.store(StateNum + req * n_heads + h, tl.minimum(n_sel, state_width))
         if h == 0:
             tl.store(StateNpg + req, npg)
 
@@ -220,7 +226,7 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
         tl.debug_barrier()
         lst_ok = pos < n_sel
         lst = tl.load(sel_base + pos, mask=lst_ok, other=0)
-        ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"))
+        ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"), cache_modifier=".cg")
         len_l = tl.where(lst == npg - 1, last_len, P).to(tl.float32)
         w = tl.where(lst_ok, tl.log(len_l) + ub_l, float("-inf"))
         mw = tl.max(w, axis=0)
@@ -229,3 +235,43 @@ def _select_one(UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys,
         rest = tl.log(tl.cumsum(e, axis=0, reverse=True)) + mw
         rest_base = SelRest + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
         tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < LIST_MAX)
+
+
+@triton.jit
+def _bounds_select_kernel(Flag, Count, Q, KMin, KMax, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages,
+                          SelPhys, NumSel, CurNum, SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch,
+                          stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
+                          stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                          state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, sm_scale,
+                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_P: tl.constexpr, ITERS: tl.constexpr, NUM_STAGES: tl.constexpr,
+                          P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
+                          DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
+    """Page bounds and selection in one launch. Grid ``(cdiv(max_pages, BLOCK_P * ITERS), H_kv, bs)``: the
+    chunks of one (request, KV head) are consecutive programs. Each chunk program scores its pages
+    (``page_bounds._bounds_chunks``), then counts itself in ``Count[b, h]``; the program that completes
+    the count selects for (b, h) and resets the counter. Selections thus start as soon as their request's
+    bounds are in, while other requests' bounds are still streaming, instead of after the whole bound
+    kernel. Same outputs as ``_page_bounds_kernel`` followed by ``_page_select_kernel``."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    npg = tl.load(NumPages + b)
+    n_chunks = tl.maximum(tl.cdiv(npg, BLOCK_P * ITERS), 1)     # a request without pages still selects
+    if (c < n_chunks) & (tl.load(Flag + b) != 0):
+        _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, h, c * (BLOCK_P * ITERS),
+                       stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
+                       sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
+        # every thread's bound stores precede the (release) count; the last program's (acquire) count
+        # precedes its reads of all chunks' bounds
+        tl.debug_barrier()
+        n_heads = tl.num_programs(1)
+        done = tl.atomic_add(Count + b * n_heads + h, 1, sem="acq_rel", scope="gpu")
+        if done == n_chunks - 1:
+            tl.store(Count + b * n_heads + h, 0)
+            tl.debug_barrier()
+            _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel,
+                        CurNum, SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt,
+                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+                        stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
