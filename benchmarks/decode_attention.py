@@ -374,6 +374,7 @@ def main(argv=None):
     tuned_bounds = {}
     tuned_sparse = {}
     tuned_fused = {}
+    tuned_merge = {}
     bounds_ctx = None
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
@@ -508,6 +509,16 @@ def main(argv=None):
                         tuned_sparse[ctx] = best
                 if ctx in tuned_sparse:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["sparse_decode"] = tuned_sparse[ctx]
+                # merge by the last split program instead of a second launch
+                if tune_here and ctx not in tuned_merge and ctx in tuned_sparse:
+                    cand = tuned_sparse[ctx]
+                    best = sweep("fused_merge", (False, True), lambda f: dict(
+                        base_kw, fused_merge=f, **dict(_launch_kwargs(cand, P, 1),
+                                                       num_splits=max(1, round(sparse_auto * cand["split"])))))
+                    if best is not None:
+                        tuned_merge[ctx] = best
+                if ctx in tuned_merge:
+                    meta["tuning"][f"used_b{bs}_c{ctx}"]["fused_merge"] = tuned_merge[ctx]
 
             def sparse_launch(kw: dict) -> dict:
                 """The tuned sparse-decode launch for this batch: the split factor applies to its default."""
@@ -527,6 +538,8 @@ def main(argv=None):
                         kw["bounds_block_p"], kw["bounds_warps"], kw["bounds_iters"] = tuned_bounds[bounds_ctx]
                     if tuned_fused.get(ctx) and kw["mode"] == "prhs":
                         kw["fused_select"] = True
+                    if tuned_merge.get(ctx) and kw["mode"] == "prhs":
+                        kw["fused_merge"] = True
                     if not kw.get("art"):
                         kw.update(sparse_launch(kw) if kw["mode"] == "prhs" and ctx in tuned_sparse else launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \

@@ -83,13 +83,14 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
             art_head=w.head_len, splits=w.num_splits)
     for shape in decode_shapes:
         # the sparse decode alone (the lists of the last selection), default launch or splits x warps x
-        # pages per iteration x stages
+        # pages per iteration x stages; merged by a second launch or by the last split (fused)
         kw = {} if shape is None else dict(zip(("num_splits", "num_warps", "pages_per_iter", "num_stages"), shape))
-        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-               seq_len_hint=ctx, **kw)
-        row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False),
-                                 batch.n_copies)[0], splits=w.num_splits, decode_warps=w.num_warps, ppi=w.ppi,
-            stages=w.num_stages)
+        for fused in (False, True):
+            w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
+                   seq_len_hint=ctx, fused_merge=fused, **kw)
+            row("decode fused merge" if fused else "decode",
+                time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0],
+                splits=w.num_splits, decode_warps=w.num_warps, ppi=w.ppi, stages=w.num_stages)
     batch.free()
     del w
     torch.cuda.empty_cache()

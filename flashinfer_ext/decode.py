@@ -141,6 +141,7 @@ class SparseDecodeWrapper:
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
         self.reselect_flag = torch.ones(bs, **i32)
         self.sel_count = torch.zeros(bs, hk, **i32)      # fused bounds + selection: chunks done per (b, h)
+        self.merge_count = torch.zeros(bs, hk, **i32)    # fused merge: splits done per (b, h)
         self.req_idx = torch.zeros(bs, **i32)
         # per-request state for reuse across steps: [slot, req_to_token row, KV head, pages]
         self.reuse_slots = int(reuse_slots)
@@ -180,7 +181,7 @@ class SparseDecodeWrapper:
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
-             bounds_iters: int = 1, fused_select: bool = False,
+             bounds_iters: int = 1, fused_select: bool = False, fused_merge: bool = False,
              kv_start: Optional[torch.Tensor] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
@@ -216,6 +217,8 @@ class SparseDecodeWrapper:
             fused_select: compute the page bounds and select in one launch
                 (``kernels.page_select._bounds_select_kernel``, ``select_warps`` warps): each
                 (request, KV head) selects as soon as its bounds are in.
+            fused_merge: no separate merge launch: the last split program of each (request, KV head)
+                merges its group's heads (``kernels.paged_decode``).
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
@@ -320,6 +323,7 @@ class SparseDecodeWrapper:
         self.bounds_block_p, self.bounds_warps = int(bounds_block_p), int(bounds_warps)
         self.bounds_iters = int(bounds_iters)
         self.fused_select = bool(fused_select)
+        self.fused_merge = bool(fused_merge)
         self.select_warps = select_warps or (4 if self.block_pg <= 512 else 8 if self.block_pg <= 2048 else 16)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
@@ -464,17 +468,21 @@ class SparseDecodeWrapper:
         args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.cur_phys,
                 self.cur_num, self.cur_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
                 self.stop_reason_buf, self.art_dhat_buf, self.art_flag, self.art_loaded,
+                self.merge_count, self.pages_loaded_buf, out, self.lse_buf,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
                 v_cache.stride(1), self.page_table.stride(0), self.cur_phys.stride(0), self.cur_phys.stride(1),
                 self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
-                self.mid_lse.stride(0), self.mid_lse.stride(1), self.h_q,
+                self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
                 self.sm_scale * _LOG2E, self.num_splits, self.head_len, self.tau_mag, self.tau_dir,
                 self.patience, float(self.eps_cert) if cert else 0.0, self.min_blocks)
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
                     HAS_REST=self.art and sparse, NUM_STAGES=self.num_stages, TAIL_SUB=4,
+                    FUSED_MERGE=self.fused_merge, S_PAD=_pow2(self.num_splits) if self.fused_merge else 1,
                     num_warps=self.num_warps)
         _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, **meta)
+        if self.fused_merge:
+            return
         _merge_splits_kernel[(bs, self.h_q)](
             self.mid_o, self.mid_lse, self.stop_reason_buf, self.art_flag, self.art_loaded, self.pages_loaded_buf,
             out, self.lse_buf, self.num_splits,

@@ -24,6 +24,7 @@ read back every ``--decode-log-interval`` decode batches (one device-to-host cop
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
+# set to 1 in the server's environment: bounds + selection and the split merge each run as one launch
+# (SparseDecodeWrapper.plan(fused_select=True, fused_merge=True)); off until measured faster
+FUSED_ENV = "SGLANG_SPARSE_FUSED"
 
 
 
@@ -131,6 +135,9 @@ class SparseDecodeMixin:
         if a.enabled:
             kw.update(tau_mag=a.tau_mag, tau_dir=a.tau_dir, patience=a.patience, eps_cert=a.eps_cert,
                       min_blocks=a.min_blocks)
+        if os.environ.get(FUSED_ENV) == "1":
+            # developer switch: the one-launch variants of bounds + selection and of the split merge
+            kw.update(fused_select=True, fused_merge=True)
         return kw
 
     # ------------------------------------------------------------------ metadata

@@ -137,7 +137,7 @@ def poison_wrapper(w, keep_selection: bool = False) -> None:
     """Fill the wrapper's outputs with NaN / SENTINEL. ``keep_selection`` spares the state a reuse
     step reads (the kept fresh selections: state_pages, state_num, state_npg)."""
     names = ["page_table", "num_pages", "last_len", "budget", "cur_pages", "cur_phys", "cur_num",
-             "blocks_read_buf", "stop_reason_buf", "sel_pages", "num_sel"]
+             "blocks_read_buf", "stop_reason_buf", "pages_loaded_buf", "sel_pages", "num_sel"]
     if not keep_selection:
         names += ["state_pages", "state_num", "state_npg"]
     for name in names:
@@ -295,6 +295,15 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
         if cfg.get("fused_select"):      # the per-(request, head) chunk counters are back at 0 for the next run
             assert int(w.sel_count.abs().sum()) == 0, f"seed={seed} {cfg}: fused selection counters not reset"
+        if cfg.get("fused_merge"):
+            assert int(w.merge_count.abs().sum()) == 0, f"seed={seed} {cfg}: fused merge counters not reset"
+        # pages loaded (published by the merge with ART) cover the pages in the output, within the list
+        nb = len(lens)
+        loaded = w.pages_loaded.reshape(nb, h_kv, h_q // h_kv).long()
+        assert bool((loaded >= w.blocks_read.reshape(nb, h_kv, h_q // h_kv).long()).all()), \
+            f"seed={seed} {cfg}: fewer pages loaded than read"
+        assert bool((loaded <= w.num_selected.reshape(nb, h_kv, 1).long()).all()), \
+            f"seed={seed} {cfg}: more pages loaded than listed"
         mode = cfg.get("mode", "prhs")
         use_art = cfg.get("art", False)
         for b, n in enumerate(lens):

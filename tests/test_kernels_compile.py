@@ -88,6 +88,9 @@ def _drive_wrappers():
                 dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_iters=4),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, select_warps=8),
                 dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, fused_select=True),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_merge=True),
+                dict(mode="dense", fused_merge=True),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, fused_merge=True, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, eps_cert=0.01, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, **art),
                 dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art)):

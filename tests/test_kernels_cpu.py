@@ -51,7 +51,8 @@ def test_page_summaries_extend_decode_reuse(page_size):
 
 def test_dense_decode():
     check_decode([150, 37, 64], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="dense", num_splits=3, pages_per_iter=2)])
+                 [dict(mode="dense"), dict(mode="dense", num_splits=3, pages_per_iter=2),
+                  dict(mode="dense", num_splits=3, fused_merge=True)])      # the last split merges
 
 
 def test_decode_kv_start():
@@ -64,7 +65,7 @@ def test_prhs_select_and_decode_random():
     check_decode([230, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(mode="prhs", budget=0.5, delta=0.05),
                   dict(mode="prhs", budget=4, delta=0.0, sink_pages=2, recent_pages=1, num_splits=2),
-                  dict(mode="prhs", budget=0.5, delta=0.05, fused_select=True, bounds_block_p=16)])
+                  dict(mode="prhs", budget=0.5, delta=0.05, fused_select=True, bounds_block_p=16, fused_merge=True)])
 
 
 def test_prhs_select_and_decode_structured():
@@ -97,7 +98,9 @@ def test_art_prhs_structured():
                  [dict(mode="prhs", budget=1.0, delta=0.0, **art_cfg),                        # sequential
                   dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, **art_cfg),
                   dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg),       # certified
-                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, fused_select=True, **art_cfg)],
+                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, fused_select=True, **art_cfg),
+                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, fused_merge=True,
+                       **art_cfg)],                                          # head + tails, the last merges
                  structured=True)
 
 

@@ -68,7 +68,7 @@ def test_page_summaries(page_size):
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_dense_decode(page_size):
     check_decode([8192, 32768, 5000, 777], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="dense", num_splits=5)])
+                 [dict(mode="dense"), dict(mode="dense", num_splits=5), dict(mode="dense", fused_merge=True)])
 
 
 def test_decode_kv_start():
@@ -82,7 +82,8 @@ def test_prhs_decode_random(page_size):
     check_decode([32768, 8192, 20000], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
                  [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1 / 8, delta=0.01),
                   dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4),
-                  dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, bounds_iters=4, select_warps=8)])
+                  dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, bounds_iters=4, select_warps=8,
+                       fused_merge=True)])
 
 
 def test_prhs_decode_structured():
@@ -102,7 +103,8 @@ def test_art_decode_structured():
                  [dict(mode="prhs", budget=1 / 4, delta=0.0, **art_cfg),
                   dict(mode="prhs", budget=1 / 4, delta=0.0, art_head_pages=12, **art_cfg),
                   dict(mode="prhs", budget=1 / 8, delta=0.05, eps_cert=0.05, **art_cfg),
-                  dict(mode="dense", **art_cfg)],
+                  dict(mode="dense", **art_cfg),
+                  dict(mode="prhs", budget=1 / 4, delta=0.0, art_head_pages=12, fused_merge=True, **art_cfg)],
                  structured=True)
 
 
@@ -114,7 +116,7 @@ def test_prhs_reuse_across_steps(dilation, fused):
 
 @pytest.mark.parametrize("mode,art,reuse,fused", [("prhs", False, False, False), ("prhs", True, False, False),
                                                   ("dense", False, False, False), ("prhs", False, True, False),
-                                                  ("prhs", False, True, True)])
+                                                  ("prhs", False, True, True), ("prhs", True, False, True)])
 def test_cuda_graph_capture_replay(mode, art, reuse, fused):
     """plan() outside the graph, run() captured once, replayed for two different batches of the same
     size (new queries, new lengths, new page placement), each checked against the reference;
@@ -129,7 +131,7 @@ def test_cuda_graph_capture_replay(mode, art, reuse, fused):
     P = 32
     max_len = 16384
     cfg = dict(mode=mode, budget=1 / 8, delta=0.05, art=art, tau_mag=0.02, tau_dir=5e-4, patience=2,
-               min_blocks=4, seq_len_hint=max_len, fused_select=fused)
+               min_blocks=4, seq_len_hint=max_len, fused_select=fused, fused_merge=fused)
     if reuse:
         cfg.update(reselect=True, dilation=1)
     batches = [make_pool([12000, 5000, 16000], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len),

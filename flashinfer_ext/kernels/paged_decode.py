@@ -39,6 +39,10 @@ early stop saves on HBM traffic; the merge publishes them (``PagesLoaded``) and 
 counter and flag for the next step. The per-(request, query head) statistics (``BlocksRead`` = pages
 in the output, ``StopReason``, ``ArtDhat``) are written by the head program.
 
+With ``FUSED_MERGE`` there is no stage 2 launch: every split program counts itself in ``Count[b, h]`` once
+its partial result is stored (barrier + acq_rel atomic), and the program that completes the count merges
+the group's heads (``_merge_head``) and resets the counter.
+
 Stage 2, ``_merge_splits_kernel``, grid ``(bs, H_q)``: merges the splits by their LSE (only split 0
 for a group ART stopped; it runs after stage 1 has finished, so the reset of the flags is safe),
 writes ``out`` in the output dtype and the natural-log ``lse`` (used for PrHS's post-hoc certificate,
@@ -95,14 +99,16 @@ def _online_update(q, k, v, row_ok, m, l, acc, qk_scale):
 @triton.jit
 def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPhys, ListNum, ListRest,
                          MidO, MidLse, BlocksRead, StopReason, ArtDhat, ArtFlag, ArtLoaded,
+                         Count, PagesLoaded, Out, LseOut,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                          stride_sel_b, stride_sel_h, stride_mo_b, stride_mo_h, stride_mo_s,
-                         stride_ml_b, stride_ml_h, H_Q,
+                         stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
                          qk_scale, num_splits, head_len, tau_mag, tau_dir, patience, eps_cert, min_blocks,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, P: tl.constexpr, PPI: tl.constexpr,
                          SPARSE: tl.constexpr, ART: tl.constexpr, CERT: tl.constexpr,
-                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr):
+                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr,
+                         FUSED_MERGE: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -240,6 +246,19 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     mo = MidO + b64 * stride_mo_b + hq[:, None] * stride_mo_h + s * stride_mo_s + offs_dv[None, :]
     tl.store(mo, o_out, mask=g_ok[:, None] & dv_ok[None, :])
     tl.store(MidLse + b64 * stride_ml_b + hq * stride_ml_h + s, lse, mask=g_ok)
+    if FUSED_MERGE:
+        # the split that completes the (request, KV head) count merges the group's heads: every thread's
+        # stores precede the (release) count, and the last count (acquire) precedes the merge's reads
+        tl.debug_barrier()
+        grp = b64 * (H_Q // G) + h
+        done = tl.atomic_add(Count + grp, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.store(Count + grp, 0)
+            tl.debug_barrier()
+            for gi in tl.static_range(G):
+                _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
+                            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh,
+                            H_Q, b64, h * G + gi, DV, BLOCK_DV, S_PAD, ART, G, G_PAD)
 
 
 @triton.jit
@@ -247,32 +266,42 @@ def _merge_splits_kernel(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoad
                          stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
                          stride_ob, stride_oh, H_Q, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                          S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
-    b = tl.program_id(0)
-    hq = tl.program_id(1)
-    b64 = b.to(tl.int64)
+    _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
+                stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
+                tl.program_id(0).to(tl.int64), tl.program_id(1), DV, BLOCK_DV, S_PAD, ART, G, G_PAD)
+
+
+@triton.jit
+def _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
+                stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
+                b64, hq, DV: tl.constexpr, BLOCK_DV: tl.constexpr, S_PAD: tl.constexpr, ART: tl.constexpr,
+                G: tl.constexpr, G_PAD: tl.constexpr):
+    """Merge the splits of request b, query head hq by their LSE (the split buffers may have been written
+    by other programs of the same launch: they are read from L2)."""
     n_use = num_splits
     if ART:
-        reason = tl.load(StopReason + b64 * H_Q + hq)
+        reason = tl.load(StopReason + b64 * H_Q + hq, cache_modifier=".cg")
         n_use = tl.where(reason != 0, 1, num_splits)
         if hq % G == 0:
             # the group's first head: pages its programs loaded this step (for every head of the group),
             # then the group's counters and stop flag are reset for the next step
             grp = b64 * (H_Q // G) + hq // G
             gg = tl.arange(0, G_PAD)
-            tl.store(PagesLoaded + b64 * H_Q + hq + gg, tl.zeros([G_PAD], tl.int32) + tl.load(ArtLoaded + grp),
-                     mask=gg < G)
+            tl.store(PagesLoaded + b64 * H_Q + hq + gg,
+                     tl.zeros([G_PAD], tl.int32) + tl.load(ArtLoaded + grp, cache_modifier=".cg"), mask=gg < G)
             tl.store(ArtLoaded + grp, 0)
             tl.store(ArtFlag + grp, 0)
     offs_s = tl.arange(0, S_PAD)
     s_ok = offs_s < n_use
-    lse = tl.load(MidLse + b64 * stride_ml_b + hq * stride_ml_h + offs_s, mask=s_ok, other=float("-inf"))
+    lse = tl.load(MidLse + b64 * stride_ml_b + hq * stride_ml_h + offs_s, mask=s_ok, other=float("-inf"),
+                  cache_modifier=".cg")
     mx = tl.max(lse, axis=0)
     mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.where(s_ok, tl.exp2(lse - mx_ref), 0.0)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < DV
     o = tl.load(MidO + b64 * stride_mo_b + hq * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_dv[None, :],
-                mask=(s_ok & (w > 0))[:, None] & dv_ok[None, :], other=0.0)
+                mask=(s_ok & (w > 0))[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
     tot = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
     tl.store(Out + b64 * stride_ob + hq * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_ok)
