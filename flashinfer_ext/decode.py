@@ -392,14 +392,19 @@ class SparseDecodeWrapper:
         return out
 
     # The three stages of ``run`` (also timed one by one by benchmarks/decode_breakdown.py).
-    def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+    def _bounds_chunking(self):
+        """Programs per (request, KV head) of the page-bound computation, and its constexprs."""
         block_p, iters = self.bounds_block_p, self.bounds_iters
-        _page_bounds_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, block_p * iters))](
+        return triton.cdiv(self.max_pages, block_p * iters), dict(
+            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p, ITERS=iters,
+            NUM_STAGES=2 if iters > 1 else 1)
+
+    def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+        chunks, meta = self._bounds_chunking()
+        _page_bounds_kernel[(self.bs, self.h_kv, chunks)](
             self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
-            self.ub.stride(0), self.ub.stride(1), self.sm_scale,
-            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p,
-            ITERS=iters, NUM_STAGES=2 if iters > 1 else 1, num_warps=self.bounds_warps)
+            self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, num_warps=self.bounds_warps)
 
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""
@@ -430,9 +435,9 @@ class SparseDecodeWrapper:
     def _launch_bounds_select(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                               reuse_slot: int = 0) -> None:
         """Bounds and selection in one launch (``plan(fused_select=True)``)."""
-        block_p, iters = self.bounds_block_p, self.bounds_iters
+        chunks, meta = self._bounds_chunking()
         st_p, st_n, st_g = self._select_state(reuse_slot)
-        _bounds_select_kernel[(triton.cdiv(self.max_pages, block_p * iters), self.h_kv, self.bs)](
+        _bounds_select_kernel[(chunks, self.h_kv, self.bs)](
             self.reselect_flag, self.sel_count, q, kmin, kmax, self.ub, self.lb, self.num_pages, self.last_len,
             self.budget, self.page_table, self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat,
             self.cur_rest, self.req_idx, st_p, st_n, st_g, self.sel_scratch,
@@ -440,8 +445,7 @@ class SparseDecodeWrapper:
             self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
             self.sel_scratch.stride(0), self.sel_scratch.stride(1), st_p.stride(0), st_p.stride(1),
             self.reuse_width, self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max, self.sm_scale,
-            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p, ITERS=iters,
-            NUM_STAGES=2 if iters > 1 else 1, **self._select_meta(), num_warps=self.select_warps)
+            **meta, **self._select_meta(), num_warps=self.select_warps)
         self._launch_reuse(reuse_slot)
 
     def _launch_reuse(self, reuse_slot: int) -> None:

@@ -47,6 +47,7 @@ list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art
 import triton
 import triton.language as tl
 
+from flashinfer_ext.kernels.arrive import _last_to_arrive
 from flashinfer_ext.kernels.page_bounds import _bounds_chunks
 
 
@@ -262,14 +263,8 @@ def _bounds_select_kernel(Flag, Count, Q, KMin, KMax, UB, LB, NumPages, LastLen,
         _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, h, c * (BLOCK_P * ITERS),
                        stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
                        sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
-        # every thread's bound stores precede the (release) count; the last program's (acquire) count
-        # precedes its reads of all chunks' bounds
-        tl.debug_barrier()
         n_heads = tl.num_programs(1)
-        done = tl.atomic_add(Count + b * n_heads + h, 1, sem="acq_rel", scope="gpu")
-        if done == n_chunks - 1:
-            tl.store(Count + b * n_heads + h, 0)
-            tl.debug_barrier()
+        if _last_to_arrive(Count + b * n_heads + h, n_chunks):
             _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel,
                         CurNum, SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt,
                         stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,

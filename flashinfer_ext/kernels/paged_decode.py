@@ -52,6 +52,8 @@ writes ``out`` in the output dtype and the natural-log ``lse`` (used for PrHS's 
 import triton
 import triton.language as tl
 
+from flashinfer_ext.kernels.arrive import _last_to_arrive
+
 _LN2 = 0.6931471805599453
 
 
@@ -140,10 +142,10 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-    skip = s < 0   # false
+    grp = b64 * (H_Q // G) + h          # this (request, KV head) in the per-group buffers
 
     if ART:
-        flag_ptr = ArtFlag + b64 * (H_Q // G) + h
+        flag_ptr = ArtFlag + grp
         if s > 0:
             # tail split s of [H, L): runs alongside the head and skips its remaining sub-ranges once the
             # head has published a stop; the merge then ignores its result
@@ -164,7 +166,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                                                        offs_d, offs_dv, d_ok, dv_ok, P, PPI, SPARSE, jpos >= 0)
                         m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
                     loaded += c_end - c
-            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, loaded)
+            tl.atomic_add(ArtLoaded + grp, loaded)
         else:
             end = tl.minimum(head_len, n_list)
             o_prev = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
@@ -214,7 +216,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                 reason = tl.where(stop_m, 1, reason)
                 stopped = stopped | stop_m
                 tl.store(flag_ptr, 1, mask=stopped & live)      # the tails stop loading
-            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, end)
+            tl.atomic_add(ArtLoaded + grp, end)
             if stopped == 0:
                 read = n_list
                 dhat = tl.zeros([G_PAD], tl.float32)
@@ -247,14 +249,8 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     tl.store(mo, o_out, mask=g_ok[:, None] & dv_ok[None, :])
     tl.store(MidLse + b64 * stride_ml_b + hq * stride_ml_h + s, lse, mask=g_ok)
     if FUSED_MERGE:
-        # the split that completes the (request, KV head) count merges the group's heads: every thread's
-        # stores precede the (release) count, and the last count (acquire) precedes the merge's reads
-        tl.debug_barrier()
-        grp = b64 * (H_Q // G) + h
-        done = tl.atomic_add(Count + grp, 1, sem="acq_rel", scope="gpu")
-        if done == num_splits - 1:
-            tl.store(Count + grp, 0)
-            tl.debug_barrier()
+        # the split that completes the (request, KV head) count merges the group's heads
+        if _last_to_arrive(Count + grp, num_splits):
             for gi in tl.static_range(G):
                 _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
                             stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh,
