@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
-from benchmarks.serving import OURS, PLAIN, bench_serving, greedy, log, out_dir, server
+from benchmarks.serving import OURS, PLAIN, bench_serving, greedy, log, out_dir, random_prompts, server
 
 BENCH = ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "128",
          "--random-range-ratio", "1", "--num-prompts", "16", "--max-concurrency", "8"]
@@ -29,9 +28,7 @@ WARMUP = ["--dataset-name", "random-ids", "--random-input-len", "4096", "--rando
 
 
 def fixed_prompts(n: int = 8, vocab: int = 49152) -> list[list[int]]:
-    rng = random.Random(20261122)
-    lengths = [17, 64, 300, 1000, 2048, 4000, 7000, 12000][:n]
-    return [[rng.randrange(100, vocab) for _ in range(L)] for L in lengths]
+    return random_prompts([17, 64, 300, 1000, 2048, 4000, 7000, 12000][:n], 20261122, vocab)
 
 
 def run_one(label: str, launcher: list, flags: list, args, prompts) -> dict:

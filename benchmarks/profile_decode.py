@@ -16,14 +16,13 @@ import glob
 import gzip
 import json
 import os
-import random
 import re
 import threading
 import time
 from collections import defaultdict
 from typing import Optional
 
-from benchmarks.serving import greedy, log, post
+from benchmarks.serving import greedy, log, post, random_prompts
 
 DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+)")
 
@@ -75,8 +74,7 @@ def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: in
                            vocab: int = 49152, seed: int = 7, timeout: float = 600.0) -> Optional[dict]:
     """Start ``conc`` requests of ``input_len`` random ids and profile ``steps`` decode steps of the full
     batch. Returns :func:`summarize_trace`'s dict (plus the trace path), or None if nothing was written."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(conc)]
+    prompts = random_prompts([input_len] * conc, seed, vocab)
 
     def run_all(new_tokens: int) -> list:
         threads = [threading.Thread(target=lambda p=p: greedy(base, p, new_tokens), daemon=True) for p in prompts]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def tail(path: str, n: int = 20) -> str:
             return "".join(f.readlines()[-n:])
     except OSError:
         return ""
+
+
+def random_prompts(lengths: Sequence[int], seed: int, vocab: int = 49152) -> list[list[int]]:
+    """Prompts of random token ids (100 <= id < vocab) of the given lengths, the same for a seed."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
 
 
 def greedy(base: str, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 
 import numpy as np
 
-from benchmarks.serving import OURS, PLAIN, gpu_name, log, out_dir, post_json, save_rows, server
+from benchmarks.serving import OURS, PLAIN, gpu_name, log, out_dir, post_json, random_prompts, save_rows, server
 from benchmarks.serving_decode import common_flags
 
 _PRHS = ["--sparse-decode", "prhs"]
@@ -39,11 +38,6 @@ CONFIGS = {
     "prhs_default": (OURS, _PRHS),
     "prhs_default_art": (OURS, _PRHS + ["--art", "on"]),
 }
-
-
-def prompts_for(lengths, vocab: int = 49152, seed: int = 20261201) -> list:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
 
 
 def probe(base: str, prompt: list, new_tokens: int, vocab: int):
@@ -96,7 +90,7 @@ def main(argv=None):
         with open(os.path.join(args.model, "config.json")) as f:
             vocab = int(json.load(f)["vocab_size"])
     lens = [int(x) for x in args.prompt_lens.split(",")]
-    prompts = prompts_for(lens)
+    prompts = random_prompts(lens, 20261201)
     common = common_flags(args.model, max(lens) + args.new_tokens + 1024, 1)
     gpu = gpu_name()
     rows, ref = [], None

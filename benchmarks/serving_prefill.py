@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import threading
 import time
 
 from benchmarks.parity import fixed_prompts
 from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
-                                post_json, save_rows, server)
+                                post_json, random_prompts, save_rows, server)
 
 NUM_LAYERS, FILTER_LAYER = 32, 15
 
@@ -104,8 +103,7 @@ def main(argv=None):
             checks = json.load(f)
     ref_path = os.path.join(out_dir(), "prefill_parity_tokens_flashinfer.json")
     prompts = fixed_prompts()
-    rng = random.Random(7)
-    long_prompts = [[rng.randrange(100, 49152) for _ in range(n)] for n in (16384, 9000)]
+    long_prompts = random_prompts((16384, 9000), 7)
     for name in args.configs.split(","):
         launcher, flags, keep = CONFIGS[name]
         if keep is not None:
