@@ -3,7 +3,7 @@
     source .devbundle/prelude.sh && python -m benchmarks.serving_decode [--configs a,b] [--input-lens 32768]
 
 For each config a server is started on dummy weights of the Llama-3.1-8B-shaped model (same SGLang
-flags for all: --page-size 32, decode CUDA graphs on, prefill graphs off), then:
+flags for all: --page-size 32 or --page-size N, decode CUDA graphs on, prefill graphs off), then:
   1. greedy parity: 8 fixed prompts, 32 tokens, compared with the ``flashinfer`` config's tokens;
   2. ``python -m sglang.bench_serving --dataset-name random-ids --random-range-ratio 1
      --random-input-len L --random-output-len 256 --max-concurrency C`` for each L and C;
@@ -53,11 +53,11 @@ STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} del
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
 
 
-def common_flags(model: str, ctx: int, max_bs: int) -> list:
+def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32) -> list:
     """SGLang flags of every server of this benchmark (decode graphs up to the largest concurrency: fewer
     graphs, faster start)."""
     return ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
-            "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", "32",
+            "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", str(page_size),
             "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests",
             str(max_bs), "--decode-log-interval", "40"]
 
@@ -92,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--num-prompts-per-concurrency", type=int, default=2)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--port", type=int, default=30124)
+    ap.add_argument("--page-size", type=int, default=32,
+                    help="SGLang's --page-size for every server (PrHS pages; compare only rows of one page size)")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true", help="greedy parity, no bench_serving")
     ap.add_argument("--profile-steps", type=int, default=0,
@@ -109,7 +111,7 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
-    common = common_flags(args.model, ctx, max(concs))
+    common = common_flags(args.model, ctx, max(concs), args.page_size)
     gpu = gpu_name()
     rows = []
     if os.path.exists(args.out):
@@ -191,7 +193,7 @@ def main(argv=None):
                                "median_tpot_ms": res.get("median_tpot_ms"), "mean_tpot_ms": res.get("mean_tpot_ms"),
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
-                               "completed": res.get("completed"),
+                               "completed": res.get("completed"), "page_size": args.page_size,
                                "greedy_identical_prompts": parity,
                                "command": f"python -m benchmarks.serving_decode --configs {name}",
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
