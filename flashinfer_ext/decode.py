@@ -49,6 +49,7 @@ certificate of the selection; 0 in dense mode).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -65,6 +66,16 @@ _LOG2E = 1.4426950408889634
 
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _pdl_default(device: torch.device) -> bool:
+    """Programmatic dependent launch by default on Hopper and later (``$SGLANG_SPARSE_PDL`` = 0/1 overrides)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    env = os.environ.get("SGLANG_SPARSE_PDL")
+    if env in ("0", "1"):
+        return env == "1"
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _num_sms(device: torch.device) -> int:
@@ -182,7 +193,7 @@ class SparseDecodeWrapper:
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
              bounds_iters: int = 1, fused_select: bool = False, fused_merge: bool = False,
-             kv_start: Optional[torch.Tensor] = None,
+             kv_start: Optional[torch.Tensor] = None, pdl: Optional[bool] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
@@ -220,6 +231,9 @@ class SparseDecodeWrapper:
             fused_merge: no separate merge launch: the last split program of each (request, KV head)
                 merges its group's heads (``kernels.paged_decode``).
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
+            pdl: launch ``run``'s kernels with programmatic dependent launch (``kernels.pdl``): each
+                starts while the previous one drains and waits for its results in-kernel. Default:
+                ``$SGLANG_SPARSE_PDL`` (0/1) if set, else on for a CUDA device of compute capability >= 9.
             dense_below_pages: PrHS: a request with fewer pages than this reads all of them (its
                 budget is all its pages), so short requests take the dense path of the same kernel.
             reselect: None (select every step), or a bool / ``[bs]`` bool tensor: which requests
@@ -324,6 +338,10 @@ class SparseDecodeWrapper:
         self.bounds_iters = int(bounds_iters)
         self.fused_select = bool(fused_select)
         self.fused_merge = bool(fused_merge)
+        if pdl and os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("pdl=True needs compiled kernels (the Triton interpreter has no griddepcontrol)")
+        self.pdl = _pdl_default(self.device) if pdl is None else bool(pdl)
+        self._pdl = dict(PDL=True, launch_pdl=True) if self.pdl else {}
         self.select_warps = select_warps or (4 if self.block_pg <= 512 else 8 if self.block_pg <= 2048 else 16)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
@@ -404,7 +422,7 @@ class SparseDecodeWrapper:
         _page_bounds_kernel[(self.bs, self.h_kv, chunks)](
             self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
-            self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, num_warps=self.bounds_warps)
+            self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, num_warps=self.bounds_warps, **self._pdl)
 
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""
@@ -429,7 +447,7 @@ class SparseDecodeWrapper:
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
             st_p.stride(0), st_p.stride(1), self.reuse_width,
             self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max,
-            **self._select_meta(), num_warps=self.select_warps)
+            **self._select_meta(), num_warps=self.select_warps, **self._pdl)
         self._launch_reuse(reuse_slot)
 
     def _launch_bounds_select(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
@@ -445,7 +463,7 @@ class SparseDecodeWrapper:
             self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0), self.sel_pages.stride(1),
             self.sel_scratch.stride(0), self.sel_scratch.stride(1), st_p.stride(0), st_p.stride(1),
             self.reuse_width, self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max, self.sm_scale,
-            **meta, **self._select_meta(), num_warps=self.select_warps)
+            **meta, **self._select_meta(), num_warps=self.select_warps, **self._pdl)
         self._launch_reuse(reuse_slot)
 
     def _launch_reuse(self, reuse_slot: int) -> None:
@@ -460,7 +478,7 @@ class SparseDecodeWrapper:
             self.cur_pages.stride(0), self.cur_pages.stride(1),
             self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
             self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
-            num_warps=self.select_warps)
+            num_warps=self.select_warps, **self._pdl)
 
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        out: torch.Tensor) -> None:
@@ -483,7 +501,7 @@ class SparseDecodeWrapper:
                     P=self.page_size, PPI=self.ppi, SPARSE=sparse, ART=self.art, CERT=cert,
                     HAS_REST=self.art and sparse, NUM_STAGES=self.num_stages, TAIL_SUB=4,
                     FUSED_MERGE=self.fused_merge, S_PAD=_pow2(self.num_splits) if self.fused_merge else 1,
-                    num_warps=self.num_warps)
+                    num_warps=self.num_warps, **self._pdl)
         _decode_split_kernel[(bs, self.h_kv, self.num_splits)](*args, **meta)
         if self.fused_merge:
             return
@@ -493,7 +511,7 @@ class SparseDecodeWrapper:
             self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
             self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
             DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.num_splits), ART=self.art, G=self.group, G_PAD=g_pad,
-            num_warps=4)
+            num_warps=4, **self._pdl)
 
     # ------------------------------------------------------------------ results
     @property

@@ -31,7 +31,7 @@ def _record_launches(drive):
         names = self.arg_names
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
-        opts = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages")}
+        opts = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages", "launch_pdl")}
         sig, consts, attrs = {}, {}, {}
         for i, name in enumerate(names):
             v = bound.get(name)
@@ -93,7 +93,12 @@ def _drive_wrappers():
                 dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, fused_merge=True, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, eps_cert=0.01, **art),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, **art),
-                dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art)):
+                dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art),
+                # programmatic dependent launch (on by default on Hopper GPUs; CPU tensors default to off)
+                dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=True),
+                dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, pdl=True),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, fused_merge=True, pdl=True),
+                dict(mode="dense", pdl=True, **art)):
         w.plan(r2t, rows, lens, **cfg)
         w.run(q, kc, vc, kmin, kmax)
         w.run(q, kc, vc, kmin, kmax, select=False)
@@ -120,10 +125,18 @@ def test_all_launches_compile_for_sm90():
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
             "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel"} <= names, names
     failures = []
+    pdl_kernels = set()
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(opts))
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options=dict(opts))
+            if opts.get("launch_pdl"):
+                pdl_kernels.add(key[0])
+                assert "griddepcontrol.wait" in k.asm["ptx"], "a PDL launch without griddepcontrol.wait"
+            else:
+                assert "griddepcontrol" not in k.asm["ptx"], "griddepcontrol in a launch without PDL"
         except Exception as exc:  # noqa: BLE001
             failures.append(f"{key[0]} {dict(key[2])} {opts}: {type(exc).__name__}: {str(exc)[:500]}")
     assert not failures, "\n".join(failures)
+    assert {"_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel", "_bounds_select_kernel",
+            "_decode_split_kernel", "_merge_splits_kernel"} <= pdl_kernels, pdl_kernels

@@ -86,6 +86,15 @@ def test_prhs_decode_random(page_size):
                        fused_merge=True)])
 
 
+def test_decode_without_pdl():
+    """The kernels launched in plain stream order (pdl=False), as on GPUs before Hopper; every other GPU
+    test runs with the default, programmatic dependent launch on an H100/H200."""
+    art = dict(art=True, tau_mag=0.02, tau_dir=5e-4, patience=2, min_blocks=4)
+    check_decode([9000, 20000, 4100], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
+                 [dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=False), dict(mode="dense", pdl=False, **art),
+                  dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=True)], structured=True)
+
+
 def test_prhs_decode_structured():
     check_decode([32768, 8192, 16000, 3000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
                  [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1.0, delta=0.5),

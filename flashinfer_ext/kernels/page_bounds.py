@@ -21,13 +21,17 @@ requests whose reselection flag ``Flag[b]`` is 0 (they reuse an earlier selectio
 import triton
 import triton.language as tl
 
+from flashinfer_ext.kernels.pdl import _pdl_trigger, _pdl_wait
+
 
 @triton.jit
 def _page_bounds_kernel(Flag, Q, KMin, KMax, PageTable, NumPages, UB, LB,
                         stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
                         sm_scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ITERS: tl.constexpr,
-                        NUM_STAGES: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_wait(PDL)          # the summaries were just updated by the previous kernel
+    _pdl_trigger(PDL)       # the selector's programs may start
     b = tl.program_id(0)
     h = tl.program_id(1)
     first = tl.program_id(2) * (BLOCK_P * ITERS)

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from flashinfer_ext.kernels.arrive import _last_to_arrive
 from flashinfer_ext.kernels.page_bounds import _bounds_chunks
+from flashinfer_ext.kernels.pdl import _pdl_trigger, _pdl_wait
 
 
 @triton.jit
@@ -94,8 +95,11 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                         state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
+                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
+    _pdl_wait(PDL)          # the bounds
+    _pdl_trigger(PDL)       # the decode's programs may load their queries meanwhile
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
                     UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
@@ -247,13 +251,16 @@ def _bounds_select_kernel(Flag, Count, Q, KMin, KMax, UB, LB, NumPages, LastLen,
                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_P: tl.constexpr, ITERS: tl.constexpr, NUM_STAGES: tl.constexpr,
                           P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                          DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
+                          DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Page bounds and selection in one launch. Grid ``(cdiv(max_pages, BLOCK_P * ITERS), H_kv, bs)``: the
     chunks of one (request, KV head) are consecutive programs. Each chunk program scores its pages
     (``page_bounds._bounds_chunks``), then counts itself in ``Count[b, h]``; the program that completes
     the count selects for (b, h) and resets the counter. Selections thus start as soon as their request's
     bounds are in, while other requests' bounds are still streaming, instead of after the whole bound
     kernel. Same outputs as ``_page_bounds_kernel`` followed by ``_page_select_kernel``."""
+    _pdl_wait(PDL)
+    _pdl_trigger(PDL)
     c = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)

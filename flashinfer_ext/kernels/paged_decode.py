@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from flashinfer_ext.kernels.arrive import _last_to_arrive
+from flashinfer_ext.kernels.pdl import _pdl_wait
 
 _LN2 = 0.6931471805599453
 
@@ -110,24 +111,16 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, P: tl.constexpr, PPI: tl.constexpr,
                          SPARSE: tl.constexpr, ART: tl.constexpr, CERT: tl.constexpr,
                          HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr,
-                         FUSED_MERGE: tl.constexpr, S_PAD: tl.constexpr):
+                         FUSED_MERGE: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     b64 = b.to(tl.int64)
+    # prologue: what plan() wrote and the query (written before the step's first kernel of this layer)
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
-    if SPARSE:
-        n_list = tl.load(ListNum + b * (H_Q // G) + h)
-    else:
-        n_list = npg
     pt_base = PageTable + b64 * stride_pt
-    if SPARSE:
-        list_base = ListPhys + b64 * stride_sel_b + h * stride_sel_h
-    else:
-        list_base = pt_base
     last_phys = tl.load(pt_base + tl.maximum(npg - 1, 0))
-
     g = tl.arange(0, G_PAD)
     g_ok = g < G
     hq = h * G + g
@@ -138,6 +131,13 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     q = tl.load(Q + b64 * stride_qb + hq[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     q = q.to(KCache.dtype.element_ty)
+    _pdl_wait(PDL)          # the page lists (selector / reuse kernel) and this step's K/V
+    if SPARSE:
+        n_list = tl.load(ListNum + b * (H_Q // G) + h)
+        list_base = ListPhys + b64 * stride_sel_b + h * stride_sel_h
+    else:
+        n_list = npg
+        list_base = pt_base
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
@@ -261,7 +261,9 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
 def _merge_splits_kernel(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
                          stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
                          stride_ob, stride_oh, H_Q, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+                         S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    _pdl_wait(PDL)
     _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
                 stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
                 tl.program_id(0).to(tl.int64), tl.program_id(1), DV, BLOCK_DV, S_PAD, ART, G, G_PAD)
