@@ -86,9 +86,8 @@ def test_prhs_decode_random(page_size):
                        fused_merge=True)])
 
 
-def test_decode_without_pdl():
-    """The kernels launched in plain stream order (pdl=False), as on GPUs before Hopper; every other GPU
-    test runs with the default, programmatic dependent launch on an H100/H200."""
+def test_decode_with_and_without_pdl():
+    """Plain stream order (pdl=False, the default) and programmatic dependent launch (pdl=True) side by side."""
     art = dict(art=True, tau_mag=0.02, tau_dir=5e-4, patience=2, min_blocks=4)
     check_decode([9000, 20000, 4100], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
                  [dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=False), dict(mode="dense", pdl=False, **art),
@@ -263,12 +262,57 @@ def test_art_smollm2_server_shapes():
         torch.cuda.synchronize()
 
 
+def test_art_server_loop_with_stops():
+    """A server's use of one wrapper, at SmolLM2's shapes (9/3 heads, d 64, 32-token pages, wrapper for
+    64 requests x 8196 tokens): decode steps with a new batch size each (1-30 requests of 900-7,300
+    tokens, some sharing prefix pages as the radix cache does), each planned once and run for 30 layers
+    with ART thresholds loose enough that most groups stop early (dense + ART in bound order, PrHS + ART,
+    eager). Every layer must give the first layer's output (the per-step ART flags and counters are
+    reset by each layer's merge), outputs must be finite, and most groups must stop."""
+    import random
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    rng = random.Random(fresh_seed())
+    h_q, h_kv, d, P = 9, 3, 64, 32
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=64, max_seq_len=8196, device=DEV)
+    loose = dict(art=True, tau_mag=0.5, tau_dir=0.5, patience=1, min_blocks=1)
+    stops = []
+    for step in range(8):
+        seed = fresh_seed()
+        gen = torch.Generator().manual_seed(seed)
+        bs = rng.choice([1, 3, 8, 17, 30])
+        lens = [rng.randint(900, 7300) for _ in range(bs)]
+        pool = make_pool(lens, P, h_q, h_kv, d, d, DEV, gen, structured=True, max_ctx=8196)
+        if bs > 1:      # request 1 reads request 0's first pages (a prefix shared through the radix cache)
+            shared = (min(lens[0], lens[1]) // 2 // P) * P
+            pool.req_to_token[pool.rows[1], :shared] = pool.req_to_token[pool.rows[0], :shared]
+        kmin, kmax = reference_summaries(pool)
+        for cfg in (dict(mode="dense", **loose), dict(mode="prhs", budget=1 / 16, delta=0.05, **loose)):
+            tag = f"seed={seed} step={step} bs={bs} {cfg['mode']}"
+            w.plan(pool.req_to_token, pool.rows, pool.seq_lens, q_dtype=torch.bfloat16, **cfg)
+            first = None
+            for layer in range(30):
+                out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax).float()
+                if first is None:
+                    first = out.clone()
+                    stops.append(float((w.stop_reason != 0).float().mean()))
+                else:
+                    assert torch.equal(out, first), f"{tag}: layer {layer} differs from layer 0"
+            torch.cuda.synchronize()
+            assert bool(torch.isfinite(first).all()), f"{tag}: non-finite output"
+            assert int(w.art_flag.abs().sum()) == 0 and int(w.art_loaded.abs().sum()) == 0, f"{tag}: ART state left"
+    assert sum(stops) / len(stops) > 0.5, f"ART stopped too rarely to test its stop path: {stops}"
+
+
 if __name__ == "__main__":
     import time
     import traceback
 
     failed = 0
-    for name, fn in [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]:
+    only = [x for x in os.environ.get("GPU_TESTS", "").split(",") if x]     # run only tests whose name has one
+    for name, fn in [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)
+                     and (not only or any(o in n for o in only))]:
         params = getattr(fn, "_params", None)
         if params is None and hasattr(fn, "pytestmark"):
             for m in fn.pytestmark:
