@@ -27,6 +27,21 @@ from benchmarks.serving import greedy, log, post, random_prompts
 DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+)")
 
 
+# kernels of the attention itself: FlashInfer's decode (its tensor-core path runs the prefill kernel) and
+# merge, and every kernel of ours (page summaries, bounds, selection, reuse, split decode, merge)
+ATTENTION_KERNEL = re.compile(r"flashinfer::Batch(Decode|Prefill)|MergeStates|^_(page|decode|merge|bounds)_")
+
+
+def attention_split(res: dict) -> dict:
+    """Attention kernels vs everything else per step, from a summary's kernel list, and the step time left
+    if attention cost nothing: other kernels plus the GPU's idle time (wall - busy)."""
+    att = sum(r["us_per_step"] for r in res.get("top", []) if ATTENTION_KERNEL.search(r["name"]))
+    other = res.get("kernel_us_per_step", 0.0) - att
+    idle = max(0.0, res.get("wall_us_per_step", 0.0) - res.get("busy_us_per_step", 0.0))
+    return {"attention_us_per_step": att, "other_kernels_us_per_step": other, "idle_us_per_step": idle,
+            "step_without_attention_us": other + idle}
+
+
 def summarize_trace(path: str, steps: int, top: int = 25) -> dict:
     """Kernel totals of a Chrome trace written by torch.profiler (``.json`` or ``.json.gz``)."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -51,10 +66,14 @@ def summarize_trace(path: str, steps: int, top: int = 25) -> dict:
         p[0] += float(e["dur"])
         p[1] += 1
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])
-    return {"steps": steps, "kernels": len(kernels), "wall_us_per_step": wall / steps,
-            "busy_us_per_step": busy / steps, "kernel_us_per_step": sum(v[0] for v in per.values()) / steps,
-            "top": [{"name": n[:120], "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps}
-                    for n, v in rows[:top]]}
+    res = {"steps": steps, "kernels": len(kernels), "wall_us_per_step": wall / steps,
+           "busy_us_per_step": busy / steps, "kernel_us_per_step": sum(v[0] for v in per.values()) / steps,
+           "top": [{"name": n[:120], "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps}
+                   for n, v in rows[:top]]}
+    # the split over every kernel (the top list is cut)
+    att = sum(v[0] for n, v in per.items() if ATTENTION_KERNEL.search(n)) / steps
+    res.update(attention_split(dict(res, top=[{"name": "_attention", "us_per_step": att}])))
+    return res
 
 
 def _wait_for_decode_batch(log_path: str, conc: int, timeout: float, offset: int = 0) -> bool:
@@ -115,6 +134,10 @@ def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: in
 def print_summary(name: str, res: dict) -> None:
     print(f"\n{name}: {res['steps']} decode steps, wall {res.get('wall_us_per_step', 0):.0f} us/step, GPU busy "
           f"{res.get('busy_us_per_step', 0):.0f} us/step, kernels {res.get('kernel_us_per_step', 0):.0f} us/step")
+    if "attention_us_per_step" in res:
+        print(f"attention kernels {res['attention_us_per_step']:.0f} us/step, other kernels "
+              f"{res['other_kernels_us_per_step']:.0f}, GPU idle {res['idle_us_per_step']:.0f}: without attention a "
+              f"step would take ~{res['step_without_attention_us']:.0f} us")
     print("| kernel | us/step | launches/step |")
     print("|---|---|---|")
     for r in res.get("top", []):

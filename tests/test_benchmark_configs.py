@@ -100,6 +100,30 @@ def test_profile_trace_summary(tmp_path):
     top = {r["name"]: r for r in res["top"]}
     assert abs(top["attn"]["us_per_step"] - (a + b) / 2) < 1e-6 and top["attn"]["launches_per_step"] == 1
     assert set(top) == {"attn", "gemm"}
+    assert res["attention_us_per_step"] == 0.0      # neither name is an attention kernel
+    assert abs(res["step_without_attention_us"]
+               - (res["kernel_us_per_step"] + res["wall_us_per_step"] - res["busy_us_per_step"])) < 1e-6
+
+
+def test_profile_attention_split():
+    """Which kernels count as attention (FlashInfer's decode/prefill and merge, all of ours) and the step
+    time left without them (other kernels + GPU idle)."""
+    import random
+
+    from benchmarks.profile_decode import attention_split
+
+    rng = random.Random()
+    t = {n: rng.uniform(1, 100) for n in ("void flashinfer::BatchPrefillWithPagedKVCacheKernel<x>",
+                                         "void flashinfer::PersistentVariableLengthMergeStatesKernel<8u>",
+                                         "_decode_split_kernel", "_page_select_kernel", "_merge_splits_kernel",
+                                         "nvjet_sm90_tst_128x8", "void flashinfer::norm::FusedAddRMSNormKernel<8u>",
+                                         "void (anonymous namespace)::store_kvcache<2048l>")}
+    wall, busy = rng.uniform(900, 1000), rng.uniform(500, 800)
+    res = attention_split({"top": [{"name": n, "us_per_step": v} for n, v in t.items()],
+                           "kernel_us_per_step": sum(t.values()), "wall_us_per_step": wall, "busy_us_per_step": busy})
+    att = sum(list(t.values())[:5])
+    assert abs(res["attention_us_per_step"] - att) < 1e-9
+    assert abs(res["step_without_attention_us"] - (sum(list(t.values())[5:]) + wall - busy)) < 1e-9
 
 
 def test_profile_waits_for_a_new_full_decode_batch(tmp_path):
