@@ -13,8 +13,9 @@ the page starts over: ``kmin = min over the tokens written now``; otherwise the 
 in: ``kmin = min(kmin, new tokens)``. A freed and reused page is always rewritten from offset 0, so
 its stale summary never survives.
 
-Grid ``(n_tok,)``: the program of the first token of each run (a "leader") reads the run's tokens
-(at most P) and writes the page's summary once; the other programs exit. No atomics, no races.
+Grid ``(n_tok,)``: the program of the first token of each run (a "leader") finds the run's length
+(at most P) from the slots, reads its tokens and writes the page's summary once; the other programs
+exit. No atomics, no races.
 Min/max are taken in fp32 and stored in the summary dtype (exact for bf16 keys into bf16 summaries).
 """
 
@@ -35,21 +36,22 @@ def _page_summary_kernel(K, Loc, KMin, KMax, n_tok, stride_kt, stride_kh, stride
         offs_d = tl.arange(0, BLOCK_D)
         hd_ok = (offs_h[:, None] < H_KV) & (offs_d[None, :] < D)
         k_off = offs_h[:, None] * stride_kh + offs_d[None, :]
+        # the run: tokens i, i+1, ... while they are in range, on this page and in ascending slot order
+        # (found at once over P candidates, so that a decode step's one-token runs loop once)
+        t = tl.arange(0, P)
+        tok = tl.minimum(i + t, n_tok - 1)
+        loc_t = tl.load(Loc + tok).to(tl.int64)
+        loc_p = tl.load(Loc + tl.maximum(tok - 1, 0)).to(tl.int64)
+        ok = (i + t < n_tok) & (loc_t // P == page) & ((t == 0) | (loc_t > loc_p))
+        alive = tl.cumsum((~ok).to(tl.int32), axis=0) == 0
+        n_run = tl.sum(alive.to(tl.int32), axis=0)
+        reset = tl.sum((alive & (loc_t % P == 0)).to(tl.int32), axis=0) > 0
         mn = tl.full([BLOCK_H, BLOCK_D], float("inf"), tl.float32)
         mx = tl.full([BLOCK_H, BLOCK_D], float("-inf"), tl.float32)
-        alive = i >= 0
-        reset = i < 0
-        last = loc - 1
-        for t in range(0, P):
-            tok = i + t
-            in_range = tok < n_tok
-            loc_t = tl.load(Loc + tl.minimum(tok, n_tok - 1)).to(tl.int64)
-            alive = alive & in_range & (loc_t // P == page) & (loc_t > last)
-            last = tl.where(alive, loc_t, last)
-            reset = reset | (alive & (loc_t % P == 0))
-            kt = tl.load(K + tok.to(tl.int64) * stride_kt + k_off, mask=hd_ok & alive, other=0.0).to(tl.float32)
-            mn = tl.where(alive, tl.minimum(mn, kt), mn)
-            mx = tl.where(alive, tl.maximum(mx, kt), mx)
+        for r in range(0, n_run):
+            kt = tl.load(K + (i + r).to(tl.int64) * stride_kt + k_off, mask=hd_ok, other=0.0).to(tl.float32)
+            mn = tl.minimum(mn, kt)
+            mx = tl.maximum(mx, kt)
         s_off = page * stride_sp + offs_h[:, None] * stride_sh + offs_d[None, :]
         if reset == 0:
             old_mn = tl.load(KMin + s_off, mask=hd_ok, other=0.0).to(tl.float32)
