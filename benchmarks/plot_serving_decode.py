@@ -20,10 +20,10 @@ def plot(json_path: str, png: str | None = None) -> str:
 
     png = png or json_path.replace(".json", ".png")
     rows = [r for r in json.load(open(json_path)) if r.get("median_tpot_ms")]
-    cells = sorted({(r["input_len"], r["concurrency"]) for r in rows})
+    cells = sorted({(r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))) for r in rows})
     fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4.2), squeeze=False)
-    for ax, (L, C) in zip(axes[0], cells):
-        cell = [r for r in rows if (r["input_len"], r["concurrency"]) == (L, C)]
+    for ax, (L, C, warm) in zip(axes[0], cells):
+        cell = [r for r in rows if (r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))) == (L, C, warm)]
         base = next((r["median_tpot_ms"] for r in cell if r["config"] == "flashinfer"), None)
         names = [r["config"] for r in cell]
         x = range(len(cell))
@@ -36,7 +36,8 @@ def plot(json_path: str, png: str | None = None) -> str:
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("ms per output token")
-        ax.set_title(f"input {L // 1024}K, concurrency {C} ({cell[0].get('gpu', 'GPU')})", fontsize=9)
+        ax.set_title(f"input {L // 1024}K, concurrency {C}{', prompts cached' if warm else ''} "
+                     f"({cell[0].get('gpu', 'GPU')})", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Decode in SGLang, Llama-3.1-8B shape (dummy weights); labels: TPOT speedup vs flashinfer",
                  fontsize=9)

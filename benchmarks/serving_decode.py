@@ -100,6 +100,10 @@ def main(argv=None):
                     help="after the benchmark, profile this many decode steps of a full batch (first input "
                          "length, largest concurrency) and summarise the kernels (benchmarks/profile_decode.py)")
     ap.add_argument("--profile-only", action="store_true", help="skip parity and bench_serving; profile only")
+    ap.add_argument("--warm-prefix", action="store_true",
+                    help="run each bench_serving command twice and keep the second: its prompts are then in the "
+                         "radix cache, so no prefill stalls the decode steps and TPOT measures decode alone "
+                         "(rows get warm_prefix=true)")
     ap.add_argument("--shared-prefix-load", action="store_true",
                     help="after parity, run bench_serving's generated-shared-prefix dataset (radix-cache reuse, "
                          "page-summary reuse) and check the server survives and reports no KV leak at idle")
@@ -178,13 +182,14 @@ def main(argv=None):
                     continue
                 for L in ([] if args.profile_only else lens):
                     for C in concs:
-                        res = bench_serving(base, args.model, os.path.join(logs, f"bench_{name}_{L}_{C}.jsonl"),
-                                            os.path.join(logs, f"bench_{name}_{L}_{C}.log"),
-                                            ["--dataset-name", "random-ids", "--random-range-ratio", "1",
-                                             "--random-input-len", str(L), "--random-output-len",
-                                             str(args.output_len), "--num-prompts",
-                                             str(C * args.num_prompts_per_concurrency), "--max-concurrency", str(C),
-                                             "--tokenize-prompt"])
+                        warm = "_warm" if args.warm_prefix else ""
+                        bench_args = ["--dataset-name", "random-ids", "--random-range-ratio", "1",
+                                      "--random-input-len", str(L), "--random-output-len", str(args.output_len),
+                                      "--num-prompts", str(C * args.num_prompts_per_concurrency),
+                                      "--max-concurrency", str(C), "--tokenize-prompt"]
+                        for _ in range(2 if args.warm_prefix else 1):   # the same seed: the same prompts
+                            res = bench_serving(base, args.model, os.path.join(logs, f"bench_{name}_{L}_{C}{warm}.jsonl"),
+                                                os.path.join(logs, f"bench_{name}_{L}_{C}{warm}.log"), bench_args)
                         if not res.get("median_ttft_ms"):
                             raise RuntimeError(f"bench_serving served nothing (TTFT 0); see {slog}")
                         row = {"config": name, "input_len": L, "concurrency": C, "gpu": gpu,
@@ -194,12 +199,15 @@ def main(argv=None):
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
                                "completed": res.get("completed"), "page_size": args.page_size,
+                               "warm_prefix": args.warm_prefix,
                                "greedy_identical_prompts": parity,
-                               "command": f"python -m benchmarks.serving_decode --configs {name}",
+                               "command": f"python -m benchmarks.serving_decode --configs {name}"
+                                          + (" --warm-prefix" if args.warm_prefix else ""),
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
                         row.update({k: None for k in ("pages_read_frac", "delta_hat_mean", "art_stop_rate")})
                         row.update(decode_stats(slog))
-                        rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"]) != (name, L, C)]
+                        rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"],
+                                                    bool(r.get("warm_prefix"))) != (name, L, C, args.warm_prefix)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
@@ -214,7 +222,8 @@ def main(argv=None):
                         print_summary(name, prof)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
-    base_tpot = {(r["input_len"], r["concurrency"]): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
+    base_tpot = {(r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))): r["median_tpot_ms"]
+                 for r in rows if r["config"] == "flashinfer"}
     try:
         from benchmarks.plot_serving_decode import plot
 
@@ -225,10 +234,10 @@ def main(argv=None):
           "delta_hat | ART stop |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = base_tpot.get((r["input_len"], r["concurrency"]))
+        b = base_tpot.get((r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))))
         sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        print(f"| {r['config']} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
+        print(f"| {r['config']}{' (warm)' if r.get('warm_prefix') else ''} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
               f"{r['median_tpot_ms'] or 0:.2f} | {r.get('median_itl_ms') or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
               f"{fmt(r['art_stop_rate'])} |")
 
