@@ -313,8 +313,14 @@ TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num
 SPARSE_CANDIDATES = [dict(pages_per_iter=ppi, num_warps=nw, num_stages=3, split=sf)
                      for ppi in (None, "x2") for nw in (4, 8) for sf in (0.5, 1, 2)]
 
-# page-bound kernel: (pages per chunk, warps, chunks per program)
-BOUNDS_CANDIDATES = [(64, 4, 1), (128, 4, 1), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)]
+# page-bound kernel: (pages per chunk, warps, chunks per program, KV heads per program)
+BOUNDS_CANDIDATES = [(64, 4, 1, 1), (128, 4, 1, 1), (64, 4, 4, 1), (64, 4, 8, 1), (128, 4, 4, 1), (64, 8, 8, 1),
+                     (64, 4, 1, 8), (64, 4, 1, 4), (32, 4, 1, 8), (64, 4, 2, 2)]
+
+
+def _bounds_kw(shape) -> dict:
+    """plan() arguments of a BOUNDS_CANDIDATES entry."""
+    return dict(zip(("bounds_block_p", "bounds_warps", "bounds_iters", "bounds_heads"), shape))
 
 
 def _launch_kwargs(cand: dict, P: int, auto_splits: int):
@@ -478,8 +484,7 @@ def main(argv=None):
                 # launch shape of the page-bound kernel (bandwidth-bound over all page summaries)
                 if tune_here and ctx not in tuned_bounds:
                     best = sweep("bounds", BOUNDS_CANDIDATES, lambda c: dict(
-                        bounds_block_p=c[0], bounds_warps=c[1], bounds_iters=c[2], select_warps=tuned_select.get(ctx),
-                        **launch))
+                        _bounds_kw(c), select_warps=tuned_select.get(ctx), **launch))
                     if best is not None:
                         tuned_bounds[ctx] = best
                 bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
@@ -487,9 +492,10 @@ def main(argv=None):
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
                 # bounds and selection in one launch (each request selects as soon as its bounds are in)
                 if tune_here and ctx not in tuned_fused and bounds_ctx is not None:
-                    bp, bw, bi = tuned_bounds[bounds_ctx]
+                    # the fused kernel scores one KV head per program: its candidate keeps the chunking only
+                    shape = tuned_bounds[bounds_ctx]
                     best = sweep("fused", (False, True), lambda f: dict(
-                        fused_select=f, bounds_block_p=bp, bounds_warps=bw, bounds_iters=bi,
+                        _bounds_kw(shape[:3] + ((1,) if f else shape[3:])), fused_select=f,
                         select_warps=tuned_select.get(ctx), **launch))
                     if best is not None:
                         tuned_fused[ctx] = best
@@ -499,7 +505,9 @@ def main(argv=None):
                 if tune_here and ctx not in tuned_sparse:
                     base_kw = dict(select_warps=tuned_select.get(ctx), fused_select=tuned_fused.get(ctx, False))
                     if bounds_ctx is not None:
-                        base_kw.update(zip(("bounds_block_p", "bounds_warps", "bounds_iters"), tuned_bounds[bounds_ctx]))
+                        base_kw.update(_bounds_kw(tuned_bounds[bounds_ctx]))
+                        if base_kw["fused_select"]:
+                            base_kw["bounds_heads"] = 1
                     wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16,
                                  delta=0.05, seq_len_hint=ctx, **base_kw)
                     sparse_auto = wrapper.num_splits
@@ -535,9 +543,10 @@ def main(argv=None):
                     if ctx in tuned_select:
                         kw["select_warps"] = tuned_select[ctx]
                     if bounds_ctx is not None:
-                        kw["bounds_block_p"], kw["bounds_warps"], kw["bounds_iters"] = tuned_bounds[bounds_ctx]
+                        kw.update(_bounds_kw(tuned_bounds[bounds_ctx]))
                     if tuned_fused.get(ctx) and kw["mode"] == "prhs":
                         kw["fused_select"] = True
+                        kw["bounds_heads"] = 1
                     if tuned_merge.get(ctx) and kw["mode"] == "prhs":
                         kw["fused_merge"] = True
                     if not kw.get("art"):

@@ -52,19 +52,20 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
     row("full", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
         warps=default_warps, block_p=w.bounds_block_p, bounds_warps=w.bounds_warps)
     q = batch.q
-    planned = (w.bounds_block_p, w.bounds_warps, w.bounds_iters)
-    for bp, bw, it in bounds_shapes:
-        w.bounds_block_p, w.bounds_warps, w.bounds_iters = bp, bw, it
+    planned = (w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads)
+    for bp, bw, it, hd in bounds_shapes:
+        w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads = bp, bw, it, hd
         row("bounds", time_calls(lambda i: w._launch_bounds(q, batch.copies[i][2], batch.copies[i][3]),
-                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it)
-    w.bounds_block_p, w.bounds_warps, w.bounds_iters = planned
+                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it, bounds_heads=hd)
+    w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads = planned
     for warps in warps_list:
         w.select_warps = warps
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
     w.select_warps = default_warps
     # bounds and selection in one launch (each request's last chunk program selects), with the chunking of
     # the fastest bound kernel above
-    best = min((r for r in rows if r["part"] == "bounds"), key=lambda r: r["time_us"], default=None)
+    best = min((r for r in rows if r["part"] == "bounds" and r["bounds_heads"] == 1), key=lambda r: r["time_us"],
+               default=None)
     chunking = (best["block_p"], best["bounds_iters"]) if best else planned[::2]
     for warps in warps_list:
         w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
@@ -103,8 +104,9 @@ def main(argv=None):
     ap.add_argument("--page-sizes", default="32")
     ap.add_argument("--warps", default="4,8,16,32")
     ap.add_argument("--art-heads", default="auto,8,32", help="ART sequential head pages (auto = the default)")
-    ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8",
-                    help="page-bound kernel shapes: pages per chunk x warps [x chunks per program]")
+    ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8,64x4x1x8,64x4x1x4,32x4x1x8",
+                    help="page-bound kernel shapes: pages per chunk x warps [x chunks per program [x KV heads "
+                         "per program]]")
     ap.add_argument("--decode-shapes", default="auto",
                     help="sparse-decode launches: 'auto' (the plan's default) or splits x warps x pages per "
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
@@ -115,7 +117,7 @@ def main(argv=None):
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
     art_heads = [None if x == "auto" else int(x) for x in args.art_heads.split(",")]
-    bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:3]) for x in args.bounds.split(",")]
+    bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1", "1"])[:4]) for x in args.bounds.split(",")]
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
@@ -134,7 +136,8 @@ def main(argv=None):
     print("\n| batch | context | P | part | select warps | launch shape | us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
+        shape = (f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}"
+                 + (f"x{r['bounds_heads']}h" if r.get("bounds_heads", 1) > 1 else "")) if "block_p" in r else (
             f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else
             f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
             if "decode_warps" in r else "")

@@ -190,7 +190,7 @@ class SparseDecodeWrapper:
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
              select_warps: Optional[int] = None, bounds_block_p: int = 64, bounds_warps: int = 4,
-             bounds_iters: int = 1, fused_select: bool = False, fused_merge: bool = False,
+             bounds_iters: int = 1, bounds_heads: int = 1, fused_select: bool = False, fused_merge: bool = False,
              kv_start: Optional[torch.Tensor] = None, pdl: Optional[bool] = None,
              q_dtype: torch.dtype = torch.bfloat16) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
@@ -223,6 +223,8 @@ class SparseDecodeWrapper:
                 8 up to 2048, else 16; the fastest on an H200 in benchmarks/decode_breakdown.py).
             bounds_block_p, bounds_warps, bounds_iters: pages per chunk, warps, and chunks per program
                 (pipelined) of the page-bound kernel.
+            bounds_heads: KV heads per program of the page-bound kernel (a divisor of H_kv; 1 with
+                ``fused_select``): one program reads the adjacent summaries of several heads of its pages.
             fused_select: compute the page bounds and select in one launch
                 (``kernels.page_select._bounds_select_kernel``, ``select_warps`` warps): each
                 (request, KV head) selects as soon as its bounds are in.
@@ -334,6 +336,10 @@ class SparseDecodeWrapper:
             raise ValueError(f"bounds_iters must be >= 1, got {bounds_iters}")
         self.bounds_block_p, self.bounds_warps = int(bounds_block_p), int(bounds_warps)
         self.bounds_iters = int(bounds_iters)
+        if bounds_heads < 1 or self.h_kv % bounds_heads or (fused_select and bounds_heads != 1):
+            raise ValueError(f"bounds_heads must divide num_kv_heads={self.h_kv} (and be 1 with fused_select), "
+                             f"got {bounds_heads}")
+        self.bounds_heads = int(bounds_heads)
         self.fused_select = bool(fused_select)
         self.fused_merge = bool(fused_merge)
         if pdl and os.environ.get("TRITON_INTERPRET") == "1":
@@ -417,10 +423,11 @@ class SparseDecodeWrapper:
 
     def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         chunks, meta = self._bounds_chunking()
-        _page_bounds_kernel[(self.bs, self.h_kv, chunks)](
+        _page_bounds_kernel[(self.bs, self.h_kv // self.bounds_heads, chunks)](
             self.reselect_flag, q, kmin, kmax, self.page_table, self.num_pages, self.ub, self.lb,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
-            self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, num_warps=self.bounds_warps, **self._pdl)
+            self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, HEADS=self.bounds_heads,
+            num_warps=self.bounds_warps, **self._pdl)
 
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""

@@ -86,6 +86,8 @@ def _drive_wrappers():
     for cfg in (dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05),
                 dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_iters=4),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_heads=8),
+                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=128, bounds_heads=4, bounds_iters=2),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, select_warps=8),
                 dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, fused_select=True),
                 dict(mode="prhs", budget=1 / 16, delta=0.05, fused_merge=True),

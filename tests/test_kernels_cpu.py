@@ -83,6 +83,8 @@ def test_prhs_select_many_pages():
     check_decode([3030, 2000], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(mode="prhs", budget=10, delta=0.0),
                   dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=3),
+                  # every KV head's bounds from one program per (request, chunk)
+                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_heads=H_KV),
                   # bounds and selection in one launch: each request's last chunk program selects
                   dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=2, fused_select=True)])
 

@@ -81,7 +81,8 @@ def test_decode_kv_start():
 def test_prhs_decode_random(page_size):
     check_decode([32768, 8192, 20000], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
                  [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1 / 8, delta=0.01),
-                  dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4),
+                  dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4, bounds_heads=8),
+                  dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_heads=2, bounds_iters=4),
                   dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, bounds_iters=4, select_warps=8,
                        fused_merge=True)])
 
