@@ -347,3 +347,32 @@ def test_decode_time_axis_state_sizes(monkeypatch):
         w = m.decode_wrapper
         assert m._reselect_every == 4 and w.reuse_slots == L // G and w.reuse_width == expect_width
         assert w.state_pages.shape == (L // G, 9, 2, expect_width) and bool(m._fresh.all())
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_decode_wrapper_uses_the_local_heads_under_tensor_parallelism(tp, monkeypatch):
+    """Under tensor parallelism each rank's pool holds H_kv / TP KV heads and its attention H_q / TP query
+    heads; the decode wrapper and the page summaries are built for those local heads (selection is per local
+    KV head, so ranks never exchange anything), and the GQA group size stays H_q / H_kv."""
+    from sglang_sparse.config import SparseConfig
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    import sglang.srt.runtime_context as rc
+
+    H_Q, H_KV, D, P, L = 32, 8, 16, 32, 4
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=tp))
+    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}})
+    m.claa = None
+    m.token_to_kv_pool = SimpleNamespace(start_layer=0, layer_num=L,
+                                         get_key_buffer=lambda lid: torch.zeros(64 * P, H_KV // tp, D))
+    mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=tp - 1,
+                         model_config=SimpleNamespace(get_max_num_attention_heads=lambda: H_Q),
+                         req_to_token_pool=SimpleNamespace(size=8, req_to_token=torch.zeros(9, 4096, dtype=torch.int32)),
+                         server_args=SimpleNamespace(max_running_requests=8, decode_log_interval=40,
+                                                     enable_metrics=False))
+    m._init_sparse_decode(mr)
+    w = m.decode_wrapper
+    assert (w.h_q, w.h_kv, w.group) == (H_Q // tp, H_KV // tp, H_Q // H_KV)
+    kmin, kmax = m.summaries.layer(0)
+    assert kmin.shape == kmax.shape == (64, H_KV // tp, D)
+    assert m._tp_rank == str(tp - 1)
