@@ -77,11 +77,11 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
             bounds_warps=warps, bounds_iters=chunking[1])
         row("full fused", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
             warps=warps)
-    for head in art_heads:
+    for head, tail_pages in art_heads:
         w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-               seq_len_hint=ctx, art=True, art_head_pages=head)
+               seq_len_hint=ctx, art=True, art_head_pages=head, art_tail_pages=tail_pages)
         row("full+art", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
-            art_head=w.head_len, splits=w.num_splits)
+            art_head=w.head_len, splits=w.num_splits, art_tail_pages=tail_pages)
     for shape in decode_shapes:
         # the sparse decode alone (the lists of the last selection), default launch or splits x warps x
         # pages per iteration x stages; merged by a second launch or by the last split (fused)
@@ -103,7 +103,9 @@ def main(argv=None):
     ap.add_argument("--configs", default="8x131072,8x32768,1x131072,32x32768")
     ap.add_argument("--page-sizes", default="32")
     ap.add_argument("--warps", default="4,8,16,32")
-    ap.add_argument("--art-heads", default="auto,8,32", help="ART sequential head pages (auto = the default)")
+    ap.add_argument("--art-heads", default="auto,8,32,6x4",
+                    help="ART sequential head pages (auto = the default), optionally x the fewest pages per tail "
+                         "split (default 8), e.g. auto,6x4")
     ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8,64x4x1x8,64x4x1x4,32x4x1x8",
                     help="page-bound kernel shapes: pages per chunk x warps [x chunks per program [x KV heads "
                          "per program]]")
@@ -116,7 +118,10 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
-    art_heads = [None if x == "auto" else int(x) for x in args.art_heads.split(",")]
+    art_heads = []
+    for x in args.art_heads.split(","):       # HEAD or HEADxTAIL (pages of the head, fewest pages per tail split)
+        head, _, tail_pages = x.partition("x")
+        art_heads.append((None if head == "auto" else int(head), int(tail_pages or 8)))
     bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1", "1"])[:4]) for x in args.bounds.split(",")]
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
@@ -138,7 +143,7 @@ def main(argv=None):
     for r in rows:
         shape = (f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}"
                  + (f"x{r['bounds_heads']}h" if r.get("bounds_heads", 1) > 1 else "")) if "block_p" in r else (
-            f"ART head {r['art_head']}, {r['splits']} splits" if "art_head" in r else
+            f"ART head {r['art_head']}, {r['splits']} splits (tails >= {r.get('art_tail_pages', 8)} pages)" if "art_head" in r else
             f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
             if "decode_warps" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "

@@ -186,6 +186,7 @@ class SparseDecodeWrapper:
              recent_pages: int = 2, sm_scale: Optional[float] = None, art: bool = False,
              tau_mag: float = 0.01, tau_dir: float = 1e-4, patience: int = 2, eps_cert: Optional[float] = None,
              min_blocks: int = 4, art_order: str = "bound", art_head_pages: Optional[int] = None,
+             art_tail_pages: int = 8,
              dense_below_pages: int = 0, reselect=None, dilation: int = 0,
              num_splits: Optional[int] = None, seq_len_hint: Optional[int] = None,
              pages_per_iter: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
@@ -214,6 +215,8 @@ class SparseDecodeWrapper:
                 within the first H pages of the list. Default: when ``bs * H_kv`` fills half the SMs,
                 the whole list if it has at most 256 pages (exact reference semantics), else 64;
                 for smaller batches 8 (the rest of the list is split over programs that run alongside).
+            art_tail_pages: ART: fewest list pages per tail program when the split count is chosen
+                (default 8; smaller gives more, shorter tail programs).
             num_splits: KV splits per (request, KV head); default from bs, H_kv, the SM count and
                 ``seq_len_hint`` (default ``max_seq_len``). Fixed for a captured graph.
             pages_per_iter: pages gathered per loop iteration (default 64 // P rows, at least 1).
@@ -318,8 +321,10 @@ class SparseDecodeWrapper:
             self.head_len = max(1, int(art_head_pages))
             tail = max(0, list_len - self.head_len)
             if num_splits is None:
-                # the tails run alongside the sequential head: split them finer (8 pages at least)
-                tail_splits = min(triton.cdiv(target, base), tail // 8) if tail > 0 else 0
+                # the tails run alongside the sequential head: split them finer (art_tail_pages at least)
+                if art_tail_pages < 1:
+                    raise ValueError(f"art_tail_pages must be >= 1, got {art_tail_pages}")
+                tail_splits = min(triton.cdiv(target, base), tail // int(art_tail_pages)) if tail > 0 else 0
                 tail_splits = max(tail_splits, 1 if tail > 0 else 0)
             else:
                 tail_splits = max(0, int(num_splits) - 1)

@@ -102,7 +102,8 @@ def test_art_prhs_structured():
                   dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg),       # certified
                   dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, fused_select=True, **art_cfg),
                   dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, fused_merge=True,
-                       **art_cfg)],                                          # head + tails, the last merges
+                       **art_cfg),                                           # head + tails, the last merges
+                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=4, art_tail_pages=2, **art_cfg)],
                  structured=True)
 
 
