@@ -60,6 +60,7 @@ from flashinfer_ext.kernels.page_dilate import _page_dilate_kernel
 from flashinfer_ext.kernels.page_select import _bounds_select_kernel, _page_select_kernel
 from flashinfer_ext.kernels.page_table import _page_table_kernel
 from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
+from sglang_sparse.config import page_budget
 
 _LOG2E = 1.4426950408889634
 
@@ -298,8 +299,7 @@ class SparseDecodeWrapper:
         hint_pages = triton.cdiv(seq_len_hint, P) if seq_len_hint else self.max_pages
         hint_pages = min(hint_pages, self.max_pages)
         if mode == "prhs":
-            want = math.ceil(budget * hint_pages) if budget <= 1 else int(budget)
-            list_len = min(hint_pages, max(want, self.sink_pages + self.recent_pages))
+            list_len = page_budget(hint_pages, budget, self.sink_pages, self.recent_pages)
         else:
             list_len = hint_pages
         list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
@@ -358,23 +358,14 @@ class SparseDecodeWrapper:
 
     def _budget_lut(self, budget_mode: int, budget: float, dense_below_pages: int = 0) -> torch.Tensor:
         """(device table ``[max_pages + 1]``: page budget of a request of N pages, largest budget),
-        cached per setting.
-
-        Same formula as ``PrhsConfig.budget_pages``: ``ceil(budget * N)`` (fraction) or ``budget``
-        (count), at least ``min(N, sink + recent)``, at most N; then capped by the list width."""
+        cached per setting: ``sglang_sparse.config.page_budget`` (all N pages in dense mode and below
+        ``dense_below_pages``), capped by the list width."""
         key = (budget_mode, float(budget), self.sink_pages, self.recent_pages, dense_below_pages)
         cache = self.__dict__.setdefault("_lut_cache", {})
         if key not in cache:
-            forced = self.sink_pages + self.recent_pages
-            vals = []
-            for n in range(self.max_pages + 1):
-                if budget_mode == 0 or n < dense_below_pages:
-                    want = n
-                elif budget_mode == 1:
-                    want = math.ceil(budget * n)
-                else:
-                    want = int(budget)
-                vals.append(min(self.max_sel, max(min(n, forced), min(n, want))))
+            vals = [min(self.max_sel, n if budget_mode == 0 or n < dense_below_pages
+                        else page_budget(n, budget, self.sink_pages, self.recent_pages))
+                    for n in range(self.max_pages + 1)]
             cache[key] = (torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True), max(1, max(vals)))
         return cache[key]
 

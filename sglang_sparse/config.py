@@ -71,6 +71,15 @@ class ClaaConfig:
         return self.mode == "claa"
 
 
+def page_budget(num_pages: int, budget: float, sink_pages: int, recent_pages: int) -> int:
+    """PrHS page budget of a request of ``num_pages`` pages: ``ceil(budget * N)`` for a fraction
+    (``budget <= 1``) or ``budget`` pages (``> 1``), never below sink + recent (capped by N), never above N.
+    The one definition: the reference (``PrhsConfig.budget_pages``) and the decode wrapper's per-length
+    table and list width (``flashinfer_ext.decode``) use it."""
+    want = math.ceil(budget * num_pages) if budget <= 1 else int(budget)
+    return max(min(num_pages, sink_pages + recent_pages), min(num_pages, want))
+
+
 @dataclass(frozen=True)
 class PrhsConfig:
     """PrHS pre-hoc page selection for decode (see :mod:`sglang_sparse.prhs`).
@@ -104,12 +113,7 @@ class PrhsConfig:
 
     def budget_pages(self, num_pages: int) -> int:
         """Page budget for a request holding ``num_pages`` pages (at least sink + recent, at most all)."""
-        if self.budget <= 1:
-            want = math.ceil(self.budget * num_pages)
-        else:
-            want = int(self.budget)
-        floor = min(num_pages, self.sink_pages + self.recent_pages)
-        return max(floor, min(num_pages, want))
+        return page_budget(num_pages, self.budget, self.sink_pages, self.recent_pages)
 
 
 @dataclass(frozen=True)
