@@ -44,9 +44,12 @@ CONFIGS = {
     "ours_prhs_g4_r4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
-    # the same with the one-launch kernel variants (a name ending in _fused sets SGLANG_SPARSE_FUSED=1)
+    # the same with the one-launch kernel variants (a name ending in _fused sets SGLANG_SPARSE_FUSED=1, in
+    # _fusedmerge SGLANG_SPARSE_FUSED=merge)
     "ours_prhs_g4_art_fused": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
                                       "--prhs-layers-per-selection", "4", "--art", "on"]),
+    "ours_prhs_g4_art_fusedmerge": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
+                                           "--prhs-layers-per-selection", "4", "--art", "on"]),
 }
 _NUM = r"([\d.]+|nan)"      # delta-hat is NaN for a batch of reused lists only
 STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} delta_hat mean={_NUM} "
@@ -140,7 +143,8 @@ def main(argv=None):
         logs = out_dir()
         slog = os.path.join(logs, f"server_{name}.log")
         try:
-            env = dict(os.environ, SGLANG_SPARSE_FUSED="1") if name.endswith("_fused") else None
+            fused = {"_fused": "1", "_fusedmerge": "merge"}.get("_" + name.rsplit("_", 1)[-1])
+            env = dict(os.environ, SGLANG_SPARSE_FUSED=fused) if fused else None
             with server(launcher + common + flags, args.port, slog, env=env) as base:
                 parity = None
                 if not args.skip_parity and not args.profile_only:

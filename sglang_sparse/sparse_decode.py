@@ -35,9 +35,12 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
-# set to 1 in the server's environment: bounds + selection and the split merge each run as one launch
-# (SparseDecodeWrapper.plan(fused_select=True, fused_merge=True)); off until measured faster
+# developer switch in the server's environment: "select" runs bounds + selection as one launch
+# (SparseDecodeWrapper.plan(fused_select=True)), "merge" lets the last split program merge
+# (plan(fused_merge=True)), "1" both; off by default (slower at 128K x 8 on an H200, benchmarks/results/
+# decode_breakdown_h200_fused.json)
 FUSED_ENV = "SGLANG_SPARSE_FUSED"
+_FUSED = {"1": ("select", "merge"), "select": ("select",), "merge": ("merge",)}
 
 
 
@@ -135,9 +138,11 @@ class SparseDecodeMixin:
         if a.enabled:
             kw.update(tau_mag=a.tau_mag, tau_dir=a.tau_dir, patience=a.patience, eps_cert=a.eps_cert,
                       min_blocks=a.min_blocks)
-        if os.environ.get(FUSED_ENV) == "1":
-            # developer switch: the one-launch variants of bounds + selection and of the split merge
-            kw.update(fused_select=True, fused_merge=True)
+        fused = os.environ.get(FUSED_ENV, "")
+        if fused and fused not in _FUSED:
+            raise ConfigError(FUSED_ENV, f"must be 1, select or merge, got {fused!r}")
+        for part in _FUSED.get(fused, ()):
+            kw[f"fused_{part}"] = True
         return kw
 
     # ------------------------------------------------------------------ metadata

@@ -4,6 +4,8 @@ ART blocks are the pages in the output. CPU only: the buffers are filled by hand
 
 import types
 
+import pytest
+
 import torch
 
 from flashinfer_ext.decode import SparseDecodeWrapper
@@ -68,3 +70,11 @@ def test_plan_kwargs_fused_switch(monkeypatch):
     monkeypatch.setenv(FUSED_ENV, "1")
     kw = SparseDecodeMixin._make_plan_kwargs(m)
     assert kw["fused_select"] is True and kw["fused_merge"] is True and kw["budget"] == 1 / 16
+    for value, want in (("merge", {"fused_merge"}), ("select", {"fused_select"})):
+        monkeypatch.setenv(FUSED_ENV, value)
+        assert {k for k in SparseDecodeMixin._make_plan_kwargs(m) if k.startswith("fused_")} == want
+    monkeypatch.setenv(FUSED_ENV, "yes")
+    from sglang_sparse.config import ConfigError
+
+    with pytest.raises(ConfigError, match=FUSED_ENV):
+        SparseDecodeMixin._make_plan_kwargs(m)
