@@ -5,8 +5,10 @@
 
 One server (``sglang_sparse.launch_server``, or plain SGLang with ``--plain``) on dummy weights, then
 ``--requests`` requests of random token ids with random prompt lengths in ``[--min-len, --max-len]`` and
-random output lengths up to ``--max-new``, ``--concurrency`` at a time; a fraction ``--abort-frac`` of them
-is aborted through SGLang's ``/abort_request`` after a random delay. Then the server idles (SGLang's
+random output lengths up to ``--max-new``, ``--concurrency`` at a time; a fraction ``--shared-prefix-frac``
+starts with one of four common prefixes (radix-cache reuse of pages and page summaries), and a fraction
+``--abort-frac`` is aborted through SGLang's ``/abort_request`` after a random delay. A small KV pool
+(``--flags "--max-total-tokens N"``) makes SGLang retract running requests too. Then the server idles (SGLang's
 scheduler checks its KV pools for leaked slots when it has no work), answers one more request, and its
 log is scanned for tracebacks, CUDA errors and leak reports.
 
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=7300)
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--abort-frac", type=float, default=0.2)
+    ap.add_argument("--shared-prefix-frac", type=float, default=0.5,
+                    help="share of the requests whose prompt starts with one of 4 common prefixes (40-80 %% of "
+                         "the prompt): the radix cache hands them cached pages and their page summaries")
     ap.add_argument("--idle-s", type=float, default=12.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=30177)
@@ -109,8 +114,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.model:
         ap.error("--model (or $LLAMA8B_SHAPE) is required")
-    if not 0 <= args.abort_frac <= 1 or args.min_len < 1 or args.max_len < args.min_len:
-        ap.error("need 0 <= --abort-frac <= 1 and 1 <= --min-len <= --max-len")
+    if not (0 <= args.abort_frac <= 1 and 0 <= args.shared_prefix_frac <= 1) or not 1 <= args.min_len <= args.max_len:
+        ap.error("need 0 <= --abort-frac, --shared-prefix-frac <= 1 and 1 <= --min-len <= --max-len")
     model = args.model
     ctx = args.max_len + args.max_new + 64
     if args.shape == "smollm2":
@@ -119,10 +124,13 @@ def main(argv=None) -> int:
     with open(os.path.join(model, "config.json")) as f:
         vocab = min(json.load(f)["vocab_size"], 49152)    # ids the tokenizer of both shapes knows
     rng = random.Random(args.seed)
+    lo_id = min(100, vocab // 2)
+    prefixes = [[rng.randrange(lo_id, vocab) for _ in range(args.max_len)] for _ in range(4)]
     jobs = []
     for i in range(args.requests):
         n = rng.randint(args.min_len, min(args.max_len, ctx - args.max_new - 8))
-        ids = [rng.randrange(min(100, vocab // 2), vocab) for _ in range(n)]
+        shared = int(n * rng.uniform(0.4, 0.8)) if rng.random() < args.shared_prefix_frac else 0
+        ids = rng.choice(prefixes)[:shared] + [rng.randrange(lo_id, vocab) for _ in range(n - shared)]
         abort_after = rng.uniform(0.5, 8.0) if rng.random() < args.abort_frac else None
         jobs.append((i, ids, rng.randint(8, args.max_new), abort_after))
     cmd = (PLAIN if args.plain else OURS) + ["--model-path", model, "--load-format", "dummy", "--grammar-backend",
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     slog = os.path.join(out_dir(), f"server_{args.name}.log")
     res = {"name": args.name, "flags": args.flags, "shape": args.shape, "requests": args.requests,
-           "concurrency": args.concurrency, "env": args.env}
+           "concurrency": args.concurrency, "shared_prefix_frac": args.shared_prefix_frac, "env": args.env}
     t0 = time.time()
     try:
         with server(cmd, args.port, slog, env=env) as base:
