@@ -164,8 +164,10 @@ def main(argv=None) -> int:
         res["server_error"] = repr(e)[:300]
     res["wall_s"] = round(time.time() - t0, 1)
     with open(slog, errors="replace") as f:
-        bad = [line.strip()[:240] for line in f if BAD_LINE.search(line)]
+        text = f.read()
+    bad = [line.strip()[:240] for line in text.splitlines() if BAD_LINE.search(line)]
     res["bad_log_lines"] = bad[:8]
+    res["retracted_reqs"] = sum(int(n) for n in re.findall(r"Retract requests\. #retracted_reqs: (\d+)", text))
     passed = not bad and res.get("alive_after") and not res.get("num_failed") and "server_error" not in res
     res["passed"] = bool(passed)
     if not passed:
