@@ -311,7 +311,9 @@ TUNE_CANDIDATES = [  # pages per iteration (relative to 64 rows), num_warps, num
 # sparse decode over PrHS's lists (1/16 of the pages: shorter programs than dense): pages per iteration,
 # warps, stages, split factor (relative to the plan's default for the sparse list)
 SPARSE_CANDIDATES = [dict(pages_per_iter=ppi, num_warps=nw, num_stages=3, split=sf)
-                     for ppi in (None, "x2") for nw in (4, 8) for sf in (0.5, 1, 2)]
+                     for ppi in (None, "x2") for nw in (4, 8) for sf in (0.5, 1, 2)] + [
+    # two stages: 64 KB of shared memory per program at 64 rows x d 128 instead of 96 KB, three programs per SM
+    dict(pages_per_iter=None, num_warps=4, num_stages=2, split=sf) for sf in (0.5, 1, 2)]
 
 # page-bound kernel: (pages per chunk, warps, chunks per program, KV heads per program)
 BOUNDS_CANDIDATES = [(64, 4, 1, 1), (128, 4, 1, 1), (64, 4, 4, 1), (64, 4, 8, 1), (128, 4, 4, 1), (64, 8, 8, 1),
