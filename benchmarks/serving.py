@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from typing import Iterator, Optional, Sequence
@@ -48,14 +49,23 @@ def post_json(url: str, payload: dict, timeout: float = 600.0) -> dict:
 @contextlib.contextmanager
 def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
            env: Optional[dict] = None) -> Iterator[str]:
-    """Start ``cmd --port port``, yield its base URL once /health answers, then stop it."""
+    """Start ``cmd --port port``, yield its base URL once /health answers, then stop it.
+
+    Refuses a port where a server already answers (it would be measured instead of this one), and while
+    the server runs a SIGTERM to this process (e.g. from ``timeout``) becomes SystemExit, so that the
+    server, which runs in its own session, is stopped too instead of outliving the benchmark."""
+    base = f"http://127.0.0.1:{port}"
+    if _get(base + "/health", 2.0) is not None:
+        raise RuntimeError(f"a server already answers on port {port}; stop it or use another port")
     full = list(cmd) + ["--host", "127.0.0.1", "--port", str(port)]
     log(f"start: {' '.join(full)}")
     t0 = time.time()
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(full, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         while True:
             if proc.poll() is not None:
@@ -69,6 +79,8 @@ def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
         log(f"healthy after {time.time() - t0:.0f}s")
         yield base
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -159,3 +159,47 @@ def test_logits_comparison_centres_and_stops_at_divergence():
     res = compare([1, 2, 3, 4], ref, [1, 9, 3, 4], noisy)   # diverges after position 1
     assert res["positions_compared"] == 2 and not res["tokens_equal"]
     assert 1e-4 < res["rel_err"][1] < 0.1 and res["max_decode_rel_err"] == res["rel_err"][1]
+
+
+def test_server_helper_refuses_a_busy_port_and_stops_its_server_on_sigterm(tmp_path):
+    """benchmarks.serving.server: a second server on a port that already answers is refused (it would be
+    measured instead); a SIGTERM to the benchmark (``timeout``) stops the server it started."""
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    from benchmarks.serving import server
+
+    fake = ("import sys, http.server\n"
+            "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+            "    def log_message(self, *a): pass\n"
+            "http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", fake]
+
+    def answers():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return True
+        except Exception:
+            return False
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        with server(cmd, port, str(tmp_path / "a.log"), timeout=60):
+            assert answers()
+            with pytest.raises(RuntimeError, match="already answers"):
+                with server(cmd, port, str(tmp_path / "b.log"), timeout=60):
+                    pass
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)           # the handler raises SystemExit here
+    assert not answers()                                    # the server went with the benchmark
+    assert signal.getsignal(signal.SIGTERM) == before      # and the previous handler is back
