@@ -17,13 +17,11 @@ benchmarks/quality_cpu.py (length floors low enough that every setting acts at e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,53 +61,35 @@ def _csv(s):
     return [x for x in s.split(",") if x.strip()]
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
-
-
 def run_setting(name: str, args) -> dict:
+    from benchmarks.serving import server
+
     module, flags = SETTINGS[name]
-    url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", module, "--model-path", str(args.model), "--host", "127.0.0.1",
-           "--port", str(args.port), "--context-length", "8192", "--grammar-backend", "none",
-           "--mem-fraction-static", str(args.mem_fraction)] + COMMON_FLAGS + flags + args.server_args.split()
+    cmd = [sys.executable, "-m", module, "--model-path", str(args.model), "--context-length", "8192",
+           "--grammar-backend", "none", "--mem-fraction-static", str(args.mem_fraction)] + COMMON_FLAGS + flags \
+        + args.server_args.split()
     safe = name.replace("/", "_")
     log_path = Path(args.out_dir) / f"server-{safe}.log"
     print(f"[quality_gpu] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while not _healthy(url):
-            if proc.poll() is not None or time.time() - t0 > args.start_timeout:
-                tail = log_path.read_text()[-3000:]
-                print(f"[quality_gpu] {name}: server did not come up\n{tail}", flush=True)
-                return {"config": name, "failed": "server did not come up", "log_tail": tail}
-            time.sleep(2)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(server(cmd, args.port, str(log_path), timeout=args.start_timeout))
+        except (RuntimeError, TimeoutError) as e:     # exited or never healthy
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+            print(f"[quality_gpu] {name}: server did not come up ({e.__class__.__name__})\n{tail}", flush=True)
+            return {"config": name, "failed": "server did not come up", "log_tail": tail}
         up = time.time() - t0
         print(f"[quality_gpu] {name}: server up in {up:.0f}s; evaluating", flush=True)
         from sglang_sparse.eval.harness import format_table, run_eval
 
         res = run_eval(url, args.tasks, args.lengths, args.samples, seed=args.seed, haystack=args.haystack,
                        num_threads=args.num_threads, config=name, where="sglang-gpu", progress=True)
-        res["meta"]["server_command"] = " ".join(cmd)
-        res["meta"]["server_start_s"] = round(up, 1)
-        print(format_table(res["rows"]), flush=True)
-        (Path(args.out_dir) / f"{safe}.json").write_text(json.dumps(res, indent=1) + "\n")
-        return res
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except Exception:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except Exception:
-                pass
+    res["meta"]["server_command"] = " ".join(cmd + ["--port", str(args.port)])
+    res["meta"]["server_start_s"] = round(up, 1)
+    print(format_table(res["rows"]), flush=True)
+    (Path(args.out_dir) / f"{safe}.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def merge(files, json_path: Path, png: Path) -> None:
