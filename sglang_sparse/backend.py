@@ -19,7 +19,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 from sglang_sparse.claa_prefill import ClaaBackendMixin
-from sglang_sparse.config import BACKEND_NAME, ConfigError, SparseConfig, from_server_args
+from sglang_sparse.config import BACKEND_NAME, ConfigError, SparseConfig, from_server_args, interpreted_decode
 from sglang_sparse.sparse_decode import SparseDecodeMixin
 
 if TYPE_CHECKING:
@@ -78,9 +78,28 @@ class SparseTorchNativeAttnBackend(SparseBackendMixin, TorchNativeAttnBackend):
         return False
 
 
+class SparseTorchNativeDecodeBackend(SparseDecodeMixin, SparseBackendMixin, TorchNativeAttnBackend):
+    """CPU variant whose decode runs PrHS / ART through the Triton kernels in Triton's interpreter
+    (``SGLANG_SPARSE_INTERPRET=1`` with ``TRITON_INTERPRET=1``): extend is torch-native (plus the page-summary
+    update), decode is ours. For checking the wiring with a real model where no GPU is at hand; slow."""
+
+    def __init__(self, model_runner: "ModelRunner"):
+        super().__init__(model_runner)
+        self._init_sparse(model_runner)
+        self._init_sparse_decode(model_runner)
+
+    def _kv_write_scales(self, layer):
+        return None, None
+
+    def support_triton(self):
+        return False
+
+
 def backend_class_for(device: str) -> type:
     """The class ``--attention-backend sparse`` builds on ``device``."""
-    return SparseTorchNativeAttnBackend if str(device).startswith("cpu") else SparseAttnBackend
+    if not str(device).startswith("cpu"):
+        return SparseAttnBackend
+    return SparseTorchNativeDecodeBackend if interpreted_decode() else SparseTorchNativeAttnBackend
 
 
 def create_sparse_backend(model_runner: "ModelRunner"):

@@ -71,6 +71,17 @@ class ClaaConfig:
         return self.mode == "claa"
 
 
+# developer mode: PrHS / ART decode kernels run in Triton's interpreter on a CPU server (very slow; for
+# checking the wiring with real models where no GPU is at hand). Needs TRITON_INTERPRET=1 as well.
+INTERPRET_ENV = "SGLANG_SPARSE_INTERPRET"
+
+
+def interpreted_decode() -> bool:
+    """True when the decode kernels are to run interpreted on CPU (``SGLANG_SPARSE_INTERPRET=1`` and
+    ``TRITON_INTERPRET=1``)."""
+    return os.environ.get(INTERPRET_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def page_budget(num_pages: int, budget: float, sink_pages: int, recent_pages: int) -> int:
     """PrHS page budget of a request of ``num_pages`` pages: ``ceil(budget * N)`` for a fraction
     (``budget <= 1``) or ``budget`` pages (``> 1``), never below sink + recent (capped by N), never above N.
@@ -376,7 +387,7 @@ def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
            f"speculative decoding cannot be combined with sparse attention, got {spec!r}")
     if cfg.prhs.enabled or cfg.art.enabled or cfg.claa.enabled:
         device = str(getattr(server_args, "device", None) or "cuda")
-        _check(device.startswith("cuda"), "--device",
+        _check(device.startswith("cuda") or (interpreted_decode() and not cfg.claa.enabled), "--device",
                f"--sparse-prefill claa / --sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, "
                f"got --device {device}")
         page = server_args.page_size or 1

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError
+from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, interpreted_decode
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -57,7 +57,7 @@ class SparseDecodeMixin:
         cfg = self.sparse_config
         claa = getattr(self, "claa", None)
         self._decode_on = (cfg.prhs.enabled or cfg.art.enabled or claa is not None) \
-            and str(model_runner.device).startswith("cuda")
+            and (str(model_runner.device).startswith("cuda") or interpreted_decode())
         if not self._decode_on:
             return
         from flashinfer_ext.decode import SparseDecodeWrapper

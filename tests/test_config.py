@@ -182,3 +182,26 @@ def test_launcher_help_shows_both_groups():
     for flag in ("--model-path", "--attention-backend", "--page-size", "--sparse-prefill", "--claa-keep-ratio",
                  "--sparse-decode", "--prhs-delta", "--prhs-budget", "--art", "--art-patience"):
         assert flag in r.stdout, flag
+
+
+def test_interpreted_decode_mode_admits_cpu_for_decode_only(monkeypatch):
+    """SGLANG_SPARSE_INTERPRET=1 with TRITON_INTERPRET=1 (a developer mode: the decode kernels interpreted on a CPU
+    server) admits --device cpu for PrHS / ART, still refuses CLAA there, and builds the CPU backend that carries
+    the decode wiring; without TRITON_INTERPRET the mode is off."""
+    from sglang_sparse.backend import SparseTorchNativeAttnBackend, SparseTorchNativeDecodeBackend, backend_class_for
+    from sglang_sparse.sparse_decode import SparseDecodeMixin
+
+    prhs, _ = C.parse_known_args(["--sparse-decode", "prhs", "--art", "on"])
+    claa, _ = C.parse_known_args(["--sparse-prefill", "claa"])
+    monkeypatch.setenv(C.INTERPRET_ENV, "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not C.interpreted_decode() and backend_class_for("cpu") is SparseTorchNativeAttnBackend
+    with pytest.raises(C.ConfigError, match="^--device"):
+        C.validate_with_server_args(prhs, _server_args(device="cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert C.interpreted_decode()
+    C.validate_with_server_args(prhs, _server_args(device="cpu"))
+    with pytest.raises(C.ConfigError, match="^--device"):
+        C.validate_with_server_args(claa, _server_args(device="cpu"))
+    assert backend_class_for("cpu") is SparseTorchNativeDecodeBackend
+    assert issubclass(SparseTorchNativeDecodeBackend, SparseDecodeMixin)
