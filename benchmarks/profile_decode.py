@@ -32,10 +32,12 @@ DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+)")
 ATTENTION_KERNEL = re.compile(r"flashinfer::Batch(Decode|Prefill)|MergeStates|^_(page|decode|merge|bounds)_")
 
 
-def attention_split(res: dict) -> dict:
-    """Attention kernels vs everything else per step, from a summary's kernel list, and the step time left
-    if attention cost nothing: other kernels plus the GPU's idle time (wall - busy)."""
-    att = sum(r["us_per_step"] for r in res.get("top", []) if ATTENTION_KERNEL.search(r["name"]))
+def attention_split(res: dict, attention_us: Optional[float] = None) -> dict:
+    """Attention kernels vs everything else per step, and the step time left if attention cost nothing: other
+    kernels plus the GPU's idle time (wall - busy). ``attention_us``: the attention kernels' time per step;
+    default: summed over the summary's (possibly cut) kernel list."""
+    att = attention_us if attention_us is not None else sum(
+        r["us_per_step"] for r in res.get("top", []) if ATTENTION_KERNEL.search(r["name"]))
     other = res.get("kernel_us_per_step", 0.0) - att
     idle = max(0.0, res.get("wall_us_per_step", 0.0) - res.get("busy_us_per_step", 0.0))
     return {"attention_us_per_step": att, "other_kernels_us_per_step": other, "idle_us_per_step": idle,
@@ -71,8 +73,7 @@ def summarize_trace(path: str, steps: int, top: int = 25) -> dict:
            "top": [{"name": n[:120], "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps}
                    for n, v in rows[:top]]}
     # the split over every kernel (the top list is cut)
-    att = sum(v[0] for n, v in per.items() if ATTENTION_KERNEL.search(n)) / steps
-    res.update(attention_split(dict(res, top=[{"name": "_attention", "us_per_step": att}])))
+    res.update(attention_split(res, sum(v[0] for n, v in per.items() if ATTENTION_KERNEL.search(n)) / steps))
     return res
 
 

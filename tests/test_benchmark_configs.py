@@ -89,20 +89,22 @@ def test_profile_trace_summary(tmp_path):
     ev = [{"cat": "kernel", "name": "attn", "ts": 0.0, "dur": a},
           {"cat": "kernel", "name": "gemm", "ts": a / 2, "dur": a},          # overlaps the first
           {"cat": "kernel", "name": "attn", "ts": 2 * a + 10, "dur": b},     # after a 10 us gap
+          {"cat": "kernel", "name": "_decode_split_kernel", "ts": 2 * a + 20 + b, "dur": a},   # an attention kernel
           {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 999.0}]
     path = tmp_path / "t.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": ev}, f)
     res = summarize_trace(str(path), steps=2)
-    assert res["kernels"] == 3
-    assert abs(res["wall_us_per_step"] - (2 * a + 10 + b) / 2) < 1e-6
-    assert abs(res["busy_us_per_step"] - (1.5 * a + b) / 2) < 1e-6
+    assert res["kernels"] == 4
+    assert abs(res["wall_us_per_step"] - (3 * a + 20 + b) / 2) < 1e-6
+    assert abs(res["busy_us_per_step"] - (2.5 * a + b) / 2) < 1e-6
     top = {r["name"]: r for r in res["top"]}
     assert abs(top["attn"]["us_per_step"] - (a + b) / 2) < 1e-6 and top["attn"]["launches_per_step"] == 1
-    assert set(top) == {"attn", "gemm"}
-    assert res["attention_us_per_step"] == 0.0      # neither name is an attention kernel
-    assert abs(res["step_without_attention_us"]
-               - (res["kernel_us_per_step"] + res["wall_us_per_step"] - res["busy_us_per_step"])) < 1e-6
+    assert set(top) == {"attn", "gemm", "_decode_split_kernel"}
+    assert abs(res["attention_us_per_step"] - a / 2) < 1e-6      # only ours is an attention kernel by name
+    assert abs(summarize_trace(str(path), steps=2, top=1)["attention_us_per_step"] - a / 2) < 1e-6   # list cut
+    assert abs(res["step_without_attention_us"] - (res["kernel_us_per_step"] - a / 2 + res["wall_us_per_step"]
+                                                    - res["busy_us_per_step"])) < 1e-6
 
 
 def test_profile_attention_split():
