@@ -44,13 +44,10 @@ CONFIGS = {
     "ours_prhs_g4_r4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
-    # the same with the one-launch kernel variants (a name ending in _fused sets SGLANG_SPARSE_FUSED=1, in
-    # _fusedmerge SGLANG_SPARSE_FUSED=merge)
-    "ours_prhs_g4_art_fused": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
-                                      "--prhs-layers-per-selection", "4", "--art", "on"]),
-    "ours_prhs_g4_art_fusedmerge": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
-                                           "--prhs-layers-per-selection", "4", "--art", "on"]),
 }
+# ours_prhs_g4_art with the one-launch kernel variants, chosen by SGLANG_SPARSE_FUSED in the server's environment
+FUSED_CONFIGS = {"ours_prhs_g4_art_fused": "1", "ours_prhs_g4_art_fusedmerge": "merge"}
+CONFIGS.update({name: CONFIGS["ours_prhs_g4_art"] for name in FUSED_CONFIGS})
 _NUM = r"([\d.]+|nan)"      # delta-hat is NaN for a batch of reused lists only
 STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} delta_hat mean={_NUM} "
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
@@ -143,8 +140,7 @@ def main(argv=None):
         logs = out_dir()
         slog = os.path.join(logs, f"server_{name}.log")
         try:
-            fused = {"_fused": "1", "_fusedmerge": "merge"}.get("_" + name.rsplit("_", 1)[-1])
-            env = dict(os.environ, SGLANG_SPARSE_FUSED=fused) if fused else None
+            env = dict(os.environ, SGLANG_SPARSE_FUSED=FUSED_CONFIGS[name]) if name in FUSED_CONFIGS else None
             with server(launcher + common + flags, args.port, slog, env=env) as base:
                 parity = None
                 if not args.skip_parity and not args.profile_only:

@@ -78,21 +78,17 @@ class SparseTorchNativeAttnBackend(SparseBackendMixin, TorchNativeAttnBackend):
         return False
 
 
-class SparseTorchNativeDecodeBackend(SparseDecodeMixin, SparseBackendMixin, TorchNativeAttnBackend):
+class SparseTorchNativeDecodeBackend(SparseDecodeMixin, SparseTorchNativeAttnBackend):
     """CPU variant whose decode runs PrHS / ART through the Triton kernels in Triton's interpreter
     (``SGLANG_SPARSE_INTERPRET=1`` with ``TRITON_INTERPRET=1``): extend is torch-native (plus the page-summary
     update), decode is ours. For checking the wiring with a real model where no GPU is at hand; slow."""
 
     def __init__(self, model_runner: "ModelRunner"):
         super().__init__(model_runner)
-        self._init_sparse(model_runner)
         self._init_sparse_decode(model_runner)
 
     def _kv_write_scales(self, layer):
-        return None, None
-
-    def support_triton(self):
-        return False
+        return None, None      # the torch-native pool's set_kv_buffer takes no scales (FlashInfer's hook)
 
 
 def backend_class_for(device: str) -> type:
