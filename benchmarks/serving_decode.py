@@ -94,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=30124)
     ap.add_argument("--page-size", type=int, default=32,
                     help="SGLang's --page-size for every server (PrHS pages; compare only rows of one page size)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallelism of every server (--tp-size)")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--parity-only", action="store_true", help="greedy parity, no bench_serving")
     ap.add_argument("--profile-steps", type=int, default=0,
@@ -116,16 +117,23 @@ def main(argv=None):
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
     common = common_flags(args.model, ctx, max(concs), args.page_size)
+    if args.tp < 1:
+        ap.error(f"--tp must be >= 1, got {args.tp}")
+    if args.tp > 1:
+        common += ["--tp-size", str(args.tp)]
     gpu = gpu_name()
     rows = []
     if os.path.exists(args.out):
         with open(args.out) as f:
             rows = json.load(f)
-    ref_path = os.path.join(out_dir(), "parity_tokens_flashinfer.json")
+    # TP changes the reduction order of every projection: the reference tokens are those of flashinfer
+    # at the same TP
+    tp_tag = f"_tp{args.tp}" if args.tp > 1 else ""
+    ref_path = os.path.join(out_dir(), f"parity_tokens_flashinfer{tp_tag}.json")
     # Reference tokens of plain SGLang (FlashInfer) from an earlier run: dummy weights are seeded, so they
     # are the same on every H100 with this stack. A run that includes the flashinfer config refreshes them.
     kept_ref = os.path.join(os.path.dirname(args.out), "parity_tokens_flashinfer_llama8b_dummy.json")
-    if not os.path.exists(ref_path) and os.path.exists(kept_ref):
+    if not os.path.exists(ref_path) and os.path.exists(kept_ref) and args.tp == 1:
         ref_path = kept_ref
     prompts = fixed_prompts()
     prof_out = args.out.replace(".json", "_profile.json")
@@ -149,7 +157,7 @@ def main(argv=None):
                         parity = sum(same)
                         log(f"{name}: greedy tokens identical to flashinfer on {parity}/8 prompts")
                         for r in rows:
-                            if r["config"] == name:
+                            if r["config"] == name and r.get("tp", 1) == args.tp:
                                 r["greedy_identical_prompts"] = parity
                 if args.check_metrics:
                     import urllib.request
@@ -171,11 +179,11 @@ def main(argv=None):
                     with open(slog, errors="replace") as f:
                         text = f.read()
                     leak = [l for l in text.splitlines() if "Leak Detected" in l or "Traceback" in l]
-                    res = {"config": name, "dataset": "generated-shared-prefix", "completed": gsp.get("completed"),
+                    res = {"config": name, "tp": args.tp, "dataset": "generated-shared-prefix", "completed": gsp.get("completed"),
                            "median_tpot_ms": gsp.get("median_tpot_ms"), "server_alive_after": alive,
                            "leak_or_traceback_lines": leak[:5]}
                     log(f"{name}: shared-prefix load {json.dumps(res)}")
-                    with open(os.path.join(out_dir(), f"shared_prefix_{name}.json"), "w") as f:
+                    with open(os.path.join(out_dir(), f"shared_prefix_{name}{tp_tag}.json"), "w") as f:
                         json.dump(res, f, indent=1)
                 if args.parity_only:
                     save_rows(rows, args.out)
@@ -199,15 +207,17 @@ def main(argv=None):
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
                                "completed": res.get("completed"), "page_size": args.page_size,
-                               "warm_prefix": args.warm_prefix,
+                               "warm_prefix": args.warm_prefix, "tp": args.tp,
                                "greedy_identical_prompts": parity,
                                "command": f"python -m benchmarks.serving_decode --configs {name}"
-                                          + (" --warm-prefix" if args.warm_prefix else ""),
+                                          + (" --warm-prefix" if args.warm_prefix else "")
+                                          + (f" --tp {args.tp}" if args.tp > 1 else ""),
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
                         row.update({k: None for k in ("pages_read_frac", "delta_hat_mean", "art_stop_rate")})
                         row.update(decode_stats(slog))
                         rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"],
-                                                    bool(r.get("warm_prefix"))) != (name, L, C, args.warm_prefix)]
+                                                    bool(r.get("warm_prefix")), r.get("tp", 1))
+                                != (name, L, C, args.warm_prefix, args.tp)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
@@ -222,8 +232,10 @@ def main(argv=None):
                         print_summary(name, prof)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
-    base_tpot = {(r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))): r["median_tpot_ms"]
-                 for r in rows if r["config"] == "flashinfer"}
+    def key(r):
+        return r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1)
+
+    base_tpot = {key(r): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
     try:
         from benchmarks.plot_serving_decode import plot
 
@@ -234,10 +246,11 @@ def main(argv=None):
           "delta_hat | ART stop |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = base_tpot.get((r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))))
+        b = base_tpot.get(key(r))
         sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        print(f"| {r['config']}{' (warm)' if r.get('warm_prefix') else ''} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
+        tag = (" (warm)" if r.get("warm_prefix") else "") + (f" TP{r['tp']}" if r.get("tp", 1) > 1 else "")
+        print(f"| {r['config']}{tag} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
               f"{r['median_tpot_ms'] or 0:.2f} | {r.get('median_itl_ms') or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
               f"{fmt(r['art_stop_rate'])} |")
 

@@ -63,6 +63,9 @@ from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_spl
 from sglang_sparse.config import page_budget
 
 _LOG2E = 1.4426950408889634
+# developer switch: "1" makes every eager ``run`` synchronise and validate the page lists it built and the
+# output it wrote (``SparseDecodeWrapper.check``); a violation raises with the stage and the offending rows
+CHECK_ENV = "SGLANG_SPARSE_CHECK"
 
 
 def _pow2(x: int) -> int:
@@ -180,6 +183,7 @@ class SparseDecodeWrapper:
         self.pages_loaded_buf = torch.zeros(bs, hq, **i32)
         self._out = None
         self._planned = False
+        self.check = os.environ.get(CHECK_ENV) == "1"
 
     # ------------------------------------------------------------------ plan
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *,
@@ -406,8 +410,58 @@ class SparseDecodeWrapper:
                 self._launch_select(reuse_slot)
         elif not self.select:
             self.cur_dhat[:bs].zero_()
+        checking = self.check and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+        if checking:
+            self.validate_lists(k_cache.shape[0])
         self._launch_decode(q, k_cache, v_cache, out)
+        if checking:
+            self.validate_output(out)
         return out
+
+    # ------------------------------------------------------------------ checks (SGLANG_SPARSE_CHECK=1)
+    def validate_lists(self, num_slots: int) -> None:
+        """Host-side check of what the decode is about to read (synchronises; for debugging only): page
+        counts within the table, table entries within a pool of ``num_slots`` slots, and with selection
+        each (request, KV head) list within its budget, made of pages of its own table, without repeats."""
+        bs, P = self.bs, self.page_size
+        n = self.num_pages[:bs].cpu()
+        table = self.page_table[:bs].cpu()
+        pool_pages = -(-int(num_slots) // P)
+        bad = []
+        for b in range(bs):
+            nb = int(n[b])
+            if not 1 <= nb <= self.max_pages:
+                bad.append(f"row {b}: {nb} pages (1..{self.max_pages} allowed)")
+                continue
+            row = table[b, :nb]
+            if bool(((row < 0) | (row >= pool_pages)).any()):
+                bad.append(f"row {b}: page table entries outside [0, {pool_pages}): {row.tolist()[:16]}")
+        if self.select and not bad:
+            num = self.cur_num[:bs].cpu()
+            phys = self.cur_phys[:bs].cpu()
+            cap = self.max_sel
+            for b in range(bs):
+                own = set(table[b, :int(n[b])].tolist())
+                for h in range(self.h_kv):
+                    k = int(num[b, h])
+                    lst = phys[b, h, :max(0, min(k, cap))].tolist()
+                    if not 1 <= k <= min(cap, int(n[b])):
+                        bad.append(f"row {b} head {h}: list of {k} pages (1..{min(cap, int(n[b]))} allowed)")
+                    elif any(p not in own for p in lst) or len(set(lst)) != len(lst):
+                        bad.append(f"row {b} head {h}: list {lst[:16]} has pages outside its table or repeats")
+        if bad:
+            raise RuntimeError(f"{CHECK_ENV}: invalid decode page lists (bs={bs}, mode={self.mode}, "
+                               f"art={self.art}): " + "; ".join(bad[:8]))
+
+    def validate_output(self, out: torch.Tensor) -> None:
+        """Host-side check that the decode wrote a finite output and normaliser for every row."""
+        bs = self.bs
+        o_bad = ~torch.isfinite(out[:bs].float()).all(dim=-1)
+        l_bad = ~torch.isfinite(self.lse_buf[:bs])
+        if bool(o_bad.any()) or bool(l_bad.any()):
+            rows = torch.nonzero(o_bad | l_bad).tolist()[:8]
+            raise RuntimeError(f"{CHECK_ENV}: non-finite decode output or lse at (row, q head) {rows} "
+                               f"(bs={bs}, mode={self.mode}, art={self.art}, splits={self.num_splits})")
 
     # The three stages of ``run`` (also timed one by one by benchmarks/decode_breakdown.py).
     def _bounds_chunking(self):

@@ -146,3 +146,46 @@ def test_bounds_checker_catches_out_of_bounds():
     assert torch.equal(x, y)
     with pytest.raises(Exception, match="outside every tensor"):     # the interpreter wraps it
         _copy[(1,)](x, y, 24, BLOCK=32)
+
+
+def test_check_mode_catches_bad_lists_and_output():
+    """SGLANG_SPARSE_CHECK's validation passes a correct run and names a list page outside the request's
+    table, a repeated page, and a non-finite output (each injected after the real kernels ran)."""
+    import math
+
+    import torch
+    from kernel_cases import make_pool, reference_summaries
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    P = 16
+    pool = make_pool([200, 90], P, H_Q, H_KV, D, D, DEVICE, gen, structured=True)
+    kmin, kmax = reference_summaries(pool)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=3, max_seq_len=256, device=DEVICE)
+    w.check = True
+    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, mode="prhs", budget=1 / 2, delta=0.05)
+    out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+    assert torch.isfinite(out.float()).all()
+    select, decode = w._launch_select, w._launch_decode
+    other = int(pool.slots[1][0]) // P            # a page of request 1, not in request 0's table
+
+    def corrupt(fn):
+        def launch(*a, **k):
+            select(*a, **k)
+            fn()
+        return launch
+
+    for bad in (lambda: w.cur_phys[0, 0, 0].fill_(other),
+                lambda: w.cur_phys[0, 0, 1].copy_(w.cur_phys[0, 0, 0])):
+        w._launch_select = corrupt(bad)
+        with pytest.raises(RuntimeError, match="outside its table or repeats"):
+            w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+    w._launch_select = select
+
+    def nan_out(q, k, v, o):
+        decode(q, k, v, o)
+        o[1, 0, 0] = math.nan
+    w._launch_decode = nan_out
+    with pytest.raises(RuntimeError, match=r"non-finite decode output .*\[\[1, 0\]\]"):
+        w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
