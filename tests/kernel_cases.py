@@ -75,12 +75,15 @@ class Pool:
 
 def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, structured: bool = False,
               max_ctx: Optional[int] = None, spare_pages: int = 3, needles_per_req: int = 3,
-              dtype=torch.bfloat16) -> Pool:
+              dtype=torch.bfloat16, negative: bool = False) -> Pool:
     """A paged KV pool holding ``len(lens)`` requests in randomly permuted physical pages.
 
     ``structured``: a few "needle" pages per request whose keys align with the request's queries
     (high logits) over small random keys elsewhere: peaked attention, where PrHS's certificate
     becomes small and ART can stop early. Otherwise keys and values are plain N(0, 1).
+    ``negative`` (with ``structured``): the keys outside the needles point away from the queries, so
+    most pages have strongly negative logits and upper bounds (below -2, as real models give), not the
+    positive bounds of random keys.
     """
     P = page_size
     bs = len(lens)
@@ -105,6 +108,10 @@ def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, s
         slots.append(s)
         if structured:
             kc[s] *= 0.3
+            if negative:
+                for g in range(h_kv):
+                    u = q[b, g * group:(g + 1) * group].sum(0)
+                    kc[s, g] -= 2.0 * math.sqrt(d) * u / u.norm()
             cand = list(range(1, npgs[b] - 2)) if npgs[b] > 4 else []
             rnd = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             for lp in rnd.sample(cand, min(needles_per_req, len(cand))):
@@ -270,7 +277,8 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, budget, sink, rec
 
 
 def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
-                 tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None, num_sms=None):
+                 tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None, num_sms=None,
+                 negative=False):
     """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments.
 
     ``kv_start_pages``: per request, leading pages the plan skips (``plan(kv_start=pages * P)``); the
@@ -279,7 +287,7 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
 
     gen = torch.Generator().manual_seed(seed)
     P = page_size
-    pool = make_pool(lens, P, h_q, h_kv, d, dv, device, gen, structured=structured)
+    pool = make_pool(lens, P, h_q, h_kv, d, dv, device, gen, structured=structured, negative=negative)
     kmin, kmax = reference_summaries(pool)
     sm_scale = 1.0 / math.sqrt(d)
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1,

@@ -189,3 +189,14 @@ def test_check_mode_catches_bad_lists_and_output():
     w._launch_decode = nan_out
     with pytest.raises(RuntimeError, match=r"non-finite decode output .*\[\[1, 0\]\]"):
         w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+
+
+def test_selection_negative_bounds():
+    """Pages whose upper bounds are far below zero (real models' keys; random keys give positive bounds):
+    the selector's sort must still place every candidate before its empty padding. Dense + ART orders all
+    pages by bound (most of them negative); PrHS at budget 1/2 keeps many negative-bound pages too."""
+    art_cfg = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    check_decode([300, 230, 140], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
+                 [dict(mode="dense", **art_cfg), dict(mode="prhs", budget=1 / 2, delta=0.0),
+                  dict(mode="prhs", budget=1 / 2, delta=0.05, **art_cfg)],
+                 structured=True, negative=True)

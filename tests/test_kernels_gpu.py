@@ -263,6 +263,23 @@ def test_art_smollm2_server_shapes():
         torch.cuda.synchronize()
 
 
+def test_art_smollm2_negative_bounds():
+    """The cause of that failure: real keys give pages upper bounds far below zero, and the selector's sort
+    padding ranked above them, so a dense + ART list (every page, bound order) took the padding's page id
+    2^31 - 1 (a load far outside every tensor: 'operation not supported on global/shared address space').
+    The same server shapes with most pages' bounds below -2."""
+    import random
+
+    rng = random.Random(fresh_seed())
+    art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    for bs in (1, 30):
+        lens = [rng.randint(900, 7300) for _ in range(bs)]
+        check_decode(lens, 32, 9, 3, 64, 64, DEV, fresh_seed(),
+                     [dict(mode="dense", **art), dict(mode="prhs", budget=1 / 2, delta=0.05, **art)],
+                     structured=True, negative=True, max_seq_len=8196)
+        torch.cuda.synchronize()
+
+
 def test_art_server_loop_with_stops():
     """A server's use of one wrapper, at SmolLM2's shapes (9/3 heads, d 64, 32-token pages, wrapper for
     64 requests x 8196 tokens): decode steps with a new batch size each (1-30 requests of 900-7,300

@@ -168,8 +168,11 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     cnt_gt = tl.sum(gt.to(tl.int32), axis=0)
     eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
     top = (gt | (eq & (eq_rank <= k_max - cnt_gt))) & (k_max > 0)
-    # 3. compact them into the scratch row and sort by (ub desc, id asc)
-    tl.store(sc_base + pos, tl.full([SORT_PAD], -(1 << 62), tl.int64))
+    # 3. compact them into the scratch row and sort by (ub desc, id asc). The padding is INT64_MIN, below
+    #    every packed key (key >= -2^31, so key << 32 >= -2^63, and the id part is > 0): a page with a
+    #    negative bound packs below -2^62 as soon as its bound is <= -2, so a smaller pad would sort
+    #    ahead of such pages and hand its id 2^31 - 1 to the list.
+    tl.store(sc_base + pos, tl.full([SORT_PAD], -9223372036854775808, tl.int64))
     tl.debug_barrier()
     cpos = tl.cumsum(top.to(tl.int32), axis=0) - 1
     packed = (key << 32) | (2147483647 - idx).to(tl.int64)
