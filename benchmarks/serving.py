@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,16 @@ from typing import Iterator, Optional, Sequence
 
 PLAIN = [sys.executable, "-m", "sglang.launch_server"]
 OURS = [sys.executable, "-m", "sglang_sparse.launch_server"]
+# server log lines that mean trouble: exceptions, CUDA faults, and the findings of SGLang's idle check of its
+# pools ("pool memory leak detected!", "req_to_token_pool memory leak detected!", "KV double free",
+# "KV page use-after-free"), which it logs as warnings
+PROBLEM_LINE = re.compile(r"Traceback|CUDA error|illegal memory|leak detected|double free|use-after-free|"
+                          r"CUBLAS_STATUS|device-side assert|out of memory", re.IGNORECASE)
+
+
+def problem_lines(text: str, limit: int = 5) -> list[str]:
+    """The first ``limit`` lines of a server log that match ``PROBLEM_LINE`` (trimmed)."""
+    return [line.strip()[:240] for line in text.splitlines() if PROBLEM_LINE.search(line)][:limit]
 
 
 def log(msg: str) -> None:

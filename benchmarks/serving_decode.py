@@ -24,7 +24,7 @@ import time
 from benchmarks.parity import fixed_prompts
 from benchmarks.profile_decode import print_summary, profile_running_decode
 from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
-                                save_rows, server)
+                                problem_lines, save_rows, server)
 
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
@@ -178,10 +178,10 @@ def main(argv=None):
                     alive = greedy(base, prompts[0], 4) is not None
                     with open(slog, errors="replace") as f:
                         text = f.read()
-                    leak = [l for l in text.splitlines() if "Leak Detected" in l or "Traceback" in l]
+                    leak = problem_lines(text)
                     res = {"config": name, "tp": args.tp, "dataset": "generated-shared-prefix", "completed": gsp.get("completed"),
                            "median_tpot_ms": gsp.get("median_tpot_ms"), "server_alive_after": alive,
-                           "leak_or_traceback_lines": leak[:5]}
+                           "leak_or_traceback_lines": leak}
                     log(f"{name}: shared-prefix load {json.dumps(res)}")
                     with open(os.path.join(out_dir(), f"shared_prefix_{name}{tp_tag}.json"), "w") as f:
                         json.dump(res, f, indent=1)

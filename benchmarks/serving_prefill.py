@@ -29,7 +29,7 @@ import time
 
 from benchmarks.parity import fixed_prompts
 from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
-                                post_json, random_prompts, save_rows, server)
+                                post_json, problem_lines, random_prompts, save_rows, server)
 
 NUM_LAYERS, FILTER_LAYER = 32, 15
 
@@ -154,8 +154,7 @@ def main(argv=None):
                 chk["server_alive_after"] = greedy(base, prompts[0], 4) is not None
                 with open(slog, errors="replace") as f:
                     text = f.read()
-                chk["leak_or_traceback_lines"] = [x for x in text.splitlines()
-                                                  if "Leak Detected" in x or "Traceback" in x][:5]
+                chk["leak_or_traceback_lines"] = problem_lines(text)
                 chk["claa_log_lines"] = sum("sglang_sparse CLAA: rid=" in x for x in text.splitlines())
                 checks[name] = chk
                 os.makedirs(os.path.dirname(checks_path), exist_ok=True)

@@ -34,15 +34,13 @@ import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.serving import OURS, PLAIN, greedy, log, out_dir, post, post_json, server, tail
+from benchmarks.serving import OURS, PLAIN, greedy, log, out_dir, post, post_json, problem_lines, server, tail
 
 # SmolLM2-135M-Instruct's architecture (the quality model; its tokenizer has the same 49,152 ids as the
 # tokenizer of $LLAMA8B_SHAPE)
 SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
                  "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True}
-BAD_LINE = re.compile(r"Traceback|CUDA error|illegal memory|Leak Detected|CUBLAS_STATUS|device-side assert|"
-                      r"out of memory", re.IGNORECASE)
 
 
 def make_shape_dir(base_model: str, shape: dict, dest: str) -> str:
@@ -165,7 +163,7 @@ def main(argv=None) -> int:
     res["wall_s"] = round(time.time() - t0, 1)
     with open(slog, errors="replace") as f:
         text = f.read()
-    bad = [line.strip()[:240] for line in text.splitlines() if BAD_LINE.search(line)]
+    bad = problem_lines(text, limit=10 ** 6)
     res["bad_log_lines"] = bad[:8]
     res["retracted_reqs"] = sum(int(n) for n in re.findall(r"Retract requests\. #retracted_reqs: (\d+)", text))
     passed = not bad and res.get("alive_after") and not res.get("num_failed") and "server_error" not in res

@@ -205,3 +205,23 @@ def test_server_helper_refuses_a_busy_port_and_stops_its_server_on_sigterm(tmp_p
             time.sleep(5)           # the handler raises SystemExit here
     assert not answers()                                    # the server went with the benchmark
     assert signal.getsignal(signal.SIGTERM) == before      # and the previous handler is back
+
+
+def test_problem_lines_match_sglangs_idle_pool_check():
+    """The benchmarks' log scan (benchmarks.serving.problem_lines) catches what SGLang's idle pool check
+    logs: each phrase is taken from SGLang's own source, so a change of its wording fails here."""
+    import inspect
+
+    from sglang.srt.managers.scheduler_components import invariant_checker
+
+    from benchmarks.serving import problem_lines
+
+    src = inspect.getsource(invariant_checker)
+    phrases = ["memory leak detected!", "KV double free", "KV page use-after-free", "Mem Leak Detected!"]
+    for phrase in phrases:
+        assert phrase in src, f"SGLang no longer logs {phrase!r}"
+    log = "\n".join(["[2026-12-01 10:00:00] Decode batch, #running-req: 8"]
+                    + [f"[2026-12-01 10:00:01] WARNING pool {p} available_size=3" for p in phrases]
+                    + ["[2026-12-01 10:00:02] INFO: 127.0.0.1 - \"GET /health HTTP/1.1\" 200 OK"])
+    found = problem_lines(log, limit=100)
+    assert len(found) == len(phrases) and all(p in line for p, line in zip(phrases, found))
