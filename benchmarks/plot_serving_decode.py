@@ -20,10 +20,13 @@ def plot(json_path: str, png: str | None = None) -> str:
 
     png = png or json_path.replace(".json", ".png")
     rows = [r for r in json.load(open(json_path)) if r.get("median_tpot_ms")]
-    cells = sorted({(r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))) for r in rows})
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4.2), squeeze=False)
-    for ax, (L, C, warm) in zip(axes[0], cells):
-        cell = [r for r in rows if (r["input_len"], r["concurrency"], bool(r.get("warm_prefix"))) == (L, C, warm)]
+    def key(r):
+        return r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1)
+
+    cells = sorted({key(r) for r in rows})
+    fig, axes = plt.subplots(1, len(cells), figsize=(max(7.5, 5.5 * len(cells)), 4.2), squeeze=False)
+    for ax, (L, C, warm, tp) in zip(axes[0], cells):
+        cell = [r for r in rows if key(r) == (L, C, warm, tp)]
         base = next((r["median_tpot_ms"] for r in cell if r["config"] == "flashinfer"), None)
         names = [r["config"] for r in cell]
         x = range(len(cell))
@@ -37,7 +40,7 @@ def plot(json_path: str, png: str | None = None) -> str:
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("ms per output token")
         ax.set_title(f"input {L // 1024}K, concurrency {C}{', prompts cached' if warm else ''} "
-                     f"({cell[0].get('gpu', 'GPU')})", fontsize=9)
+                     f"({cell[0].get('gpu', 'GPU')}{f' x{tp}, TP {tp}' if tp > 1 else ''})", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Decode in SGLang, Llama-3.1-8B shape (dummy weights); labels: TPOT speedup vs flashinfer",
                  fontsize=9)

@@ -88,6 +88,16 @@ def run_setting(name: str, args) -> dict:
     res["meta"]["server_command"] = " ".join(cmd + ["--port", str(args.port)])
     res["meta"]["server_start_s"] = round(up, 1)
     print(format_table(res["rows"]), flush=True)
+    errors = sum(r.get("errors", 0) for r in res["rows"])
+    if errors:
+        # requests that got no answer (a server that died mid-run) measure nothing: the file is kept for
+        # diagnosis, marked failed, and --merge leaves it out
+        from benchmarks.serving import problem_lines
+
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        res["failed"] = f"{errors} of {sum(r['samples'] for r in res['rows'])} requests got no answer"
+        res["server_problems"] = problem_lines(text, limit=10)
+        print(f"[quality_gpu] {name}: {res['failed']}; server log: {res['server_problems']}", flush=True)
     (Path(args.out_dir) / f"{safe}.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
 
@@ -99,6 +109,9 @@ def merge(files, json_path: Path, png: Path) -> None:
         data = json.loads(Path(f).read_text())
         if "rows" not in data or "meta" not in data:
             print(f"skip {f} (not a harness result)")
+            continue
+        if data.get("failed") or any(r.get("errors") for r in data["rows"]):
+            print(f"skip {f} (failed run: {data.get('failed') or 'requests without an answer'})")
             continue
         meta = dict(data["meta"])
         meta["records_file"] = Path(f).name

@@ -225,3 +225,23 @@ def test_problem_lines_match_sglangs_idle_pool_check():
                     + ["[2026-12-01 10:00:02] INFO: 127.0.0.1 - \"GET /health HTTP/1.1\" 200 OK"])
     found = problem_lines(log, limit=100)
     assert len(found) == len(phrases) and all(p in line for p, line in zip(phrases, found))
+
+
+def test_quality_merge_leaves_out_runs_with_unanswered_requests(tmp_path):
+    """A setting whose server died mid-run (requests without an answer, scored 0) must not enter the
+    quality table as accuracy; a complete run does."""
+    import json
+
+    def result(config, errors):
+        rows = [{"config": config, "task": "single_needle", "length": L, "accuracy": 0.0 if errors else 0.7,
+                 "correct": 0 if errors else 7, "samples": 10, "errors": errors, "where": "sglang-gpu"}
+                for L in (1024, 2048)]
+        return {"meta": {"config": config, "where": "sglang-gpu"}, "rows": rows, "records": []}
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(result("claa-keep0.1", 0)))
+    bad.write_text(json.dumps(result("art-tau0.01", 10)))
+    table = tmp_path / "quality.json"
+    quality_gpu.merge([str(good), str(bad)], table, tmp_path / "quality.png")
+    configs = {r["config"] for r in json.loads(table.read_text())["rows"]}
+    assert configs == {"claa-keep0.1"}
