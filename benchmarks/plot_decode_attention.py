@@ -64,7 +64,12 @@ def plot(json_path: str) -> str:
             ax.set_xticklabels(labels)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Decode attention, one Llama-3.1-8B layer (32 q / 8 KV heads, d 128, bf16), H100")
+    meta_path = json_path.replace(".json", "_meta.json")
+    device = "GPU"
+    if os.path.exists(meta_path):     # decode_attention.py writes the device name beside the rows
+        with open(meta_path) as f:
+            device = json.load(f).get("device", device)
+    fig.suptitle(f"Decode attention, one Llama-3.1-8B layer (32 q / 8 KV heads, d 128, bf16), {device}")
     fig.tight_layout()
     png = os.path.splitext(json_path)[0] + ".png"
     fig.savefig(png, dpi=110)
