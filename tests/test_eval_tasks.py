@@ -198,6 +198,23 @@ def test_summarize_table_merge(tmp_path):
     assert [r["accuracy"] for r in data["rows"] if r["length"] == 1024] == [1.0]
 
 
+def test_summarize_counts_claa_filtered_requests():
+    """Rows of a CLAA run say how many requests the server filtered (those it did not, e.g. with a cached
+    prefix, ran dense) and the mean kept fraction; runs without CLAA get neither field."""
+    from sglang_sparse.eval.harness import claa_kept_tokens
+
+    assert claa_kept_tokens({"claa_kept_tokens": [904]}) == 904
+    assert claa_kept_tokens({"claa_kept_tokens": [None, 128]}) == 128
+    assert claa_kept_tokens({"prompt_tokens": 1000}) is None
+    recs = [{"task": "single_needle", "length": 1024, "score": 1, "prompt_tokens": 1000, "claa_kept_tokens": k}
+            for k in (100, 140)]
+    recs += [{"task": "single_needle", "length": 1024, "score": 1, "prompt_tokens": 1000}]
+    row = summarize(recs, "claa-keep0.1", "sglang-gpu")[0]
+    assert row["claa_filtered"] == 2 and row["samples"] == 3 and row["claa_kept_fraction"] == 0.12
+    plain = summarize([{"task": "single_needle", "length": 1024, "score": 0}], "dense", "sglang-gpu")[0]
+    assert "claa_filtered" not in plain and "claa_kept_fraction" not in plain
+
+
 @pytest.mark.skipif(os.environ.get("SGLANG_SPARSE_SMOLLM2_TEST") != "1",
                     reason="set SGLANG_SPARSE_SMOLLM2_TEST=1 to convert SmolLM2 and answer one sample")
 def test_smollm2_answers_one_single_needle(tmp_path):

@@ -113,13 +113,32 @@ def summarize(records: Sequence[Dict[str, Any]], config: str, where: str) -> Lis
     groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["length"])].append(r)
+    # a CLAA server reports the kept tokens of each request it filtered; a request it did not filter (a
+    # cached prefix, a short prompt) reports nothing and ran dense, so the rows say how many were filtered
+    claa = any("claa_kept_tokens" in r for r in records)
     rows = []
     for (task, length), rs in sorted(groups.items()):
         ok = sum(r["score"] for r in rs)
-        rows.append({"config": config, "task": task, "length": length, "accuracy": ok / len(rs),
-                     "correct": ok, "samples": len(rs), "errors": sum(1 for r in rs if r.get("error")),
-                     "where": where})
+        row = {"config": config, "task": task, "length": length, "accuracy": ok / len(rs),
+               "correct": ok, "samples": len(rs), "errors": sum(1 for r in rs if r.get("error")),
+               "where": where}
+        if claa:
+            kept = [r["claa_kept_tokens"] / r["prompt_tokens"] for r in rs
+                    if "claa_kept_tokens" in r and r.get("prompt_tokens")]
+            row["claa_filtered"] = sum(1 for r in rs if "claa_kept_tokens" in r)
+            if kept:
+                row["claa_kept_fraction"] = round(sum(kept) / len(kept), 4)
+        rows.append(row)
     return rows
+
+
+def claa_kept_tokens(meta: Dict[str, Any]) -> Optional[int]:
+    """The prompt tokens CLAA kept for a request, from its ``meta_info`` (SGLang returns the per-step
+    custom info as a list; the prefill step's entry holds the count), or None if it was not filtered."""
+    kept = meta.get("claa_kept_tokens")
+    if isinstance(kept, (list, tuple)):
+        kept = next((k for k in kept if k is not None), None)
+    return None if kept is None else int(kept)
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -208,6 +227,9 @@ def run_eval(url: str, tasks: Sequence[str], lengths: Sequence[int], num_samples
             meta = st.get_meta_info("answer") or {}
             rec.update(output=out, score=score(s, out), prompt_tokens=meta.get("prompt_tokens"),
                        completion_tokens=meta.get("completion_tokens"))
+            kept = claa_kept_tokens(meta)
+            if kept is not None:
+                rec["claa_kept_tokens"] = kept
         except Exception as e:  # a failed request counts as wrong and is reported
             rec.update(output=None, score=0, error=f"{type(e).__name__}: {e}")
         records.append(rec)
