@@ -127,6 +127,37 @@ def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, s
                 [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
 
 
+def pool_from_kv(qs, ks, vs, page_size, device, gen: torch.Generator, spare_pages: int = 3,
+                 dtype=torch.bfloat16) -> Pool:
+    """A paged pool holding given requests (e.g. one model's layers at one decode step, a request per layer):
+    ``qs[b] [H_q, D]``, ``ks[b] [n_b, H_kv, D]``, ``vs[b] [n_b, H_kv, Dv]``, stored in randomly permuted
+    physical pages as ``make_pool`` does."""
+    P = page_size
+    lens = [int(k.shape[0]) for k in ks]
+    bs = len(lens)
+    npgs = [-(-n // P) for n in lens]
+    num_pages = sum(npgs) + spare_pages + 1
+    h_kv, d, dv = ks[0].shape[1], ks[0].shape[2], vs[0].shape[2]
+    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    rows = torch.randperm(2 * bs + 2, generator=gen)[:bs] + 1
+    r2t = torch.zeros(2 * bs + 3, max(lens), dtype=torch.int32)
+    kc = torch.randn(num_pages * P, h_kv, d, generator=gen)
+    vc = torch.randn(num_pages * P, h_kv, dv, generator=gen)
+    slots, used = [], 0
+    for b, n in enumerate(lens):
+        pages = torch.tensor(perm[used: used + npgs[b]], dtype=torch.long)
+        used += npgs[b]
+        sl = (pages[:, None] * P + torch.arange(P)[None, :]).flatten()[:n]
+        r2t[rows[b], :n] = sl.to(torch.int32)
+        kc[sl] = ks[b].float().cpu()
+        vc[sl] = vs[b].float().cpu()
+        slots.append(sl)
+    q = torch.stack([x.float().cpu() for x in qs])
+    return Pool(kc.to(device=device, dtype=dtype), vc.to(device=device, dtype=dtype), r2t.to(device),
+                rows.to(device), torch.tensor(lens, dtype=torch.int64, device=device),
+                [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
+
+
 def reference_summaries(pool: Pool):
     """Physical-page summaries built from the reference (independent of the summary kernel)."""
     h_kv, d = pool.kc.shape[1], pool.kc.shape[2]
@@ -278,16 +309,20 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, budget, sink, rec
 
 def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
                  tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None, num_sms=None,
-                 negative=False):
+                 negative=False, pool: Optional[Pool] = None):
     """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments.
 
     ``kv_start_pages``: per request, leading pages the plan skips (``plan(kv_start=pages * P)``); the
-    reference then sees only the request's positions from there on (CLAA's post-filter layers)."""
+    reference then sees only the request's positions from there on (CLAA's post-filter layers).
+    ``pool``: run on these requests (``pool_from_kv``, e.g. a real model's queries and KV) instead of a
+    random pool; ``lens`` is then ignored."""
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(seed)
     P = page_size
-    pool = make_pool(lens, P, h_q, h_kv, d, dv, device, gen, structured=structured, negative=negative)
+    if pool is None:
+        pool = make_pool(lens, P, h_q, h_kv, d, dv, device, gen, structured=structured, negative=negative)
+    lens = pool.seq_lens.tolist()
     kmin, kmax = reference_summaries(pool)
     sm_scale = 1.0 / math.sqrt(d)
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1,
