@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
@@ -62,6 +64,13 @@ PENDING: Dict[str, int] = {}
 _PENDING_LIMIT = 65536
 
 CUSTOM_INFO_KEY = "claa_kept_tokens"
+
+# Prompts long enough for CLAA that it left dense, by reason (a cached prefix, logprobs, a chunked prompt,
+# ...), reported at most every SKIP_REPORT_S seconds so that a user sees why CLAA is not acting.
+SKIP_REPORT_S = 60.0
+_SKIPPED: Counter = Counter()
+_SKIP_REPORTED_AT = [float("-inf")]
+_NOT_REPORTED = ("filtered", "prompt shorter than --claa-min-prompt-len")
 
 
 # --------------------------------------------------------------------------- decisions (host)
@@ -109,9 +118,11 @@ def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
         return [None] * len(batch.reqs)
     batch_logprob = bool(getattr(batch, "return_logprob", False))
     for req in batch.reqs:
-        k, _ = filter_decision(req, cfg, page_size, batch_logprob)
+        k, reason = filter_decision(req, cfg, page_size, batch_logprob)
         out.append(k)
         if k is None:
+            if reason not in _NOT_REPORTED:
+                _SKIPPED[reason] += 1
             continue
         req.skip_radix_cache_insert = True
         if len(PENDING) >= _PENDING_LIMIT:      # requests aborted between scheduling and forward
@@ -119,7 +130,25 @@ def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
         PENDING[req.rid] = k
         n = len(req.origin_input_ids) + len(req.output_ids)
         logger.info("sglang_sparse CLAA: rid=%s prompt %d tokens, %d kept (%.1f%%)", req.rid, n, k, 100.0 * k / n)
+    report_skipped()
     return out
+
+
+def report_skipped(now: Optional[float] = None) -> Optional[str]:
+    """Log (and return) how many prompts of CLAA's length range were prefilled densely since the last
+    report, by reason; at most once per ``SKIP_REPORT_S`` seconds, and only when there were any."""
+    now = time.monotonic() if now is None else now
+    if not _SKIPPED or now - _SKIP_REPORTED_AT[0] < SKIP_REPORT_S:
+        return None
+    msg = (f"sglang_sparse CLAA: {sum(_SKIPPED.values())} prompt(s) not filtered since the last report: "
+           + ", ".join(f"{reason} {n}" for reason, n in _SKIPPED.most_common()))
+    if _SKIPPED.get("cached prefix"):
+        msg += " (a prompt that starts with a prefix in the radix cache is prefilled densely; " \
+               "--disable-radix-cache lets CLAA filter it)"
+    logger.info(msg)
+    _SKIPPED.clear()
+    _SKIP_REPORTED_AT[0] = now
+    return msg
 
 
 # --------------------------------------------------------------------------- batch plan

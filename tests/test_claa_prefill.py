@@ -76,6 +76,42 @@ def test_mark_batch_sets_skip_insert_and_pending():
     assert CP.mark_batch(logp, CFG, 16) == [None] and not CP.PENDING
 
 
+def test_unfiltered_long_prompts_are_reported_by_reason(monkeypatch):
+    """Prompts in CLAA's length range that stay dense are counted by reason and reported at most once per
+    SKIP_REPORT_S (with the radix-cache hint when a cached prefix was the reason); short prompts are not."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    CP.PENDING.clear()
+    CP._SKIPPED.clear()
+    monkeypatch.setattr(CP, "_SKIP_REPORTED_AT", [float("-inf")])
+    clock = [1000.0]
+    monkeypatch.setattr(CP.time, "monotonic", lambda: clock[0])
+    reqs = [_req(4000, rid="a", prefix=32), _req(4000, rid="b", prefix=64), _req(100, rid="c"),
+            _req(4000, rid="d", end=2048), _req(4000, rid="e")]
+    CP.mark_batch(SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=reqs, return_logprob=False), CFG, 16)
+    assert not CP._SKIPPED, "the first skips are reported at once"
+    assert CP._SKIP_REPORTED_AT[0] == 1000.0
+    clock[0] += 1.0
+    CP.mark_batch(SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[_req(4000, rid="f", prefix=32)],
+                                  return_logprob=False), CFG, 16)
+    assert CP._SKIPPED == {"cached prefix": 1}, "within SKIP_REPORT_S the count accumulates"
+    clock[0] += CP.SKIP_REPORT_S
+    msg = CP.report_skipped()
+    assert msg.startswith("sglang_sparse CLAA: 1 prompt(s) not filtered") and "--disable-radix-cache" in msg
+    assert CP.report_skipped() is None and not CP._SKIPPED
+    CP.PENDING.clear()
+
+
+def test_skip_report_text(monkeypatch):
+    monkeypatch.setattr(CP, "_SKIP_REPORTED_AT", [float("-inf")])
+    CP._SKIPPED.clear()
+    CP._SKIPPED.update({"cached prefix": 3, "prompt split across prefill chunks": 1})
+    msg = CP.report_skipped(now=0.0)
+    assert msg == ("sglang_sparse CLAA: 4 prompt(s) not filtered since the last report: cached prefix 3, prompt "
+                   "split across prefill chunks 1 (a prompt that starts with a prefix in the radix cache is "
+                   "prefilled densely; --disable-radix-cache lets CLAA filter it)")
+
+
 def _hand_built_batch(lens, prefix, page_size, gen):
     """A ForwardBatch as SGLang builds it for an extend batch, over a paged req_to_token."""
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
