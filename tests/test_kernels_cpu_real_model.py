@@ -1,4 +1,4 @@
-"""The decode kernels on a real model's queries and KV (SmolLM2-135M-Instruct), against the reference math.
+"""The decode and CLAA scoring kernels on a real model's data (SmolLM2-135M-Instruct), against the reference math.
 
 Random test data missed a regime real models produce: page upper bounds far below zero broke the selector's
 sort (a server crash on SmolLM2 with ART). This test takes one decode step of SmolLM2 on a needle prompt from
@@ -6,7 +6,8 @@ the quality harness, in the CPU reference model (``sglang_sparse.eval.cpu_refere
 its 30 layers as a batch of 30 requests (each layer's query, keys and values, in randomly placed pages), under
 dense, dense + ART, PrHS and PrHS + ART plans; ``kernel_cases.check_decode`` checks bounds, selections, ART's
 decisions and outputs against the reference, and the interpreter's bounds check (CPU) or the GPU itself
-catches any access outside the buffers.
+catches any access outside the buffers. A second test scores SmolLM2's 7K-token prefill with CLAA's window
+kernel at the default aggregated layers and compares scores and kept tokens with the reference.
 
 ci/run_tests.sh collects it with the other interpreter tests (``test_kernels_cpu*.py``), after
 tests/test_eval_tasks.py has converted the checkpoint. It needs that converted checkpoint (``python -m
@@ -35,12 +36,10 @@ pytestmark = [pytest.mark.usefixtures("triton_interpreter_bf16_dot", "interprete
                                  reason=f"needs the SmolLM2 checkpoint in {MODEL} (benchmarks/models/smollm2.py)")]
 
 
-def _decode_step_layers(length: int):
-    """(qs, ks, vs): per layer, the query of the first decode step and the keys / values it attends to."""
-    import torch
-
+def _model_and_prompt(length: int):
+    """The CPU reference model and the token ids of a single-needle prompt of ``length`` tokens."""
     from sglang_sparse.eval import tasks as T
-    from sglang_sparse.eval.cpu_reference import ReferenceLlama, RefConfig
+    from sglang_sparse.eval.cpu_reference import ReferenceLlama
     from sglang_sparse.eval.harness import PromptFormat, render_prompt, template_overhead
 
     model = ReferenceLlama(str(MODEL))
@@ -48,7 +47,16 @@ def _decode_step_layers(length: int):
     fmt = PromptFormat("chat", "chatml")
     s = T.make_sample("single_needle", length, 0, tok, seed=0, haystack="essays",
                       reserve=template_overhead(fmt, T.token_counter(tok)))
-    ids = tok(render_prompt(s, fmt))["input_ids"]
+    return model, tok(render_prompt(s, fmt))["input_ids"]
+
+
+def _decode_step_layers(length: int):
+    """(qs, ks, vs): per layer, the query of the first decode step and the keys / values it attends to."""
+    import torch
+
+    from sglang_sparse.eval.cpu_reference import RefConfig
+
+    model, ids = _model_and_prompt(length)
     (st, logits), = model.prefill_many(ids, [RefConfig("dense")]).values()
     st = st.for_decode(1)
     h = model.embed(torch.tensor([int(torch.argmax(logits))])).float()
@@ -87,3 +95,41 @@ def test_decode_kernels_on_smollm2_layers():
     ub_negative = sum(int((prhs.page_bounds(q.double(), *prhs.page_summaries(k.double(), P), d ** -0.5)[0]
                            <= -2).sum()) for q, k in zip(qs, ks))
     assert ub_negative >= 10, f"{ub_negative} page bounds <= -2: the data hardly exercises the regime this test is for"
+
+
+def test_claa_scores_on_smollm2_prefill():
+    """CLAA's window-scoring kernel on SmolLM2's prefill (the default aggregated layers before its default filter
+    layer) against the reference, and the tokens CLAA keeps at 10 % from the kernel's cross-layer max against
+    those kept from the reference's."""
+    import torch
+
+    from flashinfer_ext.claa_score import ClaaWindowScorer
+    from kernel_cases import rel_err
+    from sglang_sparse import claa
+
+    length = int(os.environ.get("SGLANG_SPARSE_REAL_LENGTH", "7168"))
+    model, ids = _model_and_prompt(length)
+    n, window = len(ids), 8
+    layers = claa.default_claa_layers(model.num_layers)
+    sc = ClaaWindowScorer(model.h_q, model.h_kv, model.d, window, max_len=n, device=DEVICE)
+    acc = torch.full((n,), float("-inf"), device=DEVICE)
+    refs = []
+    h = model.embed(torch.tensor(ids)).float()
+    pos = torch.arange(n)
+    with torch.no_grad():
+        for i in range(max(layers) + 1):
+            h, q, k, _ = model._prefill_layer(i, h, pos)
+            if i not in layers:
+                continue
+            qb, kb = q.to(torch.bfloat16), k.to(torch.bfloat16)
+            out = torch.full((model.h_kv, n), float("nan"), device=DEVICE)
+            sc.score(qb.to(DEVICE), kb.to(DEVICE), acc, out)
+            ref = claa.window_scores(qb.double(), kb.double(), window, sm_scale=model.sm_scale)
+            refs.append(ref)
+            e = rel_err(out.cpu(), ref)
+            assert e <= 1e-4, f"layer {i}: window scores rel err {e:.2e}"
+    agg = claa.aggregate_max(refs)
+    assert rel_err(acc.cpu(), agg) <= 1e-4
+    kept = set(claa.select_tokens(acc.cpu().double(), 0.1, window).tolist())
+    kept_ref = set(claa.select_tokens(agg, 0.1, window).tolist())
+    assert len(kept ^ kept_ref) <= max(2, len(kept_ref) // 100), f"{len(kept ^ kept_ref)} kept tokens differ"
