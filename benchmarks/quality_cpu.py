@@ -72,6 +72,7 @@ def settings() -> List[RefConfig]:
         RefConfig("art-tau0.01", art=art),
         # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
         RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),
+        RefConfig("art-tau0.0001", art=ArtConfig(mode="on", tau_mag=1e-4, tau_dir=1e-8)),
         RefConfig("art-cert0.05", art=ArtConfig(mode="on", tau_mag=0.0, tau_dir=0.0, eps_cert=0.05)),
         RefConfig("all(claa0.2+prhs+art-tau0.01)", claa=claa(0.2), prhs=prhs(0.05, 1 / 16), art=art),
         # the same with ART's current default thresholds (the served "all" setting of quality_gpu.py)
