@@ -36,7 +36,8 @@ from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E40
 from sglang_sparse.config import ArtConfig, ClaaConfig, PrhsConfig  # noqa: E402
 from sglang_sparse.eval import tasks as T  # noqa: E402
 from sglang_sparse.eval.cpu_reference import RefConfig  # noqa: E402
-from sglang_sparse.eval.harness import PromptFormat, merge_rows, render_prompt, template_overhead  # noqa: E402
+from sglang_sparse.eval.harness import (PromptFormat, claa_kept_fraction, merge_rows, render_prompt,  # noqa: E402
+                                        template_overhead)
 
 RECORDS = DEFAULT_JSON.parent / "quality_smollm2_cpu_records.json"
 WHERE = "cpu-reference"
@@ -164,9 +165,9 @@ def main(argv=None) -> int:
             fr = [r["decode_read_fraction"] for r in rs if "decode_read_fraction" in r]
             if fr:
                 row["decode_read_fraction"] = round(sum(fr) / len(fr), 4)
-            kept = [r["claa_kept_tokens"] / r["prompt_tokens"] for r in rs if "claa_kept_tokens" in r]
-            if kept:
-                row["claa_kept_fraction"] = round(sum(kept) / len(kept), 4)
+            kept = claa_kept_fraction(rs)
+            if kept is not None:
+                row["claa_kept_fraction"] = kept
             out.append(row)
         return out
 

@@ -76,7 +76,7 @@ class Pool:
 def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, structured: bool = False,
               max_ctx: Optional[int] = None, spare_pages: int = 3, needles_per_req: int = 3,
               dtype=torch.bfloat16, negative: bool = False) -> Pool:
-    """A paged KV pool holding ``len(lens)`` requests in randomly permuted physical pages.
+    """A paged KV pool holding ``len(lens)`` random requests in randomly permuted physical pages.
 
     ``structured``: a few "needle" pages per request whose keys align with the request's queries
     (high logits) over small random keys elsewhere: peaked attention, where PrHS's certificate
@@ -86,52 +86,40 @@ def make_pool(lens, page_size, h_q, h_kv, d, dv, device, gen: torch.Generator, s
     positive bounds of random keys.
     """
     P = page_size
-    bs = len(lens)
-    npgs = [-(-n // P) for n in lens]
-    num_pages = sum(npgs) + spare_pages + 1            # page 0 reserved, like SGLang's dummy page
-    num_slots = num_pages * P
-    max_ctx = max_ctx or max(lens)
-    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    rows = torch.randperm(2 * bs + 2, generator=gen)[:bs] + 1
-    r2t = torch.zeros(2 * bs + 3, max_ctx, dtype=torch.int32)
-    q = torch.randn(bs, h_q, d, generator=gen)
-    kc = torch.randn(num_slots, h_kv, d, generator=gen)
-    vc = torch.randn(num_slots, h_kv, dv, generator=gen)
-    slots = []
-    used = 0
     group = h_q // h_kv
-    for b, n in enumerate(lens):
-        pages = torch.tensor(perm[used: used + npgs[b]], dtype=torch.long)
-        used += npgs[b]
-        s = (pages[:, None] * P + torch.arange(P)[None, :]).flatten()[:n]
-        r2t[rows[b], :n] = s.to(torch.int32)
-        slots.append(s)
+    qs, ks, vs = [], [], []
+    for n in lens:
+        q = torch.randn(h_q, d, generator=gen)
+        k = torch.randn(n, h_kv, d, generator=gen)
+        v = torch.randn(n, h_kv, dv, generator=gen)
         if structured:
-            kc[s] *= 0.3
+            npg = -(-n // P)
+            k *= 0.3
             if negative:
                 for g in range(h_kv):
-                    u = q[b, g * group:(g + 1) * group].sum(0)
-                    kc[s, g] -= 2.0 * math.sqrt(d) * u / u.norm()
-            cand = list(range(1, npgs[b] - 2)) if npgs[b] > 4 else []
+                    u = q[g * group:(g + 1) * group].sum(0)
+                    k[:, g] -= 2.0 * math.sqrt(d) * u / u.norm()
+            cand = list(range(1, npg - 2)) if npg > 4 else []
             rnd = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             for lp in rnd.sample(cand, min(needles_per_req, len(cand))):
-                tok = s[lp * P: min((lp + 1) * P, n)]
+                lo, hi = lp * P, min((lp + 1) * P, n)
                 for g in range(h_kv):
-                    u = q[b, g * group:(g + 1) * group].sum(0)
+                    u = q[g * group:(g + 1) * group].sum(0)
                     u = u / u.norm()
                     scale = rnd.uniform(2.0, 3.0) * math.sqrt(d)
-                    kc[tok, g] = scale * u[None, :] / math.sqrt(group) + 0.3 * torch.randn(
-                        len(tok), d, generator=gen)
-    return Pool(kc.to(device=device, dtype=dtype), vc.to(device=device, dtype=dtype), r2t.to(device),
-                rows.to(device), torch.tensor(lens, dtype=torch.int64, device=device),
-                [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
+                    k[lo:hi, g] = scale * u[None, :] / math.sqrt(group) + 0.3 * torch.randn(hi - lo, d, generator=gen)
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+    return pool_from_kv(qs, ks, vs, P, device, gen, spare_pages=spare_pages, dtype=dtype, max_ctx=max_ctx)
 
 
 def pool_from_kv(qs, ks, vs, page_size, device, gen: torch.Generator, spare_pages: int = 3,
-                 dtype=torch.bfloat16) -> Pool:
-    """A paged pool holding given requests (e.g. one model's layers at one decode step, a request per layer):
-    ``qs[b] [H_q, D]``, ``ks[b] [n_b, H_kv, D]``, ``vs[b] [n_b, H_kv, Dv]``, stored in randomly permuted
-    physical pages as ``make_pool`` does."""
+                 dtype=torch.bfloat16, max_ctx: Optional[int] = None) -> Pool:
+    """A paged pool holding given requests (random ones from ``make_pool``, or e.g. one model's layers at one
+    decode step, a request per layer): ``qs[b] [H_q, D]``, ``ks[b] [n_b, H_kv, D]``, ``vs[b] [n_b, H_kv, Dv]``,
+    stored in randomly permuted physical pages (page 0 reserved, like SGLang's dummy page; unused slots hold
+    random values) under random ``req_to_token`` rows ``max_ctx`` wide (default the longest request)."""
     P = page_size
     lens = [int(k.shape[0]) for k in ks]
     bs = len(lens)
@@ -140,7 +128,7 @@ def pool_from_kv(qs, ks, vs, page_size, device, gen: torch.Generator, spare_page
     h_kv, d, dv = ks[0].shape[1], ks[0].shape[2], vs[0].shape[2]
     perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
     rows = torch.randperm(2 * bs + 2, generator=gen)[:bs] + 1
-    r2t = torch.zeros(2 * bs + 3, max(lens), dtype=torch.int32)
+    r2t = torch.zeros(2 * bs + 3, max_ctx or max(lens), dtype=torch.int32)
     kc = torch.randn(num_pages * P, h_kv, d, generator=gen)
     vc = torch.randn(num_pages * P, h_kv, dv, generator=gen)
     slots, used = [], 0

@@ -123,13 +123,19 @@ def summarize(records: Sequence[Dict[str, Any]], config: str, where: str) -> Lis
                "correct": ok, "samples": len(rs), "errors": sum(1 for r in rs if r.get("error")),
                "where": where}
         if claa:
-            kept = [r["claa_kept_tokens"] / r["prompt_tokens"] for r in rs
-                    if "claa_kept_tokens" in r and r.get("prompt_tokens")]
             row["claa_filtered"] = sum(1 for r in rs if "claa_kept_tokens" in r)
-            if kept:
-                row["claa_kept_fraction"] = round(sum(kept) / len(kept), 4)
+            kept = claa_kept_fraction(rs)
+            if kept is not None:
+                row["claa_kept_fraction"] = kept
         rows.append(row)
     return rows
+
+
+def claa_kept_fraction(records: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Mean fraction of its prompt that CLAA kept, over the records of filtered requests (None if none)."""
+    kept = [r["claa_kept_tokens"] / r["prompt_tokens"] for r in records
+            if "claa_kept_tokens" in r and r.get("prompt_tokens")]
+    return round(sum(kept) / len(kept), 4) if kept else None
 
 
 def claa_kept_tokens(meta: Dict[str, Any]) -> Optional[int]:
