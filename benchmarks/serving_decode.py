@@ -53,11 +53,11 @@ STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} del
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
 
 
-def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32) -> list:
+def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32, mem_fraction: float = 0.8) -> list:
     """SGLang flags of every server of this benchmark (decode graphs up to the largest concurrency: fewer
     graphs, faster start)."""
     return ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
-            "--mem-fraction-static", "0.8", "--context-length", str(ctx), "--page-size", str(page_size),
+            "--mem-fraction-static", str(mem_fraction), "--context-length", str(ctx), "--page-size", str(page_size),
             "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests",
             str(max_bs), "--decode-log-interval", "40"]
 
@@ -96,6 +96,8 @@ def main(argv=None):
                     help="SGLang's --page-size for every server (PrHS pages; compare only rows of one page size)")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallelism of every server (--tp-size)")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--parity-configs", default=None,
+                    help="check greedy parity only for these configs (default: every config unless --skip-parity)")
     ap.add_argument("--parity-only", action="store_true", help="greedy parity, no bench_serving")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="after the benchmark, profile this many decode steps of a full batch (first input "
@@ -151,7 +153,8 @@ def main(argv=None):
             env = dict(os.environ, SGLANG_SPARSE_FUSED=FUSED_CONFIGS[name]) if name in FUSED_CONFIGS else None
             with server(launcher + common + flags, args.port, slog, env=env) as base:
                 parity = None
-                if not args.skip_parity and not args.profile_only:
+                if not args.skip_parity and not args.profile_only and (
+                        args.parity_configs is None or name in args.parity_configs.split(",")):
                     _, same = greedy_vs_reference(base, prompts, ref_path, name == "flashinfer")
                     if same is not None:
                         parity = sum(same)

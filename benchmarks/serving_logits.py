@@ -78,6 +78,10 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=None, help="logit vector size (default: the model config's)")
     ap.add_argument("--port", type=int, default=30125)
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--mem-fraction", type=float, default=0.8,
+                    help="--mem-fraction-static of every server (of the GPU memory free when it starts; lower it "
+                         "to share the GPU with another job: one request needs little KV)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "serving_logits_h100.json"))
     args = ap.parse_args(argv)
@@ -91,7 +95,7 @@ def main(argv=None):
             vocab = int(json.load(f)["vocab_size"])
     lens = [int(x) for x in args.prompt_lens.split(",")]
     prompts = random_prompts(lens, 20261201)
-    common = common_flags(args.model, max(lens) + args.new_tokens + 1024, 1)
+    common = common_flags(args.model, max(lens) + args.new_tokens + 1024, 1, args.page_size, args.mem_fraction)
     gpu = gpu_name()
     rows, ref = [], None
     for name in names:
@@ -110,7 +114,7 @@ def main(argv=None):
             row = {"config": name, "reference": names[0], "prompt_len": L, "gpu": gpu, "new_tokens": args.new_tokens,
                    "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE"),
                    "command": f"python -m benchmarks.serving_logits --configs {names[0]},{name} "
-                              f"--prompt-lens {args.prompt_lens}", **compare(rtok, rlp, tok, lp)}
+                              f"--prompt-lens {args.prompt_lens} --page-size {args.page_size}", **compare(rtok, rlp, tok, lp)}
             rows.append(row)
             log(f"{name} L={L}: rel err per position {[round(e, 5) for e in row['rel_err']]}")
         save_rows(rows, args.out)
