@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 SGLANG_VERSION = "0.5.17"
 
 # Module names under patches/, in installation order.
-PATCHES = ("support_triton", "pool_configurator_cell_size", "schedule_batch_prepare_for_extend")
+PATCHES = ("support_triton", "pool_configurator_cell_size", "schedule_batch_prepare_for_extend",
+           "prefill_adder_add_one_req")
 
 _installed = False
 

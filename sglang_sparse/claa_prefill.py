@@ -4,6 +4,10 @@ The math (window scores, cross-layer max, top-k) is :mod:`sglang_sparse.claa`; t
 :class:`flashinfer_ext.claa_score.ClaaWindowScorer`. This module is the wiring, in the order a
 prefill batch meets it:
 
+0. **Admission** - ``PrefillAdder.add_one_req`` (patched in ``patches/prefill_adder_add_one_req.py``)
+   asks :func:`defer_whole_prompt` before SGLang adds a request to the prefill batch it is building: a
+   prompt CLAA would filter that no longer fits in the batch's remaining chunk budget waits for a later
+   batch instead of being split across two (a split prompt is never filtered).
 1. **Scheduler** - ``ScheduleBatch.prepare_for_extend`` (patched in
    ``patches/schedule_batch_prepare_for_extend.py``) calls :func:`mark_batch`. A request is filtered
    when its whole prompt is in this extend with no cached prefix, it is long enough, it asks for no
@@ -85,6 +89,23 @@ def kept_count(n: int, cfg: ClaaConfig, page_size: int = 1) -> int:
     return n - ((n - k0) // p) * p
 
 
+def _request_reason(req, n: int, cfg: ClaaConfig, batch_return_logprob: bool = False) -> Optional[str]:
+    """Why a whole prompt of ``n`` tokens with no cached prefix would not be filtered (``None``: it would);
+    the checks that do not depend on how the scheduler chunks it."""
+    if batch_return_logprob or getattr(req, "return_logprob", False):
+        return "logprobs requested"
+    max_new = getattr(req.sampling_params, "max_new_tokens", None)
+    if max_new == 0:
+        return "max_new_tokens = 0"
+    if getattr(req, "multimodal_inputs", None) is not None or getattr(req, "input_embeds", None) is not None:
+        return "multimodal or embedding input"
+    if n < max(cfg.min_prompt_len, cfg.window + 1):
+        return "prompt shorter than --claa-min-prompt-len"
+    if cfg.max_prompt_len and n > cfg.max_prompt_len:
+        return "prompt longer than --claa-max-prompt-len"
+    return None
+
+
 def filter_decision(req, cfg: ClaaConfig, page_size: int, batch_return_logprob: bool = False):
     """``(kept, reason)``: the kept count if ``req`` is filtered, else ``(None, why not)``."""
     n = len(req.origin_input_ids) + len(req.output_ids)
@@ -94,19 +115,49 @@ def filter_decision(req, cfg: ClaaConfig, page_size: int, batch_return_logprob: 
         return None, "cached prefix"
     if req.extend_range.end != n or req.extend_range.length != n:
         return None, "prompt split across prefill chunks"
-    max_new = getattr(req.sampling_params, "max_new_tokens", None)
-    if max_new == 0:
-        return None, "max_new_tokens = 0"
-    if getattr(req, "multimodal_inputs", None) is not None or getattr(req, "input_embeds", None) is not None:
-        return None, "multimodal or embedding input"
-    if n < max(cfg.min_prompt_len, cfg.window + 1):
-        return None, "prompt shorter than --claa-min-prompt-len"
-    if cfg.max_prompt_len and n > cfg.max_prompt_len:
-        return None, "prompt longer than --claa-max-prompt-len"
+    reason = _request_reason(req, n, cfg)
+    if reason is not None:
+        return None, reason
     k = kept_count(n, cfg, page_size)
     if k >= n:
         return None, "nothing to drop"
     return k, "filtered"
+
+
+# A prompt that CLAA would filter but that does not fit in what is left of the prefill batch's chunk budget
+# waits for a later batch instead of being split (a split prompt runs dense), at most this many times
+# (a count, not a time: every TP rank must take the same decision).
+MAX_WHOLE_PROMPT_DEFERRALS = 32
+
+
+def defer_whole_prompt(req, cfg: ClaaConfig, batch_reqs: int, rem_chunk_tokens: Optional[int], page_size: int,
+                       chunk_size: Optional[int]) -> bool:
+    """Whether the scheduler should leave ``req`` out of the prefill batch it is building, so that a later
+    batch prefills its prompt whole (``patches/prefill_adder_add_one_req.py``).
+
+    True only when all hold: chunked prefill is on; the batch already holds a request (an empty batch
+    always takes it, so it is never postponed twice in a row by its own size); the request has no cached
+    prefix and CLAA would filter its whole prompt; the prompt, in pages, is longer than the chunk budget
+    left (``rem_chunk_tokens``: SGLang would split it) but no longer than a whole chunk (``chunk_size``:
+    a later batch can take it whole); and it has been postponed fewer than
+    ``MAX_WHOLE_PROMPT_DEFERRALS`` times. Each True is counted on the request.
+    """
+    if rem_chunk_tokens is None or not chunk_size or chunk_size <= 0 or batch_reqs == 0:
+        return False
+    if len(req.prefix_indices) != 0:
+        return False
+    n = len(req.origin_input_ids) + len(req.output_ids)
+    p = max(1, int(page_size))
+    paged = -(-n // p) * p
+    if paged <= rem_chunk_tokens or paged > chunk_size:
+        return False
+    if _request_reason(req, n, cfg) is not None or kept_count(n, cfg, page_size) >= n:
+        return False
+    done = getattr(req, "_claa_whole_prompt_deferrals", 0)
+    if done >= MAX_WHOLE_PROMPT_DEFERRALS:
+        return False
+    req._claa_whole_prompt_deferrals = done + 1
+    return True
 
 
 def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:

@@ -412,3 +412,118 @@ def test_decode_wrapper_uses_the_local_heads_under_tensor_parallelism(tp, monkey
     kmin, kmax = m.summaries.layer(0)
     assert kmin.shape == kmax.shape == (64, H_KV // tp, D)
     assert m._tp_rank == str(tp - 1)
+
+
+# --------------------------------------------------------------------------- admission (whole prompts)
+def _adder_env(monkeypatch, claa_on: bool, chunk: int = 4096, page: int = 16):
+    """SGLang's real PrefillAdder and Req over a ChunkCache (the cache SGLang uses with the radix cache
+    off), with the patch of ``PrefillAdder.add_one_req`` configured for CLAA on or off."""
+    import sglang.srt.managers.schedule_policy as SP
+    import sglang.srt.runtime_context as rc
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.chunk_cache import ChunkCache
+
+    import patches.prefill_adder_add_one_req as patch
+    from sglang_sparse.config import SparseConfig
+
+    monkeypatch.setattr(SP, "is_dsa_prefill_cp_in_seq_split", lambda: False)
+    monkeypatch.setattr(SP, "is_prefill_context_parallel_enabled", lambda: False)
+    monkeypatch.setattr(rc, "get_server_args", lambda: SimpleNamespace(chunked_prefill_size=chunk, page_size=page))
+    monkeypatch.setattr(patch, "_cfg", SparseConfig(claa=CFG) if claa_on else SparseConfig())
+
+    class Alloc:
+        device = torch.device("cpu")
+
+        def available_size(self):
+            return 1 << 20
+
+    cache = ChunkCache(CacheInitParams(disable=True, req_to_token_pool=None, token_to_kv_pool_allocator=Alloc(),
+                                       page_size=page))
+    original = getattr(SP.PrefillAdder.add_one_req, "__wrapped__", SP.PrefillAdder.add_one_req)
+
+    def new_adder():
+        return SP.PrefillAdder(page, cache, Alloc(), None, 0.5, 16384, chunk)
+
+    def add(adder, req):
+        req.init_next_round_input(cache)
+        return patch.hook(original, adder, req, has_chunked_req=False, truncation_align_size=None)
+
+    return SP.AddReqResult, new_adder, add
+
+
+def _real_req(rid, n, logprob=False):
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    return Req(rid, "", array("q", range(1, n + 1)), SamplingParams(max_new_tokens=8), return_logprob=logprob)
+
+
+def _ranges(adder):
+    return [(r.rid, r.extend_range.start, r.extend_range.end) for r in adder.can_run_list]
+
+
+def test_admission_unchanged_with_claa_off(monkeypatch):
+    R, new_adder, add = _adder_env(monkeypatch, claa_on=False)
+    adder = new_adder()
+    assert add(adder, _real_req("a", 3000)) == R.CONTINUE
+    add(adder, _real_req("b", 3000))
+    assert _ranges(adder) == [("a", 0, 3000), ("b", 0, 1088)] and adder.new_chunked_req.rid == "b"  # SGLang splits b
+
+
+def test_admission_keeps_a_claa_prompt_whole(monkeypatch):
+    """A prompt CLAA would filter that does not fit the batch's remaining chunk budget is skipped (it stays
+    queued; shorter requests behind it still join), and the next batch takes it whole, so CLAA filters it."""
+    R, new_adder, add = _adder_env(monkeypatch, claa_on=True)
+    adder = new_adder()
+    a, b, c = _real_req("a", 3000), _real_req("b", 3000), _real_req("c", 500)
+    assert add(adder, a) == R.CONTINUE
+    assert add(adder, b) == R.CONTINUE and b not in adder.can_run_list and adder.new_chunked_req is None
+    add(adder, c)
+    assert _ranges(adder) == [("a", 0, 3000), ("c", 0, 500)]
+    nxt = new_adder()                          # the next prefill batch: b first, whole
+    add(nxt, b)
+    assert _ranges(nxt) == [("b", 0, 3000)] and nxt.new_chunked_req is None
+    b.prefix_indices = torch.zeros(0, dtype=torch.int64)
+    assert CP.filter_decision(b, CFG, 16) == (CP.kept_count(3000, CFG, 16), "filtered")
+
+
+@pytest.mark.parametrize("case", ["longer than a chunk", "logprobs", "below min length", "limit reached"])
+def test_admission_splits_what_claa_would_not_filter_anyway(monkeypatch, case):
+    """No postponing where waiting cannot help: a prompt longer than a whole chunk, one CLAA leaves dense
+    anyway, or one already postponed MAX_WHOLE_PROMPT_DEFERRALS times is split as SGLang would."""
+    R, new_adder, add = _adder_env(monkeypatch, claa_on=True, chunk=4096 if case != "longer than a chunk" else 2048)
+    adder = new_adder()
+    add(adder, _real_req("a", 1000 if case == "longer than a chunk" else 3000))
+    n = {"longer than a chunk": 2500, "below min length": 200}.get(case, 3000)
+    b = _real_req("b", n, logprob=case == "logprobs")
+    if case == "below min length":             # keep the remaining budget below b's length
+        add(adder, _real_req("a2", 1000))
+    if case == "limit reached":
+        b._claa_whole_prompt_deferrals = CP.MAX_WHOLE_PROMPT_DEFERRALS
+    add(adder, b)
+    assert b in adder.can_run_list and adder.new_chunked_req is b and b.extend_range.end < n
+
+
+def test_admission_never_postpones_into_an_empty_batch(monkeypatch):
+    R, new_adder, add = _adder_env(monkeypatch, claa_on=True)
+    adder = new_adder()
+    b = _real_req("b", 4000)
+    assert add(adder, b) == R.CONTINUE and _ranges(adder) == [("b", 0, 4000)]
+    assert getattr(b, "_claa_whole_prompt_deferrals", 0) == 0
+
+
+def test_admission_patch_is_installed_on_sglangs_prefill_adder(monkeypatch):
+    """Through SGLang's HookRegistry (what the server does at start-up), the real
+    ``PrefillAdder.add_one_req`` consults CLAA."""
+    import patches
+
+    R, new_adder, add = _adder_env(monkeypatch, claa_on=True)
+    assert "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req" in patches.install_all()
+    adder = new_adder()
+    a, b = _real_req("a", 3000), _real_req("b", 3000)
+    for r in (a, b):
+        r.init_next_round_input(adder.tree_cache)
+        adder.add_one_req(r, has_chunked_req=False, truncation_align_size=None)
+    assert _ranges(adder) == [("a", 0, 3000)] and b._claa_whole_prompt_deferrals == 1
