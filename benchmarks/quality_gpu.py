@@ -64,7 +64,26 @@ def _csv(s):
     return [x for x in s.split(",") if x.strip()]
 
 
+# SGLang's start-up error when the GPU memory free at its start (other servers on the same GPU) leaves no room
+# for the KV pool; worth another try once the other servers have settled
+NO_KV_MEMORY = "leave no GPU memory for the KV cache"
+START_RETRIES = 2
+
+
 def run_setting(name: str, args) -> dict:
+    """One setting, with up to START_RETRIES more tries (30 s apart) when its server found too little free
+    GPU memory at start-up (several settings sharing one GPU start at about the same time)."""
+    for attempt in range(START_RETRIES + 1):
+        res = _run_setting_once(name, args)
+        if not (res.get("failed") == "server did not come up" and NO_KV_MEMORY in res.get("log_tail", "")):
+            return res
+        if attempt < START_RETRIES:
+            print(f"[quality_gpu] {name}: too little free GPU memory at start-up; trying again in 30 s", flush=True)
+            time.sleep(30)
+    return res
+
+
+def _run_setting_once(name: str, args) -> dict:
     from benchmarks.serving import server
 
     module, flags = SETTINGS[name]
@@ -138,7 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--haystack", default="essays")
     ap.add_argument("--num-threads", type=int, default=32)
     ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--mem-fraction", type=float, default=0.6)
+    ap.add_argument("--mem-fraction", type=float, default=0.6,
+                    help="--mem-fraction-static of each server: a fraction of the GPU memory free when it starts "
+                         "(0.3 lets several settings share one GPU)")
     ap.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--disable-cuda-graph'")
     ap.add_argument("--start-timeout", type=float, default=400)
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "quality_gpu_out")))

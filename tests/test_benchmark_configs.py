@@ -245,3 +245,24 @@ def test_quality_merge_leaves_out_runs_with_unanswered_requests(tmp_path):
     quality_gpu.merge([str(good), str(bad)], table, tmp_path / "quality.png")
     configs = {r["config"] for r in json.loads(table.read_text())["rows"]}
     assert configs == {"claa-keep0.1"}
+
+
+def test_quality_gpu_retries_a_server_that_found_no_kv_memory(monkeypatch):
+    """A server that started while others were loading on the same GPU can find no room for its KV pool;
+    quality_gpu tries it again (and only then), with the phrase SGLang 0.5.17 actually logs."""
+    import inspect
+
+    from sglang.srt.mem_cache import kv_cache_configurator
+
+    assert quality_gpu.NO_KV_MEMORY in inspect.getsource(kv_cache_configurator)
+    results = [{"config": "x", "failed": "server did not come up", "log_tail": f"ValueError: Loaded weights "
+                f"{quality_gpu.NO_KV_MEMORY} under --mem-fraction-static=0.15"}, {"config": "x", "rows": []}]
+    calls = []
+    monkeypatch.setattr(quality_gpu, "_run_setting_once", lambda name, args: calls.append(name) or results[len(calls) - 1])
+    monkeypatch.setattr(quality_gpu.time, "sleep", lambda s: None)
+    assert quality_gpu.run_setting("x", None) == {"config": "x", "rows": []} and len(calls) == 2
+
+    other = {"config": "x", "failed": "server did not come up", "log_tail": "Traceback: something else"}
+    calls.clear()
+    monkeypatch.setattr(quality_gpu, "_run_setting_once", lambda name, args: calls.append(name) or other)
+    assert quality_gpu.run_setting("x", None) is other and len(calls) == 1
