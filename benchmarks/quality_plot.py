@@ -1,5 +1,7 @@
-"""Plot the quality table (``benchmarks/results/quality_smollm2.json``): accuracy vs length, one panel per task,
-one line per setting; CPU-reference rows solid, SGLang-GPU rows dashed.
+"""Plot the quality table (``benchmarks/results/quality_smollm2.json``): accuracy vs prompt length, one row of
+panels per place the rows were measured (CPU reference, SGLang on the GPU), one panel per task that has
+sparse settings, plus one panel for the tasks measured dense only; one colour per setting (a hue per
+mechanism: CLAA blues, PrHS oranges, ART greens, combinations purples), the same in every panel.
 
     python benchmarks/quality_plot.py [--json benchmarks/results/quality_smollm2.json] [--png ...png]
 """
@@ -13,7 +15,35 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS / "quality_smollm2.json"
 DEFAULT_PNG = RESULTS / "quality_smollm2.png"
-_SHORT = {"cpu-reference": "cpu ref", "sglang-gpu": "gpu"}
+_WHERE = {"cpu-reference": "CPU reference (transformers + reference math)", "sglang-gpu": "SGLang on the GPU"}
+_FAMILIES = (("claa", "Blues"), ("prhs", "Oranges"), ("art", "Greens"), ("all", "Purples"))
+
+
+def _family(config: str) -> str:
+    return next((f for f, _ in _FAMILIES if config.startswith(f)), "dense" if config.startswith("dense") else "other")
+
+
+def setting_colors(configs, plt) -> dict:
+    """A colour per setting: dense black, our backend's dense grey, each mechanism's settings in shades of its
+    hue (darkest first), anything else from tab10."""
+    colors = {}
+    for fam, cmap_name in _FAMILIES:
+        members = [c for c in configs if _family(c) == fam]
+        cmap = plt.get_cmap(cmap_name)
+        for i, c in enumerate(members):
+            colors[c] = cmap(0.9 - 0.55 * i / max(1, len(members) - 1))
+    others = plt.get_cmap("tab10")
+    for i, c in enumerate(c for c in configs if c not in colors):
+        colors[c] = "black" if c == "dense" else ("0.55" if c.startswith("dense") else others(i % 10))
+    return colors
+
+
+def _ticks(ax, lengths):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths])
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
 
 
 def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accuracy") -> None:
@@ -22,50 +52,56 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
-    configs = []
-    for r in rows:
-        if r["config"] not in configs:
-            configs.append(r["config"])
-    configs.sort(key=lambda c: (c != "dense", c))
-    cmap = plt.get_cmap("tab10")
-    colors = {c: cmap(i % 10) for i, c in enumerate(configs)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        wheres = sorted({r["where"] for r in rows}, key=lambda w: (w != "cpu-reference", w != "sglang-gpu", w))
-        styles = {"cpu-reference": "-", "sglang-gpu": "--"}
-        for where in wheres:
-            style = styles.get(where, ":")
+    configs = sorted({r["config"] for r in rows}, key=lambda c: (c != "dense", _family(c), c))
+    colors = setting_colors(configs, plt)
+    wheres = sorted({r["where"] for r in rows}, key=lambda w: (w != "cpu-reference", w != "sglang-gpu", w))
+    sparse_tasks = sorted({r["task"] for r in rows if r["config"] != "dense"})
+    dense_only = sorted({r["task"] for r in rows} - set(sparse_tasks))
+    ncols = len(sparse_tasks) + (1 if dense_only else 0)
+    fig, axes = plt.subplots(len(wheres), ncols, figsize=(4.4 * ncols + 3.2, 3.3 * len(wheres)), squeeze=False)
+    seen = {}
+    for i, where in enumerate(wheres):
+        for j, task in enumerate(sparse_tasks):
+            ax = axes[i][j]
             for c in configs:
                 pts = sorted((r["length"], r["accuracy"], r["samples"]) for r in rows
                              if r["task"] == task and r["config"] == c and r["where"] == where)
                 if not pts:
                     continue
-                xs = [p[0] for p in pts]
-                ys = [100 * p[1] for p in pts]
-                lw = 2.6 if c == "dense" else 1.5
-                ax.plot(xs, ys, style, marker="o", ms=3.5, lw=lw, color=colors[c],
-                        label=f"{c} ({_SHORT.get(where, where)})")
-        ns = sorted({r["samples"] for r in rows if r["task"] == task})
-        ax.set_title(f"{task} (n={ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "") + " per point)", fontsize=10)
-        ax.set_xscale("log", base=2)
-        lengths = sorted({r["length"] for r in rows if r["task"] == task})
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths])
-        ax.set_ylim(-3, 103)
+                dense = c.startswith("dense")
+                (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "-" if c != "dense(sparse-backend)"
+                                  else "--", marker="o", ms=3.5, lw=2.6 if dense else 1.4, color=colors[c],
+                                  zorder=3 if dense else 2)
+                seen.setdefault(c, line)
+            ns = sorted({r["samples"] for r in rows if r["task"] == task and r["where"] == where})
+            ax.set_title(f"{task}, {_WHERE.get(where, where).split(' (')[0]}"
+                         + (f" (n={ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "") + ")" if ns else ""), fontsize=9)
+            _ticks(ax, sorted({r["length"] for r in rows if r["task"] == task}))
+        if dense_only:
+            ax = axes[i][-1]
+            if not any(r["where"] == where and r["task"] in dense_only for r in rows):
+                ax.axis("off")
+                continue
+            styles = ["-", "--", ":", "-."]
+            for k, task in enumerate(dense_only):
+                pts = sorted((r["length"], r["accuracy"]) for r in rows
+                             if r["task"] == task and r["config"] == "dense" and r["where"] == where)
+                if pts:
+                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], styles[k % 4], marker="o", ms=3.5,
+                            color="black", label=task)
+            ax.set_title(f"dense only, {_WHERE.get(where, where).split(' (')[0]}", fontsize=9)
+            _ticks(ax, sorted({r["length"] for r in rows if r["task"] in dense_only}))
+            if ax.get_legend_handles_labels()[1]:
+                ax.legend(fontsize=7, frameon=False)
+        axes[i][0].set_ylabel("accuracy (%)")
+    for ax in axes[-1]:
         ax.set_xlabel("prompt tokens")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
-    if labels:
-        fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    if seen:
+        order = [c for c in configs if c in seen]
+        fig.legend([seen[c] for c in order], order, loc="center right", fontsize=7.5, frameon=False,
+                   title="setting", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 5), 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1 - 3.0 / (4.4 * ncols + 3.2), 0.96))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
