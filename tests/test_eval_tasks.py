@@ -239,3 +239,26 @@ def test_smollm2_answers_one_single_needle(tmp_path):
     assert len(ids) <= 1024
     res = model.generate_many(ids, [RefConfig("dense")], s.max_new_tokens)
     assert T.score(s, res["dense"].text) == 1, res["dense"].text
+
+
+def test_quality_plot_colours_and_panels(tmp_path):
+    """One colour per setting in its mechanism's hue (CLAA blue, PrHS orange, ART green), dense black; the
+    plot writes a PNG with a row per place measured (rows of both kinds, a dense-only task included)."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.quality_plot import plot, setting_colors
+
+    configs = ["dense", "claa-keep0.1", "claa-keep0.2", "prhs-d0.05-b1/16", "art-tau0.001", "all(x)"]
+    col = setting_colors(configs, plt)
+    assert col["dense"] == "black" and len({str(c) for c in col.values()}) == len(configs)
+    for c in ("claa-keep0.1", "claa-keep0.2"):
+        assert col[c][2] > col[c][0]                    # blue over red
+    assert col["prhs-d0.05-b1/16"][0] > col["prhs-d0.05-b1/16"][2]
+    assert col["art-tau0.001"][1] > max(col["art-tau0.001"][0], col["art-tau0.001"][2])
+    rows = [{"config": c, "task": t, "length": L, "accuracy": 0.5, "samples": 4, "where": w}
+            for c in configs for t in ("single_needle",) for L in (1024, 2048) for w in ("cpu-reference", "sglang-gpu")]
+    rows += [{"config": "dense", "task": "kv_retrieval", "length": 1024, "accuracy": 0.25, "samples": 4,
+              "where": "cpu-reference"}]
+    png = tmp_path / "q.png"
+    plot(rows, png)
+    assert png.stat().st_size > 10_000
