@@ -196,6 +196,10 @@ def report_skipped(now: Optional[float] = None) -> Optional[str]:
     if _SKIPPED.get("cached prefix"):
         msg += " (a prompt that starts with a prefix in the radix cache is prefilled densely; " \
                "--disable-radix-cache lets CLAA filter it)"
+    if _SKIPPED.get("prompt split across prefill chunks"):
+        msg += " (a prompt longer than --chunked-prefill-size, or one postponed " \
+               f"{MAX_WHOLE_PROMPT_DEFERRALS} times for a whole-prompt batch, is split and prefilled densely; " \
+               "--claa-max-prompt-len N raises the chunk size to N)"
     logger.info(msg)
     _SKIPPED.clear()
     _SKIP_REPORTED_AT[0] = now

@@ -109,7 +109,9 @@ def test_skip_report_text(monkeypatch):
     msg = CP.report_skipped(now=0.0)
     assert msg == ("sglang_sparse CLAA: 4 prompt(s) not filtered since the last report: cached prefix 3, prompt "
                    "split across prefill chunks 1 (a prompt that starts with a prefix in the radix cache is "
-                   "prefilled densely; --disable-radix-cache lets CLAA filter it)")
+                   "prefilled densely; --disable-radix-cache lets CLAA filter it) (a prompt longer than "
+                   "--chunked-prefill-size, or one postponed 32 times for a whole-prompt batch, is split and "
+                   "prefilled densely; --claa-max-prompt-len N raises the chunk size to N)")
 
 
 def _hand_built_batch(lens, prefix, page_size, gen):
