@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 
 from benchmarks.parity import fixed_prompts
 from benchmarks.profile_decode import print_summary, profile_running_decode
@@ -60,6 +61,22 @@ def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32, mem_fra
             "--mem-fraction-static", str(mem_fraction), "--context-length", str(ctx), "--page-size", str(page_size),
             "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests",
             str(max_bs), "--decode-log-interval", "40"]
+
+
+def longer_context_env(model: str, ctx: int) -> Optional[dict]:
+    """The servers' environment when ``--context-length ctx`` exceeds the model's ``max_position_embeddings``
+    (a 128K prompt plus its output on Llama-3.1's 131,072): SGLang refuses that unless
+    ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``. None (inherit) otherwise."""
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            max_pos = int(json.load(f).get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        return None
+    if not max_pos or ctx <= max_pos:
+        return None
+    log(f"context length {ctx} > the model's max_position_embeddings {max_pos}: "
+        "serving with SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1")
+    return dict(os.environ, SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
 
 
 def decode_stats(log_path: str) -> dict:
@@ -119,6 +136,7 @@ def main(argv=None):
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
     common = common_flags(args.model, ctx, max(concs), args.page_size)
+    base_env = longer_context_env(args.model, ctx)
     if args.tp < 1:
         ap.error(f"--tp must be >= 1, got {args.tp}")
     if args.tp > 1:
@@ -150,7 +168,8 @@ def main(argv=None):
         logs = out_dir()
         slog = os.path.join(logs, f"server_{name}.log")
         try:
-            env = dict(os.environ, SGLANG_SPARSE_FUSED=FUSED_CONFIGS[name]) if name in FUSED_CONFIGS else None
+            env = dict(base_env or os.environ, SGLANG_SPARSE_FUSED=FUSED_CONFIGS[name]) \
+                if name in FUSED_CONFIGS else base_env
             with server(launcher + common + flags, args.port, slog, env=env) as base:
                 parity = None
                 if not args.skip_parity and not args.profile_only and (

@@ -266,3 +266,14 @@ def test_quality_gpu_retries_a_server_that_found_no_kv_memory(monkeypatch):
     calls.clear()
     monkeypatch.setattr(quality_gpu, "_run_setting_once", lambda name, args: calls.append(name) or other)
     assert quality_gpu.run_setting("x", None) is other and len(calls) == 1
+
+
+def test_serving_decode_allows_a_context_longer_than_the_model_window(tmp_path):
+    """128K input + 256 output + margin exceeds Llama-3.1's 131,072 positions: SGLang must be told to accept it."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 131072}))
+    env = serving_decode.longer_context_env(str(tmp_path), 131072 + 256 + 1024)
+    assert env is not None and env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] == "1"
+    assert serving_decode.longer_context_env(str(tmp_path), 32768 + 256 + 1024) is None
+    assert serving_decode.longer_context_env(str(tmp_path / "missing"), 10 ** 6) is None
