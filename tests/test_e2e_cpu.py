@@ -89,6 +89,7 @@ def test_plain_and_ours_match_transformers(model_dir, tmp_path):
                    log_path=str(tmp_path / "plain.log"))
     try:
         plain_tokens = {p: plain.greedy(p, n) for p in ref["greedy"]}
+        _logits_probe_checks(plain.base, model_dir)
     finally:
         plain.stop()
     assert plain_tokens == ref["greedy"]
@@ -105,6 +106,26 @@ def test_plain_and_ours_match_transformers(model_dir, tmp_path):
     # The scheduler process built our backend with the launcher's config.
     assert "'sparse' attention backend SparseTorchNativeAttnBackend" in log
     assert '"patience": 3' in log
+
+
+def _logits_probe_checks(base, model_dir):
+    """benchmarks/serving_logits.py's request (every vocabulary log-probability of each greedy position)
+    against a real server: the arg-max of each position is the greedy token, every entry is filled, and the
+    centred-logit comparison of a run with itself is ~0 and with shifted values is not."""
+    import numpy as np
+
+    from benchmarks.serving_logits import compare, probe
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    prompt = [int(x) for x in np.random.default_rng(7).integers(10, vocab - 10, 200)]
+    tokens, lp = probe(base, prompt, 4, vocab)
+    assert lp.shape == (4, vocab) and np.isfinite(lp).all()
+    assert [int(np.argmax(row)) for row in lp] == list(tokens)
+    same = compare(tokens, lp, tokens, lp)
+    assert same["positions_compared"] == 4 and same["tokens_equal"] and max(same["rel_err"]) == 0.0
+    noisy = lp + np.random.default_rng(8).normal(0, 0.1, lp.shape)
+    assert min(compare(tokens, lp, tokens, noisy)["rel_err"]) > 1e-3
 
 
 def _openai_checks(base):
