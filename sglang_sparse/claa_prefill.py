@@ -89,10 +89,10 @@ def kept_count(n: int, cfg: ClaaConfig, page_size: int = 1) -> int:
     return n - ((n - k0) // p) * p
 
 
-def _request_reason(req, n: int, cfg: ClaaConfig, batch_return_logprob: bool = False) -> Optional[str]:
+def _request_reason(req, n: int, cfg: ClaaConfig) -> Optional[str]:
     """Why a whole prompt of ``n`` tokens with no cached prefix would not be filtered (``None``: it would);
-    the checks that do not depend on how the scheduler chunks it."""
-    if batch_return_logprob or getattr(req, "return_logprob", False):
+    the checks that do not depend on how the scheduler chunks it or on the rest of its batch."""
+    if getattr(req, "return_logprob", False):
         return "logprobs requested"
     max_new = getattr(req.sampling_params, "max_new_tokens", None)
     if max_new == 0:
