@@ -1,9 +1,10 @@
-"""Plot the quality table (``benchmarks/results/quality_smollm2.json``): accuracy vs prompt length, one row of
+"""Plot a quality table (``benchmarks/results/quality_<model>.json``): accuracy vs prompt length, one row of
 panels per place the rows were measured (CPU reference, SGLang on the GPU), one panel per task that has
-sparse settings, plus one panel for the tasks measured dense only; one colour per setting (a hue per
-mechanism: CLAA blues, PrHS oranges, ART greens, combinations purples), the same in every panel.
+sparse settings, plus one panel for the tasks measured dense only; one colour per setting (dense black, our
+backend with everything off grey, a hue per mechanism: CLAA blues, PrHS oranges, ART greens, combinations
+purples), the same in every panel.
 
-    python benchmarks/quality_plot.py [--json benchmarks/results/quality_smollm2.json] [--png ...png]
+    python benchmarks/quality_plot.py [--model smollm2 | --json FILE.json --png FILE.png]
 """
 
 from __future__ import annotations
@@ -17,10 +18,27 @@ DEFAULT_JSON = RESULTS / "quality_smollm2.json"
 DEFAULT_PNG = RESULTS / "quality_smollm2.png"
 _WHERE = {"cpu-reference": "CPU reference (transformers + reference math)", "sglang-gpu": "SGLang on the GPU"}
 _FAMILIES = (("claa", "Blues"), ("prhs", "Oranges"), ("art", "Greens"), ("all", "Purples"))
+MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
+                "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct"}
+# our backend with every mechanism off: a dense baseline, drawn grey and dashed
+_OURS_DENSE = ("dense(sparse-backend)", "ours-off")
+
+
+def results_paths(model: str) -> tuple:
+    """The combined results file and its plot for a model's short name."""
+    return RESULTS / f"quality_{model}.json", RESULTS / f"quality_{model}.png"
+
+
+def model_title(model: str) -> str:
+    return f"{MODEL_TITLES.get(model, model)}: exact-match accuracy"
 
 
 def _family(config: str) -> str:
-    return next((f for f, _ in _FAMILIES if config.startswith(f)), "dense" if config.startswith("dense") else "other")
+    if config == "dense" or config in _OURS_DENSE:
+        return "dense"
+    if config.startswith("all") or "+" in config:          # several mechanisms at once
+        return "all"
+    return next((f for f, _ in _FAMILIES if config.startswith(f)), "other")
 
 
 def setting_colors(configs, plt) -> dict:
@@ -34,7 +52,7 @@ def setting_colors(configs, plt) -> dict:
             colors[c] = cmap(0.9 - 0.55 * i / max(1, len(members) - 1))
     others = plt.get_cmap("tab10")
     for i, c in enumerate(c for c in configs if c not in colors):
-        colors[c] = "black" if c == "dense" else ("0.55" if c.startswith("dense") else others(i % 10))
+        colors[c] = "black" if c == "dense" else ("0.55" if _family(c) == "dense" else others(i % 10))
     return colors
 
 
@@ -68,9 +86,8 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
                              if r["task"] == task and r["config"] == c and r["where"] == where)
                 if not pts:
                     continue
-                dense = c.startswith("dense")
-                (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "-" if c != "dense(sparse-backend)"
-                                  else "--", marker="o", ms=3.5, lw=2.6 if dense else 1.4, color=colors[c],
+                dense = _family(c) == "dense"
+                (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "--" if c in _OURS_DENSE else "-", marker="o", ms=3.5, lw=2.6 if dense else 1.4, color=colors[c],
                                   zorder=3 if dense else 2)
                 seen.setdefault(c, line)
             ns = sorted({r["samples"] for r in rows if r["task"] == task and r["where"] == where})
@@ -109,12 +126,17 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    ap.add_argument("--png", type=Path, default=DEFAULT_PNG)
+    ap.add_argument("--model", default="smollm2", help="short model name: the results file to plot")
+    ap.add_argument("--json", type=Path, default=None, help="results file (default from --model)")
+    ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
-    data = json.loads(args.json.read_text())
-    plot(data["rows"], args.png)
-    print(f"wrote {args.png}")
+    json_path, png = results_paths(args.model)
+    json_path = args.json or json_path
+    png = args.png or (json_path.with_suffix(".png") if args.json else png)
+    data = json.loads(json_path.read_text())
+    model = next((r["model"] for r in data["rows"] if r.get("model")), args.model)
+    plot(data["rows"], png, title=model_title(model))
+    print(f"wrote {png}")
     return 0
 
 

@@ -3,6 +3,8 @@ flag fails in CI instead of after a GPU machine has started: every sglang_sparse
 benchmarks/serving_decode.py, serving_logits.py, serving_prefill.py and quality_gpu.py goes through the launcher's parser and
 value checks, leaves none of our flags to SGLang, and turns on what its name says."""
 
+import re
+
 import pytest
 
 from benchmarks import quality_gpu, serving_decode, serving_logits, serving_prefill
@@ -22,9 +24,18 @@ def _settings():
     for name, (launcher, flags, _) in serving_prefill.CONFIGS.items():
         if launcher == OURS:
             yield f"serving_prefill:{name}", flags
-    for name, (module, flags) in quality_gpu.SETTINGS.items():
+    for name, (module, flags) in _quality_settings().items():
         if module == "sglang_sparse.launch_server":
             yield f"quality_gpu:{name}", quality_gpu.COMMON_FLAGS + flags
+
+
+# quality_gpu resolves its CLAA flags per model: Qwen2.5-Coder-1.5B's 28 layers and 32K window
+_QUALITY_LAYERS, _QUALITY_CONTEXT = 28, 32768
+
+
+def _quality_settings():
+    longest = quality_gpu.max_prompt_len(quality_gpu.default_lengths(_QUALITY_CONTEXT), _QUALITY_CONTEXT)
+    return quality_gpu.resolved_settings(_QUALITY_LAYERS, longest)
 
 
 @pytest.mark.parametrize("name,flags", list(_settings()), ids=[n for n, _ in _settings()])
@@ -40,8 +51,13 @@ def test_benchmark_setting_parses_and_validates(name, flags):
         assert cfg.prhs.layers_per_selection == 4
     if "_r4" in label:
         assert cfg.prhs.reselect_interval == 4
+    if "-g4" in label:
+        assert cfg.prhs.layers_per_selection == 4
     if "F24" in label:
         assert cfg.claa.filter_layer == 24
+    budget = re.search(r"-b1/(\d+)", label)
+    if name.startswith("quality_gpu:") and budget:
+        assert cfg.prhs.budget == pytest.approx(1 / int(budget.group(1))), (label, cfg.prhs.budget)
 
 
 def _all_flag_sets():
@@ -53,8 +69,11 @@ def _all_flag_sets():
         yield f"serving_logits:{name}", decode_common + list(flags)
     for name, (_, flags, _) in serving_prefill.CONFIGS.items():
         yield f"serving_prefill:{name}", prefill_common + list(flags)
-    for name, (_, flags) in quality_gpu.SETTINGS.items():
+    for name, (_, flags) in _quality_settings().items():
         yield f"quality_gpu:{name}", quality_gpu.COMMON_FLAGS + list(flags)
+    args = _quality_args()
+    for name in quality_gpu.ALL_SETTINGS:                # the whole command, KV pool and context included
+        yield f"quality_gpu-command:{name}", quality_gpu.server_command(name, args)[5:]
 
 
 def test_benchmark_flags_are_known_to_sglang_or_us():
@@ -277,3 +296,295 @@ def test_serving_decode_allows_a_context_longer_than_the_model_window(tmp_path):
     assert env is not None and env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] == "1"
     assert serving_decode.longer_context_env(str(tmp_path), 32768 + 256 + 1024) is None
     assert serving_decode.longer_context_env(str(tmp_path / "missing"), 10 ** 6) is None
+
+
+def _quality_args(tmp_path=None, **kw):
+    import argparse
+
+    lengths = quality_gpu.default_lengths(_QUALITY_CONTEXT)
+    base = dict(model="m", model_name="qwen2.5-coder-1.5b", num_layers=_QUALITY_LAYERS,
+                context_length=_QUALITY_CONTEXT, lengths=lengths, tasks=["single_needle", "multi_key"], samples=20,
+                max_prompt_len=quality_gpu.max_prompt_len(lengths, _QUALITY_CONTEXT), num_threads=16,
+                mem_fraction=0.8, server_args="", port=31000, parallel=1, stagger_s=45.0, deadline_s=None,
+                resume=False, out_dir=tmp_path)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_quality_lengths_fit_the_context_with_the_answer():
+    """32K models get 4K-32K; the 32K cell is built short enough that the longest answer still fits the window;
+    an 8K model keeps SmolLM2's 1K-7K."""
+    assert quality_gpu.default_lengths(32768) == [4096, 8192, 16384, 32768]
+    assert quality_gpu.default_lengths(8192) == [1024, 2048, 4096, 7168]
+    longest_answer = max(_answer_tokens().values())
+    for ctx in (8192, 32768):
+        for L in quality_gpu.default_lengths(ctx):
+            fit = quality_gpu.fitted_length(L, ctx)
+            assert fit <= L and fit + longest_answer < ctx
+            assert fit == L or fit == ctx - quality_gpu.ANSWER_RESERVE
+    assert quality_gpu.fitted_length(32768, 32768) == 32768 - quality_gpu.ANSWER_RESERVE
+    longest = quality_gpu.max_prompt_len([4096, 32768], 32768)
+    assert longest == 32768 and quality_gpu.kv_pool_tokens(16, longest) == 16 * (32768 + quality_gpu.ANSWER_RESERVE)
+    assert quality_gpu.max_prompt_len([1024, 7168], 8192) == 7168 + quality_gpu.ANSWER_RESERVE
+
+
+def test_quality_max_new_tokens_of_every_task_fit_the_answer_reserve():
+    """ANSWER_RESERVE covers the longest answer any task asks for (else the 32K cell would pass the window)."""
+    counts = _answer_tokens()
+    assert max(counts.values()) + 8 <= quality_gpu.ANSWER_RESERVE, counts
+
+
+def _answer_tokens():
+    """``task -> max_new_tokens`` of the tasks' samples (a word count stands in for the tokenizer)."""
+    from sglang_sparse.eval import tasks as T
+
+    return {task: T.make_sample(task, 1024, 0, lambda text: len(text.split()), haystack="filler").max_new_tokens
+            for task in T.TASKS}
+
+
+@pytest.mark.parametrize("layers,f23,f45", [(24, 16, 19), (28, 19, 22), (30, 20, 24), (32, 21, 26)])
+def test_quality_claa_filter_layer_fractions(layers, f23, f45):
+    """The later filter layers are 2/3 and 4/5 of the depth (half rounds up), resolved into --claa-filter-layer;
+    the default-layer settings pass none (the launcher's 15/32 of the depth)."""
+    from fractions import Fraction
+
+    from sglang_sparse.claa import default_filter_layer
+
+    assert quality_gpu.filter_layer_at(Fraction(2, 3), layers) == f23
+    assert quality_gpu.filter_layer_at(Fraction(4, 5), layers) == f45
+    assert default_filter_layer(layers) < f23 < f45 < layers
+    settings = quality_gpu.resolved_settings(layers, 4096)
+    for name, (_, flags) in settings.items():
+        cfg, _ = C.parse_known_args(["--model-path", "m"] + flags)
+        if name.endswith("-F2/3"):
+            assert cfg.claa.filter_layer == f23
+        elif name.endswith("-F4/5"):
+            assert cfg.claa.filter_layer == f45
+        elif cfg.claa.enabled and name in quality_gpu.SETTINGS:
+            assert cfg.claa.filter_layer is None, name
+    assert sum(n.endswith(("-F2/3", "-F4/5")) for n in quality_gpu.SETTINGS) == 6
+
+
+def test_quality_claa_settings_filter_every_prompt():
+    """Every CLAA setting turns the radix cache off, accepts every prompt length of the run (floor below the
+    shortest, --claa-max-prompt-len at least the longest prompt) and so gets a prefill chunk that holds the longest
+    prompt whole; the issue's settings are all there, dense first, flags as named."""
+    names = list(quality_gpu.SETTINGS)
+    assert names[0] == "dense" and names[1] == "ours-off"
+    for need in ("prhs-b1/16", "prhs-b1/8", "prhs-b1/32", "prhs-b1/16-g4", "art", "prhs-b1/16+art",
+                 "claa0.2+prhs-b1/16+art"):
+        assert need in names
+    assert sum(n.startswith("claa-keep") for n in names) == 9
+    module, flags = quality_gpu.resolved_settings(28, 32768, ["dense"])["dense"]
+    assert module == "sglang.launch_server" and flags == ["--attention-backend", "flashinfer"]
+    assert quality_gpu.resolved_settings(28, 32768, ["ours-off"])["ours-off"] == ("sglang_sparse.launch_server", [])
+    args = _quality_args()
+    shortest = min(quality_gpu.fitted_length(L, args.context_length) for L in args.lengths)
+    for name, (_, flags) in _quality_settings().items():
+        cfg, rest = C.parse_known_args(["--model-path", "m"] + flags)
+        if not cfg.claa.enabled:
+            assert "--claa-max-prompt-len" not in flags
+            continue
+        assert "--disable-radix-cache" in rest, name
+        assert cfg.claa.max_prompt_len >= quality_gpu.fitted_length(32768, 32768) + 2, name
+        assert cfg.claa.min_prompt_len <= shortest // 2, name
+        sglang_argv = C.adjust_sglang_argv(cfg, rest)
+        chunk = int(sglang_argv[sglang_argv.index("--chunked-prefill-size") + 1])
+        assert chunk >= cfg.claa.max_prompt_len, name
+    cmd = quality_gpu.server_command("claa-keep0.2-F4/5", args)
+    assert cmd[1:3] == ["-m", "sglang_sparse.launch_server"]
+    pool = int(cmd[cmd.index("--max-total-tokens") + 1])
+    assert pool == args.num_threads * (args.max_prompt_len + quality_gpu.ANSWER_RESERVE)
+    assert cmd[cmd.index("--context-length") + 1] == "32768"
+
+
+def _render(fmt_src: str, values) -> str:
+    return fmt_src % tuple(values)
+
+
+def _logged_format(path, prefix):
+    """The %-format string of the logger call in ``path`` whose message starts with ``prefix``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and node.args[0].value.startswith(prefix):
+            return node.args[0].value
+    raise AssertionError(f"no log call starting with {prefix!r} in {path}")
+
+
+def test_quality_server_log_statistics():
+    """The statistics of a server log whose lines are rendered from the very format strings the server uses
+    (a changed format fails here): means over the logged decode batches (NaN delta-hat left out, the max of the
+    maxima), CLAA's filtered prompts with the mean kept fraction, its skipped prompts by reason, SGLang's pool."""
+    import math
+    import random
+    from pathlib import Path
+
+    from sglang_sparse import claa_prefill
+
+    root = Path(__file__).resolve().parents[1] / "sglang_sparse"
+    dfmt = _logged_format(root / "sparse_decode.py", "sglang_sparse decode stats")
+    kfmt = _logged_format(root / "claa_prefill.py", "sglang_sparse CLAA: rid=")
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    batches = [(rng.randint(1, 32), rng.random(), rng.random() * 0.1, rng.random() * 0.2, rng.random(),
+                rng.uniform(1, 99)) for _ in range(7)]
+    batches[2] = batches[2][:2] + (float("nan"), float("nan")) + batches[2][4:]
+    lines = ["[2026] Scheduler max_total_num_tokens=524288, chunked_prefill_size=32768, max_running_requests=64"]
+    lines += ["[2026 TP0] " + _render(dfmt, b) for b in batches]
+    kept = [(rng.randint(4000, 32000), rng.randint(100, 3000)) for _ in range(5)]
+    lines += ["[2026 TP0] " + _render(kfmt, (f"r{i}", n, k, 100.0 * k / n)) for i, (n, k) in enumerate(kept)]
+    claa_prefill._SKIPPED.clear()
+    claa_prefill._SKIPPED.update({"cached prefix": 3, "prompt split across prefill chunks": 2})
+    claa_prefill._SKIP_REPORTED_AT[0] = -1e9
+    report = claa_prefill.report_skipped(now=1e9)
+    claa_prefill._SKIPPED.update({"cached prefix": 1})
+    report2 = claa_prefill.report_skipped(now=2e9)
+    lines += ["[2026 TP0] " + report, "INFO: 127.0.0.1 GET /health 200", "[2026 TP0] " + report2]
+    st = quality_gpu.parse_server_log("\n".join(lines))
+
+    def rounded(xs):
+        return [float(f"{x:.4f}") for x in xs]            # what the log line carries
+
+    d = st["decode"]
+    assert d["logged_batches"] == 7, seed
+    pages = [float(f"{b[1]:.3f}") for b in batches]
+    assert math.isclose(d["pages_read_mean"], sum(pages) / 7, abs_tol=1e-5), seed
+    dmean = [x for i, x in enumerate(rounded(b[2] for b in batches)) if i != 2]
+    assert math.isclose(d["delta_hat_mean"], sum(dmean) / 6, abs_tol=1e-5), seed
+    assert math.isclose(d["delta_hat_max"], max(x for i, x in enumerate(rounded(b[3] for b in batches)) if i != 2),
+                        abs_tol=1e-5), seed
+    assert math.isclose(d["art_stop_rate_mean"], sum(float(f"{b[4]:.3f}") for b in batches) / 7, abs_tol=1e-5)
+    assert math.isclose(d["blocks_read_mean"], sum(float(f"{b[5]:.1f}") for b in batches) / 7, abs_tol=1e-5)
+    c = st["claa"]
+    assert c["filtered"] == 5 and c["prompt_tokens_max"] == max(n for n, _ in kept), seed
+    assert math.isclose(c["kept_fraction_mean"], sum(k / n for n, k in kept) / 5, abs_tol=1e-5), seed
+    assert c["not_filtered"] == {"cached prefix": 4, "prompt split across prefill chunks": 2}
+    assert st["kv_pool_tokens"] == 524288
+    assert quality_gpu.parse_server_log("nothing of ours here") == {}
+
+
+def _harness_result(config, lengths, samples, errors=0, acc=0.5, model="qwen2.5-coder-1.5b"):
+    rows = [{"config": config, "task": t, "length": L, "accuracy": acc, "correct": int(acc * samples),
+             "samples": samples, "errors": errors, "where": "sglang-gpu"}
+            for t in ("single_needle", "multi_key") for L in lengths]
+    return {"meta": {"config": config, "where": "sglang-gpu", "model": model}, "rows": rows, "records": []}
+
+
+def test_quality_resume_and_deadline(tmp_path):
+    """--resume skips a setting only when its file is complete (every cell, enough samples, no errors, not
+    failed, the same model); past --deadline-s no setting starts; with --parallel the launches are staggered and
+    use one port per running server."""
+    import json
+
+    args = _quality_args(tmp_path, resume=True)
+    L = args.lengths
+    files = {"dense": _harness_result("dense", L, 20), "ours-off": _harness_result("ours-off", L, 10),
+             "art": _harness_result("art", L, 20, errors=1), "prhs-b1/8": _harness_result("prhs-b1/8", L[:-1], 20),
+             "prhs-b1/32": dict(_harness_result("prhs-b1/32", L, 20), failed="x"),
+             "prhs-b1/16": _harness_result("prhs-b1/16", L, 20, model="smollm2")}
+    for name, data in files.items():
+        (tmp_path / f"{quality_gpu.safe_name(name)}.json").write_text(json.dumps(data))
+    (tmp_path / "prhs-b1_16-g4.json").write_text("{\"rows\": [")          # cut short
+    for name in files:
+        assert quality_gpu.is_complete(tmp_path / f"{quality_gpu.safe_name(name)}.json", args.tasks, L, 20,
+                                       args.model_name) == (name == "dense"), name
+
+    now = [0.0]
+    launched = []
+
+    class Proc:
+        def __init__(self, name, port):
+            self.name, self.port, self.end = name, port, now[0] + 100
+
+        def poll(self):
+            return 0 if now[0] >= self.end else None
+
+    def launch(name, port, a):
+        launched.append((name, port, now[0]))
+        return Proc(name, port)
+
+    def sleep(s):
+        now[0] += s
+
+    names = list(files) + ["prhs-b1/16-g4", "claa-keep0.1", "claa-keep0.2"]
+    args.parallel, args.stagger_s, args.deadline_s = 2, 30.0, 150.0
+    summary = quality_gpu.run_all(names, args, clock=lambda: now[0], sleep=sleep, launch=launch)
+    assert summary["dense"] == "complete already"
+    started = [n for n, _, _ in launched]
+    assert started == ["ours-off", "art", "prhs-b1/8", "prhs-b1/32"], launched
+    times = [t for _, _, t in launched]
+    assert times[1] - times[0] >= 30 and all(t < 150 for t in times)
+    assert [p for _, p, _ in launched[:2]] == [31000, 31001]
+    assert all(summary[n] == "not started (deadline)" for n in ("prhs-b1/16", "prhs-b1/16-g4", "claa-keep0.1",
+                                                                "claa-keep0.2")), summary
+    assert all(summary[n] == "ok" for n in started)
+
+
+def test_quality_rows_named_by_nominal_length():
+    """A cell built shorter than its nominal length (the 32K cell) keeps the nominal name and records its real
+    target and the prompt tokens the server counted, with the model, the server flags and the statistics."""
+    res = {"meta": {"lengths": [4096, 32704]},
+           "rows": [{"config": "art", "task": "single_needle", "length": L, "accuracy": 1.0, "samples": 2}
+                    for L in (4096, 32704)],
+           "records": [{"task": "single_needle", "length": L, "prompt_tokens": L - d} for L in (4096, 32704)
+                       for d in (0, 2)]}
+    quality_gpu.label_rows(res, {4096: 4096, 32768: 32704}, "qwen2.5-coder-0.5b", "sglang_sparse.launch_server --art on",
+                           {"decode": {"art_stop_rate_mean": 0.3}})
+    by_len = {r["length"]: r for r in res["rows"]}
+    assert set(by_len) == {4096, 32768} and res["meta"]["lengths"] == [4096, 32768]
+    assert by_len[32768]["target_tokens"] == 32704 and by_len[32768]["prompt_tokens_max"] == 32704
+    assert by_len[32768]["prompt_tokens_mean"] == 32703.0 and by_len[4096]["target_tokens"] == 4096
+    assert all(r["model"] == "qwen2.5-coder-0.5b" and r["server_flags"].endswith("--art on")
+               and r["mechanism_stats"]["decode"]["art_stop_rate_mean"] == 0.3 for r in res["rows"])
+    assert {r["length"] for r in res["records"]} == {4096, 32768}
+
+
+def test_quality_loss_table_and_merge_per_model(tmp_path, monkeypatch):
+    """The README table: dense's mean accuracy, then per setting the accuracy lost against dense averaged over
+    the tasks, per nominal length, with the samples per cell; --merge writes the model's own results file."""
+    import json
+
+    rows = []
+    acc = {("dense", "single_needle"): (1.0, 0.8), ("dense", "multi_key"): (0.6, 0.4),
+           ("art", "single_needle"): (0.9, 0.8), ("art", "multi_key"): (0.6, 0.0)}
+    for (c, t), (a4, a32) in acc.items():
+        for L, a in ((4096, a4), (32768, a32)):
+            rows.append({"config": c, "task": t, "length": L, "accuracy": a, "samples": 20, "where": "sglang-gpu"})
+    rows.append({"config": "art", "task": "kv_retrieval", "length": 4096, "accuracy": 0.0, "samples": 20,
+                 "where": "sglang-gpu"})                               # no dense cell: left out of the mean
+    table = quality_gpu.loss_table(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| setting | 4K | 32K | samples per cell |"
+    assert lines[2] == "| dense (accuracy %) | 80.0 | 60.0 | 20 |"
+    assert lines[3] == "| art | +5.0 | +20.0 | 20 |"
+
+    monkeypatch.setattr(quality_gpu, "results_paths", lambda m: (tmp_path / f"quality_{m}.json",
+                                                                 tmp_path / f"quality_{m}.png"))
+    f = tmp_path / "art.json"
+    f.write_text(json.dumps(_harness_result("art", [4096], 20)))
+    quality_gpu.merge([str(f)])
+    merged = json.loads((tmp_path / "quality_qwen2.5-coder-1.5b.json").read_text())
+    assert {r["config"] for r in merged["rows"]} == {"art"}
+    assert (tmp_path / "quality_qwen2.5-coder-1.5b.png").stat().st_size > 10_000
+
+
+def test_quality_parallel_child_gets_the_run_arguments(tmp_path, monkeypatch):
+    """With --parallel each setting runs in a child process (the frontend's default backend is per process);
+    the child receives every argument of the run, its own setting and port, as the types the run uses."""
+    import json
+    from pathlib import Path
+
+    args = _quality_args(tmp_path, model=tmp_path / "m", json=None, png=None, gguf=None)
+    spec = json.loads(quality_gpu._args_to_json(args))
+    spec.update(child_setting="claa-keep0.2-F2/3", port=31003, parallel=1)
+    seen = {}
+    monkeypatch.setattr(quality_gpu, "run_setting", lambda name, a: seen.update(name=name, args=a) or {"failed": "x"})
+    assert quality_gpu.main(["--child", json.dumps(spec)]) == 1
+    a = seen["args"]
+    assert seen["name"] == "claa-keep0.2-F2/3" and a.port == 31003 and a.parallel == 1
+    assert isinstance(a.model, Path) and isinstance(a.out_dir, Path) and a.lengths == args.lengths
+    assert quality_gpu.server_command("claa-keep0.2-F2/3", a)[1:] == \
+        quality_gpu.server_command("claa-keep0.2-F2/3", args)[1:]
