@@ -610,9 +610,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown settings {bad}; known: {list(ALL_SETTINGS)}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.gguf is not None:
-        from benchmarks.models.smollm2 import ensure_smollm2
+        from benchmarks.models import ensure_model
 
-        ensure_smollm2(out=args.model, gguf=args.gguf)
+        ensure_model(args.spec, out=args.model, gguf=args.gguf)
     info = model_info(args.model)
     args.model_name = args.model_name or info.name
     args.num_layers = info.num_layers
