@@ -87,7 +87,8 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
                 if not pts:
                     continue
                 dense = _family(c) == "dense"
-                (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "--" if c in _OURS_DENSE else "-", marker="o", ms=3.5, lw=2.6 if dense else 1.4, color=colors[c],
+                (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "--" if c in _OURS_DENSE else "-",
+                                  marker="o", ms=3.5, lw=2.6 if dense else 1.4, color=colors[c],
                                   zorder=3 if dense else 2)
                 seen.setdefault(c, line)
             ns = sorted({r["samples"] for r in rows if r["task"] == task and r["where"] == where})

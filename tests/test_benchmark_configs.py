@@ -531,8 +531,8 @@ def test_quality_rows_named_by_nominal_length():
                     for L in (4096, 32704)],
            "records": [{"task": "single_needle", "length": L, "prompt_tokens": L - d} for L in (4096, 32704)
                        for d in (0, 2)]}
-    quality_gpu.label_rows(res, {4096: 4096, 32768: 32704}, "qwen2.5-coder-0.5b", "sglang_sparse.launch_server --art on",
-                           {"decode": {"art_stop_rate_mean": 0.3}})
+    quality_gpu.label_rows(res, {4096: 4096, 32768: 32704}, "qwen2.5-coder-0.5b",
+                           "sglang_sparse.launch_server --art on", {"decode": {"art_stop_rate_mean": 0.3}})
     by_len = {r["length"]: r for r in res["rows"]}
     assert set(by_len) == {4096, 32768} and res["meta"]["lengths"] == [4096, 32768]
     assert by_len[32768]["target_tokens"] == 32704 and by_len[32768]["prompt_tokens_max"] == 32704

