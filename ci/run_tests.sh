@@ -13,7 +13,7 @@ PY="$VENV/bin/python"
 export SGLANG_USE_CPU_ENGINE=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # SmolLM2 (the quality model): converted from its PyPI wheel into .models/ (git-ignored) by
 # tests/test_eval_tasks.py, which then answers one 1K needle sample with it; the interpreter run below then
-# finds it for tests/test_kernels_cpu_real_model.py (the decode kernels on its data, ~6 min).
+# finds it for tests/test_kernels_cpu_real_model.py (the decode kernels on its data, ~3.5 min).
 # SGLANG_SPARSE_SMOLLM2_TEST=0 skips both.
 export SGLANG_SPARSE_SMOLLM2_TEST="${SGLANG_SPARSE_SMOLLM2_TEST:-1}"
 # The Triton-interpreter tests are collected separately (see above).

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
+
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
@@ -81,14 +83,43 @@ class SparseTorchNativeAttnBackend(SparseBackendMixin, TorchNativeAttnBackend):
 class SparseTorchNativeDecodeBackend(SparseDecodeMixin, SparseTorchNativeAttnBackend):
     """CPU variant whose decode runs PrHS / ART through the Triton kernels in Triton's interpreter
     (``SGLANG_SPARSE_INTERPRET=1`` with ``TRITON_INTERPRET=1``): extend is torch-native (plus the page-summary
-    update), decode is ours. For checking the wiring with a real model where no GPU is at hand; slow."""
+    update), decode is ours. For checking the wiring with a real model where no GPU is at hand; slow.
+    The kernels compute in float32 whatever the model's dtype (:meth:`_interpret_in_float32`)."""
 
     def __init__(self, model_runner: "ModelRunner"):
         super().__init__(model_runner)
         self._init_sparse_decode(model_runner)
+        self._interpret_in_float32()
+
+    def _interpret_in_float32(self) -> None:
+        """Plan the decode wrappers for float32 and hand their ``run`` float32 copies of the query, the layer's
+        K/V and page summaries, returning the output in the query's dtype. Triton's interpreter keeps bf16
+        values as their raw 16 bits and its ``tl.dot`` (and bf16 arithmetic) works on those integers, so on a
+        bf16 pool the interpreted bounds and attention would be meaningless."""
+        if not self._decode_on:
+            return
+        logger.info("sglang_sparse: interpreted decode kernels compute in float32 (model dtype %s)", self._q_dtype)
+        self._q_dtype = torch.float32
+        for w in (self.decode_wrapper, self.decode_wrapper_kept):
+            if w is not None:
+                w.run = _float32_run(w.run)
 
     def _kv_write_scales(self, layer):
         return None, None      # the torch-native pool's set_kv_buffer takes no scales (FlashInfer's hook)
+
+
+def _float32_run(run):
+    """``run(q, k_cache, v_cache, kmin, kmax, out=None, **kw)`` computed on float32 copies of its tensors, its
+    output cast back to ``q``'s dtype (into ``out`` when given)."""
+
+    def run_float32(q, k_cache, v_cache, kmin=None, kmax=None, out=None, **kw):
+        o = run(q.float(), k_cache.float(), v_cache.float(), None if kmin is None else kmin.float(),
+                None if kmax is None else kmax.float(), **kw)
+        if out is None:
+            return o.to(q.dtype)
+        return out.copy_(o)
+
+    return run_float32
 
 
 def backend_class_for(device: str) -> type:

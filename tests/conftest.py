@@ -36,6 +36,7 @@ def patch_triton_interpreter_bf16_dot() -> bool:
         return original(self, _to_f32(a), _to_f32(b), d, input_precision, max_num_imprecise_acc)
 
     create_dot._bf16_upcast = True
+    create_dot._original = original      # Triton's own, for tests of code that must not rely on the patch
     builder.create_dot = create_dot
     return True
 

