@@ -24,7 +24,6 @@ read back every ``--decode-log-interval`` decode batches (one device-to-host cop
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -35,19 +34,17 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
-# developer switch in the server's environment: "select" runs bounds + selection as one launch
-# (SparseDecodeWrapper.plan(fused_select=True)), "merge" lets the last split program merge
-# (plan(fused_merge=True)), "1" both; off by default (slower at 128K x 8 on an H200, benchmarks/results/
-# decode_breakdown_h200_fused.json)
-FUSED_ENV = "SGLANG_SPARSE_FUSED"
-_FUSED = {"1": ("select", "merge"), "select": ("select",), "merge": ("merge",)}
-
-
 
 def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
                             page_size: int) -> int:
     """HBM cost of the page summaries per KV-cache token (min and max keys per page, every layer)."""
     return -(-2 * num_layers * num_kv_heads * head_dim * elem_size // page_size)
+
+
+def _selects(p) -> bool:
+    """Whether PrHS selects pages: PrHS that must read every page (budget = all pages, delta = 0) is the dense
+    path of the kernel."""
+    return p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
 
 
 class SparseDecodeMixin:
@@ -96,7 +93,7 @@ class SparseDecodeMixin:
         # multiple of R; in between, each leader layer reuses its last fresh selection (kept per
         # req_to_token row and leader layer), widened by --prhs-dilation pages.
         p = cfg.prhs
-        self._reselect_every = p.reselect_interval if self._plan_kwargs["mode"] == "prhs" else 1
+        self._reselect_every = p.reselect_interval if _selects(p) else 1
         reuse = {}
         if self._reselect_every > 1:
             max_pages = -(-self.max_ctx // self.page_size)
@@ -128,22 +125,15 @@ class SparseDecodeMixin:
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
 
     def _make_plan_kwargs(self) -> dict:
+        """The mechanisms' parameters for ``SparseDecodeWrapper.plan``, from the configuration."""
         p, a = self.sparse_config.prhs, self.sparse_config.art
-        # PrHS that must read every page (budget = all pages, delta = 0) is the dense path of the kernel.
-        selects = p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
-        kw = dict(mode="prhs" if selects else "dense", art=a.enabled)
-        if selects:
-            kw.update(budget=p.budget, delta=p.delta, sink_pages=p.sink_pages, recent_pages=p.recent_pages,
-                      dense_below_pages=-(-p.min_context_len // self.page_size))
-        if a.enabled:
-            kw.update(tau_mag=a.tau_mag, tau_dir=a.tau_dir, patience=a.patience, eps_cert=a.eps_cert,
-                      min_blocks=a.min_blocks)
-        fused = os.environ.get(FUSED_ENV, "")
-        if fused and fused not in _FUSED:
-            raise ConfigError(FUSED_ENV, f"must be 1, select or merge, got {fused!r}")
-        for part in _FUSED.get(fused, ()):
-            kw[f"fused_{part}"] = True
-        return kw
+        pages = p.select_params(self.page_size)
+        art = a.art_params() if a.enabled else None
+        if not _selects(p):
+            # every page: in natural order, or with ART in descending-bound order (ART walks the important
+            # pages first)
+            pages = pages.every_page() if art is not None else None
+        return dict(pages=pages, art=art)
 
     # ------------------------------------------------------------------ metadata
     def _sparse_decode_batch(self, fb: "ForwardBatch") -> bool:
@@ -164,7 +154,7 @@ class SparseDecodeMixin:
             if n_real < rows.shape[0]:
                 reselect[n_real:] = False
             self._fresh[rows[:n_real]] = False
-            kw = dict(kw, reselect=reselect, dilation=self.sparse_config.prhs.dilation)
+            kw = dict(kw, reselect=reselect)
         self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **kw)
         if self.decode_wrapper_kept is not None:
             self.decode_wrapper_kept.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype,

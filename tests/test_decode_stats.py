@@ -4,8 +4,6 @@ ART blocks are the pages in the output. CPU only: the buffers are filled by hand
 
 import types
 
-import pytest
-
 import torch
 
 from flashinfer_ext.decode import SparseDecodeWrapper
@@ -56,25 +54,3 @@ def test_decode_stats_skip_reused_lists():
     stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
 
-
-def test_plan_kwargs_fused_switch(monkeypatch):
-    """SGLANG_SPARSE_FUSED=1 turns on the one-launch kernel variants; otherwise the plan asks for neither."""
-    from sglang_sparse.config import SparseConfig
-    from sglang_sparse.sparse_decode import FUSED_ENV
-
-    m = types.SimpleNamespace(page_size=32, sparse_config=SparseConfig.from_dict(
-        {"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}}))
-    monkeypatch.delenv(FUSED_ENV, raising=False)
-    kw = SparseDecodeMixin._make_plan_kwargs(m)
-    assert kw["mode"] == "prhs" and kw["art"] and "fused_select" not in kw and "fused_merge" not in kw
-    monkeypatch.setenv(FUSED_ENV, "1")
-    kw = SparseDecodeMixin._make_plan_kwargs(m)
-    assert kw["fused_select"] is True and kw["fused_merge"] is True and kw["budget"] == 1 / 16
-    for value, want in (("merge", {"fused_merge"}), ("select", {"fused_select"})):
-        monkeypatch.setenv(FUSED_ENV, value)
-        assert {k for k in SparseDecodeMixin._make_plan_kwargs(m) if k.startswith("fused_")} == want
-    monkeypatch.setenv(FUSED_ENV, "yes")
-    from sglang_sparse.config import ConfigError
-
-    with pytest.raises(ConfigError, match=FUSED_ENV):
-        SparseDecodeMixin._make_plan_kwargs(m)
