@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-from benchmarks.decode_attention import DEV, Batch, art_params, copy_bandwidth_gbps, log, plan_args, prhs_pages, time_calls
+from benchmarks.decode_attention import (DEV, Batch, art_params, copy_bandwidth_gbps, log, plan_args, prhs_pages,
+                                         time_calls)
 from benchmarks.serving import save_rows
 
 H_Q, H_KV, D = 32, 8, 128

@@ -49,7 +49,6 @@ certificate of the selection; 0 in dense mode).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,13 +63,7 @@ from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_spl
 from flashinfer_ext.params import ArtParams, LaunchTuning, PageSelectParams
 
 _LOG2E = 1.4426950408889634
-# developer switch: "1" makes every eager ``run`` synchronise and validate the page lists it built and the
-# output it wrote (``SparseDecodeWrapper.check``); a violation raises with the stage and the offending rows
-CHECK_ENV = "SGLANG_SPARSE_CHECK"
 
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -166,19 +159,23 @@ class SparseDecodeWrapper:
         max_reqs: rows of ``req_to_token`` (the state is keyed by row); needed with ``reuse_slots``.
         reuse_width: pages kept per (request, KV head) and slot (default ``max_budget_pages``): the
             largest fresh list that must survive (the plan's budget).
+        check: every eager ``run`` synchronises and validates the page lists it is about to read and the output
+            it wrote (``validate_lists``, ``validate_output``); a violation raises with the offending rows.
+            Slow (a host round trip per call), for debugging.
     """
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  max_batch_size: int, max_seq_len: int, head_dim_v: Optional[int] = None,
                  max_budget_pages: Optional[int] = None, max_num_splits: int = 64, device="cuda",
-                 reuse_slots: int = 0, max_reqs: Optional[int] = None, reuse_width: Optional[int] = None):
+                 reuse_slots: int = 0, max_reqs: Optional[int] = None, reuse_width: Optional[int] = None,
+                 check: bool = False):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
         self.h_q, self.h_kv = num_qo_heads, num_kv_heads
         self.group = num_qo_heads // num_kv_heads
-        self.g_pad = max(16, _pow2(self.group))     # query rows of a GQA group, padded for tl.dot
+        self.g_pad = max(16, triton.next_power_of_2(self.group))    # query rows of a GQA group, padded for tl.dot
         self.d = head_dim
         self.dv = head_dim if head_dim_v is None else head_dim_v
         self.page_size = page_size
@@ -188,7 +185,7 @@ class SparseDecodeWrapper:
         self.max_splits = max_num_splits
         self.device = torch.device(device)
         self.num_sms = _num_sms(self.device)
-        self.block_pg = _pow2(self.max_pages)
+        self.block_pg = triton.next_power_of_2(self.max_pages)
         if self.block_pg > 32768:
             # the selector's packed counts use 16-bit fields; its register tile holds every page
             raise ValueError(f"{self.max_pages} pages per request exceed the selector's 32768-page limit")
@@ -212,7 +209,8 @@ class SparseDecodeWrapper:
         self.cur_num = torch.zeros(bs, hk, **i32)
         self.cur_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
         self.cur_dhat = torch.zeros(bs, hk, **f32)
-        self.sel_scratch = torch.empty(bs, hk, max(16, _pow2(self.max_sel)), dtype=torch.int64, device=dev)
+        self.sel_scratch = torch.empty(bs, hk, max(16, triton.next_power_of_2(self.max_sel)), dtype=torch.int64,
+                                       device=dev)
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
         self.reselect_flag = torch.ones(bs, **i32)
         self.req_idx = torch.zeros(bs, **i32)
@@ -243,7 +241,7 @@ class SparseDecodeWrapper:
         self.pages_loaded_buf = torch.zeros(bs, hq, **i32)
         self._out = None
         self._planned = False
-        self.check = os.environ.get(CHECK_ENV) == "1"
+        self.check = bool(check)
 
     # ------------------------------------------------------------------ plan
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *,
@@ -375,7 +373,7 @@ class SparseDecodeWrapper:
             self.validate_output(out)
         return out
 
-    # ------------------------------------------------------------------ checks (SGLANG_SPARSE_CHECK=1)
+    # ------------------------------------------------------------------ checks (``check=True``)
     def validate_lists(self, num_slots: int) -> None:
         """Host-side check of what the decode is about to read (synchronises; for debugging only): page
         counts within the table, table entries within a pool of ``num_slots`` slots, and with selection
@@ -383,7 +381,7 @@ class SparseDecodeWrapper:
         bs, P = self.bs, self.page_size
         n = self.num_pages[:bs].cpu()
         table = self.page_table[:bs].cpu()
-        pool_pages = -(-int(num_slots) // P)
+        pool_pages = triton.cdiv(int(num_slots), P)
         bad = []
         for b in range(bs):
             nb = int(n[b])
@@ -407,7 +405,7 @@ class SparseDecodeWrapper:
                     elif any(p not in own for p in lst) or len(set(lst)) != len(lst):
                         bad.append(f"row {b} head {h}: list {lst[:16]} has pages outside its table or repeats")
         if bad:
-            raise RuntimeError(f"{CHECK_ENV}: invalid decode page lists (bs={bs}, mode={self.mode}, "
+            raise RuntimeError(f"decode check: invalid decode page lists (bs={bs}, mode={self.mode}, "
                                f"art={self.art}): " + "; ".join(bad[:8]))
 
     def validate_output(self, out: torch.Tensor) -> None:
@@ -417,7 +415,7 @@ class SparseDecodeWrapper:
         l_bad = ~torch.isfinite(self.lse_buf[:bs])
         if bool(o_bad.any()) or bool(l_bad.any()):
             rows = torch.nonzero(o_bad | l_bad).tolist()[:8]
-            raise RuntimeError(f"{CHECK_ENV}: non-finite decode output or lse at (row, q head) {rows} "
+            raise RuntimeError(f"decode check: non-finite decode output or lse at (row, q head) {rows} "
                                f"(bs={bs}, mode={self.mode}, art={self.art}, splits={self.launch.num_splits})")
 
     # The three stages of ``run`` (also timed one by one by benchmarks/decode_breakdown.py).
@@ -425,8 +423,8 @@ class SparseDecodeWrapper:
         """Programs per (request, KV head) of the page-bound computation, and its constexprs."""
         block_p, iters = self.launch.bounds_block_p, self.launch.bounds_iters
         return triton.cdiv(self.max_pages, block_p * iters), dict(
-            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=_pow2(self.d), BLOCK_P=block_p, ITERS=iters,
-            NUM_STAGES=2 if iters > 1 else 1)
+            G=self.group, G_PAD=self.g_pad, D=self.d, BLOCK_D=triton.next_power_of_2(self.d), BLOCK_P=block_p,
+            ITERS=iters, NUM_STAGES=2 if iters > 1 else 1)
 
     def _launch_bounds(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         chunks, meta = self._bounds_chunking()
@@ -441,7 +439,8 @@ class SparseDecodeWrapper:
         return self.state_pages[slot], self.state_num[slot], self.state_npg[slot]
 
     def _select_meta(self) -> dict:
-        return dict(P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=max(16, _pow2(self.list_max)),
+        return dict(P=self.page_size, BLOCK_PG=self.block_pg,
+                    SORT_PAD=max(16, triton.next_power_of_2(self.list_max)),
                     DELTA_ZERO=self.delta <= 0.0, WRITE_REST=self.art, WRITE_STATE=self.reuse)
 
     def _log_ratio(self) -> float:
@@ -472,19 +471,21 @@ class SparseDecodeWrapper:
             self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
             self.cur_pages.stride(0), self.cur_pages.stride(1),
             self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
-            self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg, PREV_PAD=_pow2(self.reuse_width),
+            self.recent_pages, self.max_sel, BLOCK_PG=self.block_pg,
+            PREV_PAD=triton.next_power_of_2(self.reuse_width),
             num_warps=self.launch.select_warps)
 
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        out: torch.Tensor) -> None:
         bs = self.bs
         g_pad = self.g_pad
-        block_d, block_dv = _pow2(self.d), _pow2(self.dv)
+        block_d, block_dv = triton.next_power_of_2(self.d), triton.next_power_of_2(self.dv)
         sparse = self.select
         a = self.art_params
         cert = a is not None and a.eps_cert is not None
         # the ART scalars are read only by ART's code (a constexpr), so without ART any values do
-        tau_mag, tau_dir, patience, min_blocks = (a.tau_mag, a.tau_dir, a.patience, a.min_blocks) if a else (0.0, 0.0, 1, 1)
+        tau_mag, tau_dir, patience, min_blocks = ((a.tau_mag, a.tau_dir, a.patience, a.min_blocks) if a
+                                                  else (0.0, 0.0, 1, 1))
         args = (q, k_cache, v_cache, self.page_table, self.num_pages, self.last_len, self.cur_phys,
                 self.cur_num, self.cur_rest, self.mid_o, self.mid_lse, self.blocks_read_buf,
                 self.stop_reason_buf, self.art_dhat_buf, self.art_flag, self.art_loaded,
@@ -496,14 +497,16 @@ class SparseDecodeWrapper:
                 float(tau_dir), int(patience), float(a.eps_cert) if cert else 0.0, int(min_blocks))
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.launch.pages_per_iter, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4, num_warps=self.launch.num_warps)
+                    HAS_REST=self.art and sparse, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4,
+                    num_warps=self.launch.num_warps)
         _decode_split_kernel[(bs, self.h_kv, self.launch.num_splits)](*args, **meta)
         _merge_splits_kernel[(bs, self.h_q)](
             self.mid_o, self.mid_lse, self.stop_reason_buf, self.art_flag, self.art_loaded, self.pages_loaded_buf,
             out, self.lse_buf, self.launch.num_splits,
             self.mid_o.stride(0), self.mid_o.stride(1), self.mid_o.stride(2),
             self.mid_lse.stride(0), self.mid_lse.stride(1), out.stride(0), out.stride(1), self.h_q,
-            DV=self.dv, BLOCK_DV=block_dv, S_PAD=_pow2(self.launch.num_splits), ART=self.art, G=self.group, G_PAD=g_pad,
+            DV=self.dv, BLOCK_DV=block_dv, S_PAD=triton.next_power_of_2(self.launch.num_splits), ART=self.art,
+            G=self.group, G_PAD=g_pad,
             num_warps=4)
 
     # ------------------------------------------------------------------ results

@@ -220,7 +220,7 @@ def test_no_filtered_request_means_no_plan():
 def test_prepare_for_extend_patch_marks_only_with_claa_on(monkeypatch):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    import patches.schedule_batch_prepare_for_extend as patch
+    import sglang_sparse.patches.schedule_batch_prepare_for_extend as patch
     from sglang_sparse.config import ENV_VAR, SparseConfig
 
     CP.PENDING.clear()
@@ -425,7 +425,7 @@ def _adder_env(monkeypatch, claa_on: bool, chunk: int = 4096, page: int = 16):
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.chunk_cache import ChunkCache
 
-    import patches.prefill_adder_add_one_req as patch
+    import sglang_sparse.patches.prefill_adder_add_one_req as patch
     from sglang_sparse.config import SparseConfig
 
     monkeypatch.setattr(SP, "is_dsa_prefill_cp_in_seq_split", lambda: False)
@@ -519,7 +519,7 @@ def test_admission_never_postpones_into_an_empty_batch(monkeypatch):
 def test_admission_patch_is_installed_on_sglangs_prefill_adder(monkeypatch):
     """Through SGLang's HookRegistry (what the server does at start-up), the real
     ``PrefillAdder.add_one_req`` consults CLAA."""
-    import patches
+    from sglang_sparse import patches
 
     R, new_adder, add = _adder_env(monkeypatch, claa_on=True)
     assert "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req" in patches.install_all()

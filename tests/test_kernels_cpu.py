@@ -143,7 +143,7 @@ def test_bounds_checker_catches_out_of_bounds():
 
 
 def test_check_mode_catches_bad_lists_and_output():
-    """SGLANG_SPARSE_CHECK's validation passes a correct run and names a list page outside the request's
+    """The wrapper's check mode (SGLANG_SPARSE_CHECK=1 in a server) passes a correct run and names a list page outside the request's
     table, a repeated page, and a non-finite output (each injected after the real kernels ran)."""
     import math
 
@@ -156,8 +156,7 @@ def test_check_mode_catches_bad_lists_and_output():
     P = 16
     pool = make_pool([200, 90], P, H_Q, H_KV, D, D, DEVICE, gen, structured=True)
     kmin, kmax = reference_summaries(pool)
-    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=3, max_seq_len=256, device=DEVICE)
-    w.check = True
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=3, max_seq_len=256, device=DEVICE, check=True)
     w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 2, 0.05))
     out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
     assert torch.isfinite(out.float()).all()

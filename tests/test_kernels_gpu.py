@@ -91,7 +91,8 @@ def test_prhs_decode_random(page_size):
 
 def test_prhs_decode_structured():
     check_decode([32768, 8192, 16000, 3000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(pages=sel(1 / 16, 0.05)), dict(pages=sel(1.0, 0.5)), dict(pages=sel(1 / 8, 0.6, sink=0, recent=1))],
+                 [dict(pages=sel(1 / 16, 0.05)), dict(pages=sel(1.0, 0.5)),
+                  dict(pages=sel(1 / 8, 0.6, sink=0, recent=1))],
                  structured=True)
 
 

@@ -136,7 +136,7 @@ def test_decode_mixin_delegates_everything_when_off():
 def test_patches_refuse_other_sglang_versions(monkeypatch):
     import sglang
 
-    import patches
+    from sglang_sparse import patches
 
     monkeypatch.setattr(sglang, "__version__", "0.5.18")
     with pytest.raises(patches.SGLangVersionError, match="0.5.17"):
