@@ -1,4 +1,4 @@
-"""The served decode statistics (``SparseDecodeMixin.decode_stats``) from a wrapper's buffers: the
+"""The served decode statistics (``SparseDecoder.decode_stats``) from a wrapper's buffers: the
 fraction of KV pages read counts the pages actually loaded (ART's concurrent tails included), the
 ART blocks are the pages in the output. CPU only: the buffers are filled by hand."""
 
@@ -7,7 +7,7 @@ import types
 import torch
 
 from flashinfer_ext.decode import SparseDecodeWrapper
-from sglang_sparse.sparse_decode import SparseDecodeMixin
+from sglang_sparse.sparse_decode import SparseDecoder
 
 
 def _wrapper(art: bool, gen: torch.Generator):
@@ -30,7 +30,7 @@ def test_decode_stats_counts_loaded_pages():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     for art in (True, False):
         w, npg, blocks, loaded = _wrapper(art, gen)
-        stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+        stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
         read = (loaded if art else blocks).double()
         expect = read.sum() / (npg.double()[:, None].expand_as(read)).sum()
         assert abs(stats["pages_read_frac"] - float(expect)) < 1e-6, (art, stats, float(expect))
@@ -46,11 +46,11 @@ def test_decode_stats_skip_reused_lists():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     w, _, _, _ = _wrapper(True, gen)
     w.cur_dhat[0] = float("nan")
-    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     fresh = w.cur_dhat[1: w.bs]
     assert abs(stats["delta_hat_mean"] - float(fresh.mean())) < 1e-6
     assert abs(stats["delta_hat_max"] - float(fresh.max())) < 1e-6
     w.cur_dhat[: w.bs] = float("nan")
-    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
 
