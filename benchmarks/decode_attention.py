@@ -258,8 +258,32 @@ def _flashinfer_method(batch: Batch, page_size: int, use_tc: bool, use_graph: bo
     return call, nbytes, out, (w, ws)
 
 
+def plan_args(setting: dict, ctx: int) -> dict:
+    """``SparseDecodeWrapper.plan`` arguments of a benchmark setting: the mechanisms' parameters (``pages``,
+    ``art``) as they are, every other key a launch-shape field, all sized for ``ctx`` tokens."""
+    from flashinfer_ext.params import LaunchTuning
+
+    tuning = {k: v for k, v in setting.items() if k not in ("pages", "art")}
+    return dict(pages=setting.get("pages"), art=setting.get("art"), tuning=LaunchTuning(seq_len_hint=ctx, **tuning))
+
+
+def prhs_pages(budget: float, delta: float):
+    """PrHS at this budget and delta with the server's other defaults, every request selecting (no dense
+    threshold: the benchmark's contexts are all long)."""
+    from sglang_sparse.config import PrhsConfig
+
+    return PrhsConfig(mode="prhs", budget=budget, delta=delta, min_context_len=0).select_params(page_size=16)
+
+
+def art_params(tau_mag: float, tau_dir: float):
+    """ART at these thresholds with the server's other defaults."""
+    from sglang_sparse.config import ArtConfig
+
+    return ArtConfig(mode="on", tau_mag=tau_mag, tau_dir=tau_dir).art_params()
+
+
 def ours_method(batch: Batch, wrapper, plan_kwargs: dict, select: bool = True):
-    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, seq_len_hint=batch.ctx, **plan_kwargs)
+    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(plan_kwargs, batch.ctx))
     out = torch.empty(batch.bs, H_Q, D, dtype=torch.bfloat16, device=DEV)
     kc, vc, kmin, kmax = batch.copies[0]
     wrapper.run(batch.q, kc, vc, kmin, kmax, out=out)          # selection for select=False
@@ -284,17 +308,18 @@ def ours_method(batch: Batch, wrapper, plan_kwargs: dict, select: bool = True):
 
 
 def method_specs(quick: bool):
-    specs = [("ours_dense", dict(mode="dense"), 1.0, None, True)]
+    specs = [("ours_dense", dict(), 1.0, None, True)]
     budgets = (1 / 16,) if quick else (1 / 8, 1 / 16, 1 / 32)
     deltas = (0.05,) if quick else (0.01, 0.05)
     for bud in budgets:
         for dl in deltas:
-            specs.append(("ours_prhs", dict(mode="prhs", budget=bud, delta=dl), bud, dl, True))
+            specs.append(("ours_prhs", dict(pages=prhs_pages(bud, dl)), bud, dl, True))
     if not quick:
-        specs.append(("ours_prhs_shared", dict(mode="prhs", budget=1 / 16, delta=0.05), 1 / 16, 0.05, False))
-    art = dict(art=True, tau_mag=0.01, tau_dir=1e-4, patience=2, min_blocks=4)
-    specs.append(("ours_prhs_art", dict(mode="prhs", budget=1 / 16, delta=0.05, **art), 1 / 16, 0.05, True))
-    specs.append(("ours_dense_art", dict(mode="dense", art_order="bound", **art), 1.0, None, True))
+        specs.append(("ours_prhs_shared", dict(pages=prhs_pages(1 / 16, 0.05)), 1 / 16, 0.05, False))
+    art = art_params(0.01, 1e-4)
+    specs.append(("ours_prhs_art", dict(pages=prhs_pages(1 / 16, 0.05), art=art), 1 / 16, 0.05, True))
+    # every page in descending-bound order (ART walks the important pages first)
+    specs.append(("ours_dense_art", dict(pages=prhs_pages(1.0, 0.0), art=art), 1.0, None, True))
     return specs
 
 
@@ -315,14 +340,13 @@ SPARSE_CANDIDATES = [dict(pages_per_iter=ppi, num_warps=nw, num_stages=3, split=
     # two stages: 64 KB of shared memory per program at 64 rows x d 128 instead of 96 KB, three programs per SM
     dict(pages_per_iter=None, num_warps=4, num_stages=2, split=sf) for sf in (0.5, 1, 2)]
 
-# page-bound kernel: (pages per chunk, warps, chunks per program, KV heads per program)
-BOUNDS_CANDIDATES = [(64, 4, 1, 1), (128, 4, 1, 1), (64, 4, 4, 1), (64, 4, 8, 1), (128, 4, 4, 1), (64, 8, 8, 1),
-                     (64, 4, 1, 8), (64, 4, 1, 4), (32, 4, 1, 8), (64, 4, 2, 2)]
+# page-bound kernel: (pages per chunk, warps, chunks per program)
+BOUNDS_CANDIDATES = [(64, 4, 1), (128, 4, 1), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)]
 
 
 def _bounds_kw(shape) -> dict:
     """plan() arguments of a BOUNDS_CANDIDATES entry."""
-    return dict(zip(("bounds_block_p", "bounds_warps", "bounds_iters", "bounds_heads"), shape))
+    return dict(zip(("bounds_block_p", "bounds_warps", "bounds_iters"), shape))
 
 
 def _launch_kwargs(cand: dict, P: int, auto_splits: int):
@@ -381,8 +405,6 @@ def main(argv=None):
     tuned_select = {}
     tuned_bounds = {}
     tuned_sparse = {}
-    tuned_fused = {}
-    tuned_merge = {}
     bounds_ctx = None
     for bs, ctx in configs:
         if time.time() - T0 > args.time_limit:
@@ -430,8 +452,8 @@ def main(argv=None):
 
             # launch-config sweep for the dense kernel (once per context, random KV, batch 8)
             if auto_splits is None:
-                wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="dense", seq_len_hint=ctx)
-                auto_splits = wrapper.num_splits
+                wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args({}, ctx))
+                auto_splits = wrapper.launch.num_splits
                 launch = dict(_launch_kwargs(TUNE_CANDIDATES[0], P, auto_splits))
                 launch.pop("num_splits")
                 if not args.no_tune and (bs, ctx) in TUNE_CONFIGS and ctx not in tuned:
@@ -441,7 +463,7 @@ def main(argv=None):
                             break
                         kw = _launch_kwargs(cand, P, auto_splits)
                         try:
-                            call, nbytes, out, _ = ours_method(batch, wrapper, dict(mode="dense", **kw))
+                            call, nbytes, out, _ = ours_method(batch, wrapper, kw)
                             t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
                             log(f"  tune {kw}: {t_us:.1f} us ({nbytes / t_us / 1e3:.0f} GB/s)")
                             meta["tuning"].setdefault(str(ctx), []).append(dict(kw, time_us=t_us))
@@ -464,7 +486,7 @@ def main(argv=None):
                     """Time PrHS 1/16 with each candidate's plan arguments; the fastest candidate (or None)."""
                     best = None
                     for cand in cands:
-                        kw = dict(mode="prhs", budget=1 / 16, delta=0.05, **plan_kw(cand))
+                        kw = dict(pages=prhs_pages(1 / 16, 0.05), **plan_kw(cand))
                         try:
                             call, nbytes, out, _ = ours_method(batch, wrapper, kw)
                             t_us, _ = time_calls(call, batch.n_copies, target_ms=8.0, reps=5)
@@ -494,49 +516,27 @@ def main(argv=None):
                 bounds_ctx = ctx if ctx in tuned_bounds else (max(tuned_bounds) if tuned_bounds else None)
                 if bounds_ctx is not None:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["bounds"] = list(tuned_bounds[bounds_ctx])
-                # bounds and selection in one launch (each request selects as soon as its bounds are in)
-                if tune_here and ctx not in tuned_fused and bounds_ctx is not None:
-                    # the fused kernel scores one KV head per program: its candidate keeps the chunking only
-                    shape = tuned_bounds[bounds_ctx]
-                    best = sweep("fused", (False, True), lambda f: dict(
-                        _bounds_kw(shape[:3] + ((1,) if f else shape[3:])), fused_select=f,
-                        select_warps=tuned_select.get(ctx), **launch))
-                    if best is not None:
-                        tuned_fused[ctx] = best
-                if ctx in tuned_fused:
-                    meta["tuning"][f"used_b{bs}_c{ctx}"]["fused_select"] = tuned_fused[ctx]
                 # launch of the sparse decode (PrHS without ART), with the tuned selection and bounds
                 if tune_here and ctx not in tuned_sparse:
-                    base_kw = dict(select_warps=tuned_select.get(ctx), fused_select=tuned_fused.get(ctx, False))
+                    base_kw = dict(select_warps=tuned_select.get(ctx))
                     if bounds_ctx is not None:
                         base_kw.update(_bounds_kw(tuned_bounds[bounds_ctx]))
-                        if base_kw["fused_select"]:
-                            base_kw["bounds_heads"] = 1
-                    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16,
-                                 delta=0.05, seq_len_hint=ctx, **base_kw)
-                    sparse_auto = wrapper.num_splits
+                    wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens,
+                                 **plan_args(dict(pages=prhs_pages(1 / 16, 0.05), **base_kw), ctx))
+                    sparse_auto = wrapper.launch.num_splits
                     best = sweep("sparse", SPARSE_CANDIDATES, lambda c: dict(
                         base_kw, **dict(_launch_kwargs(c, P, 1), num_splits=max(1, round(sparse_auto * c["split"])))))
                     if best is not None:
                         tuned_sparse[ctx] = best
                 if ctx in tuned_sparse:
                     meta["tuning"][f"used_b{bs}_c{ctx}"]["sparse_decode"] = tuned_sparse[ctx]
-                # merge by the last split program instead of a second launch
-                if tune_here and ctx not in tuned_merge and ctx in tuned_sparse:
-                    cand = tuned_sparse[ctx]
-                    best = sweep("fused_merge", (False, True), lambda f: dict(
-                        base_kw, fused_merge=f, **dict(_launch_kwargs(cand, P, 1),
-                                                       num_splits=max(1, round(sparse_auto * cand["split"])))))
-                    if best is not None:
-                        tuned_merge[ctx] = best
-                if ctx in tuned_merge:
-                    meta["tuning"][f"used_b{bs}_c{ctx}"]["fused_merge"] = tuned_merge[ctx]
 
             def sparse_launch(kw: dict) -> dict:
                 """The tuned sparse-decode launch for this batch: the split factor applies to its default."""
                 cand = tuned_sparse[ctx]
-                wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, seq_len_hint=ctx, **kw)
-                return dict(_launch_kwargs(cand, P, 1), num_splits=max(1, round(wrapper.num_splits * cand["split"])))
+                wrapper.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(kw, ctx))
+                return dict(_launch_kwargs(cand, P, 1),
+                            num_splits=max(1, round(wrapper.launch.num_splits * cand["split"])))
 
             for name, plan_kw, bud, dl, select in method_specs(args.quick):
                 if time.time() - T0 > args.time_limit:
@@ -548,15 +548,11 @@ def main(argv=None):
                         kw["select_warps"] = tuned_select[ctx]
                     if bounds_ctx is not None:
                         kw.update(_bounds_kw(tuned_bounds[bounds_ctx]))
-                    if tuned_fused.get(ctx) and kw["mode"] == "prhs":
-                        kw["fused_select"] = True
-                        kw["bounds_heads"] = 1
-                    if tuned_merge.get(ctx) and kw["mode"] == "prhs":
-                        kw["fused_merge"] = True
                     if not kw.get("art"):
-                        kw.update(sparse_launch(kw) if kw["mode"] == "prhs" and ctx in tuned_sparse else launch)
+                        prhs = kw.get("pages") is not None
+                        kw.update(sparse_launch(kw) if prhs and ctx in tuned_sparse else launch)
                         if meta["tuning"].get(f"used_b{bs}_c{ctx}", {}).get("split_factor", 1) != 1 \
-                                and kw["mode"] == "dense":
+                                and not prhs:
                             kw["num_splits"] = auto_splits * meta["tuning"][f"used_b{bs}_c{ctx}"]["split_factor"]
                     call, nbytes, out, stats = ours_method(batch, wrapper, kw, select=select)
                     t_us, mode = time_calls(call, batch.n_copies)

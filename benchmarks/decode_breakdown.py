@@ -24,13 +24,16 @@ import sys
 
 import torch
 
-from benchmarks.decode_attention import DEV, Batch, copy_bandwidth_gbps, log, time_calls
+from benchmarks.decode_attention import (DEV, Batch, art_params, copy_bandwidth_gbps, log, plan_args, prhs_pages,
+                                         time_calls)
 from benchmarks.serving import save_rows
 
 H_Q, H_KV, D = 32, 8, 128
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,)) -> list:
+    from dataclasses import replace
+
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(1234 + bs + ctx + P)
@@ -44,54 +47,37 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
         log(f"bs={bs} ctx={ctx} P={P} {part} {kw} {us:.1f} us")
 
     out = torch.empty(bs, H_Q, D, dtype=torch.bfloat16, device=DEV)
-    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="dense", seq_len_hint=ctx)
+    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args({}, ctx))
     row("dense", time_calls(lambda i: w.run(batch.q, *batch.copies[i][:2], out=out), batch.n_copies)[0])
 
-    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05, seq_len_hint=ctx)
-    default_warps = w.select_warps
+    prhs = prhs_pages(1 / 16, 0.05)
+    w.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=prhs), ctx))
+    planned = w.launch
     row("full", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
-        warps=default_warps, block_p=w.bounds_block_p, bounds_warps=w.bounds_warps)
+        warps=planned.select_warps, block_p=planned.bounds_block_p, bounds_warps=planned.bounds_warps)
     q = batch.q
-    planned = (w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads)
-    for bp, bw, it, hd in bounds_shapes:
-        w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads = bp, bw, it, hd
+    # the stages alone: the planned launch with one stage's shape replaced
+    for bp, bw, it in bounds_shapes:
+        w.launch = replace(planned, bounds_block_p=bp, bounds_warps=bw, bounds_iters=it)
         row("bounds", time_calls(lambda i: w._launch_bounds(q, batch.copies[i][2], batch.copies[i][3]),
-                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it, bounds_heads=hd)
-    w.bounds_block_p, w.bounds_warps, w.bounds_iters, w.bounds_heads = planned
+                                 batch.n_copies)[0], block_p=bp, bounds_warps=bw, bounds_iters=it)
     for warps in warps_list:
-        w.select_warps = warps
+        w.launch = replace(planned, select_warps=warps)
         row("select", time_calls(lambda i: w._launch_select(), 1)[0], warps=warps)
-    w.select_warps = default_warps
-    # bounds and selection in one launch (each request's last chunk program selects), with the chunking of
-    # the fastest bound kernel above
-    best = min((r for r in rows if r["part"] == "bounds" and r["bounds_heads"] == 1), key=lambda r: r["time_us"],
-               default=None)
-    chunking = (best["block_p"], best["bounds_iters"]) if best else planned[::2]
-    for warps in warps_list:
-        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-               seq_len_hint=ctx, fused_select=True, select_warps=warps, bounds_block_p=chunking[0],
-               bounds_iters=chunking[1])
-        row("bounds+select fused", time_calls(lambda i: w._launch_bounds_select(q, batch.copies[i][2],
-                                                                                 batch.copies[i][3]),
-                                              batch.n_copies)[0], warps=warps, block_p=chunking[0],
-            bounds_warps=warps, bounds_iters=chunking[1])
-        row("full fused", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
-            warps=warps)
+    w.launch = planned
     for head, tail_pages in art_heads:
-        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-               seq_len_hint=ctx, art=True, art_head_pages=head, art_tail_pages=tail_pages)
+        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(
+            pages=prhs, art=art_params(0.01, 1e-4), art_head_pages=head, art_tail_pages=tail_pages), ctx))
         row("full+art", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out), batch.n_copies)[0],
-            art_head=w.head_len, splits=w.num_splits, art_tail_pages=tail_pages)
+            art_head=w.launch.head_len, splits=w.launch.num_splits, art_tail_pages=tail_pages)
     for shape in decode_shapes:
         # the sparse decode alone (the lists of the last selection), default launch or splits x warps x
-        # pages per iteration x stages; merged by a second launch or by the last split (fused)
+        # pages per iteration x stages
         kw = {} if shape is None else dict(zip(("num_splits", "num_warps", "pages_per_iter", "num_stages"), shape))
-        for fused in (False, True):
-            w.plan(batch.req_to_token, batch.rows, batch.seq_lens, mode="prhs", budget=1 / 16, delta=0.05,
-                   seq_len_hint=ctx, fused_merge=fused, **kw)
-            row("decode fused merge" if fused else "decode",
-                time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0],
-                splits=w.num_splits, decode_warps=w.num_warps, ppi=w.ppi, stages=w.num_stages)
+        w.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=prhs, **kw), ctx))
+        la = w.launch
+        row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0],
+            splits=la.num_splits, decode_warps=la.num_warps, ppi=la.pages_per_iter, stages=la.num_stages)
     batch.free()
     del w
     torch.cuda.empty_cache()
@@ -106,9 +92,8 @@ def main(argv=None):
     ap.add_argument("--art-heads", default="auto,8,32,6x4",
                     help="ART sequential head pages (auto = the default), optionally x the fewest pages per tail "
                          "split (default 8), e.g. auto,6x4")
-    ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8,64x4x1x8,64x4x1x4,32x4x1x8",
-                    help="page-bound kernel shapes: pages per chunk x warps [x chunks per program [x KV heads "
-                         "per program]]")
+    ap.add_argument("--bounds", default="64x4,128x4,64x4x4,64x4x8,128x4x4,64x8x8",
+                    help="page-bound kernel shapes: pages per chunk x warps [x chunks per program]")
     ap.add_argument("--decode-shapes", default="auto",
                     help="sparse-decode launches: 'auto' (the plan's default) or splits x warps x pages per "
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
@@ -122,7 +107,7 @@ def main(argv=None):
     for x in args.art_heads.split(","):       # HEAD or HEADxTAIL (pages of the head, fewest pages per tail split)
         head, _, tail_pages = x.partition("x")
         art_heads.append((None if head == "auto" else int(head), int(tail_pages or 8)))
-    bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1", "1"])[:4]) for x in args.bounds.split(",")]
+    bounds_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:3]) for x in args.bounds.split(",")]
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
@@ -141,8 +126,7 @@ def main(argv=None):
     print("\n| batch | context | P | part | select warps | launch shape | us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        shape = (f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}"
-                 + (f"x{r['bounds_heads']}h" if r.get("bounds_heads", 1) > 1 else "")) if "block_p" in r else (
+        shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
             f"ART head {r['art_head']}, {r['splits']} splits (tails >= {r.get('art_tail_pages', 8)} pages)" if "art_head" in r else
             f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
             if "decode_warps" in r else "")

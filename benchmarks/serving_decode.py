@@ -46,9 +46,6 @@ CONFIGS = {
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
 }
-# ours_prhs_g4_art with the one-launch kernel variants, chosen by SGLANG_SPARSE_FUSED in the server's environment
-FUSED_CONFIGS = {"ours_prhs_g4_art_fused": "1", "ours_prhs_g4_art_fusedmerge": "merge"}
-CONFIGS.update({name: CONFIGS["ours_prhs_g4_art"] for name in FUSED_CONFIGS})
 _NUM = r"([\d.]+|nan)"      # delta-hat is NaN for a batch of reused lists only
 STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} delta_hat mean={_NUM} "
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
@@ -168,9 +165,7 @@ def main(argv=None):
         logs = out_dir()
         slog = os.path.join(logs, f"server_{name}.log")
         try:
-            env = dict(base_env or os.environ, SGLANG_SPARSE_FUSED=FUSED_CONFIGS[name]) \
-                if name in FUSED_CONFIGS else base_env
-            with server(launcher + common + flags, args.port, slog, env=env) as base:
+            with server(launcher + common + flags, args.port, slog, env=base_env) as base:
                 parity = None
                 if not args.skip_parity and not args.profile_only and (
                         args.parity_configs is None or name in args.parity_configs.split(",")):

@@ -2,6 +2,8 @@
 
 * :mod:`flashinfer_ext.decode`: ``SparseDecodeWrapper`` (PrHS page selection + split-KV paged decode
   + ART; ``plan()`` outside CUDA graphs, graph-capturable ``run()``).
+* :mod:`flashinfer_ext.params`: what ``plan()`` takes (``PageSelectParams``, ``ArtParams``,
+  ``LaunchTuning``) and ``page_budget``; standard library only.
 * :mod:`flashinfer_ext.summaries`: per-physical-page key min/max (``PageSummaries``,
   ``update_page_summaries``), updated after every KV write.
 * :mod:`flashinfer_ext.claa_score`: ``ClaaWindowScorer``, CLAA's window scoring of one layer into the

@@ -35,9 +35,6 @@ from flashinfer_ext.kernels.claa_window import (
 _LOG2E = 1.4426950408889634
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
 
 class ClaaWindowScorer:
     """Owns the workspace of CLAA's window scoring for prompts of up to ``max_len`` tokens.
@@ -70,8 +67,8 @@ class ClaaWindowScorer:
         self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         self.block_n, self.num_warps = block_n, num_warps
         self.device = torch.device(device)
-        self.g_pad = _pow2(self.group)
-        w_pad = _pow2(window)
+        self.g_pad = triton.next_power_of_2(self.group)
+        w_pad = triton.next_power_of_2(window)
         # tl.dot needs at least 16 rows
         self.w_pad = max(w_pad, 16 // self.g_pad if self.g_pad < 16 else 1)
         self.rows = self.g_pad * self.w_pad
@@ -116,7 +113,7 @@ class ClaaWindowScorer:
         q_win = q[q.shape[0] - w:]
         n_tiles = triton.cdiv(n, self.block_n)
         qk_scale = self.sm_scale * _LOG2E
-        block_d = _pow2(self.d)
+        block_d = triton.next_power_of_2(self.d)
         common = dict(G=self.group, G_PAD=self.g_pad, W_PAD=self.w_pad, D=self.d, BLOCK_D=block_d,
                       BLOCK_N=self.block_n, num_warps=self.num_warps)
         _claa_tile_stats_kernel[(self.h_kv, n_tiles)](
@@ -132,6 +129,6 @@ class ClaaWindowScorer:
         _claa_pool_max_kernel[(triton.cdiv(n, block_j),)](
             self.colsum, acc if acc is not None else dummy, layer_out if layer_out is not None else dummy,
             n, w, self.colsum.stride(0), layer_out.stride(0) if layer_out is not None else 0, self.h_kv,
-            G=self.group, G_PAD=self.g_pad, H_KV_PAD=_pow2(self.h_kv), POOL_K=self.pool_kernel,
+            G=self.group, G_PAD=self.g_pad, H_KV_PAD=triton.next_power_of_2(self.h_kv), POOL_K=self.pool_kernel,
             POOL_MAX=self.pool == "max", WRITE_LAYER=layer_out is not None, ACCUMULATE=acc is not None,
             BLOCK_J=block_j, num_warps=4)

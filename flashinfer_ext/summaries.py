@@ -22,9 +22,6 @@ import triton
 from flashinfer_ext.kernels.page_summary import _page_summary_kernel
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
 
 def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, loc: torch.Tensor,
                           page_size: int) -> None:
@@ -47,7 +44,7 @@ def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tenso
     h_kv, d = k.shape[1], k.shape[2]
     _page_summary_kernel[(n_tok,)](
         k, loc, kmin, kmax, n_tok, k.stride(0), k.stride(1), kmin.stride(0), kmin.stride(1), h_kv, d,
-        P=page_size, BLOCK_H=_pow2(h_kv), BLOCK_D=_pow2(d), num_warps=4)
+        P=page_size, BLOCK_H=triton.next_power_of_2(h_kv), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
 
 
 class PageSummaries:

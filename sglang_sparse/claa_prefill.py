@@ -4,21 +4,24 @@ The math (window scores, cross-layer max, top-k) is :mod:`sglang_sparse.claa`; t
 :class:`flashinfer_ext.claa_score.ClaaWindowScorer`. This module is the wiring, in the order a
 prefill batch meets it:
 
-0. **Admission** - ``PrefillAdder.add_one_req`` (patched in ``patches/prefill_adder_add_one_req.py``)
+0. **Admission** - ``PrefillAdder.add_one_req`` (patched in ``sglang_sparse/patches/prefill_adder_add_one_req.py``)
    asks :func:`defer_whole_prompt` before SGLang adds a request to the prefill batch it is building: a
    prompt CLAA would filter that no longer fits in the batch's remaining chunk budget waits for a later
    batch instead of being split across two (a split prompt is never filtered).
 1. **Scheduler** - ``ScheduleBatch.prepare_for_extend`` (patched in
-   ``patches/schedule_batch_prepare_for_extend.py``) calls :func:`mark_batch`. A request is filtered
+   ``sglang_sparse/patches/schedule_batch_prepare_for_extend.py``) calls :func:`mark_batch`. A request is filtered
    when its whole prompt is in this extend with no cached prefix, it is long enough, it asks for no
    input logprobs and ``max_new_tokens != 0`` (:func:`filter_decision`). It gets
    ``req.skip_radix_cache_insert = True`` (its later-layer KV is query-specific: never shared) and
    its kept count ``k`` (:func:`kept_count`, a function of the prompt length only, so every TP rank
-   agrees without communication), recorded under its rid for the model runner, and logged.
+   agrees without communication) on the request (:data:`KEPT_ATTR`, None for every request left dense),
+   and is logged. When SGLang builds the ForwardBatch from that ScheduleBatch
+   (``ForwardBatch.init_new``, patched in ``sglang_sparse/patches/forward_batch_init_new.py``), the kept
+   counts of its requests start the backend's per-forward metadata (:class:`ForwardMetadata`).
 2. **Metadata** - the backend's ``init_forward_metadata`` (extend) plans FlashInfer as usual, then
-   :meth:`ClaaPrefill.begin` attaches a :class:`BatchPlan` to the ForwardBatch and records, per
-   ``req_to_token`` row, how many leading positions the post-filter layers skip (``drop = n - k``,
-   0 for every other request of the batch).
+   :meth:`ClaaPrefill.begin` builds the batch's :class:`BatchPlan` (kept in the per-forward metadata) and
+   records, per ``req_to_token`` row, how many leading positions the post-filter layers skip
+   (``drop = n - k``, 0 for every other request of the batch).
 3. **Scoring** - ``forward_extend`` of the ``N`` layers before the filter layer ``F`` runs
    FlashInfer, then :meth:`ClaaPrefill.score` folds the window scores of each filtered request into
    its cross-layer max (post-RoPE q and k of the layer, no extra KV reads).
@@ -47,7 +50,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -62,10 +65,9 @@ logger = logging.getLogger(__name__)
 # Model classes whose decoder layers are called as layer(positions, hidden, forward_batch, residual).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-# rid -> kept count, written by the scheduler (mark_batch), consumed by the model runner (begin).
-# Both run in the same scheduler process (one per TP rank).
-PENDING: Dict[str, int] = {}
-_PENDING_LIMIT = 65536
+# Attribute of SGLang's Req holding CLAA's decision for the prefill being scheduled: the kept count, or None
+# (set by mark_batch on every request of an extend batch, read when the batch's ForwardBatch is built).
+KEPT_ATTR = "sglang_sparse_claa_kept"
 
 CUSTOM_INFO_KEY = "claa_kept_tokens"
 
@@ -133,7 +135,7 @@ MAX_WHOLE_PROMPT_DEFERRALS = 32
 def defer_whole_prompt(req, cfg: ClaaConfig, batch_reqs: int, rem_chunk_tokens: Optional[int], page_size: int,
                        chunk_size: Optional[int]) -> bool:
     """Whether the scheduler should leave ``req`` out of the prefill batch it is building, so that a later
-    batch prefills its prompt whole (``patches/prefill_adder_add_one_req.py``).
+    batch prefills its prompt whole (``sglang_sparse/patches/prefill_adder_add_one_req.py``).
 
     True only when all hold: chunked prefill is on; the batch already holds a request (an empty batch
     always takes it, so it is never postponed twice in a row by its own size); the request has no cached
@@ -165,6 +167,8 @@ def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     out: List[Optional[int]] = []
+    for req in batch.reqs:
+        setattr(req, KEPT_ATTR, None)       # no decision left over from an earlier prefill of the request
     if batch.forward_mode != ForwardMode.EXTEND:
         return [None] * len(batch.reqs)
     batch_logprob = bool(getattr(batch, "return_logprob", False))
@@ -176,9 +180,7 @@ def mark_batch(batch, cfg: ClaaConfig, page_size: int) -> List[Optional[int]]:
                 _SKIPPED[reason] += 1
             continue
         req.skip_radix_cache_insert = True
-        if len(PENDING) >= _PENDING_LIMIT:      # requests aborted between scheduling and forward
-            PENDING.clear()
-        PENDING[req.rid] = k
+        setattr(req, KEPT_ATTR, k)
         n = len(req.origin_input_ids) + len(req.output_ids)
         logger.info("sglang_sparse CLAA: rid=%s prompt %d tokens, %d kept (%.1f%%)", req.rid, n, k, 100.0 * k / n)
     report_skipped()
@@ -204,6 +206,11 @@ def report_skipped(now: Optional[float] = None) -> Optional[str]:
     _SKIPPED.clear()
     _SKIP_REPORTED_AT[0] = now
     return msg
+
+
+def kept_counts(batch) -> List[Optional[int]]:
+    """CLAA's decisions for the requests of a ScheduleBatch (:func:`mark_batch`), in batch order."""
+    return [getattr(req, KEPT_ATTR, None) for req in batch.reqs]
 
 
 # --------------------------------------------------------------------------- batch plan
@@ -244,6 +251,22 @@ class BatchPlan:
         """Cross-layer max of the j-th filtered request, ``[n]``."""
         i = self.filtered[j]
         return self.acc[self.acc_off[j]: self.acc_off[j] + self.lens[i]]
+
+
+@dataclass
+class ForwardMetadata:
+    """What the ``sparse`` backend knows about the forward batch being run: started when SGLang builds the
+    ForwardBatch (with CLAA's kept counts of its requests, ``claa_kept``) or by the backend's
+    ``init_forward_metadata``; ``claa`` is the batch's CLAA plan (None: nothing filtered). The model hooks act
+    only on the ForwardBatch it describes (``forward_batch``)."""
+
+    forward_batch: Any = None
+    claa_kept: Optional[List[Optional[int]]] = None
+    claa: Optional[BatchPlan] = None
+
+    def claa_plan(self, fb) -> Optional[BatchPlan]:
+        """The CLAA plan of ``fb`` (None for any other batch)."""
+        return self.claa if self.forward_batch is fb else None
 
 
 def select_batch(plan: BatchPlan, window: int):
@@ -292,17 +315,21 @@ def rewrite_forward_batch(fb: "ForwardBatch", plan: BatchPlan, keep_idx: torch.T
 
 # --------------------------------------------------------------------------- in the backend
 class ClaaPrefill:
-    """Per-backend CLAA state: scorer, per-row drop counts, model hooks."""
+    """Per-backend CLAA state: scorer, per-row drop counts, model hooks.
 
-    def __init__(self, backend, model_runner, cfg: ClaaConfig, num_layers: int):
+    ``pool``: SGLang's KV pool; ``replan(fb)``: rebuilds the backend's extend plan for the kept lengths;
+    ``metadata()``: the backend's current :class:`ForwardMetadata` (the hooks read the batch's plan there)."""
+
+    def __init__(self, model_runner, cfg: ClaaConfig, num_layers: int, pool, replan: Callable[[Any], None],
+                 metadata: Callable[[], ForwardMetadata]):
         from flashinfer_ext.claa_score import ClaaWindowScorer
         from sglang.srt.runtime_context import get_parallel
 
-        self.backend = backend
         self.cfg = cfg
+        self.replan = replan
+        self.metadata = metadata
         self.filter_layer = claa.default_filter_layer(num_layers) if cfg.filter_layer is None else cfg.filter_layer
         self.agg_layers = set(claa.default_claa_layers(num_layers, self.filter_layer, cfg.num_layers))
-        pool = backend.token_to_kv_pool
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         k0 = pool.get_key_buffer(self.layer_offset)
         self.h_kv, self.d = k0.shape[1], k0.shape[2]
@@ -338,25 +365,26 @@ class ClaaPrefill:
             lp.register_forward_hook(self._logits_hook)
         return True
 
+    def _plan(self, fb) -> Optional[BatchPlan]:
+        return self.metadata().claa_plan(fb)
+
     def _pre_hook_filter(self, module, args):
         fb = args[2]
-        plan = getattr(fb, "_claa_plan", None)
+        plan = self._plan(fb)
         if plan is None or plan.applied:
             return None
         hidden, residual = self.apply(fb, plan, args[1], args[3])
         return (fb.positions, hidden, fb, residual) + tuple(args[4:])
 
-    @staticmethod
-    def _pre_hook_positions(module, args):
-        plan = getattr(args[2], "_claa_plan", None)
+    def _pre_hook_positions(self, module, args):
+        plan = self._plan(args[2])
         if plan is None or not plan.applied:
             return None
         return (plan.positions,) + tuple(args[1:])
 
-    @staticmethod
-    def _logits_hook(module, args, output):
+    def _logits_hook(self, module, args, output):
         fb = args[3] if len(args) > 3 else None
-        plan = getattr(fb, "_claa_plan", None)
+        plan = self._plan(fb)
         if plan is None or not plan.applied or not hasattr(output, "customized_info"):
             return None
         info = dict(output.customized_info or {})
@@ -365,12 +393,12 @@ class ClaaPrefill:
         return output
 
     # -- per batch
-    def begin(self, fb: "ForwardBatch", use_ragged: bool) -> None:
-        """After FlashInfer's extend plan: attach the batch plan and record each row's drop."""
-        fb._claa_plan = None
+    def begin(self, fb: "ForwardBatch", use_ragged: bool,
+              kept: Optional[Sequence[Optional[int]]]) -> Optional[BatchPlan]:
+        """After FlashInfer's extend plan: the batch plan from the requests' kept counts (``kept``, batch order;
+        None = nothing decided), and each row's drop recorded for decode."""
         bs = int(fb.req_pool_indices.shape[0])
-        rids = getattr(fb, "rids", None) or [None] * bs
-        kept = [PENDING.pop(r, None) if r is not None else None for r in rids]
+        kept = list(kept) if kept is not None and len(kept) == bs else [None] * bs
         plan = None
         if self.active and use_ragged and any(k is not None for k in kept) \
                 and not fb.return_logprob and fb.extend_seq_lens_cpu is not None \
@@ -383,10 +411,10 @@ class ClaaPrefill:
         if len(drops) == bs and bs > 0:
             self.drop[fb.req_pool_indices] = torch.tensor(drops, dtype=torch.int32).to(self.drop.device,
                                                                                        non_blocking=True)
-        fb._claa_plan = plan
+        return plan
 
     def score(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, fb: "ForwardBatch") -> None:
-        plan = getattr(fb, "_claa_plan", None)
+        plan = self._plan(fb)
         lid = layer_id - self.layer_offset
         if plan is None or plan.applied or lid not in self.agg_layers or k is None:
             return
@@ -402,46 +430,7 @@ class ClaaPrefill:
         keep_idx, loc_idx = select_batch(plan, self.cfg.window)
         rewrite_forward_batch(fb, plan, keep_idx, loc_idx)
         plan.applied = True
-        self.backend._claa_replan(fb)
+        self.replan(fb)
         hidden = hidden[keep_idx]
         residual = residual[keep_idx] if residual is not None else None
         return hidden, residual
-
-
-class ClaaBackendMixin:
-    """What the ``sparse`` backend adds for CLAA: the plan after FlashInfer's extend metadata, the
-    scores after FlashInfer's extend attention, and the re-plan at the filter layer."""
-
-    claa: Optional[ClaaPrefill] = None
-
-    def _init_claa(self, model_runner) -> None:
-        cfg = self.sparse_config.claa
-        if cfg.enabled and str(model_runner.device).startswith("cuda"):
-            self.claa = ClaaPrefill(self, model_runner, cfg, self.num_layers)
-
-    def init_forward_metadata(self, forward_batch: "ForwardBatch"):
-        out = super().init_forward_metadata(forward_batch)
-        if self.claa is not None and forward_batch.forward_mode.is_extend() \
-                and not forward_batch.forward_mode.is_target_verify():
-            md = self.forward_metadata
-            self.claa.begin(forward_batch, bool(getattr(md, "use_ragged", False)))
-        return out
-
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if self.claa is not None:
-            self.claa.score(layer.layer_id, q, k, forward_batch)
-        return o
-
-    def _claa_replan(self, fb: "ForwardBatch") -> None:
-        """FlashInfer's ragged prefill plan for the kept lengths (paged prefix part unchanged)."""
-        from sglang.srt.layers.attention.flashinfer_backend import MultiItemScoringParams
-
-        prefix_cpu = list(fb.extend_prefix_lens_cpu)
-        seq_cpu = torch.tensor([p + k for p, k in zip(prefix_cpu, fb.extend_seq_lens_cpu)], dtype=torch.int64)
-        seq_lens = fb.extend_prefix_lens.to(torch.int64) + fb.extend_seq_lens.to(torch.int64)
-        self.indices_updater_prefill.update(
-            fb.req_pool_indices, seq_lens, seq_cpu, int(seq_cpu.sum()), fb.extend_prefix_lens,
-            prefill_wrappers=self.prefill_wrappers_paged, use_ragged=True, encoder_lens=fb.encoder_lens,
-            spec_info=None, fixed_split_size=self.prefill_split_tile_size,
-            multi_item_params=MultiItemScoringParams(), extend_prefix_lens_cpu=prefix_cpu)

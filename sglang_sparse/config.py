@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Optional, Sequence
+
+from flashinfer_ext.params import ArtParams, PageSelectParams, page_budget
 
 ENV_VAR = "SGLANG_SPARSE_CONFIG"
 SERVER_ARGS_ATTR = "_sglang_sparse"
@@ -82,15 +83,6 @@ def interpreted_decode() -> bool:
     return os.environ.get(INTERPRET_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def page_budget(num_pages: int, budget: float, sink_pages: int, recent_pages: int) -> int:
-    """PrHS page budget of a request of ``num_pages`` pages: ``ceil(budget * N)`` for a fraction
-    (``budget <= 1``) or ``budget`` pages (``> 1``), never below sink + recent (capped by N), never above N.
-    The one definition: the reference (``PrhsConfig.budget_pages``) and the decode wrapper's per-length
-    table and list width (``flashinfer_ext.decode``) use it."""
-    want = math.ceil(budget * num_pages) if budget <= 1 else int(budget)
-    return max(min(num_pages, sink_pages + recent_pages), min(num_pages, want))
-
-
 @dataclass(frozen=True)
 class PrhsConfig:
     """PrHS pre-hoc page selection for decode (see :mod:`sglang_sparse.prhs`).
@@ -126,6 +118,13 @@ class PrhsConfig:
         """Page budget for a request holding ``num_pages`` pages (at least sink + recent, at most all)."""
         return page_budget(num_pages, self.budget, self.sink_pages, self.recent_pages)
 
+    def select_params(self, page_size: int) -> PageSelectParams:
+        """The decode wrapper's page-selection parameters for pages of ``page_size`` tokens
+        (``--prhs-min-context-len`` becomes a page count)."""
+        return PageSelectParams(budget=self.budget, delta=self.delta, sink_pages=self.sink_pages,
+                                recent_pages=self.recent_pages,
+                                dense_below_pages=-(-self.min_context_len // page_size), dilation=self.dilation)
+
 
 @dataclass(frozen=True)
 class ArtConfig:
@@ -152,6 +151,11 @@ class ArtConfig:
     @property
     def enabled(self) -> bool:
         return self.mode == "on"
+
+    def art_params(self) -> ArtParams:
+        """The decode wrapper's ART parameters."""
+        return ArtParams(tau_mag=self.tau_mag, tau_dir=self.tau_dir, patience=self.patience,
+                         eps_cert=self.eps_cert, min_blocks=self.min_blocks)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ reached three ways, and is idempotent:
 3. the launcher itself, before SGLang parses its flags.
 
 Registering is inert for other backends: it adds the name ``sparse`` to SGLang's choices and
-registry and installs the patches in :mod:`patches`, which change nothing unless ``sparse`` is
+registry and installs the patches in :mod:`sglang_sparse.patches`, which change nothing unless ``sparse`` is
 the backend in use.
 """
 
@@ -34,7 +34,7 @@ def register() -> None:
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
-    import patches
+    from sglang_sparse import patches
 
     patches.install_all()
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:

@@ -1,6 +1,7 @@
 """PrHS + ART decode inside SGLang's ``sparse`` attention backend (GPU).
 
-What SGLang calls, and what happens (``SparseDecodeMixin`` sits in front of FlashInfer's backend):
+What SGLang calls, and what happens (the ``sparse`` backend, :mod:`sglang_sparse.backend`, holds a
+:class:`SparseDecoder` and hands it these calls):
 
 * ``forward_extend``: FlashInfer prefill as usual (it writes K/V), then the written keys are folded
   into the per-physical-page summaries (``flashinfer_ext.summaries.PageSummaries``).
@@ -25,24 +26,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, interpreted_decode
+from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, SparseConfig, interpreted_decode
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
-# developer switch in the server's environment: "select" runs bounds + selection as one launch
-# (SparseDecodeWrapper.plan(fused_select=True)), "merge" lets the last split program merge
-# (plan(fused_merge=True)), "1" both; off by default (slower at 128K x 8 on an H200, benchmarks/results/
-# decode_breakdown_h200_fused.json)
-FUSED_ENV = "SGLANG_SPARSE_FUSED"
-_FUSED = {"1": ("select", "merge"), "select": ("select",), "merge": ("merge",)}
-
-
+# developer switch in the server's environment: "1" makes every eager decode call synchronise and validate the
+# page lists it is about to read and the output it wrote (SparseDecodeWrapper(check=True))
+CHECK_ENV = "SGLANG_SPARSE_CHECK"
 
 def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
                             page_size: int) -> int:
@@ -50,21 +46,38 @@ def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, e
     return -(-2 * num_layers * num_kv_heads * head_dim * elem_size // page_size)
 
 
-class SparseDecodeMixin:
-    """Our decode path; inert (pure delegation) unless PrHS or ART is on."""
+def _selects(p) -> bool:
+    """Whether PrHS selects pages: PrHS that must read every page (budget = all pages, delta = 0) is the dense
+    path of the kernel."""
+    return p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
 
-    def _init_sparse_decode(self, model_runner) -> None:
-        cfg = self.sparse_config
-        claa = getattr(self, "claa", None)
-        self._decode_on = (cfg.prhs.enabled or cfg.art.enabled or claa is not None) \
+
+class SparseDecoder:
+    """Our decode path of one backend: page summaries, the decode wrappers, the per-request reselection state
+    and the served statistics. Built only when PrHS, ART or CLAA is on (:meth:`create`)."""
+
+    @classmethod
+    def create(cls, model_runner, cfg: SparseConfig, pool, claa=None,
+               kv_write_scales: Optional[Callable] = None) -> Optional["SparseDecoder"]:
+        """The decoder for this backend, or None when decode is SGLang's own (every mechanism off, or a
+        device without the Triton kernels)."""
+        on = (cfg.prhs.enabled or cfg.art.enabled or claa is not None) \
             and (str(model_runner.device).startswith("cuda") or interpreted_decode())
-        if not self._decode_on:
-            return
+        return cls(model_runner, cfg, pool, claa, kv_write_scales) if on else None
+
+    def __init__(self, model_runner, cfg: SparseConfig, pool, claa=None, kv_write_scales: Optional[Callable] = None):
+        """``pool``: SGLang's KV pool (``token_to_kv_pool``); ``claa``: the backend's
+        :class:`sglang_sparse.claa_prefill.ClaaPrefill` (its filter layer and per-row drops), or None;
+        ``kv_write_scales(layer)``: the backend's K/V scales for ``set_kv_buffer`` (None: no scales)."""
         from flashinfer_ext.decode import SparseDecodeWrapper
         from flashinfer_ext.summaries import PageSummaries
         from sglang.srt.runtime_context import get_parallel
 
-        pool = self.token_to_kv_pool
+        self.sparse_config = cfg
+        self.claa = claa
+        self.token_to_kv_pool = pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self._kv_write_scales = kv_write_scales or (lambda layer: (None, None))
         self.layer_offset = getattr(pool, "start_layer", 0) or 0
         k0 = pool.get_key_buffer(self.layer_offset)
         self.page_size = model_runner.page_size
@@ -96,7 +109,7 @@ class SparseDecodeMixin:
         # multiple of R; in between, each leader layer reuses its last fresh selection (kept per
         # req_to_token row and leader layer), widened by --prhs-dilation pages.
         p = cfg.prhs
-        self._reselect_every = p.reselect_interval if self._plan_kwargs["mode"] == "prhs" else 1
+        self._reselect_every = p.reselect_interval if _selects(p) else 1
         reuse = {}
         if self._reselect_every > 1:
             max_pages = -(-self.max_ctx // self.page_size)
@@ -106,11 +119,12 @@ class SparseDecodeMixin:
             reuse = dict(reuse_slots=-(-pool.layer_num // self._group), max_reqs=r2t.shape[0],
                          reuse_width=min(max_pages, width))
             self._fresh = torch.ones(r2t.shape[0], dtype=torch.bool, device=k0.device)
+        check = os.environ.get(CHECK_ENV) == "1"
 
         def wrapper():
             return SparseDecodeWrapper(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
                                        self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
-                                       device=k0.device, **reuse)
+                                       device=k0.device, check=check, **reuse)
 
         self.decode_wrapper = wrapper()
         self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
@@ -128,28 +142,23 @@ class SparseDecodeMixin:
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
 
     def _make_plan_kwargs(self) -> dict:
+        """The mechanisms' parameters for ``SparseDecodeWrapper.plan``, from the configuration."""
         p, a = self.sparse_config.prhs, self.sparse_config.art
-        # PrHS that must read every page (budget = all pages, delta = 0) is the dense path of the kernel.
-        selects = p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
-        kw = dict(mode="prhs" if selects else "dense", art=a.enabled)
-        if selects:
-            kw.update(budget=p.budget, delta=p.delta, sink_pages=p.sink_pages, recent_pages=p.recent_pages,
-                      dense_below_pages=-(-p.min_context_len // self.page_size))
-        if a.enabled:
-            kw.update(tau_mag=a.tau_mag, tau_dir=a.tau_dir, patience=a.patience, eps_cert=a.eps_cert,
-                      min_blocks=a.min_blocks)
-        fused = os.environ.get(FUSED_ENV, "")
-        if fused and fused not in _FUSED:
-            raise ConfigError(FUSED_ENV, f"must be 1, select or merge, got {fused!r}")
-        for part in _FUSED.get(fused, ()):
-            kw[f"fused_{part}"] = True
-        return kw
+        pages = p.select_params(self.page_size)
+        art = a.art_params() if a.enabled else None
+        if not _selects(p):
+            # every page: in natural order, or with ART in descending-bound order (ART walks the important
+            # pages first)
+            pages = pages.every_page() if art is not None else None
+        return dict(pages=pages, art=art)
 
     # ------------------------------------------------------------------ metadata
-    def _sparse_decode_batch(self, fb: "ForwardBatch") -> bool:
-        return self._decode_on and fb.forward_mode.is_decode() and fb.batch_size > 0
+    def handles(self, fb: "ForwardBatch") -> bool:
+        """Whether this batch decodes through our kernels (decode batches with requests)."""
+        return fb.forward_mode.is_decode() and fb.batch_size > 0
 
-    def _plan_decode(self, fb: "ForwardBatch") -> None:
+    def plan(self, fb: "ForwardBatch") -> None:
+        """Plan the decode wrappers for this batch (eager, or before a CUDA-graph capture or replay)."""
         self._maybe_log_stats()
         r2t = self.req_to_token_pool.req_to_token
         kw = self._plan_kwargs
@@ -164,35 +173,16 @@ class SparseDecodeMixin:
             if n_real < rows.shape[0]:
                 reselect[n_real:] = False
             self._fresh[rows[:n_real]] = False
-            kw = dict(kw, reselect=reselect, dilation=self.sparse_config.prhs.dilation)
+            kw = dict(kw, reselect=reselect)
         self.decode_wrapper.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype, **kw)
         if self.decode_wrapper_kept is not None:
             self.decode_wrapper_kept.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype,
                                           kv_start=self.claa.drop[fb.req_pool_indices], **kw)
 
-    def _mark_fresh(self, fb: "ForwardBatch") -> None:
+    def mark_fresh(self, fb: "ForwardBatch") -> None:
         """Rows that (re)start a request (an extend batch) select afresh on their next decode step."""
-        if self._decode_on and self._reselect_every > 1 and fb.forward_mode.is_extend() and fb.batch_size > 0:
+        if self._reselect_every > 1 and fb.forward_mode.is_extend() and fb.batch_size > 0:
             self._fresh[fb.req_pool_indices] = True
-
-    def init_forward_metadata(self, forward_batch: "ForwardBatch"):
-        if self._sparse_decode_batch(forward_batch):
-            self._plan_decode(forward_batch)
-            return
-        self._mark_fresh(forward_batch)
-        return super().init_forward_metadata(forward_batch)
-
-    def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
-        if self._sparse_decode_batch(forward_batch):
-            self._plan_decode(forward_batch)
-            return
-        self._mark_fresh(forward_batch)
-        return super().init_forward_metadata_out_graph(forward_batch, in_capture)
-
-    def init_forward_metadata_in_graph(self, forward_batch: "ForwardBatch"):
-        if self._sparse_decode_batch(forward_batch):
-            return
-        return super().init_forward_metadata_in_graph(forward_batch)
 
     # ------------------------------------------------------------------ forward
     def _update_summaries(self, lid: int, k, loc) -> None:
@@ -200,22 +190,20 @@ class SparseDecodeMixin:
         if self.summaries is not None and lid % self._group == 0:
             self.summaries.update(lid // self._group, k.view(-1, self.num_kv_heads_local, self.head_dim), loc)
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if self._decode_on and save_kv_cache and k is not None:
-            self._update_summaries(layer.layer_id - self.layer_offset, k, forward_batch.out_cache_loc)
-        return o
+    def after_extend(self, k, layer, fb: "ForwardBatch", save_kv_cache: bool) -> None:
+        """After SGLang's extend attention wrote K/V: fold the keys into the page summaries."""
+        if save_kv_cache and k is not None:
+            self._update_summaries(layer.layer_id - self.layer_offset, k, fb.out_cache_loc)
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        if not self._sparse_decode_batch(forward_batch):
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+    def forward_decode(self, q, k, v, layer, fb: "ForwardBatch", save_kv_cache: bool = True):
+        """Write K/V, update the summaries, then the planned wrapper's run (graph-capturable)."""
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
         lid = layer.layer_id - self.layer_offset
         if k is not None and save_kv_cache:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v,
                                                 *self._kv_write_scales(layer))
-            self._update_summaries(lid, k, forward_batch.out_cache_loc)
+            self._update_summaries(lid, k, fb.out_cache_loc)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         leader = lid % self._group == 0
         kmin, kmax = (self.summaries.layer(lid // self._group) if leader and self.summaries is not None

@@ -16,9 +16,29 @@ from typing import List, Optional
 
 import torch
 
+from flashinfer_ext.params import ArtParams, LaunchTuning, PageSelectParams
 from sglang_sparse import art, claa, prhs
 
 SENTINEL = -777
+
+
+def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0) -> PageSelectParams:
+    """PrHS page selection of a test plan (every request selects: no dense threshold)."""
+    return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dense_below_pages=0,
+                            dilation=dilation)
+
+
+def every_page() -> PageSelectParams:
+    """Every page in descending-bound order (dense + ART in bound order)."""
+    return sel(1.0, 0.0).every_page()
+
+
+def art_p(tau_mag: float, tau_dir: float, patience: int, min_blocks: int, eps_cert=None) -> ArtParams:
+    return ArtParams(tau_mag=tau_mag, tau_dir=tau_dir, patience=patience, eps_cert=eps_cert, min_blocks=min_blocks)
+
+
+def tune(**kw) -> LaunchTuning:
+    return LaunchTuning(**kw)
 
 
 def interpreter_device(test_file: str) -> str:
@@ -298,7 +318,8 @@ def _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, budget, sink, rec
 def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, structured=False,
                  tol=1e-2, max_seq_len=None, check_bounds=True, kv_start_pages=None, num_sms=None,
                  negative=False, pool: Optional[Pool] = None):
-    """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments.
+    """One pool, several plans: each ``settings`` entry is a dict of plan() keyword arguments (``pages``,
+    ``art``, ``tuning``).
 
     ``kv_start_pages``: per request, leading pages the plan skips (``plan(kv_start=pages * P)``); the
     reference then sees only the request's positions from there on (CLAA's post-filter layers).
@@ -324,10 +345,6 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
         poison_wrapper(w)
         w.plan(pool.req_to_token, pool.rows, pool.seq_lens, kv_start=kv_start, **cfg)
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
-        if cfg.get("fused_select"):      # the per-(request, head) chunk counters are back at 0 for the next run
-            assert int(w.sel_count.abs().sum()) == 0, f"seed={seed} {cfg}: fused selection counters not reset"
-        if cfg.get("fused_merge"):
-            assert int(w.merge_count.abs().sum()) == 0, f"seed={seed} {cfg}: fused merge counters not reset"
         # pages loaded (published by the merge with ART) cover the pages in the output, within the list
         nb = len(lens)
         loaded = w.pages_loaded.reshape(nb, h_kv, h_q // h_kv).long()
@@ -335,8 +352,8 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
             f"seed={seed} {cfg}: fewer pages loaded than read"
         assert bool((loaded <= w.num_selected.reshape(nb, h_kv, 1).long()).all()), \
             f"seed={seed} {cfg}: more pages loaded than listed"
-        mode = cfg.get("mode", "prhs")
-        use_art = cfg.get("art", False)
+        pages = cfg.get("pages")
+        use_art = cfg.get("art") is not None
         for b, n in enumerate(lens):
             q, k, v = pool.logical(b)
             assert starts[b] < n, "kv_start must leave at least one token"
@@ -352,24 +369,18 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
                 assert float((ku - ub).abs().max() / scale) < 1e-5, f"seed={seed} {tag} b={b}: ub differs"
                 assert float((kl - lb).abs().max() / lb.abs().max().clamp_min(1.0)) < 1e-5, \
                     f"seed={seed} {tag} b={b}: lb differs"
-            sink, recent = cfg.get("sink_pages", 1), cfg.get("recent_pages", 2)
-            if mode == "prhs":
-                bud = _budget_pages(npg, cfg.get("budget", 1 / 16), sink, recent)
-                delta = cfg.get("delta", 0.05)
+            if pages is not None:       # PrHS, or every page in bound order (budget 1, delta 0)
+                sink, recent, delta = pages.sink_pages, pages.recent_pages, pages.delta
+                bud = _budget_pages(npg, pages.budget, sink, recent)
                 ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
                 _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
                 order = w.pages[b, :, :bud].long()
-                num = w.num_selected[b].long()
-            elif w.select:     # dense + ART in bound order: the whole list, sorted
-                ref_sel = prhs.select_pages(ub, lb, page_lens, 0.0, npg, sink, recent)
-                _assert_selection(w, b, ref_sel, ub, lb, page_lens, 0.0, npg, sink, recent, seed, tag)
-                order = w.pages[b, :, :npg].long()
                 num = w.num_selected[b].long()
             else:
                 order = torch.arange(npg, device=k.device)[None, :].expand(h_kv, npg)
                 num = torch.full((h_kv,), npg, device=k.device, dtype=torch.long)
             if not use_art:
-                if mode == "prhs":
+                if pages is not None:
                     ref, ref_lse = prhs.sparse_attention(q, k, v, P, order, num, sm_scale, return_lse=True)
                 else:
                     ref, ref_lse = prhs.dense_attention(q, k, v, sm_scale, return_lse=True)
@@ -381,16 +392,14 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
                     f"seed={seed} {tag} b={b}: blocks_read"
                 assert bool((w.stop_reason[b] == art.STOP_NONE).all()), f"seed={seed} {tag} b={b}: stop_reason"
             else:
-                _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol)
+                _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg["art"], seed, tag, tol)
 
 
-def _art_ref(q, k, v, P, sm_scale, order, ub, cfg, scale_tau=1.0, scale_eps=1.0):
-    eps = cfg.get("eps_cert")
-    return art.art_attention(q, k, v, P, sm_scale, block_order=order,
-                             tau_mag=cfg.get("tau_mag", 0.01) * scale_tau,
-                             tau_dir=cfg.get("tau_dir", 1e-4) * scale_tau, patience=cfg.get("patience", 2),
-                             eps_cert=None if eps is None else eps * scale_eps, block_ub=ub,
-                             min_blocks=cfg.get("min_blocks", 4))
+def _art_ref(q, k, v, P, sm_scale, order, ub, a: ArtParams, scale_tau=1.0, scale_eps=1.0):
+    return art.art_attention(q, k, v, P, sm_scale, block_order=order, tau_mag=a.tau_mag * scale_tau,
+                             tau_dir=a.tau_dir * scale_tau, patience=a.patience,
+                             eps_cert=None if a.eps_cert is None else a.eps_cert * scale_eps, block_ub=ub,
+                             min_blocks=a.min_blocks)
 
 
 def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
@@ -400,8 +409,7 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
     h_q = q.shape[0]
     kb = w.blocks_read[b].long()
     kr = w.stop_reason[b].long()
-    n_list = int((order >= 0).sum(dim=1).max())
-    head = getattr(w, "head_len", n_list)
+    head = w.launch.head_len
     match = None
     for st, se in ((1.0, 1.0), (0.8, 1.0), (1.25, 1.0), (1.0, 0.8), (1.0, 1.25), (0.8, 0.8), (1.25, 1.25)):
         ref = _art_ref(q, k, v, P, sm_scale, order, ub, cfg, st, se)
@@ -425,7 +433,8 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
         f"seed={seed} {tag} b={b}: pages_loaded {loaded.tolist()} vs blocks_read {kb.tolist()} / listed {listed_q.tolist()}"
     ref_out, ref_lse, ref_dhat = ref.out.clone(), ref.lse.clone(), ref.delta_hat.clone()
     if bool(late.any()):
-        full = art.art_attention(q, k, v, P, sm_scale, block_order=order, block_ub=ub)
+        full = art.art_attention(q, k, v, P, sm_scale, block_order=order, tau_mag=0.0, tau_dir=0.0, patience=1,
+                                 eps_cert=None, block_ub=ub, min_blocks=1)      # never stops: the whole list
         lm = late.to(ref_out.device)
         ref_out[lm] = full.out[lm]
         ref_lse[lm] = full.lse[lm]
@@ -444,7 +453,7 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
 
 # ----------------------------------------------------------------------------- reuse across steps
 def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilation=1, budget=0.25, delta=0.05,
-                sink=1, recent=2, tol=1e-2, fused_select=False):
+                sink=1, recent=2, tol=1e-2):
     """Time axis: step 1 selects afresh on page-aligned prefixes; step 2 (``grow_pages`` more pages
     per request, batch order reversed) reuses that selection with dilation (prhs.reuse_with_dilation);
     step 3 (original order) mixes a fresh selection (request 0) with reuse (the others) through the
@@ -461,8 +470,7 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device,
                             reuse_slots=2, max_reqs=pool.req_to_token.shape[0])
     slot = 1
-    cfg = dict(mode="prhs", budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dilation=dilation,
-               fused_select=fused_select)
+    cfg = dict(pages=sel(budget, delta, sink, recent, dilation))
     pre_lens = torch.tensor(prefix, dtype=torch.int64, device=device)
 
     def bounds(b, n):
@@ -544,7 +552,7 @@ def check_selection_ties(page_size, h_q, h_kv, d, device, seed, n=400, patterns=
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=1, max_seq_len=n, device=device)
     for budget, delta in ((0.3, 0.0), (0.5, 0.0), (1.0, 0.3), (0.45, 0.6)):
         poison_wrapper(w)
-        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, mode="prhs", budget=budget, delta=delta)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(budget, delta))
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
         bud = _budget_pages(npg, budget, 1, 2)
         ref = prhs.select_pages(ub, lb, page_lens, delta, bud, 1, 2)

@@ -59,21 +59,20 @@ def test_filter_decision_rules():
     assert CP.filter_decision(_req(4000), full, P) == (None, "nothing to drop")
 
 
-def test_mark_batch_sets_skip_insert_and_pending():
+def test_mark_batch_sets_skip_insert_and_kept_counts():
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    CP.PENDING.clear()
     reqs = [_req(4000, rid="a"), _req(100, rid="b"), _req(5000, rid="c", prefix=32)]
     batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=reqs, return_logprob=False)
     kept = CP.mark_batch(batch, CFG, 16)
     assert kept == [CP.kept_count(4000, CFG, 16), None, None]
     assert [r.skip_radix_cache_insert for r in reqs] == [True, False, False]
-    assert CP.PENDING == {"a": kept[0]}
-    CP.PENDING.clear()
-    mixed = SimpleNamespace(forward_mode=ForwardMode.MIXED, reqs=[_req(4000, rid="d")], return_logprob=False)
-    assert CP.mark_batch(mixed, CFG, 16) == [None] and not CP.PENDING
-    logp = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[_req(4000, rid="e")], return_logprob=True)
-    assert CP.mark_batch(logp, CFG, 16) == [None] and not CP.PENDING
+    assert CP.kept_counts(batch) == kept
+    # a later batch of the same request (a mixed batch, or a prefill with logprobs) carries no old decision
+    mixed = SimpleNamespace(forward_mode=ForwardMode.MIXED, reqs=[reqs[0]], return_logprob=False)
+    assert CP.mark_batch(mixed, CFG, 16) == [None] and CP.kept_counts(mixed) == [None]
+    logp = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[reqs[0]], return_logprob=True)
+    assert CP.mark_batch(logp, CFG, 16) == [None] and CP.kept_counts(logp) == [None]
 
 
 def test_unfiltered_long_prompts_are_reported_by_reason(monkeypatch):
@@ -81,7 +80,6 @@ def test_unfiltered_long_prompts_are_reported_by_reason(monkeypatch):
     SKIP_REPORT_S (with the radix-cache hint when a cached prefix was the reason); short prompts are not."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    CP.PENDING.clear()
     CP._SKIPPED.clear()
     monkeypatch.setattr(CP, "_SKIP_REPORTED_AT", [float("-inf")])
     clock = [1000.0]
@@ -99,7 +97,6 @@ def test_unfiltered_long_prompts_are_reported_by_reason(monkeypatch):
     msg = CP.report_skipped()
     assert msg.startswith("sglang_sparse CLAA: 1 prompt(s) not filtered") and "--disable-radix-cache" in msg
     assert CP.report_skipped() is None and not CP._SKIPPED
-    CP.PENDING.clear()
 
 
 def test_skip_report_text(monkeypatch):
@@ -220,33 +217,31 @@ def test_no_filtered_request_means_no_plan():
 def test_prepare_for_extend_patch_marks_only_with_claa_on(monkeypatch):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    import patches.schedule_batch_prepare_for_extend as patch
+    import sglang_sparse.patches.schedule_batch_prepare_for_extend as patch
     from sglang_sparse.config import ENV_VAR, SparseConfig
 
-    CP.PENDING.clear()
     batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[_req(4000, rid="x")], return_logprob=False)
     monkeypatch.setattr(patch, "_cfg", None)
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert patch.hook("result", batch) == "result"
-    assert not CP.PENDING and not batch.reqs[0].skip_radix_cache_insert      # all off: inert
+    assert CP.kept_counts(batch) == [None] and not batch.reqs[0].skip_radix_cache_insert      # all off: inert
 
     monkeypatch.setattr(patch, "_cfg", None)
     monkeypatch.setenv(ENV_VAR, SparseConfig(claa=CFG).to_json())
     import sglang.srt.runtime_context as rc
     monkeypatch.setattr(rc, "get_server_args", lambda: SimpleNamespace(page_size=32))
     assert patch.hook("result", batch) == "result"
-    assert CP.PENDING == {"x": CP.kept_count(4000, CFG, 32)} and batch.reqs[0].skip_radix_cache_insert
-    CP.PENDING.clear()
+    assert CP.kept_counts(batch) == [CP.kept_count(4000, CFG, 32)] and batch.reqs[0].skip_radix_cache_insert
 
 
 def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
-    """SparseDecodeMixin with CLAA: both page tables are planned (the kept one from each row's drop), layers
+    """SparseDecoder with CLAA: both page tables are planned (the kept one from each row's drop), layers
     before the filter layer read the full view, layers from it the kept view; with PrHS layer sharing the
     filter layer must start a selection group."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from sglang_sparse.config import ConfigError, SparseConfig
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    from sglang_sparse.sparse_decode import SparseDecoder
 
     class FakeWrapper:
         def __init__(self):
@@ -261,19 +256,20 @@ def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
 
     gen = torch.Generator().manual_seed(seed)
     F = 12
-    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m = SparseDecoder.__new__(SparseDecoder)
     m.sparse_config = SparseConfig()
-    m._decode_on, m._claa_from, m._group, m.summaries, m.layer_offset = True, F, 1, None, 0
+    m._claa_from, m._group, m.summaries, m.layer_offset = F, 1, None, 0
     m._reselect_every = 1
     m.decode_wrapper, m.decode_wrapper_kept = FakeWrapper(), FakeWrapper()
     m.claa = SimpleNamespace(drop=torch.randint(0, 50, (10,), generator=gen, dtype=torch.int32) * 32)
     m.req_to_token_pool = SimpleNamespace(req_to_token=torch.zeros(10, 64, dtype=torch.int32))
     m.token_to_kv_pool = SimpleNamespace(get_kv_buffer=lambda lid: (None, None))
-    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"mode": "dense"}, 10 ** 9, 0
+    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"pages": None}, 10 ** 9, 0
     rows = torch.tensor([3, 7, 1])
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=3, req_pool_indices=rows,
                          seq_lens=torch.tensor([2000, 3000, 4000]))
-    m.init_forward_metadata(fb)
+    assert m.handles(fb)
+    m.plan(fb)
     assert len(m.decode_wrapper.plans) == 1 and "kv_start" not in m.decode_wrapper.plans[0]
     assert torch.equal(m.decode_wrapper_kept.plans[0]["kv_start"], m.claa.drop[rows])
     for lid in range(16):
@@ -282,17 +278,15 @@ def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
     assert len(m.decode_wrapper.runs) == F and len(m.decode_wrapper_kept.runs) == 16 - F
 
     # layer sharing across the filter layer is refused at start-up
-    m2 = SparseDecodeMixin.__new__(SparseDecodeMixin)
-    m2.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 8}})
-    m2.claa = SimpleNamespace(filter_layer=F, active=True)
-    m2.token_to_kv_pool = SimpleNamespace(start_layer=0, get_key_buffer=lambda lid: torch.zeros(4, 2, 8))
-    mr = SimpleNamespace(device="cuda", page_size=32, dtype=torch.bfloat16,
+    cfg2 = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 8}})
+    pool2 = SimpleNamespace(start_layer=0, get_key_buffer=lambda lid: torch.zeros(4, 2, 8))
+    mr = SimpleNamespace(device="cuda", page_size=32, dtype=torch.bfloat16, req_to_token_pool=None,
                          model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4))
     import sglang.srt.runtime_context as rc
 
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     with pytest.raises(ConfigError, match="--prhs-layers-per-selection"):
-        m2._init_sparse_decode(mr)
+        SparseDecoder.create(mr, cfg2, pool2, claa=SimpleNamespace(filter_layer=F, active=True))
 
 
 def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
@@ -300,8 +294,9 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
     steps select afresh only when the length is a multiple of R, and leader layers reuse their own slot."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+    from flashinfer_ext.params import PageSelectParams
     from sglang_sparse.config import SparseConfig
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    from sglang_sparse.sparse_decode import SparseDecoder
 
     class FakeWrapper:
         def __init__(self):
@@ -316,40 +311,42 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
 
     gen = torch.Generator().manual_seed(seed)
     R, G = 4, 2
-    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
+    m = SparseDecoder.__new__(SparseDecoder)
     m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "reselect_interval": R, "dilation": 1,
                                                        "layers_per_selection": G}})
-    m._decode_on, m._claa_from, m._group, m.summaries, m.layer_offset = True, None, G, None, 0
+    m._claa_from, m._group, m.summaries, m.layer_offset = None, G, None, 0
     m._reselect_every = R
     m._fresh = torch.zeros(10, dtype=torch.bool)
     m.decode_wrapper, m.decode_wrapper_kept = FakeWrapper(), None
     m.req_to_token_pool = SimpleNamespace(req_to_token=torch.zeros(10, 64, dtype=torch.int32))
     m.token_to_kv_pool = SimpleNamespace(get_kv_buffer=lambda lid: (None, None))
-    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"mode": "prhs"}, 10 ** 9, 0
+    pages = m.sparse_config.prhs.select_params(32)
+    assert isinstance(pages, PageSelectParams) and pages.dilation == 1
+    m._q_dtype, m._plan_kwargs, m._log_every, m._decode_batches = torch.bfloat16, {"pages": pages}, 10 ** 9, 0
     rows = torch.randperm(10, generator=gen)[:3]
     lens = torch.randint(100, 5000, (3,), generator=gen)
     # an extend batch of the first two rows (new requests) marks them fresh; the third row is older
     ext = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=2, req_pool_indices=rows[:2])
-    m._mark_fresh(ext)
+    m.mark_fresh(ext)
     for step in range(2 * R):
         seq = lens + step
         fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=3, req_pool_indices=rows, seq_lens=seq)
-        m.init_forward_metadata(fb)
+        m.plan(fb)
         kw = m.decode_wrapper.plans[-1]
         expect = seq % R == 0
         if step == 0:
             expect = expect | torch.tensor([True, True, False])
         assert torch.equal(kw["reselect"], expect), (step, kw["reselect"], expect)
-        assert kw["dilation"] == 1 and kw["mode"] == "prhs"
+        assert kw["pages"] is pages
     assert not bool(m._fresh[rows].any())
     # a CUDA-graph replay view padded with a stale row that now belongs to another, fresh request: the
     # padded entry neither selects nor clears that request's flag
     other = int(torch.tensor([r for r in range(10) if r not in rows.tolist()])[0])
-    m._mark_fresh(SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([other])))
+    m.mark_fresh(SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([other])))
     seq = torch.cat([lens + 2 * R, torch.tensor([R * 3])])                  # multiples of R where padded
     padded = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, num_padding=1,
                              req_pool_indices=torch.cat([rows, torch.tensor([other])]), seq_lens=seq)
-    m.init_forward_metadata(padded)
+    m.plan(padded)
     kw = m.decode_wrapper.plans[-1]
     assert not bool(kw["reselect"][3]) and bool(m._fresh[other])
     assert torch.equal(kw["reselect"][:3], seq[:3] % R == 0)
@@ -363,25 +360,22 @@ def test_decode_time_axis_state_sizes(monkeypatch):
     """With --prhs-reselect-interval > 1 both the state slots (one per leader layer) and the kept list's width
     (the budget at the longest context, or every page of a densely read short request) are sized at start-up."""
     from sglang_sparse.config import SparseConfig
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    from sglang_sparse.sparse_decode import SparseDecoder
     import sglang.srt.runtime_context as rc
 
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     L, G, P, ctx = 12, 4, 32, 32768
     for min_ctx, expect_width in ((0, 64), (4096, 128)):
-        m = SparseDecodeMixin.__new__(SparseDecodeMixin)
-        m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16, "reselect_interval": 4,
-                                                           "layers_per_selection": G, "min_context_len": min_ctx}})
-        m.claa = None
-        m.token_to_kv_pool = SimpleNamespace(start_layer=0, layer_num=L,
-                                             get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16, "reselect_interval": 4,
+                                               "layers_per_selection": G, "min_context_len": min_ctx}})
+        pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
         r2t = torch.zeros(9, ctx, dtype=torch.int32)
         mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
                              model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
                              req_to_token_pool=SimpleNamespace(size=8, req_to_token=r2t),
                              server_args=SimpleNamespace(max_running_requests=8, decode_log_interval=40,
                                                          enable_metrics=False))
-        m._init_sparse_decode(mr)
+        m = SparseDecoder.create(mr, cfg, pool)
         w = m.decode_wrapper
         assert m._reselect_every == 4 and w.reuse_slots == L // G and w.reuse_width == expect_width
         assert w.state_pages.shape == (L // G, 9, 2, expect_width) and bool(m._fresh.all())
@@ -393,22 +387,19 @@ def test_decode_wrapper_uses_the_local_heads_under_tensor_parallelism(tp, monkey
     heads; the decode wrapper and the page summaries are built for those local heads (selection is per local
     KV head, so ranks never exchange anything), and the GQA group size stays H_q / H_kv."""
     from sglang_sparse.config import SparseConfig
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
+    from sglang_sparse.sparse_decode import SparseDecoder
     import sglang.srt.runtime_context as rc
 
     H_Q, H_KV, D, P, L = 32, 8, 16, 32, 4
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=tp))
-    m = SparseDecodeMixin.__new__(SparseDecodeMixin)
-    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}})
-    m.claa = None
-    m.token_to_kv_pool = SimpleNamespace(start_layer=0, layer_num=L,
-                                         get_key_buffer=lambda lid: torch.zeros(64 * P, H_KV // tp, D))
+    cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}})
+    pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, H_KV // tp, D))
     mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=tp - 1,
                          model_config=SimpleNamespace(get_max_num_attention_heads=lambda: H_Q),
                          req_to_token_pool=SimpleNamespace(size=8, req_to_token=torch.zeros(9, 4096, dtype=torch.int32)),
                          server_args=SimpleNamespace(max_running_requests=8, decode_log_interval=40,
                                                      enable_metrics=False))
-    m._init_sparse_decode(mr)
+    m = SparseDecoder.create(mr, cfg, pool)
     w = m.decode_wrapper
     assert (w.h_q, w.h_kv, w.group) == (H_Q // tp, H_KV // tp, H_Q // H_KV)
     kmin, kmax = m.summaries.layer(0)
@@ -425,7 +416,7 @@ def _adder_env(monkeypatch, claa_on: bool, chunk: int = 4096, page: int = 16):
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.chunk_cache import ChunkCache
 
-    import patches.prefill_adder_add_one_req as patch
+    import sglang_sparse.patches.prefill_adder_add_one_req as patch
     from sglang_sparse.config import SparseConfig
 
     monkeypatch.setattr(SP, "is_dsa_prefill_cp_in_seq_split", lambda: False)
@@ -519,7 +510,7 @@ def test_admission_never_postpones_into_an_empty_batch(monkeypatch):
 def test_admission_patch_is_installed_on_sglangs_prefill_adder(monkeypatch):
     """Through SGLang's HookRegistry (what the server does at start-up), the real
     ``PrefillAdder.add_one_req`` consults CLAA."""
-    import patches
+    from sglang_sparse import patches
 
     R, new_adder, add = _adder_env(monkeypatch, claa_on=True)
     assert "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req" in patches.install_all()
@@ -529,3 +520,56 @@ def test_admission_patch_is_installed_on_sglangs_prefill_adder(monkeypatch):
         r.init_next_round_input(adder.tree_cache)
         adder.add_one_req(r, has_chunked_req=False, truncation_align_size=None)
     assert _ranges(adder) == [("a", 0, 3000)] and b._claa_whole_prompt_deferrals == 1
+
+
+# --------------------------------------------------------------------------- per-forward metadata
+def test_kept_counts_reach_the_backend_through_forward_batch_init_new(monkeypatch):
+    """The scheduler's decisions travel on the requests; when SGLang builds the ForwardBatch of an extend batch
+    (the patched ``ForwardBatch.init_new``), they start the sparse backend's per-forward metadata, and
+    ``init_forward_metadata`` turns them into the batch's CLAA plan, seen only for that batch."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    import sglang_sparse.patches.forward_batch_init_new as patch
+    from sglang_sparse.backend import SparseBackendMixin
+
+    class Parent:
+        def init_forward_metadata(self, fb):
+            self.forward_metadata = SimpleNamespace(use_ragged=True)
+
+    class Backend(SparseBackendMixin, Parent):
+        pass
+
+    begun = []
+    b = Backend()
+    b.claa = SimpleNamespace(begin=lambda fb, ragged, kept: begun.append((fb, ragged, kept)) or ("plan", kept))
+    reqs = [_req(4000, rid="a"), _req(100, rid="b")]
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=reqs, return_logprob=False)
+    CP.mark_batch(batch, CFG, 16)
+    kept = CP.kept_counts(batch)
+    assert kept[0] is not None and kept[1] is None
+    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND)
+    assert patch.hook(fb, ForwardBatch, batch, SimpleNamespace(attn_backend=b)) is fb
+    assert b.sparse_metadata.forward_batch is fb and b.sparse_metadata.claa_kept == kept
+    b.init_forward_metadata(fb)
+    assert begun == [(fb, True, kept)] and b.sparse_metadata.claa_plan(fb) == ("plan", kept)
+    assert b.sparse_metadata.claa_plan(SimpleNamespace()) is None          # another batch sees no plan
+    # a decode batch's ForwardBatch hands nothing over, and its metadata replaces the extend batch's
+    dec = SimpleNamespace(forward_mode=ForwardMode.DECODE)
+    patch.hook(dec, ForwardBatch, batch, SimpleNamespace(attn_backend=b))
+    assert b.sparse_metadata.forward_batch is fb
+    b.init_forward_metadata(dec)
+    assert b.sparse_metadata.forward_batch is dec and b.sparse_metadata.claa_plan(fb) is None
+    # with CLAA off (no CLAA part) or another backend, the hook does nothing
+    b.claa = None
+    patch.hook(fb, ForwardBatch, batch, SimpleNamespace(attn_backend=b))
+    assert b.sparse_metadata.forward_batch is dec
+    assert patch.hook(fb, ForwardBatch, batch, SimpleNamespace(attn_backend=object())) is fb
+
+
+def test_init_new_patch_is_installed_on_sglangs_forward_batch():
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    from sglang_sparse import patches
+
+    assert "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new" in patches.install_all()
+    assert isinstance(ForwardBatch.__dict__["init_new"], classmethod)

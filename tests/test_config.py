@@ -189,7 +189,6 @@ def test_interpreted_decode_mode_admits_cpu_for_decode_only(monkeypatch):
     server) admits --device cpu for PrHS / ART, still refuses CLAA there, and builds the CPU backend that carries
     the decode wiring; without TRITON_INTERPRET the mode is off."""
     from sglang_sparse.backend import SparseTorchNativeAttnBackend, SparseTorchNativeDecodeBackend, backend_class_for
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
 
     prhs, _ = C.parse_known_args(["--sparse-decode", "prhs", "--art", "on"])
     claa, _ = C.parse_known_args(["--sparse-prefill", "claa"])
@@ -204,4 +203,4 @@ def test_interpreted_decode_mode_admits_cpu_for_decode_only(monkeypatch):
     with pytest.raises(C.ConfigError, match="^--device"):
         C.validate_with_server_args(claa, _server_args(device="cpu"))
     assert backend_class_for("cpu") is SparseTorchNativeDecodeBackend
-    assert issubclass(SparseTorchNativeDecodeBackend, SparseDecodeMixin)
+    assert SparseTorchNativeDecodeBackend._make_decoder is not SparseTorchNativeAttnBackend._make_decoder

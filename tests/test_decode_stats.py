@@ -1,15 +1,13 @@
-"""The served decode statistics (``SparseDecodeMixin.decode_stats``) from a wrapper's buffers: the
+"""The served decode statistics (``SparseDecoder.decode_stats``) from a wrapper's buffers: the
 fraction of KV pages read counts the pages actually loaded (ART's concurrent tails included), the
 ART blocks are the pages in the output. CPU only: the buffers are filled by hand."""
 
 import types
 
-import pytest
-
 import torch
 
 from flashinfer_ext.decode import SparseDecodeWrapper
-from sglang_sparse.sparse_decode import SparseDecodeMixin
+from sglang_sparse.sparse_decode import SparseDecoder
 
 
 def _wrapper(art: bool, gen: torch.Generator):
@@ -32,7 +30,7 @@ def test_decode_stats_counts_loaded_pages():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     for art in (True, False):
         w, npg, blocks, loaded = _wrapper(art, gen)
-        stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+        stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
         read = (loaded if art else blocks).double()
         expect = read.sum() / (npg.double()[:, None].expand_as(read)).sum()
         assert abs(stats["pages_read_frac"] - float(expect)) < 1e-6, (art, stats, float(expect))
@@ -48,33 +46,11 @@ def test_decode_stats_skip_reused_lists():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     w, _, _, _ = _wrapper(True, gen)
     w.cur_dhat[0] = float("nan")
-    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     fresh = w.cur_dhat[1: w.bs]
     assert abs(stats["delta_hat_mean"] - float(fresh.mean())) < 1e-6
     assert abs(stats["delta_hat_max"] - float(fresh.max())) < 1e-6
     w.cur_dhat[: w.bs] = float("nan")
-    stats = SparseDecodeMixin.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
 
-
-def test_plan_kwargs_fused_switch(monkeypatch):
-    """SGLANG_SPARSE_FUSED=1 turns on the one-launch kernel variants; otherwise the plan asks for neither."""
-    from sglang_sparse.config import SparseConfig
-    from sglang_sparse.sparse_decode import FUSED_ENV
-
-    m = types.SimpleNamespace(page_size=32, sparse_config=SparseConfig.from_dict(
-        {"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}}))
-    monkeypatch.delenv(FUSED_ENV, raising=False)
-    kw = SparseDecodeMixin._make_plan_kwargs(m)
-    assert kw["mode"] == "prhs" and kw["art"] and "fused_select" not in kw and "fused_merge" not in kw
-    monkeypatch.setenv(FUSED_ENV, "1")
-    kw = SparseDecodeMixin._make_plan_kwargs(m)
-    assert kw["fused_select"] is True and kw["fused_merge"] is True and kw["budget"] == 1 / 16
-    for value, want in (("merge", {"fused_merge"}), ("select", {"fused_select"})):
-        monkeypatch.setenv(FUSED_ENV, value)
-        assert {k for k in SparseDecodeMixin._make_plan_kwargs(m) if k.startswith("fused_")} == want
-    monkeypatch.setenv(FUSED_ENV, "yes")
-    from sglang_sparse.config import ConfigError
-
-    with pytest.raises(ConfigError, match=FUSED_ENV):
-        SparseDecodeMixin._make_plan_kwargs(m)

@@ -31,7 +31,7 @@ def _record_launches(drive):
         names = self.arg_names
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
-        opts = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages", "launch_pdl")}
+        opts = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages")}
         sig, consts, attrs = {}, {}, {}
         for i, name in enumerate(names):
             v = bound.get(name)
@@ -69,6 +69,7 @@ def _drive_wrappers():
     from flashinfer_ext.claa_score import ClaaWindowScorer
     from flashinfer_ext.decode import SparseDecodeWrapper
     from flashinfer_ext.summaries import update_page_summaries
+    from kernel_cases import art_p, every_page, sel, tune
 
     P, ctx, bs = 32, 32768, 8
     num_pages = bs * ctx // P + 2
@@ -82,25 +83,14 @@ def _drive_wrappers():
     q = torch.empty(bs, H_Q, D, dtype=torch.bfloat16)
     w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu",
                             reuse_slots=1, max_reqs=bs + 1)
-    art = dict(art=True, tau_mag=0.01, tau_dir=1e-4, patience=2, min_blocks=4)
-    for cfg in (dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05),
-                dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_iters=4),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=64, bounds_heads=8),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_block_p=128, bounds_heads=4, bounds_iters=2),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, select_warps=8),
-                dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, fused_select=True),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_merge=True),
-                dict(mode="dense", fused_merge=True),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, fused_merge=True, **art),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, eps_cert=0.01, **art),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, art_head_pages=8, **art),
-                dict(mode="dense", **art), dict(mode="dense", art_order="natural", **art),
-                # programmatic dependent launch (on by default on Hopper GPUs; CPU tensors default to off)
-                dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=True),
-                dict(mode="prhs", budget=1 / 16, delta=0.0, reselect=True, dilation=1, pdl=True),
-                dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, fused_merge=True, pdl=True),
-                dict(mode="dense", pdl=True, **art)):
+    a = art_p(0.01, 1e-4, patience=2, min_blocks=4)
+    for cfg in (dict(), dict(pages=sel(1 / 16, 0.05)),
+                dict(pages=sel(1 / 16, 0.0, dilation=1), reselect=True),
+                dict(pages=sel(1 / 16, 0.05), tuning=tune(bounds_block_p=64, bounds_iters=4)),
+                dict(pages=sel(1 / 16, 0.05), tuning=tune(bounds_block_p=128, bounds_iters=2, select_warps=8)),
+                dict(pages=sel(1 / 16, 0.05), art=art_p(0.01, 1e-4, 2, 4, eps_cert=0.01)),
+                dict(pages=sel(1 / 16, 0.05), art=a, tuning=tune(art_head_pages=8)),
+                dict(pages=every_page(), art=a), dict(art=a)):
         w.plan(r2t, rows, lens, **cfg)
         w.run(q, kc, vc, kmin, kmax)
         w.run(q, kc, vc, kmin, kmax, select=False)
@@ -123,22 +113,13 @@ def test_all_launches_compile_for_sm90():
     launches = _record_launches(_drive_wrappers)
     names = {k[0] for k in launches}
     assert {"_page_table_kernel", "_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel",
-            "_bounds_select_kernel",
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
             "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel"} <= names, names
     failures = []
-    pdl_kernels = set()
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options=dict(opts))
-            if opts.get("launch_pdl"):
-                pdl_kernels.add(key[0])
-                assert "griddepcontrol.wait" in k.asm["ptx"], "a PDL launch without griddepcontrol.wait"
-            else:
-                assert "griddepcontrol" not in k.asm["ptx"], "griddepcontrol in a launch without PDL"
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(opts))
         except Exception as exc:  # noqa: BLE001
             failures.append(f"{key[0]} {dict(key[2])} {opts}: {type(exc).__name__}: {str(exc)[:500]}")
     assert not failures, "\n".join(failures)
-    assert {"_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel", "_bounds_select_kernel",
-            "_decode_split_kernel", "_merge_splits_kernel"} <= pdl_kernels, pdl_kernels

@@ -17,13 +17,17 @@ minute on two cores.
 import pytest
 
 from kernel_cases import (
+    art_p,
     check_claa,
     check_decode,
     check_page_summaries,
     check_reuse,
     check_selection_ties,
+    every_page,
     fresh_seed,
     interpreter_device,
+    sel,
+    tune,
 )
 
 DEVICE = interpreter_device("tests/test_kernels_cpu.py")   # before flashinfer_ext's kernels are defined
@@ -51,29 +55,26 @@ def test_page_summaries_extend_decode_reuse(page_size):
 
 def test_dense_decode():
     check_decode([150, 37, 64], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="dense", num_splits=3, pages_per_iter=2),
-                  dict(mode="dense", num_splits=3, fused_merge=True)])      # the last split merges
+                 [dict(), dict(tuning=tune(num_splits=3, pages_per_iter=2))])
 
 
 def test_decode_kv_start():
     # CLAA's post-filter layers: each request reads only its last pages (kept tokens + decode tokens)
     check_decode([150, 37, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="prhs", budget=0.5, delta=0.05)], kv_start_pages=[4, 0, 3])
+                 [dict(), dict(pages=sel(0.5, 0.05))], kv_start_pages=[4, 0, 3])
 
 
 def test_prhs_select_and_decode_random():
     check_decode([230, 97], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="prhs", budget=0.5, delta=0.05),
-                  dict(mode="prhs", budget=4, delta=0.0, sink_pages=2, recent_pages=1, num_splits=2),
-                  dict(mode="prhs", budget=0.5, delta=0.05, fused_select=True, bounds_block_p=16, fused_merge=True)])
+                 [dict(pages=sel(0.5, 0.05)), dict(pages=sel(4, 0.0, sink=2, recent=1), tuning=tune(num_splits=2))])
 
 
 def test_prhs_select_and_decode_structured():
     # peaked attention: the certificate stops the selection before the budget
     check_decode([260, 150], 16, H_Q, H_KV, D, 16, DEVICE, fresh_seed(),
-                 [dict(mode="prhs", budget=0.75, delta=0.05),
-                  dict(mode="prhs", budget=1.0, delta=0.6, sink_pages=0, recent_pages=1),   # delta binds
-                  dict(mode="prhs", budget=2, delta=0.05, sink_pages=2, recent_pages=2)],  # budget < forced
+                 [dict(pages=sel(0.75, 0.05)),
+                  dict(pages=sel(1.0, 0.6, sink=0, recent=1)),      # delta binds
+                  dict(pages=sel(2, 0.05, sink=2, recent=2))],      # budget < forced
                  structured=True)
 
 
@@ -81,12 +82,8 @@ def test_prhs_select_many_pages():
     # many more candidate pages than the sorted tile (budget 10 of 190 pages sorts 16): the selector's
     # k-th-largest search decides which pages reach the sort, so an error in it changes the selection
     check_decode([3030, 2000], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="prhs", budget=10, delta=0.0),
-                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=3),
-                  # every KV head's bounds from one program per (request, chunk)
-                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_heads=H_KV),
-                  # bounds and selection in one launch: each request's last chunk program selects
-                  dict(mode="prhs", budget=0.05, delta=0.05, bounds_block_p=16, bounds_iters=2, fused_select=True)])
+                 [dict(pages=sel(10, 0.0)),
+                  dict(pages=sel(0.05, 0.05), tuning=tune(bounds_block_p=16, bounds_iters=3))])
 
 
 def test_prhs_selection_ties():
@@ -95,37 +92,34 @@ def test_prhs_selection_ties():
 
 def test_art_prhs_structured():
     seed = fresh_seed()
-    art_cfg = dict(art=True, tau_mag=0.03, tau_dir=1e-3, patience=2, min_blocks=2)
+    a = art_p(0.03, 1e-3, patience=2, min_blocks=2)
     check_decode([300, 200], 16, H_Q, H_KV, D, D, DEVICE, seed,
-                 [dict(mode="prhs", budget=1.0, delta=0.0, **art_cfg),                        # sequential
-                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, **art_cfg),
-                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, **art_cfg),       # certified
-                  dict(mode="prhs", budget=0.8, delta=0.01, eps_cert=0.05, fused_select=True, **art_cfg),
-                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=5, num_splits=3, fused_merge=True,
-                       **art_cfg),                                           # head + tails, the last merges
-                  dict(mode="prhs", budget=1.0, delta=0.0, art_head_pages=4, art_tail_pages=2, **art_cfg)],
+                 [dict(pages=sel(1.0, 0.0), art=a),                                            # sequential
+                  dict(pages=sel(1.0, 0.0), art=a, tuning=tune(art_head_pages=5, num_splits=3)),
+                  dict(pages=sel(0.8, 0.01), art=art_p(0.03, 1e-3, 2, 2, eps_cert=0.05)),      # certified
+                  dict(pages=sel(1.0, 0.0), art=a, tuning=tune(art_head_pages=4, art_tail_pages=2))],
                  structured=True)
 
 
 def test_art_dense_orders():
-    art_cfg = dict(art=True, tau_mag=0.05, tau_dir=2e-3, patience=1, min_blocks=3)
+    a = art_p(0.05, 2e-3, patience=1, min_blocks=3)
     check_decode([170, 120], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="dense", art_order="bound", **art_cfg),
-                  dict(mode="dense", art_order="natural", **art_cfg)],
+                 [dict(pages=every_page(), art=a),          # every page in bound order
+                  dict(art=a)],                             # natural order
                  structured=True)
 
 
-@pytest.mark.parametrize("dilation,fused", [(0, False), (1, False), (1, True)])
-def test_prhs_reuse_across_steps(dilation, fused):
-    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation, fused_select=fused)
+@pytest.mark.parametrize("dilation", [0, 1])
+def test_prhs_reuse_across_steps(dilation):
+    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation)
 
 
 def test_art_dense_whole_list_head_gqa3():
     """SmolLM2's shapes (9 query / 3 KV heads, d 64): a batch that fills the (small) GPU gives ART's
     sequential head the whole bound-ordered list, shorter than the planned list length."""
-    art_cfg = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
     check_decode([230, 75, 140], 32, 9, 3, 64, 64, DEVICE, fresh_seed(),
-                 [dict(mode="dense", **art_cfg), dict(mode="prhs", budget=1 / 4, delta=0.05, **art_cfg)],
+                 [dict(pages=every_page(), art=a), dict(pages=sel(1 / 4, 0.05), art=a)],
                  structured=True, max_seq_len=512, num_sms=4)
 
 
@@ -149,12 +143,12 @@ def test_bounds_checker_catches_out_of_bounds():
 
 
 def test_check_mode_catches_bad_lists_and_output():
-    """SGLANG_SPARSE_CHECK's validation passes a correct run and names a list page outside the request's
+    """The wrapper's check mode (SGLANG_SPARSE_CHECK=1 in a server) passes a correct run and names a list page outside the request's
     table, a repeated page, and a non-finite output (each injected after the real kernels ran)."""
     import math
 
     import torch
-    from kernel_cases import make_pool, reference_summaries
+    from kernel_cases import make_pool, reference_summaries, sel
 
     from flashinfer_ext.decode import SparseDecodeWrapper
 
@@ -162,9 +156,8 @@ def test_check_mode_catches_bad_lists_and_output():
     P = 16
     pool = make_pool([200, 90], P, H_Q, H_KV, D, D, DEVICE, gen, structured=True)
     kmin, kmax = reference_summaries(pool)
-    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=3, max_seq_len=256, device=DEVICE)
-    w.check = True
-    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, mode="prhs", budget=1 / 2, delta=0.05)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=3, max_seq_len=256, device=DEVICE, check=True)
+    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 2, 0.05))
     out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
     assert torch.isfinite(out.float()).all()
     select, decode = w._launch_select, w._launch_decode
@@ -195,8 +188,7 @@ def test_selection_negative_bounds():
     """Pages whose upper bounds are far below zero (real models' keys; random keys give positive bounds):
     the selector's sort must still place every candidate before its empty padding. Dense + ART orders all
     pages by bound (most of them negative); PrHS at budget 1/2 keeps many negative-bound pages too."""
-    art_cfg = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
     check_decode([300, 230, 140], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
-                 [dict(mode="dense", **art_cfg), dict(mode="prhs", budget=1 / 2, delta=0.0),
-                  dict(mode="prhs", budget=1 / 2, delta=0.05, **art_cfg)],
+                 [dict(pages=every_page(), art=a), dict(pages=sel(1 / 2, 0.0)), dict(pages=sel(1 / 2, 0.05), art=a)],
                  structured=True, negative=True)

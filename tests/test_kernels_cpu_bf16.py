@@ -18,16 +18,17 @@ import math
 
 import pytest
 
-from kernel_cases import fresh_seed, interpreter_device, make_pool, reference_summaries, rel_err
+from kernel_cases import art_p, every_page, fresh_seed, interpreter_device, make_pool, reference_summaries, rel_err, sel
 
 DEVICE = interpreter_device("tests/test_kernels_cpu_bf16.py")   # before flashinfer_ext's kernels are defined
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot", "interpreter_bounds_check")
 
 H_Q, H_KV, D, P = 9, 3, 64, 32
-NEVER = dict(art=True, tau_mag=0.0, tau_dir=0.0, patience=2, min_blocks=4)
-PLANS = [dict(mode="dense"), dict(mode="dense", **NEVER), dict(mode="prhs", budget=1 / 4, delta=0.0),
-         dict(mode="prhs", budget=1 / 4, delta=0.0, **NEVER)]
+NEVER = art_p(0.0, 0.0, patience=2, min_blocks=4)        # ART that cannot stop
+# (name, plan keywords): dense, dense + ART (every page in bound order), PrHS 1/4, PrHS 1/4 + ART
+PLANS = [("dense", dict()), ("dense", dict(pages=every_page(), art=NEVER)), ("prhs", dict(pages=sel(1 / 4, 0.0))),
+         ("prhs", dict(pages=sel(1 / 4, 0.0), art=NEVER))]
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def _reference(pool, w, cfg):
     outs = []
     for b in range(len(pool.slots)):
         q, k, v = pool.logical(b)
-        if cfg["mode"] == "dense":
+        if cfg.get("pages") is None:
             outs.append(prhs.dense_attention(q, k, v, 1 / math.sqrt(D)))
         else:
             outs.append(prhs.sparse_attention(q, k, v, P, w.pages[b].long(), w.num_selected[b].long(),
@@ -87,18 +88,17 @@ def test_interpreted_server_decode_runs_bf16_in_float32(triton_bf16_dot):
 
     import torch
 
-    from sglang_sparse.backend import SparseTorchNativeDecodeBackend
+    from sglang_sparse.backend import _interpret_in_float32
 
     seed = fresh_seed()
     pool = _pool(seed)
     kmin, kmax = reference_summaries(pool)
     plain = _wrapper(pool)
-    backend = types.SimpleNamespace(_decode_on=True, _q_dtype=torch.bfloat16, decode_wrapper=_wrapper(pool),
-                                    decode_wrapper_kept=None)
-    SparseTorchNativeDecodeBackend._interpret_in_float32(backend)
+    backend = types.SimpleNamespace(_q_dtype=torch.bfloat16, decode_wrapper=_wrapper(pool), decode_wrapper_kept=None)
+    _interpret_in_float32(backend)
     w = backend.decode_wrapper
-    for cfg in PLANS:
-        tag = f"seed={seed} {cfg}"
+    for mode, cfg in PLANS:
+        tag = f"seed={seed} {mode} {cfg}"
         w.plan(pool.req_to_token, pool.rows, pool.seq_lens, q_dtype=backend._q_dtype, **cfg)
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
         assert out.dtype == torch.bfloat16, f"{tag}: output dtype {out.dtype}"
@@ -109,9 +109,9 @@ def test_interpreted_server_decode_runs_bf16_in_float32(triton_bf16_dot):
         if cfg.get("art"):
             _check_never_stops(w, tag)
     # the same bf16 pool through the kernels as they are: what the detour avoids
-    plain.plan(pool.req_to_token, pool.rows, pool.seq_lens, mode="dense")
+    plain.plan(pool.req_to_token, pool.rows, pool.seq_lens)
     out = plain.run(pool.q, pool.kc, pool.vc)
-    ref = _reference(pool, plain, dict(mode="dense"))
+    ref = _reference(pool, plain, dict())
     e = rel_err(out[0], ref[0])
     assert not e < 0.5, (f"seed={seed}: Triton's interpreter now computes a bf16 decode (rel err {e:.2e}); "
                          "the interpreted backend's float32 detour may be unnecessary")
@@ -126,11 +126,11 @@ def test_art_that_cannot_stop_equals_no_art_bf16():
     kmin, kmax = reference_summaries(pool)
     w = _wrapper(pool)
     outs = {}
-    for cfg in PLANS:
-        tag = f"seed={seed} {cfg}"
+    for mode, cfg in PLANS:
+        tag = f"seed={seed} {mode} {cfg}"
         w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
         out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax).clone()
-        outs[(cfg["mode"], cfg.get("art", False))] = out
+        outs[(mode, cfg.get("art") is not None)] = out
         ref = _reference(pool, w, cfg)
         for b in range(len(pool.slots)):
             # the interpreter truncates fp32 -> bf16 casts (p before the PV product, the output)

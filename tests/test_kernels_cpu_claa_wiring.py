@@ -58,9 +58,11 @@ def _setup(monkeypatch, cfg, r2t):
                                                       hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"])))
     replans = []
     kbuf = torch.zeros(8, H_KV, D, device=DEVICE)
-    backend = SimpleNamespace(token_to_kv_pool=SimpleNamespace(get_key_buffer=lambda lid: kbuf, start_layer=0),
-                              _claa_replan=lambda fb: replans.append(list(fb.extend_seq_lens_cpu)))
-    return CP.ClaaPrefill(backend, mr, cfg, num_layers=L), layers, model, seen, replans
+    pool = SimpleNamespace(get_key_buffer=lambda lid: kbuf, start_layer=0)
+    state = SimpleNamespace(md=CP.ForwardMetadata())      # the backend's per-forward metadata
+    cp = CP.ClaaPrefill(mr, cfg, L, pool, replan=lambda fb: replans.append(list(fb.extend_seq_lens_cpu)),
+                        metadata=lambda: state.md)
+    return cp, state, layers, model, seen, replans
 
 
 def _run_model(layers, model, fb, hidden):
@@ -79,15 +81,13 @@ def test_claa_wiring_against_reference(monkeypatch, seed):
                  "req_pool_indices", "seq_lens"):
         setattr(fb, name, getattr(fb, name).to(DEVICE))
     orig_pos = fb.positions.clone()
-    cp, layers, model, seen, replans = _setup(monkeypatch, cfg, r2t)
+    cp, state, layers, model, seen, replans = _setup(monkeypatch, cfg, r2t)
     assert cp.active and cp.filter_layer == F and cp.agg_layers == {2, 3}
 
     kept = {0: CP.kept_count(lens[0], cfg, P), 2: CP.kept_count(lens[2], cfg, P)}
-    CP.PENDING.clear()
-    CP.PENDING.update({"r0": kept[0], "r2": kept[2]})
     cp.drop.fill_(-1)
-    cp.begin(fb, use_ragged=True)
-    assert not CP.PENDING
+    state.md = CP.ForwardMetadata(forward_batch=fb, claa_kept=[kept[0], None, kept[2]])
+    state.md.claa = cp.begin(fb, use_ragged=True, kept=state.md.claa_kept)
     drops = cp.drop[fb.req_pool_indices].tolist()
     assert drops == [lens[0] - kept[0], 0, lens[2] - kept[2]] and drops[0] % P == 0 and drops[2] % P == 0
 
@@ -145,9 +145,9 @@ def test_claa_wiring_against_reference(monkeypatch, seed):
     for name in ("positions", "out_cache_loc", "extend_seq_lens", "extend_start_loc", "extend_prefix_lens",
                  "seq_lens"):
         setattr(fb2, name, getattr(fb2, name).to(DEVICE))
-    fb2.rids = ["r0", "r1"]
-    cp.begin(fb2, use_ragged=True)
-    assert fb2._claa_plan is None and cp.drop[fb2.req_pool_indices].tolist() == [0, 0]
+    state.md = CP.ForwardMetadata(forward_batch=fb2, claa_kept=[None, None])
+    state.md.claa = cp.begin(fb2, use_ragged=True, kept=state.md.claa_kept)
+    assert state.md.claa is None and cp.drop[fb2.req_pool_indices].tolist() == [0, 0]
     out2 = _run_model(layers, model, fb2, torch.randn(130, HID, generator=gen).to(DEVICE))
     for lid in range(L):
         assert len(seen[lid]) == seen_before[lid] + 1 and seen[lid][-1][1] == 130

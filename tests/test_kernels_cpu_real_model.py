@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_cases import check_decode, fresh_seed, interpreter_device, pool_from_kv
+from kernel_cases import art_p, check_decode, every_page, fresh_seed, interpreter_device, pool_from_kv, sel
 
 DEVICE = interpreter_device("tests/test_kernels_cpu_real_model.py")   # before flashinfer_ext's kernels are defined
 
@@ -108,11 +108,11 @@ def test_decode_kernels_on_smollm2_layers():
     layers = _test_layers(negative, int(os.environ.get("SGLANG_SPARSE_REAL_LAYERS", "4")))
     qs, ks, vs = [qs[i] for i in layers], [ks[i] for i in layers], [vs[i] for i in layers]
     pool = pool_from_kv(qs, ks, vs, P, DEVICE, torch.Generator().manual_seed(seed))
-    art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
     h_q, h_kv, d = qs[0].shape[0], ks[0].shape[1], ks[0].shape[2]
     check_decode(None, P, h_q, h_kv, d, d, DEVICE, seed,
-                 [dict(mode="dense"), dict(mode="dense", **art), dict(mode="prhs", budget=1 / 16, delta=0.05),
-                  dict(mode="prhs", budget=1 / 4, delta=0.05, **art)],
+                 [dict(), dict(pages=every_page(), art=a), dict(pages=sel(1 / 16, 0.05)),
+                  dict(pages=sel(1 / 4, 0.05), art=a)],
                  pool=pool, max_seq_len=max(k.shape[0] for k in ks) + P, num_sms=2 * len(layers) * h_kv)
     # the regime this test exists for: real keys give pages with upper bounds far below zero
     ub_negative = sum(negative[i] for i in layers)

@@ -47,16 +47,20 @@ pytestmark = [
 ]
 
 from kernel_cases import (  # noqa: E402
+    art_p,
     check_claa,
     check_decode,
     check_page_summaries,
     check_reuse,
     check_selection_ties,
+    every_page,
     fresh_seed,
     make_pool,
     poison_wrapper,
     reference_summaries,
     rel_err,
+    sel,
+    tune,
 )
 
 H_Q, H_KV, D = 32, 8, 128
@@ -75,37 +79,27 @@ def test_page_summaries(page_size):
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_dense_decode(page_size):
     check_decode([8192, 32768, 5000, 777], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="dense", num_splits=5), dict(mode="dense", fused_merge=True)])
+                 [dict(), dict(tuning=tune(num_splits=5))])
 
 
 def test_decode_kv_start():
     # CLAA's post-filter layers read a page-aligned suffix of each filtered request
     check_decode([32768, 8192, 5000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="dense"), dict(mode="prhs", budget=1 / 16, delta=0.05)], kv_start_pages=[900, 0, 100])
+                 [dict(), dict(pages=sel(1 / 16, 0.05))], kv_start_pages=[900, 0, 100])
 
 
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_prhs_decode_random(page_size):
     check_decode([32768, 8192, 20000], page_size, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1 / 8, delta=0.01),
-                  dict(mode="prhs", budget=64, delta=0.0, sink_pages=4, recent_pages=4, bounds_heads=8),
-                  dict(mode="prhs", budget=1 / 16, delta=0.05, bounds_heads=2, bounds_iters=4),
-                  dict(mode="prhs", budget=1 / 16, delta=0.05, fused_select=True, bounds_iters=4, select_warps=8,
-                       fused_merge=True)])
-
-
-def test_decode_with_and_without_pdl():
-    """Plain stream order (pdl=False, the default) and programmatic dependent launch (pdl=True) side by side."""
-    art = dict(art=True, tau_mag=0.02, tau_dir=5e-4, patience=2, min_blocks=4)
-    check_decode([9000, 20000, 4100], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=False), dict(mode="dense", pdl=False, **art),
-                  dict(mode="prhs", budget=1 / 16, delta=0.05, pdl=True)], structured=True)
+                 [dict(pages=sel(1 / 16, 0.05)), dict(pages=sel(1 / 8, 0.01)),
+                  dict(pages=sel(64, 0.0, sink=4, recent=4)),
+                  dict(pages=sel(1 / 16, 0.05), tuning=tune(bounds_iters=4, select_warps=8))])
 
 
 def test_prhs_decode_structured():
     check_decode([32768, 8192, 16000, 3000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="prhs", budget=1 / 16, delta=0.05), dict(mode="prhs", budget=1.0, delta=0.5),
-                  dict(mode="prhs", budget=1 / 8, delta=0.6, sink_pages=0, recent_pages=1)],
+                 [dict(pages=sel(1 / 16, 0.05)), dict(pages=sel(1.0, 0.5)),
+                  dict(pages=sel(1 / 8, 0.6, sink=0, recent=1))],
                  structured=True)
 
 
@@ -114,26 +108,23 @@ def test_prhs_selection_ties():
 
 
 def test_art_decode_structured():
-    art_cfg = dict(art=True, tau_mag=0.02, tau_dir=5e-4, patience=2, min_blocks=4)
+    a = art_p(0.02, 5e-4, patience=2, min_blocks=4)
     check_decode([8192, 4000, 6000], 32, H_Q, H_KV, D, D, DEV, fresh_seed(),
-                 [dict(mode="prhs", budget=1 / 4, delta=0.0, **art_cfg),
-                  dict(mode="prhs", budget=1 / 4, delta=0.0, art_head_pages=12, **art_cfg),
-                  dict(mode="prhs", budget=1 / 8, delta=0.05, eps_cert=0.05, **art_cfg),
-                  dict(mode="dense", **art_cfg),
-                  dict(mode="prhs", budget=1 / 4, delta=0.0, art_head_pages=12, fused_merge=True, **art_cfg)],
+                 [dict(pages=sel(1 / 4, 0.0), art=a),
+                  dict(pages=sel(1 / 4, 0.0), art=a, tuning=tune(art_head_pages=12)),
+                  dict(pages=sel(1 / 8, 0.05), art=art_p(0.02, 5e-4, 2, 4, eps_cert=0.05)),
+                  dict(pages=every_page(), art=a)],
                  structured=True)
 
 
-@pytest.mark.parametrize("dilation,fused", [(0, False), (2, False), (2, True)])
-def test_prhs_reuse_across_steps(dilation, fused):
-    check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16,
-                fused_select=fused)
+@pytest.mark.parametrize("dilation", [0, 2])
+def test_prhs_reuse_across_steps(dilation):
+    check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16)
 
 
-@pytest.mark.parametrize("mode,art,reuse,fused", [("prhs", False, False, False), ("prhs", True, False, False),
-                                                  ("dense", False, False, False), ("prhs", False, True, False),
-                                                  ("prhs", False, True, True), ("prhs", True, False, True)])
-def test_cuda_graph_capture_replay(mode, art, reuse, fused):
+@pytest.mark.parametrize("mode,art,reuse", [("prhs", False, False), ("prhs", True, False), ("dense", False, False),
+                                            ("prhs", False, True)])
+def test_cuda_graph_capture_replay(mode, art, reuse):
     """plan() outside the graph, run() captured once, replayed for two different batches of the same
     size (new queries, new lengths, new page placement), each checked against the reference;
     run() allocates nothing. ``reuse``: captured with per-request reselection flags, replayed for a
@@ -146,10 +137,10 @@ def test_cuda_graph_capture_replay(mode, art, reuse, fused):
     gen = torch.Generator().manual_seed(seed)
     P = 32
     max_len = 16384
-    cfg = dict(mode=mode, budget=1 / 8, delta=0.05, art=art, tau_mag=0.02, tau_dir=5e-4, patience=2,
-               min_blocks=4, seq_len_hint=max_len, fused_select=fused, fused_merge=fused)
+    cfg = dict(pages=sel(1 / 8, 0.05, dilation=1) if mode == "prhs" else None,
+               art=art_p(0.02, 5e-4, patience=2, min_blocks=4) if art else None, tuning=tune(seq_len_hint=max_len))
     if reuse:
-        cfg.update(reselect=True, dilation=1)
+        cfg.update(reselect=True)
     batches = [make_pool([12000, 5000, 16000], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len),
                make_pool([9000, 16384, 300], P, H_Q, H_KV, D, D, DEV, gen, structured=True, max_ctx=max_len)]
     num_pages = max(p.num_pages for p in batches)
@@ -236,8 +227,8 @@ def test_cuda_graph_capture_replay(mode, art, reuse, fused):
                 lo, hi = prhs.page_summaries(k, P)
                 ub, lb = prhs.page_bounds(qq, lo, hi, sm_scale)
                 bud = max(min(npg, 3), min(npg, math.ceil(npg / 8)))
-                sel = prhs.select_pages(ub, lb, prhs.page_lengths(n, P, device=k.device), 0.05, bud, 1, 2)
-                ref = prhs.sparse_attention(qq, k, v, P, sel.pages, sel.num_selected, sm_scale)
+                chosen = prhs.select_pages(ub, lb, prhs.page_lengths(n, P, device=k.device), 0.05, bud, 1, 2)
+                ref = prhs.sparse_attention(qq, k, v, P, chosen.pages, chosen.num_selected, sm_scale)
             e = rel_err(out[b], ref)
             assert e <= 1e-2, f"seed={seed} {mode} b={b}: replay rel err {e:.3e}"
 
@@ -261,11 +252,11 @@ def test_art_smollm2_server_shapes():
     import random
 
     rng = random.Random(fresh_seed())
-    art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
     for bs in (1, 8, 30):
         lens = [rng.randint(900, 7300) for _ in range(bs)]
         check_decode(lens, 32, 9, 3, 64, 64, DEV, fresh_seed(),
-                     [dict(mode="dense", **art), dict(mode="prhs", budget=1 / 16, delta=0.05, **art)],
+                     [dict(pages=every_page(), art=a), dict(pages=sel(1 / 16, 0.05), art=a)],
                      structured=True, max_seq_len=8196)
         torch.cuda.synchronize()
 
@@ -278,11 +269,11 @@ def test_art_smollm2_negative_bounds():
     import random
 
     rng = random.Random(fresh_seed())
-    art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
     for bs in (1, 30):
         lens = [rng.randint(900, 7300) for _ in range(bs)]
         check_decode(lens, 32, 9, 3, 64, 64, DEV, fresh_seed(),
-                     [dict(mode="dense", **art), dict(mode="prhs", budget=1 / 2, delta=0.05, **art)],
+                     [dict(pages=every_page(), art=a), dict(pages=sel(1 / 2, 0.05), art=a)],
                      structured=True, negative=True, max_seq_len=8196)
         torch.cuda.synchronize()
 
@@ -301,7 +292,7 @@ def test_art_server_loop_with_stops():
     rng = random.Random(fresh_seed())
     h_q, h_kv, d, P = 9, 3, 64, 32
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=64, max_seq_len=8196, device=DEV)
-    loose = dict(art=True, tau_mag=0.5, tau_dir=0.5, patience=1, min_blocks=1)
+    loose = art_p(0.5, 0.5, patience=1, min_blocks=1)
     stops = []
     for step in range(8):
         seed = fresh_seed()
@@ -313,8 +304,8 @@ def test_art_server_loop_with_stops():
             shared = (min(lens[0], lens[1]) // 2 // P) * P
             pool.req_to_token[pool.rows[1], :shared] = pool.req_to_token[pool.rows[0], :shared]
         kmin, kmax = reference_summaries(pool)
-        for cfg in (dict(mode="dense", **loose), dict(mode="prhs", budget=1 / 16, delta=0.05, **loose)):
-            tag = f"seed={seed} step={step} bs={bs} {cfg['mode']}"
+        for cfg in (dict(pages=every_page(), art=loose), dict(pages=sel(1 / 16, 0.05), art=loose)):
+            tag = f"seed={seed} step={step} bs={bs} {cfg['pages']}"
             w.plan(pool.req_to_token, pool.rows, pool.seq_lens, q_dtype=torch.bfloat16, **cfg)
             first = None
             for layer in range(30):
@@ -424,10 +415,11 @@ def test_art_bf16_equals_dense_on_real_models(which):
         assert e <= 1e-2, f"{tag0} layer {b}: transformers' attention vs float64 on the captured inputs {e:.2e}"
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=bs, max_seq_len=int(pool.seq_lens.max()) + P, device=DEV)
     kmin, kmax = reference_summaries(pool)
-    never = dict(art=True, tau_mag=0.0, tau_dir=0.0, patience=2, min_blocks=4)
-    pairs = [(dict(mode="dense"), dict(mode="dense", art_order="bound", **never)),
-             (dict(mode="dense"), dict(mode="dense", art_order="natural", **never)),
-             (dict(mode="prhs", budget=1 / 4, delta=0.05), dict(mode="prhs", budget=1 / 4, delta=0.05, **never))]
+    never = art_p(0.0, 0.0, patience=2, min_blocks=4)      # ART that cannot stop
+    # (without ART, with ART): every page in bound order, every page in natural order, PrHS 1/4
+    pairs = [(dict(), dict(pages=every_page(), art=never)),
+             (dict(), dict(art=never)),
+             (dict(pages=sel(1 / 4, 0.05)), dict(pages=sel(1 / 4, 0.05), art=never))]
     for base_cfg, art_cfg in pairs:
         outs = []
         for cfg in (base_cfg, art_cfg):
@@ -444,7 +436,7 @@ def test_art_bf16_equals_dense_on_real_models(which):
             assert torch.equal(w.num_selected, lists[1]) and torch.equal(w.pages, lists[0]), \
                 f"{tag}: the selection changed with ART"
         for b in range(bs):
-            ref = refs[b] if base_cfg["mode"] == "dense" else prhs.sparse_attention(
+            ref = refs[b] if base_cfg.get("pages") is None else prhs.sparse_attention(
                 *pool.logical(b), P, lists[0][b].long(), lists[1][b].long(), sm_scale)
             e_art = rel_err(outs[1][b], outs[0][b])
             assert e_art <= 5e-3, f"{tag} layer {b}: ART (never stopping) vs the same list without ART {e_art:.2e}"
@@ -453,9 +445,9 @@ def test_art_bf16_equals_dense_on_real_models(which):
                 assert e <= 1e-2, f"{tag} layer {b}: {name} vs float64 {e:.2e}"
     # the server's default thresholds: ART's decisions, outputs and bounds against the float64 reference
     if abs(sm_scale - d ** -0.5) < 1e-6 * sm_scale:
-        art = dict(art=True, tau_mag=1e-3, tau_dir=1e-6, patience=2, min_blocks=4)
-        check_decode(None, P, h_q, h_kv, d, d, DEV, seed, [dict(mode="dense", **art),
-                                                            dict(mode="prhs", budget=1 / 4, delta=0.05, **art)],
+        art = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
+        check_decode(None, P, h_q, h_kv, d, d, DEV, seed, [dict(pages=every_page(), art=art),
+                                                            dict(pages=sel(1 / 4, 0.05), art=art)],
                      pool=pool, max_seq_len=int(pool.seq_lens.max()) + P)
 
 

@@ -101,9 +101,10 @@ def test_backend_class_for_sparse():
     assert issubclass(SparseTorchNativeAttnBackend, TorchNativeAttnBackend)
 
 
-def test_decode_mixin_delegates_everything_when_off():
-    """With PrHS and ART off, every method the decode mixin overrides calls the parent's, unchanged."""
-    from sglang_sparse.sparse_decode import SparseDecodeMixin
+def test_backend_delegates_everything_when_off():
+    """With every mechanism off (no CLAA part, no decoder), each method the sparse backend overrides calls
+    SGLang's backend method, unchanged."""
+    from sglang_sparse.backend import SparseBackendMixin
 
     calls = []
 
@@ -118,10 +119,11 @@ def test_decode_mixin_delegates_everything_when_off():
             return _name
         setattr(Parent, name, method)
 
-    class Backend(SparseDecodeMixin, Parent):
-        _decode_on = False
+    class Backend(SparseBackendMixin, Parent):
+        pass
 
     b = Backend()
+    assert b.claa is None and b.decoder is None
     fb = object()
     assert b.init_forward_metadata(fb) == "init_forward_metadata"
     assert b.init_forward_metadata_out_graph(fb, True) == "init_forward_metadata_out_graph"
@@ -136,7 +138,7 @@ def test_decode_mixin_delegates_everything_when_off():
 def test_patches_refuse_other_sglang_versions(monkeypatch):
     import sglang
 
-    import patches
+    from sglang_sparse import patches
 
     monkeypatch.setattr(sglang, "__version__", "0.5.18")
     with pytest.raises(patches.SGLangVersionError, match="0.5.17"):

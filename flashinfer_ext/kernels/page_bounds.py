@@ -12,8 +12,8 @@ ordinary dot products, so a program scores ``BLOCK_P`` pages of one (request, KV
 whole GQA group with ``tl.dot`` (rows padded to 16). For bf16 q and bf16 summaries every product is
 exact in fp32; only the fp32 summation order differs from the reference.
 
-Grid ``(bs, H_kv / HEADS, cdiv(max_pages, BLOCK_P * ITERS))``: a program scores ``ITERS`` consecutive chunks
-of ``BLOCK_P`` pages in a software-pipelined loop, for ``HEADS`` KV heads one after the other; programs past a request's page count exit, and so do
+Grid ``(bs, H_kv, cdiv(max_pages, BLOCK_P * ITERS))``: a program scores ``ITERS`` consecutive chunks
+of ``BLOCK_P`` pages in a software-pipelined loop; programs past a request's page count exit, and so do
 requests whose reselection flag ``Flag[b]`` is 0 (they reuse an earlier selection). Output
 ``UB, LB [bs, H_kv, MAX_PAGES]`` fp32 (natural-log units, sm_scale applied), read by the selector.
 """
@@ -21,26 +21,19 @@ requests whose reselection flag ``Flag[b]`` is 0 (they reuse an earlier selectio
 import triton
 import triton.language as tl
 
-from flashinfer_ext.kernels.pdl import _pdl_trigger, _pdl_wait
-
 
 @triton.jit
 def _page_bounds_kernel(Flag, Q, KMin, KMax, PageTable, NumPages, UB, LB,
                         stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
                         sm_scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ITERS: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, HEADS: tl.constexpr = 1, PDL: tl.constexpr = False):
-    _pdl_wait(PDL)          # the summaries were just updated by the previous kernel
-    _pdl_trigger(PDL)       # the selector's programs may start
+                        NUM_STAGES: tl.constexpr):
     b = tl.program_id(0)
     first = tl.program_id(2) * (BLOCK_P * ITERS)
     if (first < tl.load(NumPages + b)) & (tl.load(Flag + b) != 0):
-        # HEADS consecutive KV heads, one after the other over the same pages: a page's summaries of
-        # neighbouring heads are adjacent in memory, so their reads follow each other closely
-        for hh in tl.static_range(HEADS):
-            _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, tl.program_id(1) * HEADS + hh, first,
-                           stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
-                           sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
+        _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, tl.program_id(1), first,
+                       stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
+                       sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
 
 
 @triton.jit

@@ -22,16 +22,12 @@ pages, and compacted in ascending order with a prefix sum. The list is capped at
 import triton
 import triton.language as tl
 
-from flashinfer_ext.kernels.pdl import _pdl_trigger, _pdl_wait
-
 
 @triton.jit
 def _page_dilate_kernel(Flag, ReqIdx, StatePages, StateNum, StateNpg, NumPages, PageTable, CurPages, CurPhys,
                         CurNum, CurDhat, CurRest, Bitmap, stride_pt, stride_st_r, stride_st_h, stride_sel_b,
                         stride_sel_h, stride_bm_b, stride_bm_h, dilation, sink_pages, recent_pages, width,
-                        BLOCK_PG: tl.constexpr, PREV_PAD: tl.constexpr, PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
-    _pdl_trigger(PDL)
+                        BLOCK_PG: tl.constexpr, PREV_PAD: tl.constexpr):
     b = tl.program_id(0)
     if tl.load(Flag + b) == 0:
         h = tl.program_id(1)

@@ -25,10 +25,6 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
 fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
 ``delta == 0`` selects all the budget allows, as the reference.
 
-``_bounds_select_kernel`` fuses the page-bound kernel (:mod:`flashinfer_ext.kernels.page_bounds`) with
-this selection: the last chunk program of a (request, KV head) to finish selects for it, so selections
-overlap the bound computation of other requests (``SparseDecodeWrapper.plan(fused_select=True)``).
-
 The kernel works only on requests whose device flag ``Flag[b]`` is set (a reselection step), so that a
 CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
 each step's action is chosen per request, out of the graph, by writing the flags.
@@ -47,9 +43,6 @@ list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art
 import triton
 import triton.language as tl
 
-from flashinfer_ext.kernels.arrive import _last_to_arrive
-from flashinfer_ext.kernels.page_bounds import _bounds_chunks
-from flashinfer_ext.kernels.pdl import _pdl_trigger, _pdl_wait
 
 
 @triton.jit
@@ -95,11 +88,8 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                         state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
-    _pdl_wait(PDL)          # the bounds
-    _pdl_trigger(PDL)       # the decode's programs may load their queries meanwhile
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
                     UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
@@ -129,8 +119,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
 
     idx = tl.arange(0, BLOCK_PG)
     valid = idx < npg
-    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
-    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"))
+    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"))
     n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
     log_n = tl.log(tl.where(valid, n_p, 1.0))
     wu = tl.where(valid, log_n + ub, float("-inf"))
@@ -184,8 +174,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     # 4. the shortest prefix of that order whose certificate is <= delta (else all k_max of it):
     #    U_j = forced pages cut + candidates outside the top + top positions >= j  (suffix sum),
     #    Z_j = forced pages taken + top positions < j                              (prefix sum)
-    ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"), cache_modifier=".cg")
-    lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"), cache_modifier=".cg")
+    ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"))
+    lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"))
     log_len_s = tl.log(tl.where(top_ids == npg - 1, last_len, P).to(tl.float32))
     eu_s = tl.where(in_top, tl.exp(log_len_s + ub_s - mu), 0.0)
     el_s = tl.where(in_top, tl.exp(log_len_s + lb_s - ml), 0.0)
@@ -234,7 +224,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
         tl.debug_barrier()
         lst_ok = pos < n_sel
         lst = tl.load(sel_base + pos, mask=lst_ok, other=0)
-        ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"), cache_modifier=".cg")
+        ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"))
         len_l = tl.where(lst == npg - 1, last_len, P).to(tl.float32)
         w = tl.where(lst_ok, tl.log(len_l) + ub_l, float("-inf"))
         mw = tl.max(w, axis=0)
@@ -243,40 +233,3 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
         rest = tl.log(tl.cumsum(e, axis=0, reverse=True)) + mw
         rest_base = SelRest + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
         tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < LIST_MAX)
-
-
-@triton.jit
-def _bounds_select_kernel(Flag, Count, Q, KMin, KMax, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages,
-                          SelPhys, NumSel, CurNum, SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch,
-                          stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
-                          stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
-                          state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, sm_scale,
-                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_P: tl.constexpr, ITERS: tl.constexpr, NUM_STAGES: tl.constexpr,
-                          P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                          DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
-                          PDL: tl.constexpr = False):
-    """Page bounds and selection in one launch. Grid ``(cdiv(max_pages, BLOCK_P * ITERS), H_kv, bs)``: the
-    chunks of one (request, KV head) are consecutive programs. Each chunk program scores its pages
-    (``page_bounds._bounds_chunks``), then counts itself in ``Count[b, h]``; the program that completes
-    the count selects for (b, h) and resets the counter. Selections thus start as soon as their request's
-    bounds are in, while other requests' bounds are still streaming, instead of after the whole bound
-    kernel. Same outputs as ``_page_bounds_kernel`` followed by ``_page_select_kernel``."""
-    _pdl_wait(PDL)
-    _pdl_trigger(PDL)
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    npg = tl.load(NumPages + b)
-    n_chunks = tl.maximum(tl.cdiv(npg, BLOCK_P * ITERS), 1)     # a request without pages still selects
-    if (c < n_chunks) & (tl.load(Flag + b) != 0):
-        _bounds_chunks(Q, KMin, KMax, PageTable, NumPages, UB, LB, b, h, c * (BLOCK_P * ITERS),
-                       stride_qb, stride_qh, stride_sp, stride_sh, stride_pt, stride_ub_b, stride_ub_h,
-                       sm_scale, G, G_PAD, D, BLOCK_D, BLOCK_P, ITERS, NUM_STAGES)
-        n_heads = tl.num_programs(1)
-        if _last_to_arrive(Count + b * n_heads + h, n_chunks):
-            _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel,
-                        CurNum, SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt,
-                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
-                        stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
-                        P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)

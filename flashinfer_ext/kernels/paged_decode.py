@@ -39,10 +39,6 @@ early stop saves on HBM traffic; the merge publishes them (``PagesLoaded``) and 
 counter and flag for the next step. The per-(request, query head) statistics (``BlocksRead`` = pages
 in the output, ``StopReason``, ``ArtDhat``) are written by the head program.
 
-With ``FUSED_MERGE`` there is no stage 2 launch: every split program counts itself in ``Count[b, h]`` once
-its partial result is stored (barrier + acq_rel atomic), and the program that completes the count merges
-the group's heads (``_merge_head``) and resets the counter.
-
 Stage 2, ``_merge_splits_kernel``, grid ``(bs, H_q)``: merges the splits by their LSE (only split 0
 for a group ART stopped; it runs after stage 1 has finished, so the reset of the flags is safe),
 writes ``out`` in the output dtype and the natural-log ``lse`` (used for PrHS's post-hoc certificate,
@@ -51,9 +47,6 @@ writes ``out`` in the output dtype and the natural-log ``lse`` (used for PrHS's 
 
 import triton
 import triton.language as tl
-
-from flashinfer_ext.kernels.arrive import _last_to_arrive
-from flashinfer_ext.kernels.pdl import _pdl_wait
 
 _LN2 = 0.6931471805599453
 
@@ -102,25 +95,31 @@ def _online_update(q, k, v, row_ok, m, l, acc, qk_scale):
 @triton.jit
 def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPhys, ListNum, ListRest,
                          MidO, MidLse, BlocksRead, StopReason, ArtDhat, ArtFlag, ArtLoaded,
-                         Count, PagesLoaded, Out, LseOut,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                          stride_sel_b, stride_sel_h, stride_mo_b, stride_mo_h, stride_mo_s,
-                         stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
+                         stride_ml_b, stride_ml_h, H_Q,
                          qk_scale, num_splits, head_len, tau_mag, tau_dir, patience, eps_cert, min_blocks,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, P: tl.constexpr, PPI: tl.constexpr,
                          SPARSE: tl.constexpr, ART: tl.constexpr, CERT: tl.constexpr,
-                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr,
-                         FUSED_MERGE: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_REST: tl.constexpr, NUM_STAGES: tl.constexpr, TAIL_SUB: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     b64 = b.to(tl.int64)
-    # prologue: what plan() wrote and the query (written before the step's first kernel of this layer)
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
+    if SPARSE:
+        n_list = tl.load(ListNum + b * (H_Q // G) + h)
+    else:
+        n_list = npg
     pt_base = PageTable + b64 * stride_pt
+    if SPARSE:
+        list_base = ListPhys + b64 * stride_sel_b + h * stride_sel_h
+    else:
+        list_base = pt_base
     last_phys = tl.load(pt_base + tl.maximum(npg - 1, 0))
+
     g = tl.arange(0, G_PAD)
     g_ok = g < G
     hq = h * G + g
@@ -131,21 +130,13 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     q = tl.load(Q + b64 * stride_qb + hq[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     q = q.to(KCache.dtype.element_ty)
-    _pdl_wait(PDL)          # the page lists (selector / reuse kernel) and this step's K/V
-    if SPARSE:
-        n_list = tl.load(ListNum + b * (H_Q // G) + h)
-        list_base = ListPhys + b64 * stride_sel_b + h * stride_sel_h
-    else:
-        n_list = npg
-        list_base = pt_base
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
-    grp = b64 * (H_Q // G) + h          # this (request, KV head) in the per-group buffers
 
     if ART:
-        flag_ptr = ArtFlag + grp
+        flag_ptr = ArtFlag + b64 * (H_Q // G) + h
         if s > 0:
             # tail split s of [H, L): runs alongside the head and skips its remaining sub-ranges once the
             # head has published a stop; the merge then ignores its result
@@ -166,7 +157,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                                                        offs_d, offs_dv, d_ok, dv_ok, P, PPI, SPARSE, jpos >= 0)
                         m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
                     loaded += c_end - c
-            tl.atomic_add(ArtLoaded + grp, loaded)
+            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, loaded)
         else:
             end = tl.minimum(head_len, n_list)
             o_prev = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
@@ -216,7 +207,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                 reason = tl.where(stop_m, 1, reason)
                 stopped = stopped | stop_m
                 tl.store(flag_ptr, 1, mask=stopped & live)      # the tails stop loading
-            tl.atomic_add(ArtLoaded + grp, end)
+            tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, end)
             if stopped == 0:
                 read = n_list
                 dhat = tl.zeros([G_PAD], tl.float32)
@@ -248,58 +239,39 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
     mo = MidO + b64 * stride_mo_b + hq[:, None] * stride_mo_h + s * stride_mo_s + offs_dv[None, :]
     tl.store(mo, o_out, mask=g_ok[:, None] & dv_ok[None, :])
     tl.store(MidLse + b64 * stride_ml_b + hq * stride_ml_h + s, lse, mask=g_ok)
-    if FUSED_MERGE:
-        # the split that completes the (request, KV head) count merges the group's heads
-        if _last_to_arrive(Count + grp, num_splits):
-            for gi in tl.static_range(G):
-                _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
-                            stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh,
-                            H_Q, b64, h * G + gi, DV, BLOCK_DV, S_PAD, ART, G, G_PAD)
 
 
 @triton.jit
 def _merge_splits_kernel(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
                          stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
                          stride_ob, stride_oh, H_Q, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                         PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
-    _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
-                stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
-                tl.program_id(0).to(tl.int64), tl.program_id(1), DV, BLOCK_DV, S_PAD, ART, G, G_PAD)
-
-
-@triton.jit
-def _merge_head(MidO, MidLse, StopReason, ArtFlag, ArtLoaded, PagesLoaded, Out, LseOut, num_splits,
-                stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ob, stride_oh, H_Q,
-                b64, hq, DV: tl.constexpr, BLOCK_DV: tl.constexpr, S_PAD: tl.constexpr, ART: tl.constexpr,
-                G: tl.constexpr, G_PAD: tl.constexpr):
-    """Merge the splits of request b, query head hq by their LSE (the split buffers may have been written
-    by other programs of the same launch: they are read from L2)."""
+                         S_PAD: tl.constexpr, ART: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    b64 = b.to(tl.int64)
     n_use = num_splits
     if ART:
-        reason = tl.load(StopReason + b64 * H_Q + hq, cache_modifier=".cg")
+        reason = tl.load(StopReason + b64 * H_Q + hq)
         n_use = tl.where(reason != 0, 1, num_splits)
         if hq % G == 0:
             # the group's first head: pages its programs loaded this step (for every head of the group),
             # then the group's counters and stop flag are reset for the next step
             grp = b64 * (H_Q // G) + hq // G
             gg = tl.arange(0, G_PAD)
-            tl.store(PagesLoaded + b64 * H_Q + hq + gg,
-                     tl.zeros([G_PAD], tl.int32) + tl.load(ArtLoaded + grp, cache_modifier=".cg"), mask=gg < G)
+            tl.store(PagesLoaded + b64 * H_Q + hq + gg, tl.zeros([G_PAD], tl.int32) + tl.load(ArtLoaded + grp),
+                     mask=gg < G)
             tl.store(ArtLoaded + grp, 0)
             tl.store(ArtFlag + grp, 0)
     offs_s = tl.arange(0, S_PAD)
     s_ok = offs_s < n_use
-    lse = tl.load(MidLse + b64 * stride_ml_b + hq * stride_ml_h + offs_s, mask=s_ok, other=float("-inf"),
-                  cache_modifier=".cg")
+    lse = tl.load(MidLse + b64 * stride_ml_b + hq * stride_ml_h + offs_s, mask=s_ok, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.where(s_ok, tl.exp2(lse - mx_ref), 0.0)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < DV
     o = tl.load(MidO + b64 * stride_mo_b + hq * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_dv[None, :],
-                mask=(s_ok & (w > 0))[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
+                mask=(s_ok & (w > 0))[:, None] & dv_ok[None, :], other=0.0)
     tot = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
     tl.store(Out + b64 * stride_ob + hq * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_ok)

@@ -18,9 +18,9 @@ logger = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.17"
 
-# Module names under patches/, in installation order.
+# Module names under sglang_sparse/patches/, in installation order.
 PATCHES = ("support_triton", "pool_configurator_cell_size", "schedule_batch_prepare_for_extend",
-           "prefill_adder_add_one_req")
+           "prefill_adder_add_one_req", "forward_batch_init_new")
 
 _installed = False
 
@@ -36,7 +36,7 @@ def check_sglang_version(symbol: str) -> None:
     if found != SGLANG_VERSION:
         raise SGLangVersionError(
             f"sglang_sparse patches {symbol} of SGLang {SGLANG_VERSION}, but SGLang {found} is installed; "
-            f"install sglang=={SGLANG_VERSION} or update patches/")
+            f"install sglang=={SGLANG_VERSION} or update sglang_sparse/patches/")
 
 
 def install_all() -> list[str]:

@@ -3,9 +3,10 @@
 After SGLang has built a prefill batch, CLAA decides which of its requests are filtered
 (``sglang_sparse.claa_prefill.mark_batch``): those get ``req.skip_radix_cache_insert = True``, so
 SGLang frees their KV at the end instead of inserting it into the radix tree, and their kept
-counts are recorded for the model runner. This is the one place where the scheduler's view of a
-request (prefix match, chunking, sampling parameters, logprob requests) is available. The hook
-returns at once unless ``--sparse-prefill claa`` is on.
+counts are stored on the requests (read when the ForwardBatch is built: ``forward_batch_init_new.py``).
+This is the one place where the scheduler's view of a request (prefix match, chunking, sampling
+parameters, logprob requests) is available. The hook returns at once unless ``--sparse-prefill claa``
+is on.
 """
 
 from sglang.srt.plugins.hook_registry import HookType
