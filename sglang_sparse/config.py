@@ -52,19 +52,19 @@ RETIRED_CONFIG_ENV = "SGLANG_SPARSE_CONFIG"
 # running server does and are logged at start-up when set; the others belong to the tools named.
 ENVIRONMENT: Tuple[Tuple[str, str, str], ...] = (
     (INTERPRET_ENV, "server",
-     "1 (with TRITON_INTERPRET=1): developer mode, a --device cpu server runs the PrHS / ART decode kernels in "
+     "with TRITON_INTERPRET=1: developer mode, a --device cpu server runs the PrHS / ART decode kernels in "
      "Triton's interpreter (minutes per decode step)"),
     ("TRITON_INTERPRET", "server",
-     "Triton's own switch: 1 runs every Triton kernel in its interpreter; read here to recognise the developer mode"),
+     "Triton's own switch (every Triton kernel runs in its interpreter); read here to recognise the developer mode"),
     (CHECK_ENV, "server",
-     "1: every decode attention call synchronises and checks its page lists and outputs (debugging; slow)"),
+     "1 = every decode attention call synchronises and checks its page lists and outputs (debugging; slow)"),
     (RETIRED_CONFIG_ENV, "server",
      "no longer read: the configuration travels on ServerArgs; a warning says so when it is set"),
     (HAYSTACK_ENV, "eval", "text file used as the needle-in-a-haystack filler by sglang_sparse.eval"),
     ("XDG_CACHE_HOME", "eval", "base of the cache folder searched for the haystack text (default ~/.cache)"),
     ("OUT", "benchmarks", "folder the GPU benchmark scripts also copy their results and plots into"),
     ("LLAMA8B_SHAPE", "benchmarks", "default --model of the serving benchmarks (a Llama-3.1-8B-shaped model dir)"),
-    ("SGLANG_SPARSE_SMOLLM2_TEST", "tests", "0 skips the tests on the real SmolLM2 model; 1 runs them"),
+    ("SGLANG_SPARSE_SMOLLM2_TEST", "tests", "0 skips the tests on the real SmolLM2 model"),
     ("SGLANG_SPARSE_SMOLLM2_DIR", "tests", "where the converted SmolLM2 model lives (default .models/)"),
     ("SGLANG_SPARSE_REAL_LENGTH", "tests", "context length of the real-model decode kernel test (default 7168)"),
     ("GPU_TESTS", "tests", "comma-separated name parts: tests/test_kernels_gpu.py runs only matching tests"),
@@ -83,7 +83,7 @@ def environment_notes(environ: Mapping[str, str] = os.environ) -> list[tuple[int
                           f"sglang_sparse: {name} is set and ignored: the configuration comes only from "
                           f"python -m sglang_sparse.launch_server's flags"))
         else:
-            notes.append((logging.INFO, f"sglang_sparse: {name}={environ[name]} ({meaning})"))
+            notes.append((logging.INFO, f"sglang_sparse: environment {name}={environ[name]}: {meaning}"))
     return notes
 
 

@@ -7,6 +7,7 @@ launcher's own :func:`check_before_sglang` on a model directory that holds only 
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -323,6 +324,8 @@ def test_every_environment_variable_the_code_reads_is_in_the_table():
 def test_set_server_variables_are_logged_and_the_old_config_variable_warned_about():
     notes = C.environment_notes({C.INTERPRET_ENV: "1", C.CHECK_ENV: "1", C.RETIRED_CONFIG_ENV: "{}", "OUT": "/x",
                                  "PATH": "/bin"})
-    levels = {line.split(":")[1].split("=")[0].strip().split(" ")[0]: lvl for lvl, line in notes}
-    assert levels == {C.INTERPRET_ENV: 20, C.CHECK_ENV: 20, C.RETIRED_CONFIG_ENV: 30}, notes
+    assert [lvl for lvl, _ in notes] == [logging.INFO, logging.INFO, logging.WARNING], notes
+    assert notes[0][1].startswith(f"sglang_sparse: environment {C.INTERPRET_ENV}=1: ")
+    assert notes[1][1].startswith(f"sglang_sparse: environment {C.CHECK_ENV}=1: ")
+    assert notes[2][1].startswith(f"sglang_sparse: {C.RETIRED_CONFIG_ENV} is set and ignored")
     assert C.environment_notes({}) == []

@@ -98,7 +98,7 @@ def test_without_launcher_everything_is_off_and_the_old_variable_is_ignored(monk
     lines = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert sum("every sparse mechanism is off" in m for _, m in lines) == 1, lines
     assert [m for lvl, m in lines if lvl == logging.WARNING and C.RETIRED_CONFIG_ENV in m and "ignored" in m], lines
-    assert [m for _, m in lines if m.startswith(f"sglang_sparse: {C.CHECK_ENV}=1 ")], lines
+    assert [m for _, m in lines if m.startswith(f"sglang_sparse: environment {C.CHECK_ENV}=1: ")], lines
 
 
 def test_config_rides_on_server_args_pickle():
