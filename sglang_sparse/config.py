@@ -530,7 +530,7 @@ def read_model_config(model_path: Optional[str]) -> Optional[Dict[str, Any]]:
     return data
 
 
-def _model_get(model_config: Mapping[str, Any], key: str) -> Any:
+def model_field(model_config: Mapping[str, Any], key: str) -> Any:
     """A field of the model's config, looked up at the top and then in a multimodal model's ``text_config``."""
     if key in model_config:
         return model_config[key]
@@ -539,13 +539,13 @@ def _model_get(model_config: Mapping[str, Any], key: str) -> Any:
 
 
 def model_num_layers(model_config: Mapping[str, Any]) -> Optional[int]:
-    n = _model_get(model_config, "num_hidden_layers")
+    n = model_field(model_config, "num_hidden_layers")
     return int(n) if isinstance(n, int) else None
 
 
 def _unsupported_feature(model_config: Mapping[str, Any], kv_cache_dtype: str) -> Optional[str]:
     """The first attention feature of the model that the sparse kernels do not implement, described, or None."""
-    get = lambda key: _model_get(model_config, key)  # noqa: E731
+    get = lambda key: model_field(model_config, key)  # noqa: E731
     heads, hidden = get("num_attention_heads"), get("hidden_size")
     head_dim = get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads
                                    else None)
@@ -586,7 +586,7 @@ def validate_model(cfg: SparseConfig, model_config: Optional[Mapping[str, Any]],
     serves multi-head and grouped-query attention only. Nothing is checked without a model config."""
     if model_config is None:
         return
-    lora_rank = _model_get(model_config, "kv_lora_rank")
+    lora_rank = model_field(model_config, "kv_lora_rank")
     if lora_rank is not None and (sparse_backend or cfg.any_enabled):
         flag = _mechanisms(cfg)[0] if cfg.any_enabled else "--attention-backend"
         raise ConfigError(flag, f"the '{BACKEND_NAME}' backend serves multi-head / grouped-query attention, not "
@@ -599,7 +599,7 @@ def validate_model(cfg: SparseConfig, model_config: Optional[Mapping[str, Any]],
     _check(feature is None, flag, f"{names} cannot serve this model: {feature}")
     layers = model_num_layers(model_config)
     if cfg.claa.enabled:
-        archs = _model_get(model_config, "architectures") or []
+        archs = model_field(model_config, "architectures") or []
         arch = archs[0] if archs else None
         _check(arch in CLAA_ARCHITECTURES, "--sparse-prefill",
                f"CLAA supports {', '.join(CLAA_ARCHITECTURES)} models, got {arch or 'no architectures in config.json'}")

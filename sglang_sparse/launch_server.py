@@ -167,7 +167,7 @@ def cpu_kv_tokens(flags: SGLangFlags, model_config: Optional[Mapping[str, Any]])
     """KV pool size (tokens) of a CPU server: room for one request of the model's full context (``--context-length``
     if given, else ``max_position_embeddings``), at most :data:`CPU_KV_MAX_TOKENS` tokens and
     :data:`CPU_KV_MAX_BYTES` bytes of K and V."""
-    get = (lambda key: cfgmod._model_get(model_config, key)) if model_config is not None else (lambda key: None)
+    get = (lambda key: cfgmod.model_field(model_config, key)) if model_config is not None else (lambda key: None)
     context = _as_int(flags.context_length) or get("max_position_embeddings")
     tokens = min(context, CPU_KV_MAX_TOKENS) if isinstance(context, int) and context > 0 else CPU_KV_MAX_TOKENS
     layers, heads = get("num_hidden_layers"), get("num_attention_heads")
