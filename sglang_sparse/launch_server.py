@@ -14,7 +14,8 @@ are imported:
 3. read ``<model-path>/config.json`` (a local directory) and check every rule that needs the model
    (depth against the CLAA filter layer, unsupported attention features) or the command line
    (KV-cache dtype, device, pipeline parallelism);
-4. without ``--device``, make sure there is an accelerator (else suggest ``--device cpu``);
+4. without ``--device`` (or with ``--device cuda``), make sure there is an accelerator (a CUDA GPU), else
+   suggest ``--device cpu``;
 5. fill in SGLang flags we depend on (``--attention-backend sparse`` unless one is given, ``--page-size``
    and ``--max-running-requests`` for the mechanisms, ``--chunked-prefill-size`` for CLAA's longest
    prompt; on a CPU a bounded ``--max-total-tokens``; in the interpreted developer mode
@@ -141,11 +142,17 @@ def requested_device(flags: SGLangFlags, environ: Mapping[str, str] = os.environ
     return "cpu" if environ.get(CPU_ENGINE_ENV) == "1" else None
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def accelerator_available() -> bool:
     """Whether SGLang will find an accelerator when no ``--device`` is given (CUDA first, as SGLang looks)."""
     import torch
 
-    if torch.cuda.is_available():
+    if cuda_available():
         return True
     xpu = getattr(torch, "xpu", None)
     if xpu is not None and xpu.is_available():
@@ -226,6 +233,9 @@ def check_before_sglang(argv: Sequence[str]) -> Tuple[cfgmod.SparseConfig, List[
     cfgmod.validate_model(cfg, model_config, kv_cache_dtype=flags.kv_cache_dtype, sparse_backend=sparse_backend)
     if device is None and not accelerator_available():
         raise cfgmod.ConfigError("--device", "no GPU or other accelerator found; to serve on the CPU pass "
+                                             f"--device cpu (with {CPU_ENGINE_ENV}=1)")
+    if device == "cuda" and not cuda_available():
+        raise cfgmod.ConfigError("--device", "cuda: no CUDA GPU found; to serve on the CPU pass "
                                              f"--device cpu (with {CPU_ENGINE_ENV}=1)")
     extra, notes = launcher_defaults(cfg, flags, device, model_config)
     return cfg, sglang_argv + extra, notes

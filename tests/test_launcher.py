@@ -139,10 +139,24 @@ def test_no_accelerator_check_imports_torch_but_not_sglang(tmp_path):
     assert "sglang" not in heavy and "transformers" not in heavy, heavy
 
 
+def test_device_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    msg = _one_error_line(_launch("--model-path", _model(tmp_path), "--device", "cuda", "--art", "on"))
+    assert msg.startswith("--device: cuda: no CUDA GPU found") and "--device cpu" in msg
+
+
 # ---------------------------------------------------------------------------------------------- model rules
+@pytest.fixture(autouse=True)
+def _cuda_as_if_present(monkeypatch):
+    """In-process checks below run as on a GPU machine (``--device cuda``); the subprocess tests are unaffected."""
+    monkeypatch.setattr(L, "cuda_available", lambda: True)
+
+
 def _check(tmp_path, *argv, **fields):
-    """The launcher's checks on a model dir of the Llama-8B shape changed by ``fields``; --device cuda (given)
-    skips the accelerator probe."""
+    """The launcher's checks on a model dir of the Llama-8B shape changed by ``fields``, with ``--device cuda``."""
     return L.check_before_sglang(["--model-path", _model(tmp_path, **fields), "--device", "cuda", *argv])
 
 
