@@ -37,6 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The filter-layer default lives in the configuration module so that the launcher can check it against a
+# model's depth without importing torch.
+from sglang_sparse.config import AUTHORS_FILTER_LAYER, AUTHORS_NUM_LAYERS, default_filter_layer
+from sglang_sparse.config import scaled_layer as _scaled_layer
+
 __all__ = [
     "AUTHORS_NUM_LAYERS",
     "AUTHORS_FILTER_LAYER",
@@ -57,8 +62,6 @@ __all__ = [
 ]
 
 # Authors' defaults, stated for a 32-layer model (Llama-3.1-8B-Instruct).
-AUTHORS_NUM_LAYERS = 32
-AUTHORS_FILTER_LAYER = 15
 AUTHORS_GEMFILTER_LAYER = 13
 DEFAULT_WINDOW = 8
 DEFAULT_NUM_AGG_LAYERS = 4
@@ -268,24 +271,6 @@ def select_tokens(importance: Tensor, keep_ratio: float, window: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- defaults
-def _scaled_layer(authors_layer: int, num_layers: int) -> int:
-    # round half up of authors_layer * L / 32, then clamped into [1, L - 1]
-    if num_layers < 2:
-        raise ValueError(f"need at least 2 layers, got {num_layers}")
-    idx = int(math.floor(authors_layer * num_layers / AUTHORS_NUM_LAYERS + 0.5))
-    return max(1, min(num_layers - 1, idx))
-
-
-def default_filter_layer(num_layers: int) -> int:
-    """Filter layer (first layer that processes only the kept tokens) for a model of ``num_layers``.
-
-    The authors use 15 for 32 layers; other depths scale proportionally:
-    ``round_half_up(15 * L / 32)`` clamped into ``[1, L - 1]``. E.g. L = 24 -> 11, 28 -> 13,
-    32 -> 15, 36 -> 17, 40 -> 19, 48 -> 23, 64 -> 30, 80 -> 38.
-    """
-    return _scaled_layer(AUTHORS_FILTER_LAYER, num_layers)
-
-
 def default_gemfilter_layer(num_layers: int) -> int:
     """GemFilter's early layer, 13 for 32 layers, scaled like :func:`default_filter_layer`."""
     return _scaled_layer(AUTHORS_GEMFILTER_LAYER, num_layers)

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 import torch
 
 from sglang_sparse import claa
-from sglang_sparse.config import ClaaConfig
+from sglang_sparse.config import CLAA_ARCHITECTURES, ClaaConfig
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Model classes whose decoder layers are called as layer(positions, hidden, forward_batch, residual).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# the architectures whose decoder layers the hooks know (the launcher refuses others before loading)
+SUPPORTED_ARCHITECTURES = CLAA_ARCHITECTURES
 
 # Attribute of SGLang's Req holding CLAA's decision for the prefill being scheduled: the kept count, or None
 # (set by mark_batch on every request of an extend batch, read when the batch's ForwardBatch is built).

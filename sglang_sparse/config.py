@@ -1,16 +1,22 @@
 """Configuration of the three sparse-attention mechanisms: flags, validation, transport.
 
-This module is the only parser of sglang_sparse's command-line flags. It is imported by the
-launcher (parent process) and by the ``sparse`` attention backend (scheduler processes), so it
-depends on nothing heavier than the standard library.
+This module is the only parser of sglang_sparse's command-line flags and the only reader of the
+configuration inside SGLang's processes. It is imported by the launcher before SGLang is, and by
+the ``sparse`` attention backend and the scheduler patches, so it depends on nothing heavier than
+the standard library.
 
-Flow:  argv --(add_cli_args / from_cli_args)--> SparseConfig --(validate_values)-->
-       --(validate_with_server_args, after SGLang parsed its own flags)--> to_json()
-       --(environment variable SGLANG_SPARSE_CONFIG, inherited by spawned processes)-->
-       SparseConfig.from_env() in every scheduler.
+Flow (``python -m sglang_sparse.launch_server``):
 
-Every validation failure raises :class:`ConfigError` whose message names the offending flag;
-the launcher turns it into one line on stderr and exit status 2, before any model is loaded.
+    argv --(parse_known_args: add_cli_args + validate_values)--> SparseConfig
+         --(validate_launch: SGLang flags read from argv; validate_model: <model-path>/config.json)-->
+         [SGLang is imported and parses its own flags]
+         --(validate_with_server_args)--> attach(server_args, cfg): ServerArgs._sglang_sparse (JSON)
+         --(ServerArgs is pickled into every spawned scheduler)--> from_server_args() there.
+
+``ServerArgs._sglang_sparse`` is the one transport: ``python -m sglang.launch_server --attention-backend
+sparse`` (no launcher, so no attribute) serves with every mechanism off. Every validation failure raises
+:class:`ConfigError`, whose message starts with the offending flag; the launcher prints it as one line
+and exits with status 2 before SGLang loads anything.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
 
 from flashinfer_ext.params import ArtParams, PageSelectParams, page_budget
 
-ENV_VAR = "SGLANG_SPARSE_CONFIG"
 SERVER_ARGS_ATTR = "_sglang_sparse"
 BACKEND_NAME = "sparse"
 # Concurrent requests the launcher allows by default with PrHS/ART (decode buffers scale with it).
@@ -33,6 +42,57 @@ DEFAULT_MAX_RUNNING_REQUESTS = 64
 
 # Speculative algorithms SGLang accepts; any of them conflicts with a sparse mechanism.
 _NO_SPECULATION = (None, "", "none", "NONE")
+
+# ---------------------------------------------------------------------- environment
+INTERPRET_ENV = "SGLANG_SPARSE_INTERPRET"
+CHECK_ENV = "SGLANG_SPARSE_CHECK"
+HAYSTACK_ENV = "SGLANG_SPARSE_HAYSTACK"
+# Carried the configuration into SGLang's processes before ServerArgs did; set, it is ignored (with a warning).
+RETIRED_CONFIG_ENV = "SGLANG_SPARSE_CONFIG"
+
+# Every environment variable the project reads: (name, read by, meaning). "server" rows change what a
+# running server does and are logged at start-up when set; the others belong to the tools named.
+ENVIRONMENT: Tuple[Tuple[str, str, str], ...] = (
+    (INTERPRET_ENV, "server",
+     "with TRITON_INTERPRET=1: developer mode, a --device cpu server runs the PrHS / ART decode kernels in "
+     "Triton's interpreter (minutes per decode step)"),
+    ("TRITON_INTERPRET", "server",
+     "Triton's own switch (every Triton kernel runs in its interpreter); read here to recognise the developer mode"),
+    (CHECK_ENV, "server",
+     "1 = every decode attention call synchronises and checks its page lists and outputs (debugging; slow)"),
+    (RETIRED_CONFIG_ENV, "server",
+     "no longer read: the configuration travels on ServerArgs; a warning says so when it is set"),
+    (HAYSTACK_ENV, "eval", "text file used as the needle-in-a-haystack filler by sglang_sparse.eval"),
+    ("XDG_CACHE_HOME", "eval", "base of the cache folder searched for the haystack text (default ~/.cache)"),
+    ("OUT", "benchmarks", "folder the GPU benchmark scripts also copy their results and plots into"),
+    ("LLAMA8B_SHAPE", "benchmarks", "default --model of the serving benchmarks (a Llama-3.1-8B-shaped model dir)"),
+    ("SGLANG_SPARSE_SMOLLM2_TEST", "tests", "0 skips the tests on the real SmolLM2 model"),
+    ("SGLANG_SPARSE_SMOLLM2_DIR", "tests", "where the converted SmolLM2 model lives (default .models/)"),
+    ("SGLANG_SPARSE_REAL_LENGTH", "tests", "context length of the real-model decode kernel test (default 7168)"),
+    ("GPU_TESTS", "tests", "comma-separated name parts: tests/test_kernels_gpu.py runs only matching tests"),
+    ("SGLANG_SPARSE_VENV", "ci", "the CPU virtual environment ci/run_tests.sh builds and uses (default .venv-cpu)"),
+)
+
+
+def environment_notes(environ: Mapping[str, str] = os.environ) -> list[tuple[int, str]]:
+    """(log level, line) for each server-side variable of :data:`ENVIRONMENT` that is set."""
+    notes = []
+    for name, scope, meaning in ENVIRONMENT:
+        if scope != "server" or name not in environ:
+            continue
+        if name == RETIRED_CONFIG_ENV:
+            notes.append((logging.WARNING,
+                          f"sglang_sparse: {name} is set and ignored: the configuration comes only from "
+                          f"python -m sglang_sparse.launch_server's flags"))
+        else:
+            notes.append((logging.INFO, f"sglang_sparse: environment {name}={environ[name]}: {meaning}"))
+    return notes
+
+
+def interpreted_decode() -> bool:
+    """True when the decode kernels are to run interpreted on CPU (``SGLANG_SPARSE_INTERPRET=1`` and
+    ``TRITON_INTERPRET=1``)."""
+    return os.environ.get(INTERPRET_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class ConfigError(ValueError):
@@ -43,13 +103,42 @@ class ConfigError(ValueError):
         super().__init__(f"{flag}: {message}")
 
 
+# ---------------------------------------------------------------------- CLAA defaults
+# The published CLAA setting filters at layer 15 of a 32-layer model; other depths scale it.
+AUTHORS_NUM_LAYERS = 32
+AUTHORS_FILTER_LAYER = 15
+
+# Model classes whose decoder layers CLAA's hooks know how to drive: layer(positions, hidden, forward_batch,
+# residual) on ``model.model.layers``.
+CLAA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def scaled_layer(authors_layer: int, num_layers: int) -> int:
+    """``round_half_up(authors_layer * L / 32)`` clamped into ``[1, L - 1]``: a layer index chosen for 32 layers,
+    moved to a model of ``L = num_layers``."""
+    if num_layers < 2:
+        raise ValueError(f"need at least 2 layers, got {num_layers}")
+    idx = int(math.floor(authors_layer * num_layers / AUTHORS_NUM_LAYERS + 0.5))
+    return max(1, min(num_layers - 1, idx))
+
+
+def default_filter_layer(num_layers: int) -> int:
+    """Filter layer (first layer that processes only the kept tokens) for a model of ``num_layers``.
+
+    The authors use 15 for 32 layers; other depths scale proportionally:
+    ``round_half_up(15 * L / 32)`` clamped into ``[1, L - 1]``. E.g. L = 24 -> 11, 28 -> 13,
+    32 -> 15, 36 -> 17, 40 -> 19, 48 -> 23, 64 -> 30, 80 -> 38.
+    """
+    return scaled_layer(AUTHORS_FILTER_LAYER, num_layers)
+
+
 @dataclass(frozen=True)
 class ClaaConfig:
     """CLAA prefill token filtering (see :mod:`sglang_sparse.claa`).
 
     keep_ratio      fraction of prompt tokens the layers after the filter layer process.
-    filter_layer    index of the first layer that sees only kept tokens; None = scaled default
-                    (15 of 32 layers, see claa.default_filter_layer).
+    filter_layer    index of the first layer that sees only kept tokens; None = scaled with depth
+                    (:func:`default_filter_layer`).
     window          observation window: the last ``window`` prompt tokens score the rest.
     num_layers      how many layers before the filter layer are aggregated (element-wise max).
     pool_kernel     length of the 1-D pooling applied to the scores along the sequence.
@@ -72,15 +161,6 @@ class ClaaConfig:
         return self.mode == "claa"
 
 
-# developer mode: PrHS / ART decode kernels run in Triton's interpreter on a CPU server (very slow; for
-# checking the wiring with real models where no GPU is at hand). Needs TRITON_INTERPRET=1 as well.
-INTERPRET_ENV = "SGLANG_SPARSE_INTERPRET"
-
-
-def interpreted_decode() -> bool:
-    """True when the decode kernels are to run interpreted on CPU (``SGLANG_SPARSE_INTERPRET=1`` and
-    ``TRITON_INTERPRET=1``)."""
-    return os.environ.get(INTERPRET_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -136,9 +216,8 @@ class ArtConfig:
     eps_cert           optional certified mode: also stop once the bounded remaining mass <= eps.
     min_blocks         never stop before this many blocks have been read.
 
-    The thresholds' defaults (1e-3, 1e-6): on SmolLM2's single-needle task they score 0.8 / 0.7 / 0.5 / 0.2 at
-    1K / 2K / 4K / 7K against dense 1.0 / 0.9 / 0.9 / 0.6, while 0.01 / 1e-4 stopped before the needle's page on
-    every sample (sglang_sparse/eval/README.md); eps_cert alone keeps the answers but rarely stops early.
+    The default thresholds and their measured effect on answers are discussed in
+    sglang_sparse/eval/README.md.
     """
 
     mode: str = "off"
@@ -178,12 +257,12 @@ class SparseConfig:
             names = {f.name for f in dataclasses.fields(sub_cls)}
             unknown = set(values) - names
             if unknown:
-                raise ConfigError(ENV_VAR, f"unknown {sub_cls.__name__} fields {sorted(unknown)}")
+                raise ConfigError(_TRANSPORT, f"unknown {sub_cls.__name__} fields {sorted(unknown)}")
             return sub_cls(**values)
 
         unknown = set(data) - {"claa", "prhs", "art"}
         if unknown:
-            raise ConfigError(ENV_VAR, f"unknown sections {sorted(unknown)}")
+            raise ConfigError(_TRANSPORT, f"unknown sections {sorted(unknown)}")
         cfg = cls(
             claa=build(ClaaConfig, data.get("claa", {})),
             prhs=build(PrhsConfig, data.get("prhs", {})),
@@ -197,24 +276,40 @@ class SparseConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(ENV_VAR, f"not valid JSON ({e})") from None
+            raise ConfigError(_TRANSPORT, f"not valid JSON ({e})") from None
         return cls.from_dict(data)
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SparseConfig":
-        """The configuration the launcher published; all-off when nothing was published."""
-        text = environ.get(ENV_VAR)
-        return cls.from_json(text) if text else cls()
 
-    def export(self, environ: Optional[dict] = None) -> None:
-        """Publish to the environment so that spawned SGLang processes inherit it."""
-        (os.environ if environ is None else environ)[ENV_VAR] = self.to_json()
+_TRANSPORT = f"ServerArgs.{SERVER_ARGS_ATTR}"
+# JSON text on ServerArgs (or "" when absent) -> the config read from it, once per process.
+_READ: Dict[str, SparseConfig] = {}
+
+
+def attach(server_args: Any, cfg: SparseConfig) -> None:
+    """Store ``cfg`` on SGLang's ServerArgs (the launcher, after validation). ServerArgs is read-only for its
+    own fields once resolved; an attribute starting with ``_`` is allowed, and pickling (how SGLang hands
+    ServerArgs to its spawned schedulers) carries it along."""
+    object.__setattr__(server_args, SERVER_ARGS_ATTR, cfg.to_json())
 
 
 def from_server_args(server_args: Any) -> SparseConfig:
-    """The config attached to SGLang's ServerArgs by the launcher, else the environment's."""
-    text = getattr(server_args, SERVER_ARGS_ATTR, None)
-    return SparseConfig.from_json(text) if text else SparseConfig.from_env()
+    """The configuration of this server: the one the launcher attached to ``server_args``, or every mechanism
+    off when there is none (SGLang's own launcher with ``--attention-backend sparse``). The one reading
+    function of every process; read once per process, and the all-off case is logged then, with the
+    server-side environment variables that are set."""
+    text = getattr(server_args, SERVER_ARGS_ATTR, None) or ""
+    cfg = _READ.get(text)
+    if cfg is None:
+        if text:
+            cfg = SparseConfig.from_json(text)
+        else:
+            cfg = SparseConfig()
+            logger.info("sglang_sparse: no configuration on ServerArgs (the server was not started by "
+                        "python -m sglang_sparse.launch_server): every sparse mechanism is off")
+            for level, line in environment_notes():
+                logger.log(level, "%s", line)
+        _READ[text] = cfg
+    return cfg
 
 
 # ---------------------------------------------------------------------- flags
@@ -288,6 +383,8 @@ _FLAGS = (
 )
 _CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on")}
 _SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
+# How --help shows a default of None: the word the flag itself accepts for it.
+_NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off"}
 FLAG_NAMES = tuple(f[0] for f in _FLAGS)
 
 
@@ -297,7 +394,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "sglang_sparse", "Sparse attention (CLAA prefill, PrHS decode, ART). Everything is off by default.")
     for flag, dest, typ, section, name, text in _FLAGS:
         default = getattr(_SECTIONS[section](), name)
-        kwargs = dict(dest=dest, type=typ, default=default, help=f"{text} (default: {default})")
+        shown = _NONE_SHOWN_AS[typ] if default is None else default
+        kwargs = dict(dest=dest, type=typ, default=default, help=f"{text} (default: {shown})")
         if flag in _CHOICES:
             kwargs["choices"] = _CHOICES[flag]
         group.add_argument(flag, **kwargs)
@@ -377,23 +475,167 @@ def _flag_given(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
-    """Combinations of our flags with SGLang's that cannot be served (checked before model load)."""
-    if not cfg.any_enabled:
-        return
-    for flag, value in (("--attention-backend", server_args.attention_backend),
-                        ("--prefill-attention-backend", server_args.prefill_attention_backend),
-                        ("--decode-attention-backend", server_args.decode_attention_backend)):
+# KV cache element types the decode kernels and page summaries read (16-bit; SGLang's "auto" = the model's dtype).
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16")
+
+
+def _mechanisms(cfg: SparseConfig) -> Tuple[str, str]:
+    """(flag of the first mechanism switched on, names of all that are on) for messages about the model."""
+    on = [(flag, name) for flag, name, enabled in (("--sparse-prefill", "CLAA", cfg.claa.enabled),
+                                                   ("--sparse-decode", "PrHS", cfg.prhs.enabled),
+                                                   ("--art", "ART", cfg.art.enabled)) if enabled]
+    return on[0][0], " / ".join(name for _, name in on)
+
+
+def _check_device(cfg: SparseConfig, device: str) -> None:
+    _check(device.startswith("cuda") or (interpreted_decode() and not cfg.claa.enabled), "--device",
+           f"--sparse-prefill claa / --sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, "
+           f"got --device {device}")
+
+
+def _check_backends(backends: Mapping[str, Optional[str]]) -> None:
+    for flag, value in backends.items():
         _check(value in (None, BACKEND_NAME), flag,
                f"sparse attention runs only in the '{BACKEND_NAME}' backend, got {value!r}")
+
+
+def validate_launch(cfg: SparseConfig, *, device: Optional[str] = None, kv_cache_dtype: str = "auto",
+                    pp_size: Optional[int] = 1, backends: Mapping[str, Optional[str]] = {}) -> None:
+    """Combinations with SGLang flags that the launcher reads from the command line, before SGLang is imported.
+
+    ``device`` is the device the server will use, None when SGLang is to pick an accelerator itself;
+    ``backends`` maps the attention-backend flags given to their values."""
+    if not cfg.any_enabled:
+        return
+    _check_backends(backends)
+    if device is not None:
+        _check_device(cfg, str(device))
+    flag, names = _mechanisms(cfg)
+    _check(str(kv_cache_dtype) in SUPPORTED_KV_CACHE_DTYPES, "--kv-cache-dtype",
+           f"{names} read 16-bit KV pages (auto, bf16 or fp16), got {kv_cache_dtype}")
+    if cfg.claa.enabled:
+        _check(int(pp_size or 1) == 1, "--pp-size",
+               f"CLAA filters inside one model replica; pipeline parallelism cannot be combined with "
+               f"--sparse-prefill claa, got {pp_size}")
+
+
+def read_model_config(model_path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``<model_path>/config.json`` as a dict when ``model_path`` is a local directory holding one, else None
+    (a hub id, or a checkpoint in another format: SGLang resolves those and the backend checks what it can)."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError("--model-path", f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--model-path", f"{path} does not hold a JSON object")
+    return data
+
+
+def model_field(model_config: Mapping[str, Any], key: str) -> Any:
+    """A field of the model's config, looked up at the top and then in a multimodal model's ``text_config``."""
+    if key in model_config:
+        return model_config[key]
+    text = model_config.get("text_config")
+    return text.get(key) if isinstance(text, Mapping) else None
+
+
+def model_num_layers(model_config: Mapping[str, Any]) -> Optional[int]:
+    n = model_field(model_config, "num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
+def _unsupported_feature(model_config: Mapping[str, Any], kv_cache_dtype: str) -> Optional[str]:
+    """The first attention feature of the model that the sparse kernels do not implement, described, or None."""
+    get = lambda key: model_field(model_config, key)  # noqa: E731
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    head_dim = get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads
+                                   else None)
+    scalar = get("query_pre_attn_scalar")
+    if scalar is not None and scalar != head_dim:
+        return (f"attention scaling 1/sqrt(query_pre_attn_scalar={scalar}) instead of 1/sqrt(head_dim={head_dim}) "
+                f"(config.json query_pre_attn_scalar)")
+    multiplier = get("attention_multiplier")
+    if multiplier is not None and not (head_dim and math.isclose(float(multiplier), head_dim ** -0.5, rel_tol=1e-6)):
+        return (f"attention scaling {multiplier} instead of 1/sqrt(head_dim) "
+                f"(config.json attention_multiplier={multiplier})")
+    cap = get("attn_logit_softcapping")
+    if cap:
+        return f"attention logit soft-capping (config.json attn_logit_softcapping={cap})"
+    if get("use_sliding_window") is not False:
+        types = get("layer_types")
+        if isinstance(types, list):
+            sliding = sum("sliding" in str(t) for t in types)
+            if sliding:
+                return f"sliding-window attention layers (config.json layer_types: {sliding} of {len(types)} sliding)"
+        elif get("sliding_window") is not None:
+            return f"sliding-window attention (config.json sliding_window={get('sliding_window')})"
+    quant = get("quantization_config")
+    if isinstance(quant, Mapping) and str(kv_cache_dtype) == "auto":
+        inner = quant.get("quantization") if isinstance(quant.get("quantization"), Mapping) else quant
+        algo = inner.get("kv_cache_quant_algo")
+        if isinstance(algo, str) and algo.upper() == "FP8":
+            return (f"an FP8 KV cache (config.json quantization_config kv_cache_quant_algo={algo}, which "
+                    f"--kv-cache-dtype auto follows; pass --kv-cache-dtype bf16)")
+    return None
+
+
+def validate_model(cfg: SparseConfig, model_config: Optional[Mapping[str, Any]], *, kv_cache_dtype: str = "auto",
+                   sparse_backend: bool = True) -> None:
+    """Rules that need the model's ``config.json`` (checked by the launcher before SGLang loads anything).
+
+    ``sparse_backend``: the server will run the ``sparse`` attention backend (the launcher's default), which
+    serves multi-head and grouped-query attention only. Nothing is checked without a model config."""
+    if model_config is None:
+        return
+    lora_rank = model_field(model_config, "kv_lora_rank")
+    if lora_rank is not None and (sparse_backend or cfg.any_enabled):
+        flag = _mechanisms(cfg)[0] if cfg.any_enabled else "--attention-backend"
+        raise ConfigError(flag, f"the '{BACKEND_NAME}' backend serves multi-head / grouped-query attention, not "
+                                f"multi-head latent attention (config.json kv_lora_rank={lora_rank}); "
+                                f"use another --attention-backend with every sparse mechanism off")
+    if not cfg.any_enabled:
+        return
+    flag, names = _mechanisms(cfg)
+    feature = _unsupported_feature(model_config, kv_cache_dtype)
+    _check(feature is None, flag, f"{names} cannot serve this model: {feature}")
+    layers = model_num_layers(model_config)
+    if cfg.claa.enabled:
+        archs = model_field(model_config, "architectures") or []
+        arch = archs[0] if archs else None
+        _check(arch in CLAA_ARCHITECTURES, "--sparse-prefill",
+               f"CLAA supports {', '.join(CLAA_ARCHITECTURES)} models, got {arch or 'no architectures in config.json'}")
+        if layers is not None:
+            _check(layers >= 2, "--sparse-prefill", f"CLAA needs a model of at least 2 layers, got {layers}")
+            given = cfg.claa.filter_layer
+            _check(given is None or given < layers, "--claa-filter-layer",
+                   f"must be below the model's {layers} layers, got {given}")
+            filter_layer = default_filter_layer(layers) if given is None else given
+            if cfg.prhs.enabled:
+                g = cfg.prhs.layers_per_selection
+                _check(filter_layer % g == 0, "--prhs-layers-per-selection",
+                       f"must divide the CLAA filter layer ({filter_layer}) so that no selection group spans it, "
+                       f"got {g}")
+
+
+def validate_with_server_args(cfg: SparseConfig, server_args: Any) -> None:
+    """Combinations of our flags with SGLang's resolved flags that cannot be served (checked after SGLang parsed
+    its flags, before it loads the model)."""
+    if not cfg.any_enabled:
+        return
+    _check_backends({"--attention-backend": server_args.attention_backend,
+                     "--prefill-attention-backend": server_args.prefill_attention_backend,
+                     "--decode-attention-backend": server_args.decode_attention_backend})
     spec = getattr(server_args, "speculative_algorithm", None)
     _check(spec in _NO_SPECULATION, "--speculative-algorithm",
            f"speculative decoding cannot be combined with sparse attention, got {spec!r}")
     if cfg.prhs.enabled or cfg.art.enabled or cfg.claa.enabled:
-        device = str(getattr(server_args, "device", None) or "cuda")
-        _check(device.startswith("cuda") or (interpreted_decode() and not cfg.claa.enabled), "--device",
-               f"--sparse-prefill claa / --sparse-decode prhs / --art on run Triton kernels on CUDA GPUs, "
-               f"got --device {device}")
+        _check_device(cfg, str(getattr(server_args, "device", None) or "cuda"))
         page = server_args.page_size or 1
         _check(page >= 16, "--page-size",
                f"--sparse-prefill claa / --sparse-decode prhs / --art on decode from KV pages of 16+ tokens "

@@ -30,15 +30,14 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from sglang_sparse.config import DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, SparseConfig, interpreted_decode
+from sglang_sparse.config import (CHECK_ENV, DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, SparseConfig,
+                                  interpreted_decode)
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
-# developer switch in the server's environment: "1" makes every eager decode call synchronise and validate the
-# page lists it is about to read and the output it wrote (SparseDecodeWrapper(check=True))
-CHECK_ENV = "SGLANG_SPARSE_CHECK"
+
 
 def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
                             page_size: int) -> int:

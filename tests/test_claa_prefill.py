@@ -217,19 +217,20 @@ def test_no_filtered_request_means_no_plan():
 def test_prepare_for_extend_patch_marks_only_with_claa_on(monkeypatch):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+    import sglang.srt.runtime_context as rc
     import sglang_sparse.patches.schedule_batch_prepare_for_extend as patch
-    from sglang_sparse.config import ENV_VAR, SparseConfig
+    from sglang_sparse.config import SparseConfig, attach
 
     batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[_req(4000, rid="x")], return_logprob=False)
     monkeypatch.setattr(patch, "_cfg", None)
-    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(rc, "get_server_args", lambda: SimpleNamespace(page_size=32))     # no config attached
     assert patch.hook("result", batch) == "result"
     assert CP.kept_counts(batch) == [None] and not batch.reqs[0].skip_radix_cache_insert      # all off: inert
 
     monkeypatch.setattr(patch, "_cfg", None)
-    monkeypatch.setenv(ENV_VAR, SparseConfig(claa=CFG).to_json())
-    import sglang.srt.runtime_context as rc
-    monkeypatch.setattr(rc, "get_server_args", lambda: SimpleNamespace(page_size=32))
+    server_args = SimpleNamespace(page_size=32)
+    attach(server_args, SparseConfig(claa=CFG))
+    monkeypatch.setattr(rc, "get_server_args", lambda: server_args)
     assert patch.hook("result", batch) == "result"
     assert CP.kept_counts(batch) == [CP.kept_count(4000, CFG, 32)] and batch.reqs[0].skip_radix_cache_insert
 

@@ -146,10 +146,10 @@ def test_json_round_trip_with_random_values():
                               rng.randint(1, 4), rng.randint(0, 10 ** 5)),
             art=C.ArtConfig("on", rng.uniform(0, 1), rng.uniform(0, 2), rng.randint(1, 9),
                             rng.choice([None, rng.uniform(0.001, 0.9)]), rng.randint(1, 9)))
-        env = {}
-        cfg.export(env)
-        assert C.SparseConfig.from_env(env) == cfg
-    assert C.SparseConfig.from_env({}) == C.SparseConfig()
+        server_args = SimpleNamespace()
+        C.attach(server_args, cfg)
+        assert C.from_server_args(server_args) == cfg
+    assert C.from_server_args(SimpleNamespace()) == C.SparseConfig()
     with pytest.raises(C.ConfigError):
         C.SparseConfig.from_json(json.dumps({"prhs": {"delta": 2.0}}))
     with pytest.raises(C.ConfigError):
@@ -182,6 +182,12 @@ def test_launcher_help_shows_both_groups():
     for flag in ("--model-path", "--attention-backend", "--page-size", "--sparse-prefill", "--claa-keep-ratio",
                  "--sparse-decode", "--prhs-delta", "--prhs-budget", "--art", "--art-patience"):
         assert flag in r.stdout, flag
+    text = " ".join(r.stdout.split())
+    assert "(default: None)" not in text
+    for flag, shown in (("--claa-filter-layer", "auto"), ("--prhs-page-size", "auto"), ("--art-eps-cert", "off")):
+        help_text = text[text.rindex(flag + " "):]      # its entry in the options list (after the usage)
+        start = help_text.index("(default:")
+        assert help_text[start:help_text.index(")", start) + 1] == f"(default: {shown})", help_text[:300]
 
 
 def test_interpreted_decode_mode_admits_cpu_for_decode_only(monkeypatch):

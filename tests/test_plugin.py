@@ -1,7 +1,11 @@
 """Registration inside spawned SGLang-like processes, config transport, backend class selection."""
 
+import json
+import logging
 import multiprocessing as mp
 import os
+import pickle
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,10 +14,11 @@ from sglang_sparse import config as C
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
 
-def _child_config(queue):
-    from sglang_sparse.config import SparseConfig
+def _child_config(queue, server_args):
+    """A spawned process reading its configuration the way every scheduler does."""
+    from sglang_sparse.config import from_server_args
 
-    queue.put(SparseConfig.from_env().to_json())
+    queue.put(from_server_args(server_args).to_json())
 
 
 def _child_scheduler_like(queue, use_entry_point):
@@ -56,20 +61,50 @@ def _spawn(target, *args):
     return out
 
 
-def test_config_reaches_spawned_process(monkeypatch):
+def _model_dir(tmp_path):
+    """A model directory holding only a tiny Llama's config.json: all SGLang's flag resolution needs."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 4096, "vocab_size": 400, "torch_dtype": "float32"}))
+    return str(tmp_path)
+
+
+def test_config_reaches_spawned_process_on_server_args(tmp_path, monkeypatch):
+    """SGLang's own resolved ServerArgs, with the configuration attached as the launcher does, is pickled into a
+    spawned process (as SGLang hands it to its schedulers); there the configuration reads back unchanged, and a
+    set SGLANG_SPARSE_CONFIG (inherited by the child) is ignored."""
+    from sglang.srt.server_args import prepare_server_args
+
     cfg, _ = C.parse_known_args(["--sparse-decode", "prhs", "--prhs-delta", "0.013", "--art", "on",
                                  "--art-patience", "7", "--sparse-prefill", "claa", "--claa-keep-ratio", "0.3"])
-    monkeypatch.setenv(C.ENV_VAR, cfg.to_json())
-    assert C.SparseConfig.from_json(_spawn(_child_config)) == cfg
+    server_args = prepare_server_args(["--model-path", _model_dir(tmp_path), "--device", "cpu"])
+    C.attach(server_args, cfg)
+    monkeypatch.setenv(C.RETIRED_CONFIG_ENV, C.SparseConfig(art=C.ArtConfig("on", patience=3)).to_json())
+    assert C.SparseConfig.from_json(_spawn(_child_config, server_args)) == cfg
+    plain = prepare_server_args(["--model-path", _model_dir(tmp_path), "--device", "cpu"])
+    assert C.SparseConfig.from_json(_spawn(_child_config, plain)) == C.SparseConfig()
+
+
+def test_without_launcher_everything_is_off_and_the_old_variable_is_ignored(monkeypatch, caplog):
+    """``python -m sglang.launch_server --attention-backend sparse`` attaches nothing: all off, said once per
+    process, with a warning when SGLANG_SPARSE_CONFIG is set (it no longer turns mechanisms on)."""
+    monkeypatch.setattr(C, "_READ", {})
+    monkeypatch.setenv(C.RETIRED_CONFIG_ENV, C.SparseConfig(art=C.ArtConfig("on")).to_json())
+    monkeypatch.setenv(C.CHECK_ENV, "1")
+    with caplog.at_level(logging.INFO, logger=C.logger.name):
+        assert C.from_server_args(SimpleNamespace()) == C.SparseConfig()
+        assert C.from_server_args(SimpleNamespace(page_size=32)) == C.SparseConfig()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert sum("every sparse mechanism is off" in m for _, m in lines) == 1, lines
+    assert [m for lvl, m in lines if lvl == logging.WARNING and C.RETIRED_CONFIG_ENV in m and "ignored" in m], lines
+    assert [m for _, m in lines if m.startswith(f"sglang_sparse: environment {C.CHECK_ENV}=1: ")], lines
 
 
 def test_config_rides_on_server_args_pickle():
-    import pickle
-    from types import SimpleNamespace
-
     cfg, _ = C.parse_known_args(["--art", "on", "--art-tau-mag", "0.123"])
     sa = SimpleNamespace()
-    object.__setattr__(sa, C.SERVER_ARGS_ATTR, cfg.to_json())
+    C.attach(sa, cfg)
     assert C.from_server_args(pickle.loads(pickle.dumps(sa))) == cfg
 
 

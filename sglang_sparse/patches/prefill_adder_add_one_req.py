@@ -22,9 +22,11 @@ _cfg = None
 def hook(original, self, req, *args, **kwargs):
     global _cfg
     if _cfg is None:
-        from sglang_sparse.config import SparseConfig
+        from sglang.srt.runtime_context import get_server_args
 
-        _cfg = SparseConfig.from_env()
+        from sglang_sparse.config import from_server_args
+
+        _cfg = from_server_args(get_server_args())
     if _cfg.claa.enabled:
         from sglang.srt.managers.schedule_policy import AddReqResult
         from sglang.srt.runtime_context import get_server_args

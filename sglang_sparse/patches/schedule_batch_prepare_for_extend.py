@@ -20,9 +20,11 @@ _cfg = None
 def hook(result, self, *args, **kwargs):
     global _cfg
     if _cfg is None:
-        from sglang_sparse.config import SparseConfig
+        from sglang.srt.runtime_context import get_server_args
 
-        _cfg = SparseConfig.from_env()
+        from sglang_sparse.config import from_server_args
+
+        _cfg = from_server_args(get_server_args())
     if not _cfg.claa.enabled:
         return result
     from sglang.srt.runtime_context import get_server_args
