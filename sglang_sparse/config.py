@@ -69,6 +69,9 @@ ENVIRONMENT: Tuple[Tuple[str, str, str], ...] = (
     ("SGLANG_SPARSE_SMOLLM2_TEST", "tests", "0 skips the tests on the real SmolLM2 model"),
     ("SGLANG_SPARSE_SMOLLM2_DIR", "tests", "where the converted SmolLM2 model lives (default .models/)"),
     ("SGLANG_SPARSE_REAL_LENGTH", "tests", "context length of the real-model decode kernel test (default 7168)"),
+    ("SGLANG_SPARSE_REAL_LAYERS", "tests",
+     "layers of SmolLM2 the interpreted real-model decode test runs (default 4; 0 = all 30)"),
+    ("SGLANG_SPARSE_QWEN_MODEL", "tests", "a converted Qwen checkpoint for the GPU real-model decode test"),
     ("GPU_TESTS", "tests", "comma-separated name parts: tests/test_kernels_gpu.py runs only matching tests"),
     ("SGLANG_SPARSE_VENV", "ci", "the CPU virtual environment ci/run_tests.sh builds and uses (default .venv-cpu)"),
 )
