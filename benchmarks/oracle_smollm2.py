@@ -5,7 +5,7 @@ CLAA's cross-layer aggregation against single-layer heuristics, on RULER-style s
 
 Builds the model if needed (``benchmarks.models.smollm2``), renders each task sample exactly as the
 frontend-language harness sends it (ChatML, answer prefix included), takes the planted answer as the
-reference answer, and runs ``python -m sglang_sparse.oracle`` on it. Output (table, JSON, PNG) goes to
+reference answer, and runs ``python -m benchmarks.oracle`` on it. Output (table, JSON, PNG) goes to
 ``benchmarks/results/oracle_smollm2/``.
 """
 
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "oracle_smollm2")
     args = ap.parse_args(argv)
 
-    from sglang_sparse import oracle
-    from sglang_sparse.eval import tasks as T
-    from sglang_sparse.eval.harness import PromptFormat, render_prompt, template_overhead
+    from benchmarks import oracle
+    from benchmarks.eval import tasks as T
+    from benchmarks.eval.harness import PromptFormat, render_prompt, template_overhead
     from transformers import AutoTokenizer
 
     model_dir = ensure_smollm2(args.model, args.gguf)

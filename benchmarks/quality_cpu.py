@@ -2,7 +2,7 @@
 
 Converts SmolLM2 if needed (benchmarks/models/smollm2.py), builds the RULER-style samples with the same prompt text
 the SGLang harness sends (chat format, chatml), and generates greedily with every setting through
-:class:`sglang_sparse.eval.cpu_reference.ReferenceLlama`. Rows (config, task, length, accuracy, samples,
+:class:`benchmarks.eval.cpu_reference.ReferenceLlama`. Rows (config, task, length, accuracy, samples,
 where="cpu-reference") go into benchmarks/results/quality_smollm2.json (merged with any GPU rows already there),
 per-sample records into benchmarks/results/quality_smollm2_cpu_records.json, and the plot into
 benchmarks/results/quality_smollm2.png.
@@ -34,9 +34,9 @@ if str(REPO) not in sys.path:
 from benchmarks.models.smollm2 import DEFAULT_OUT, ensure_smollm2  # noqa: E402
 from benchmarks.quality_plot import DEFAULT_JSON, DEFAULT_PNG, plot  # noqa: E402
 from sglang_sparse.config import ArtConfig, ClaaConfig, PrhsConfig  # noqa: E402
-from sglang_sparse.eval import tasks as T  # noqa: E402
-from sglang_sparse.eval.cpu_reference import RefConfig  # noqa: E402
-from sglang_sparse.eval.harness import (PromptFormat, claa_kept_fraction, merge_rows, render_prompt,  # noqa: E402
+from benchmarks.eval import tasks as T  # noqa: E402
+from benchmarks.eval.cpu_reference import RefConfig  # noqa: E402
+from benchmarks.eval.harness import (PromptFormat, claa_kept_fraction, merge_rows, render_prompt,  # noqa: E402
                                         template_overhead)
 
 RECORDS = DEFAULT_JSON.parent / "quality_smollm2_cpu_records.json"
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sglang_sparse.eval.cpu_reference import ReferenceLlama
+    from benchmarks.eval.cpu_reference import ReferenceLlama
 
     if args.threads:
         torch.set_num_threads(args.threads)

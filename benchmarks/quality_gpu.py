@@ -3,7 +3,7 @@
 
 For each setting: start a server (plain ``sglang.launch_server`` for ``dense``, ``sglang_sparse.launch_server``
 with the setting's flags otherwise), wait for /health, run the frontend-language harness
-(:func:`sglang_sparse.eval.harness.run_eval`), write ``OUT_DIR/<setting>.json``, stop the server. A setting whose
+(:func:`benchmarks.eval.harness.run_eval`), write ``OUT_DIR/<setting>.json``, stop the server. A setting whose
 server does not come up is recorded as failed. Each row records the model, the setting's exact server flags, and
 the mechanism statistics the server logged (PrHS/ART decode statistics, CLAA's filtered and skipped prompts).
 
@@ -347,7 +347,7 @@ def _run_setting_once(name: str, args) -> dict:
             return {"config": name, "failed": "server did not come up", "log_tail": tail}
         up = time.time() - t0
         print(f"[quality_gpu] {name}: server up in {up:.0f}s; evaluating", flush=True)
-        from sglang_sparse.eval.harness import format_table, run_eval
+        from benchmarks.eval.harness import format_table, run_eval
 
         fitted = {L: fitted_length(L, args.context_length) for L in args.lengths}
         res = run_eval(url, args.tasks, [fitted[L] for L in args.lengths], args.samples, seed=args.seed,
@@ -480,7 +480,7 @@ def _launch_child(name: str, port: int, args):
 # ------------------------------------------------------------------------------------------------ merge, table
 def merge(files, json_path: Optional[Path] = None, png: Optional[Path] = None) -> None:
     """Merge per-setting files into the combined results file of their model (or ``json_path``) and replot."""
-    from sglang_sparse.eval.harness import merge_rows
+    from benchmarks.eval.harness import merge_rows
 
     targets = set()
     for f in files:

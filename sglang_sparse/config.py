@@ -62,7 +62,7 @@ ENVIRONMENT: Tuple[Tuple[str, str, str], ...] = (
      "1 = every decode attention call synchronises and checks its page lists and outputs (debugging; slow)"),
     (RETIRED_CONFIG_ENV, "server",
      "no longer read: the configuration travels on ServerArgs; a warning says so when it is set"),
-    (HAYSTACK_ENV, "eval", "text file used as the needle-in-a-haystack filler by sglang_sparse.eval"),
+    (HAYSTACK_ENV, "eval", "text file used as the needle-in-a-haystack filler by benchmarks.eval"),
     ("XDG_CACHE_HOME", "eval", "base of the cache folder searched for the haystack text (default ~/.cache)"),
     ("OUT", "benchmarks", "folder the GPU benchmark scripts also copy their results and plots into"),
     ("LLAMA8B_SHAPE", "benchmarks", "default --model of the serving benchmarks (a Llama-3.1-8B-shaped model dir)"),
@@ -220,7 +220,7 @@ class ArtConfig:
     min_blocks         never stop before this many blocks have been read.
 
     The default thresholds and their measured effect on answers are discussed in
-    sglang_sparse/eval/README.md.
+    benchmarks/eval/README.md.
     """
 
     mode: str = "off"

@@ -336,7 +336,7 @@ def test_quality_max_new_tokens_of_every_task_fit_the_answer_reserve():
 
 def _answer_tokens():
     """``task -> max_new_tokens`` of the tasks' samples (a word count stands in for the tokenizer)."""
-    from sglang_sparse.eval import tasks as T
+    from benchmarks.eval import tasks as T
 
     return {task: T.make_sample(task, 1024, 0, lambda text: len(text.split()), haystack="filler").max_new_tokens
             for task in T.TASKS}

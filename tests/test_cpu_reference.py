@@ -1,4 +1,4 @@
-"""The CPU reference model (sglang_sparse.eval.cpu_reference) on a tiny random Llama: its own forward equals the
+"""The CPU reference model (benchmarks.eval.cpu_reference) on a tiny random Llama: its own forward equals the
 transformers forward, the sparse settings reduce to dense at their exact limits, and CLAA's later layers hold only
 the kept tokens. No downloads."""
 
@@ -9,7 +9,7 @@ import torch
 
 from sglang_sparse import claa
 from sglang_sparse.config import ArtConfig, ClaaConfig, PrhsConfig
-from sglang_sparse.eval.cpu_reference import RefConfig, ReferenceLlama
+from benchmarks.eval.cpu_reference import RefConfig, ReferenceLlama
 
 
 @pytest.fixture(scope="module")

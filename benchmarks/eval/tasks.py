@@ -103,6 +103,7 @@ class TaskSample:
 
 
 def _rng(seed: int, task: str, length: int, index: int) -> random.Random:
+    # the label is part of every sample's seed: kept as it was so that the samples (and results) stay comparable
     return random.Random(f"sglang_sparse.eval:{seed}:{task}:{length}:{index}")
 
 

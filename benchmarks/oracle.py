@@ -38,7 +38,7 @@ SDPA (:func:`verify_capture` checks them against the eager attention's probabili
 
 CLI::
 
-    python -m sglang_sparse.oracle --model-path DIR --data FILE.jsonl --out DIR [--device cuda|cpu]
+    python -m benchmarks.oracle --model-path DIR --data FILE.jsonl --out DIR [--device cuda|cpu]
         [--max-new-tokens K] [--keep-ratios 0.1,0.2,0.4] [--window 8] [--num-agg-layers 4] ...
 
 ``FILE.jsonl`` rows: ``{"prompt": str, "answer": optional str}``. Writes ``ranking_quality.csv``,
@@ -61,7 +61,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .claa import (
+from sglang_sparse.claa import (
     aggregate_max,
     average_ranks,
     default_filter_layer,
@@ -462,7 +462,7 @@ def _read_jsonl(path: str, limit: Optional[int]) -> List[dict]:
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sglang_sparse.oracle",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.oracle",
                                 description="Answer-Informed Oracle: per-layer token-ranking quality of CLAA, "
                                             "FastKV- and GemFilter-style heuristics.")
     p.add_argument("--model-path", required=True, help="local Hugging Face model directory (causal LM)")

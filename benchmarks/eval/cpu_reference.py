@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import art as art_ref
-from .. import claa as claa_ref
-from .. import prhs as prhs_ref
-from ..config import ArtConfig, ClaaConfig, PrhsConfig
+from sglang_sparse import art as art_ref
+from sglang_sparse import claa as claa_ref
+from sglang_sparse import prhs as prhs_ref
+from sglang_sparse.config import ArtConfig, ClaaConfig, PrhsConfig
 
 DEFAULT_PAGE_SIZE = 32
 

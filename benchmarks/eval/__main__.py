@@ -1,4 +1,4 @@
-"""``python -m sglang_sparse.eval --url http://127.0.0.1:PORT --tasks ... --lengths ... --samples N --out FILE``
+"""``python -m benchmarks.eval --url http://127.0.0.1:PORT --tasks ... --lengths ... --samples N --out FILE``
 
 Runs the RULER-style tasks against a running SGLang server (plain SGLang or ``sglang_sparse.launch_server``)
 through the frontend language, writes a JSON file (meta, rows, per-sample records) and prints a table.
@@ -21,7 +21,7 @@ def _csv(kind):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sglang_sparse.eval", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.eval", description=__doc__.split("\n\n")[1])
     ap.add_argument("--url", required=True, help="server address, e.g. http://127.0.0.1:30000")
     ap.add_argument("--tasks", type=_csv(str), default=list(TASKS), help=f"comma list from {','.join(TASKS)}")
     ap.add_argument("--lengths", type=_csv(int), default=list(DEFAULT_LENGTHS), help="comma list of token lengths")
