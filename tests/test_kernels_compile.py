@@ -1,4 +1,5 @@
-"""Every Triton kernel launch of flashinfer_ext's wrappers compiles for the H100 (sm_90), without a GPU.
+"""Every Triton kernel launch of flashinfer_ext's wrappers compiles for the H100 (sm_90), without a GPU, and
+branches only on values every warp of a program agrees on.
 
 Triton's interpreter (tests/test_kernels_cpu.py) checks the math but not code generation: a kernel
 can run interpreted and still fail to compile. Here the wrappers are driven with Llama-3.1-8B shapes
@@ -118,10 +119,14 @@ def test_all_launches_compile_for_sm90():
     failures = []
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(opts))
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options=dict(opts))
         except Exception as exc:  # noqa: BLE001
             failures.append(f"{key[0]} {dict(key[2])} {opts}: {type(exc).__name__}: {str(exc)[:500]}")
+            continue
+        racy = _branches_on_racy_loads(k.asm["ttir"])     # see test_art_decode_branches_agree_across_warps
+        if racy:
+            failures.append(f"{key[0]} {dict(key[2])}: branches on per-thread volatile loads: {racy}")
     assert not failures, "\n".join(failures)
 
 
