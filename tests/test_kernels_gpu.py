@@ -326,13 +326,13 @@ def test_art_qwen_32k_server_stops(h_q, h_kv, d, page_size):
     """The launch shapes of a Qwen2.5-Coder-0.5B / 1.5B server with --art on at 32K context that hit illegal memory
     accesses on an H200 (14/2 heads d 64 with 32- and 64-token pages, 12/2 heads d 128): a wrapper as wide as
     SGLang's req_to_token (32768 + 4 tokens), the device's own SM count, 8-22 requests of 4K-30K tokens per step,
-    dense + ART in bound order, 24 layers per step. Most steps use thresholds every group meets, stopping the head
-    at page 4-8 (``min_blocks``) while the tail programs of the group are still reading: the tails' check of the
-    stop flag then races with the head's write in most groups of every launch (the cause of those faults: warps of
+    dense + ART in bound order, 24 layers per step. Most plans use thresholds that most groups meet, stopping the
+    head at page 4-8 (``min_blocks``) while the tail programs of the group are still reading, so that the tails'
+    checks of the stop flag meet the head's write in every launch (the race found in the compiled kernel: warps of
     one tail program read the flag on both sides of the write, split at the check and took page ids from shared
-    memory that another warp never filled). Every launch is synchronised so that a fault names it; every layer must
-    give the first layer's output, finite, and a stopped group's output must be the attention over the pages it
-    read (float64 reference), at the server's default thresholds too."""
+    memory that never received them). Every launch is synchronised so that a fault names it; every layer must give
+    the first layer's output, finite, and a group's output must be the attention over the pages it read (float64
+    reference), at the server's default thresholds too."""
     import random
 
     from flashinfer_ext.decode import SparseDecodeWrapper
