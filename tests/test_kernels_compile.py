@@ -1,4 +1,5 @@
-"""Every Triton kernel launch of flashinfer_ext's wrappers compiles for the H100 (sm_90), without a GPU.
+"""Every Triton kernel launch of flashinfer_ext's wrappers compiles for the H100 (sm_90), without a GPU, and
+branches only on values every warp of a program agrees on.
 
 Triton's interpreter (tests/test_kernels_cpu.py) checks the math but not code generation: a kernel
 can run interpreted and still fail to compile. Here the wrappers are driven with Llama-3.1-8B shapes
@@ -118,8 +119,131 @@ def test_all_launches_compile_for_sm90():
     failures = []
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(opts))
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options=dict(opts))
         except Exception as exc:  # noqa: BLE001
             failures.append(f"{key[0]} {dict(key[2])} {opts}: {type(exc).__name__}: {str(exc)[:500]}")
+            continue
+        racy = _branches_on_racy_loads(k.asm["ttir"])     # see test_art_decode_branches_agree_across_warps
+        if racy:
+            failures.append(f"{key[0]} {dict(key[2])}: branches on per-thread volatile loads: {racy}")
     assert not failures, "\n".join(failures)
+
+
+def _branches_on_racy_loads(ttir: str):
+    """Control flow that depends on a value each thread loads for itself with ``volatile=True`` (memory that other
+    programs write while this one runs), in a kernel's TTIR: ``scf.if`` conditions, ``scf.for`` bounds and
+    ``cf.cond_br`` conditions reached from such a load through SSA data flow. Returns the offending lines.
+
+    On a GPU every thread of a program executes such a load at its own time, so the warps of one program can read
+    different values and split at the branch; a barrier inside the branch then pairs with a barrier elsewhere and
+    the warps read shared memory that the others never filled. The interpreter runs a program as one thread and
+    cannot show it. A value every warp agrees on comes from a reduction over the program or from a scalar atomic
+    (one thread performs it and Triton broadcasts its result through shared memory)."""
+    import re
+
+    tainted = set()
+    lines = ttir.splitlines()
+    ident = re.compile(r"%[\w.$-]+")
+    changed = True
+    while changed:
+        changed = False
+        for line in lines:
+            s = line.strip()
+            m = re.match(r"(%[\w.$-]+)(?::\d+)?\s*=\s*(.*)", s)
+            if m:
+                lhs, rhs = m.group(1), m.group(2)
+                src = "tt.load" in rhs.split("(")[0] and "isVolatile = true" in rhs
+                if lhs not in tainted and (src or any(t.split("#")[0] in tainted for t in ident.findall(rhs))):
+                    tainted.add(lhs)
+                    changed = True
+            for a, b in re.findall(r"(%[\w.$-]+) = (%[\w.$-]+)", s.split("iter_args(", 1)[1] if "iter_args(" in s
+                                   else ""):
+                if b.split("#")[0] in tainted and a not in tainted:
+                    tainted.add(a)
+                    changed = True
+    bad = []
+    for line in lines:
+        s = line.strip()
+        ctrl = re.search(r"\b(scf\.if|cf\.cond_br)\s+(%[\w.$-]+)", s)
+        loop = re.search(r"\bscf\.for\s+%[\w.$-]+\s*=\s*(%[\w.$-]+)\s+to\s+(%[\w.$-]+)\s+step\s+(%[\w.$-]+)", s)
+        used = [ctrl.group(2)] if ctrl else list(loop.groups()) if loop else []
+        if any(u.split("#")[0] in tainted for u in used):
+            bad.append(s.split(" loc(")[0][:160])
+    return bad
+
+
+def _drive_server_decode(h_q: int, h_kv: int, d: int, P: int):
+    """The decode wrapper as an SGLang server with --art on drives it: a wrapper as wide as SGLang's req_to_token
+    (context 32768 + 4 slots), the H200's 132 SMs, 16 requests of 4K-32K tokens; dense + ART in bound order and
+    PrHS + ART at the configuration's defaults."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from kernel_cases import art_p, every_page, sel
+
+    ctx, bs = 32768 + 4, 16
+    lens = torch.tensor([4096 + (ctx - 4096 - 8) * i // (bs - 1) for i in range(bs)])
+    num_pages = int(sum(-(-int(n) // P) for n in lens)) + 2
+    kc = torch.empty(num_pages * P, h_kv, d, dtype=torch.bfloat16)
+    kmin = torch.empty(num_pages, h_kv, d, dtype=torch.bfloat16)
+    r2t = torch.zeros(bs + 1, ctx, dtype=torch.int32)
+    q = torch.empty(bs, h_q, d, dtype=torch.bfloat16)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=32, max_seq_len=ctx, device="cpu")
+    w.num_sms = 132
+    a = art_p(1e-3, 1e-6, patience=2, min_blocks=4)
+    for cfg in (dict(pages=every_page(), art=a), dict(pages=sel(1 / 16, 0.05), art=a)):
+        w.plan(r2t, torch.arange(1, bs + 1), lens, **cfg)
+        w.run(q, kc, torch.empty_like(kc), kmin, torch.empty_like(kmin))
+
+
+def test_branch_check_finds_a_branch_on_a_racy_load():
+    """The check of the next test is not vacuous: it flags a kernel that branches on a volatile load, and passes the
+    same kernel reading the value through a scalar atomic."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def _racy(Flag, Out, ATOMIC: tl.constexpr):
+        if ATOMIC:
+            go = tl.atomic_add(Flag, 0, sem="relaxed") == 0
+        else:
+            go = tl.load(Flag, volatile=True) == 0
+        if go:
+            tl.store(Out + tl.arange(0, 128), tl.arange(0, 128))
+
+    for atomic in (False, True):
+        k = triton.compile(ASTSource(fn=_racy, signature={"Flag": "*i32", "Out": "*i32", "ATOMIC": "constexpr"},
+                                     constexprs={"ATOMIC": atomic}),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        found = _branches_on_racy_loads(k.asm["ttir"])
+        assert bool(found) != atomic, (atomic, found, k.asm["ttir"])
+
+
+@pytest.mark.parametrize("h_q,h_kv,d,P", [(14, 2, 64, 32), (14, 2, 64, 64), (12, 2, 128, 32)])
+def test_art_decode_branches_agree_across_warps(h_q, h_kv, d, P):
+    """The decode launches of a Qwen2.5-Coder-0.5B / 1.5B server with --art on at 32K context (the shapes and
+    settings of the illegal memory accesses seen on an H200) take no branch on a value the threads of a program may
+    read differently: ART's tail programs decide whether to read their next sub-range from the stop flag that the
+    head program of the same group sets while they run. Read with a plain load per thread, two warps of one tail
+    program could take different sides of that branch when the head stopped between their reads; the warp that
+    read on then waited at barriers the other never reached, and took K/V page ids from shared memory that the
+    other warp's copies never filled."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    launches = _record_launches(lambda: _drive_server_decode(h_q, h_kv, d, P))
+    decode = [v for k, v in launches.items() if k[0] in ("_decode_split_kernel", "_merge_splits_kernel")]
+    assert any(v[2].get("ART") for v in decode)
+    bad = {}
+    for fn, sig, consts, opts, attrs in decode:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(opts))
+        found = _branches_on_racy_loads(k.asm["ttir"])
+        if found:
+            bad[f"{fn.fn.__name__} {dict((n, consts[n]) for n in ('ART', 'SPARSE') if n in consts)}"] = found
+    assert not bad, f"branches on values each thread reads for itself from concurrently written memory: {bad}"

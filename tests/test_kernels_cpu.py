@@ -192,3 +192,15 @@ def test_selection_negative_bounds():
     check_decode([300, 230, 140], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(pages=every_page(), art=a), dict(pages=sel(1 / 2, 0.0)), dict(pages=sel(1 / 2, 0.05), art=a)],
                  structured=True, negative=True)
+
+
+def test_art_qwen_server_launch_shape():
+    """The launch of a Qwen2.5-Coder-0.5B server with --art on at 32K context (14 query / 2 KV heads, d 64, 32-token
+    pages, a wrapper as wide as SGLang's req_to_token: 32772 tokens, 1025 pages; 132 SMs, so 64 splits: an 8-page
+    head and 63 tail programs), dense + ART in bound order on keys with negative bounds, with thresholds that stop
+    the head at page 5 (the tails then read the raised flag and skip) and at the defaults. Bounds-checked.
+    The race that made this launch fault on the GPU (warps of a tail program disagreeing on the flag) cannot occur
+    in the interpreter, which runs a program as one thread: tests/test_kernels_compile.py checks for it."""
+    check_decode([2400, 700], 32, 14, 2, 64, 64, DEVICE, fresh_seed(),
+                 [dict(pages=every_page(), art=art_p(0.5, 0.5, patience=1, min_blocks=5))],
+                 structured=True, negative=True, max_seq_len=32768 + 4, num_sms=132)

@@ -321,6 +321,65 @@ def test_art_server_loop_with_stops():
     assert sum(stops) / len(stops) > 0.5, f"ART stopped too rarely to test its stop path: {stops}"
 
 
+@pytest.mark.parametrize("h_q,h_kv,d,page_size", [(14, 2, 64, 32), (14, 2, 64, 64), (12, 2, 128, 32)])
+def test_art_qwen_32k_server_stops(h_q, h_kv, d, page_size):
+    """The launch shapes of a Qwen2.5-Coder-0.5B / 1.5B server with --art on at 32K context that hit illegal memory
+    accesses on an H200 (14/2 heads d 64 with 32- and 64-token pages, 12/2 heads d 128): a wrapper as wide as
+    SGLang's req_to_token (32768 + 4 tokens), the device's own SM count, 8-22 requests of 4K-30K tokens per step,
+    dense + ART in bound order, 24 layers per step. Most plans use thresholds that most groups meet, stopping the
+    head at page 4-8 (``min_blocks``) while the tail programs of the group are still reading, so that the tails'
+    checks of the stop flag meet the head's write in every launch (the race found in the compiled kernel: warps of
+    one tail program read the flag on both sides of the write, split at the check and took page ids from shared
+    memory that never received them). Every launch is synchronised so that a fault names it; every layer must give
+    the first layer's output, finite, and a group's output must be the attention over the pages it read (float64
+    reference), at the server's default thresholds too."""
+    import random
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from sglang_sparse import prhs
+
+    rng = random.Random(fresh_seed())
+    P, ctx = page_size, 32768 + 4
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=32, max_seq_len=ctx, device=DEV)
+    sm_scale = 1 / math.sqrt(d)
+    stops = []
+    for step in range(4):
+        seed = fresh_seed()
+        gen = torch.Generator().manual_seed(seed)
+        bs = rng.choice([8, 14, 17, 22])
+        lens = [30000] + [rng.randint(4096, 30000) for _ in range(bs - 1)]
+        rng.shuffle(lens)
+        pool = make_pool(lens, P, h_q, h_kv, d, d, DEV, gen, structured=True, negative=True, max_ctx=ctx)
+        kmin, kmax = reference_summaries(pool)
+        settings = [art_p(0.5, 0.5, patience=1, min_blocks=m) for m in (4, 5, 6, 7, 8)]
+        settings.append(art_p(1e-3, 1e-6, patience=2, min_blocks=4))         # the server's defaults
+        for a in settings:
+            tag = f"seed={seed} step={step} bs={bs} heads={h_q}/{h_kv} d={d} P={P} {a}"
+            w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=every_page(), art=a, q_dtype=torch.bfloat16)
+            first = None
+            for layer in range(24):
+                out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+                torch.cuda.synchronize()
+                if first is None:
+                    first = out.clone()
+                    blocks = w.blocks_read.clone()
+                    order, num = w.pages.clone(), w.num_selected.clone()
+                    stopped = (w.stop_reason != 0).clone()
+                    if a.tau_mag == 0.5:
+                        stops.append(float(stopped.float().mean()))
+                else:
+                    assert torch.equal(out, first), f"{tag}: layer {layer} differs from layer 0"
+            assert bool(torch.isfinite(first.float()).all()), f"{tag}: non-finite output"
+            assert int(w.art_flag.abs().sum()) == 0 and int(w.art_loaded.abs().sum()) == 0, f"{tag}: ART state left"
+            for b in rng.sample(range(bs), 3):
+                read = blocks[b].reshape(h_kv, h_q // h_kv)[:, 0].long()
+                assert bool((read <= num[b].long()).all()), f"{tag} b={b}: read {read.tolist()} > listed"
+                ref = prhs.sparse_attention(*pool.logical(b), P, order[b].long(), read, sm_scale)
+                e = rel_err(first[b], ref)
+                assert e <= 1e-2, f"{tag} b={b}: output vs float64 over the {read.tolist()} pages read: {e:.2e}"
+    assert sum(stops) / len(stops) > 0.5, f"the loose thresholds stopped too few groups to race the tails: {stops}"
+
+
 REAL_MODELS = {"smollm2": ("SGLANG_SPARSE_SMOLLM2_DIR",
                            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".models",
                                         "SmolLM2-135M-Instruct")),

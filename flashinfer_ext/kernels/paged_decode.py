@@ -28,9 +28,10 @@ ART (``ART=True``). A sequential test cannot be split, so the list is cut into a
   the group's flag ``ArtFlag[b, h]``. (Every head page is loaded, so that the loads can run ahead of the
   sequential test; the head is short.)
 * the tail, ``[H, L)``, is split over programs ``s >= 1`` (``PPI`` pages per iteration), which run
-  alongside the head and read the flag before every ``TAIL_SUB`` iterations: after a stop they issue
-  no more loads and the merge ignores their partial results. Without a stop they read their whole
-  range, so the latency of the head's sequential test is hidden behind the tail instead of added to it.
+  alongside the head and read the flag before every ``TAIL_SUB`` iterations (an atomic read, whose value
+  every warp of the program shares): after a stop they issue no more loads and the merge ignores their
+  partial results. Without a stop they read their whole range, so the latency of the head's sequential
+  test is hidden behind the tail instead of added to it.
 
 So the kernel equals the reference whenever the reference stops within the first H pages (or never
 stops); when the reference would stop later, the kernel reads the whole list (no stop). The pages a
@@ -147,9 +148,13 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
             end = tl.minimum(start + chunk, n_list)
             loaded = b * 0
             # the flag is read once per sub-range of TAIL_SUB iterations; inside one the loads do not
-            # depend on it, so the loop stays software-pipelined
+            # depend on it, so the loop stays software-pipelined. It is read with a scalar atomic: one thread
+            # performs it and every warp gets its result through shared memory, so the whole program takes the
+            # same side of the branch. With a load per thread, warps that read before and after the head's stop
+            # split here; the barriers inside the branch then paired with barriers elsewhere, and warps took
+            # page ids from shared memory that another warp's copies never filled (illegal K/V addresses).
             for c in range(start, end, PPI * TAIL_SUB):
-                if tl.load(flag_ptr, volatile=True) == 0:
+                if tl.atomic_add(flag_ptr, 0, sem="relaxed") == 0:
                     c_end = tl.minimum(c + PPI * TAIL_SUB, end)
                     for jpos in tl.range(c, c_end, PPI, num_stages=NUM_STAGES):
                         k, v, row_ok = _load_page_rows(KCache, VCache, list_base, jpos, c_end, npg, last_len,
@@ -206,7 +211,7 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                 stop_m = can_stop & (~stopped) & (streak >= patience)
                 reason = tl.where(stop_m, 1, reason)
                 stopped = stopped | stop_m
-                tl.store(flag_ptr, 1, mask=stopped & live)      # the tails stop loading
+                tl.atomic_xchg(flag_ptr, 1, mask=stopped & live, sem="relaxed")    # the tails stop loading
             tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, end)
             if stopped == 0:
                 read = n_list
