@@ -200,6 +200,9 @@ def _interpret_in_float32(decoder: SparseDecoder) -> None:
     for w in (decoder.decode_wrapper, decoder.decode_wrapper_kept):
         if w is not None:
             w.run = _float32_run(w.run)
+    if decoder.audit is not None:
+        audit_run = decoder.audit.run
+        decoder.audit.run = lambda w, layer, q, k_cache, **kw: audit_run(w, layer, q.float(), k_cache.float(), **kw)
 
 
 def _float32_run(run):

@@ -180,6 +180,9 @@ class PrhsConfig:
     layers_per_selection  g: consecutive layers that share one selection.
     sink_pages / recent_pages  always-selected pages at the start / end of the context.
     min_context_len  requests with a shorter context decode densely.
+    audit_interval   N: every N decode steps of a request, one of its layers (a different one each time) also
+                     measures the exact attention mass the step dropped (PrHS's pages and ART's stop together),
+                     by reading that layer's keys of every page (``flashinfer_ext.audit``); 0 = off.
     """
 
     mode: str = "off"
@@ -192,6 +195,7 @@ class PrhsConfig:
     sink_pages: int = 1
     recent_pages: int = 2
     min_context_len: int = 4096
+    audit_interval: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -371,6 +375,9 @@ _FLAGS = (
      "Pages at the end of the context that are always read."),
     ("--prhs-min-context-len", "prhs_min_context_len", int, "prhs", "min_context_len",
      "Requests with a shorter context decode densely."),
+    ("--prhs-audit-interval", "prhs_audit_interval", int, "prhs", "audit_interval",
+     "Every N decode steps of a request, measure on one of its layers the exact attention mass PrHS / ART "
+     "dropped (logged and on /metrics; 0 = off)."),
     ("--art", "art", str, "art", "mode",
      "Run-time termination of decode attention once the running output stops changing."),
     ("--art-tau-mag", "art_tau_mag", float, "art", "tau_mag",
@@ -465,6 +472,7 @@ def validate_values(cfg: SparseConfig) -> None:
     _check(p.budget <= 1 or p.budget >= p.sink_pages + p.recent_pages, "--prhs-budget",
            f"a page count must cover the {p.sink_pages} sink + {p.recent_pages} recent pages, got {p.budget:g}")
     _check(p.min_context_len >= 0, "--prhs-min-context-len", f"must be >= 0, got {p.min_context_len}")
+    _check(p.audit_interval >= 0, "--prhs-audit-interval", f"must be >= 0, got {p.audit_interval}")
 
     _check(a.mode in _CHOICES["--art"], "--art", f"must be off or on, got {a.mode!r}")
     _check(a.tau_mag >= 0, "--art-tau-mag", f"must be >= 0, got {a.tau_mag}")

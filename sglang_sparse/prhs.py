@@ -470,3 +470,14 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, return_lse
     """Exact attention of one decode query over all n tokens (GQA): ``out [H_q, Dv]`` (and lse)."""
     out, lse = _masked_attention(q, k, v, sm_scale, None)
     return (out, lse) if return_lse else out
+
+
+def dropped_mass(q: Tensor, k: Tensor, sm_scale: float, lse_read: Tensor) -> Tensor:
+    """Attention mass a decode step left out: ``[H_q]``, ``1 - exp(lse_read - log sum_t exp(s_t))`` over all n
+    tokens (GQA), where ``lse_read`` is the natural-log normaliser of what the step read (e.g. the ``lse`` of
+    :func:`sparse_attention`). Clamped to ``[0, 1]``. The quantity PrHS's ``delta`` is about, measured rather
+    than bounded (``flashinfer_ext.audit.DroppedMassAudit``)."""
+    group = q.shape[0] // k.shape[1]
+    s = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(group, dim=1)) * sm_scale
+    lse_all = torch.logsumexp(s, dim=-1)
+    return (1.0 - torch.exp(lse_read.to(lse_all.dtype) - lse_all)).clamp(0.0, 1.0)

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# audits kept for the logged statistics (per request and audited step)
+AUDIT_RING = 4096
+
+
 def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
                             page_size: int) -> int:
     """HBM cost of the page summaries per KV-cache token (min and max keys per page, every layer)."""
@@ -127,6 +131,19 @@ class SparseDecoder:
 
         self.decode_wrapper = wrapper()
         self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
+        # the dropped-mass audit (--prhs-audit-interval N): every N steps of a request, one of its layers
+        # (rotating) measures the exact mass the step left out; values go to a device ring read with the stats
+        self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
+        self.audit = None
+        self._num_layers = pool.layer_num
+        if self._audit_every:
+            from flashinfer_ext.audit import DroppedMassAudit
+
+            self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
+                                          self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
+                                          device=k0.device)
+            self._audit_ring = torch.full((AUDIT_RING,), float("nan"), dtype=torch.float32, device=k0.device)
+            self._audit_pos = torch.zeros((), dtype=torch.int64, device=k0.device)
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
         self._metrics_on = bool(getattr(model_runner.server_args, "enable_metrics", False))
@@ -136,6 +153,8 @@ class SparseDecoder:
                 else "dense + ART" if cfg.art.enabled else "dense")
         if self._reselect_every > 1:
             what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
+        if self._audit_every:
+            what += f", dropped mass audited every {self._audit_every} steps per request"
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
@@ -177,6 +196,31 @@ class SparseDecoder:
         if self.decode_wrapper_kept is not None:
             self.decode_wrapper_kept.plan(r2t, fb.req_pool_indices, fb.seq_lens, q_dtype=self._q_dtype,
                                           kv_start=self.claa.drop[fb.req_pool_indices], **kw)
+        if self.audit is not None:
+            self._plan_audit(fb)
+
+    def _plan_audit(self, fb: "ForwardBatch") -> None:
+        """Keep the last step's audited values, then choose this step's (device-side, no host sync): a request
+        whose length is a multiple of N is audited at layer ``(length // N + row) % L``, so successive audits
+        of a request visit different layers; CUDA-graph padding rows are never audited."""
+        self._fold_audit()
+        rows, lens = fb.req_pool_indices, fb.seq_lens
+        n = self._audit_every
+        layer = torch.where(lens % n == 0, (lens // n + rows) % self._num_layers, torch.full_like(lens, -1))
+        n_real = rows.shape[0] - int(getattr(fb, "num_padding", 0) or 0)
+        if n_real < rows.shape[0]:
+            layer[n_real:] = -1
+        self.audit.plan(rows.shape[0], layer.to(torch.int32))
+
+    def _fold_audit(self) -> None:
+        """Append the last step's per-request dropped mass (the largest over the request's query heads; NaN when
+        not audited) to the ring buffer (device ops only)."""
+        if self.audit.bs == 0:
+            return
+        vals = self.audit.dropped.amax(dim=1)          # NaN rows stay NaN
+        idx = (self._audit_pos + torch.arange(vals.shape[0], device=vals.device)) % AUDIT_RING
+        self._audit_ring[idx] = vals
+        self._audit_pos += vals.shape[0]
 
     def mark_fresh(self, fb: "ForwardBatch") -> None:
         """Rows that (re)start a request (an extend batch) select afresh on their next decode step."""
@@ -209,8 +253,10 @@ class SparseDecoder:
                       else (None, None))
         w = self.decode_wrapper_kept if self._claa_from is not None and lid >= self._claa_from else self.decode_wrapper
         reuse = {"reuse_slot": lid // self._group} if self._reselect_every > 1 else {}
-        o = w.run(q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), k_buf, v_buf,
-                  kmin, kmax, select=leader, **reuse)
+        qv = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
+        o = w.run(qv, k_buf, v_buf, kmin, kmax, select=leader, **reuse)
+        if self.audit is not None:
+            self.audit.run(w, lid, qv, k_buf)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ statistics
@@ -230,8 +276,22 @@ class SparseDecoder:
         dhat_max = torch.where(torch.isinf(dhat_max), torch.full_like(dhat_max, float("nan")), dhat_max)
         stop = (w.stop_reason.reshape(bs, w.h_kv, g)[:, :, 0] != 0).float()
         vals = torch.stack([loaded.sum() / pages.sum(), dhat.nanmean(), dhat_max, stop.mean(), blocks.mean()]).tolist()
-        return dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
-                        vals), batch_size=bs)
+        stats = dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
+                         vals), batch_size=bs)
+        if self.audit is not None:
+            stats.update(self.audit_stats())
+        return stats
+
+    def audit_stats(self) -> dict:
+        """The audited dropped mass over the ring's last audits (reads device buffers: synchronises): mean, 99th
+        percentile, share above ``--prhs-delta``, and how many audits they cover."""
+        d = self._audit_ring[~torch.isnan(self._audit_ring)].double()
+        if d.numel() == 0:
+            nan = float("nan")
+            return dict(dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)
+        return dict(dropped_mean=float(d.mean()), dropped_p99=float(torch.quantile(d, 0.99)),
+                    dropped_over_delta=float((d > self.sparse_config.prhs.delta).double().mean()),
+                    audits=int(d.numel()))
 
     def _maybe_log_stats(self) -> None:
         self._decode_batches += 1
@@ -244,6 +304,10 @@ class SparseDecoder:
                         "art_stop_rate=%.3f blocks_read_mean=%.1f", stats["batch_size"], stats["pages_read_frac"],
                         stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
                         stats["blocks_read_mean"])
+            if "audits" in stats:
+                logger.info("sglang_sparse audited dropped mass (last %d audits): mean=%.4f p99=%.4f "
+                            "over_delta(%.3g)=%.3f", stats["audits"], stats["dropped_mean"], stats["dropped_p99"],
+                            self.sparse_config.prhs.delta, stats["dropped_over_delta"])
             if self._metrics_on:
                 self._export_metrics(stats)
 
@@ -251,7 +315,10 @@ class SparseDecoder:
                 ("delta_hat_mean", "Mean certified dropped-mass bound of the last decode batch's selection."),
                 ("delta_hat_max", "Largest certified dropped-mass bound of the last decode batch's selection."),
                 ("art_stop_rate", "Fraction of (request, KV head) pairs where ART stopped early."),
-                ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."))
+                ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."),
+                ("dropped_mean", "Mean audited attention mass a decode step dropped (--prhs-audit-interval)."),
+                ("dropped_p99", "99th percentile of the audited dropped attention mass."),
+                ("dropped_over_delta", "Share of audits whose dropped attention mass exceeded --prhs-delta."))
 
     def _export_metrics(self, stats: dict) -> None:
         """Publish the statistics on SGLang's Prometheus endpoint (``--enable-metrics``)."""
@@ -262,4 +329,5 @@ class SparseDecoder:
             self._gauges = {name: Gauge(f"sglang_sparse:{name}", doc, labelnames=["tp_rank"],
                                         multiprocess_mode="mostrecent") for name, doc in self._METRICS}
         for name, gauge in self._gauges.items():
-            gauge.labels(tp_rank=self._tp_rank).set(stats[name])
+            if name in stats:
+                gauge.labels(tp_rank=self._tp_rank).set(stats[name])

@@ -30,7 +30,7 @@ def test_decode_stats_counts_loaded_pages():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     for art in (True, False):
         w, npg, blocks, loaded = _wrapper(art, gen)
-        stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+        stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, audit=None))
         read = (loaded if art else blocks).double()
         expect = read.sum() / (npg.double()[:, None].expand_as(read)).sum()
         assert abs(stats["pages_read_frac"] - float(expect)) < 1e-6, (art, stats, float(expect))
@@ -46,11 +46,55 @@ def test_decode_stats_skip_reused_lists():
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     w, _, _, _ = _wrapper(True, gen)
     w.cur_dhat[0] = float("nan")
-    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, audit=None))
     fresh = w.cur_dhat[1: w.bs]
     assert abs(stats["delta_hat_mean"] - float(fresh.mean())) < 1e-6
     assert abs(stats["delta_hat_max"] - float(fresh.max())) < 1e-6
     w.cur_dhat[: w.bs] = float("nan")
-    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, audit=None))
     assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
 
+
+
+def test_audit_layer_choice_and_logged_statistics():
+    """--prhs-audit-interval N: requests whose length is a multiple of N are audited at a layer that moves with
+    the length (padding rows never); the logged statistics are the mean, 99th percentile and share above delta
+    of the per-request dropped mass (largest over query heads) of the audits so far."""
+    from flashinfer_ext.audit import DroppedMassAudit
+    from sglang_sparse.config import PrhsConfig, SparseConfig
+    from sglang_sparse.sparse_decode import AUDIT_RING
+
+    seed = int(torch.randint(0, 2**31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    n, layers, h_q = 4, 6, 8
+    dec = SparseDecoder.__new__(SparseDecoder)
+    dec.sparse_config = SparseConfig(prhs=PrhsConfig(mode="prhs", delta=0.05, audit_interval=n))
+    dec._audit_every, dec._num_layers = n, layers
+    dec.audit = DroppedMassAudit(h_q, 2, 16, 16, max_batch_size=8, max_seq_len=4096, device="cpu", num_sms=4)
+    dec._audit_ring = torch.full((AUDIT_RING,), float("nan"))
+    dec._audit_pos = torch.zeros((), dtype=torch.int64)
+    assert dec.audit_stats()["audits"] == 0
+    expect = []
+    for step in range(3):
+        rows = torch.tensor([3, 7, 1, 5, 2], dtype=torch.int64)
+        lens = torch.tensor([100, 204, 37, 400, 8], dtype=torch.int64) + step
+        fb = types.SimpleNamespace(req_pool_indices=rows, seq_lens=lens, num_padding=1)
+        dec._plan_audit(fb)
+        got = dec.audit.layer_of[:5].tolist()
+        want = [int((L // n + r) % layers) if L % n == 0 else -1 for r, L in zip(rows.tolist(), lens.tolist())]
+        want[-1] = -1                                   # the padding row
+        assert got == want, f"seed={seed} step {step}: audited layers {got}, expected {want}"
+        assert bool(torch.isnan(dec.audit.dropped).all())
+        # what the kernels would leave: values for the audited rows
+        vals = torch.rand(5, h_q, generator=gen) * 0.1
+        for b in range(5):
+            if want[b] >= 0:
+                dec.audit.dropped_buf[b] = vals[b]
+                expect.append(float(vals[b].max()))
+    dec._fold_audit()
+    stats = dec.audit_stats()
+    e = torch.tensor(expect, dtype=torch.float64)
+    assert stats["audits"] == len(expect) > 0, (seed, stats, expect)
+    assert abs(stats["dropped_mean"] - float(e.mean())) < 1e-6, (seed, stats)
+    assert abs(stats["dropped_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (seed, stats)
+    assert abs(stats["dropped_over_delta"] - float((e > 0.05).double().mean())) < 1e-9, (seed, stats)

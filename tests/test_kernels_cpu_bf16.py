@@ -94,7 +94,8 @@ def test_interpreted_server_decode_runs_bf16_in_float32(triton_bf16_dot):
     pool = _pool(seed)
     kmin, kmax = reference_summaries(pool)
     plain = _wrapper(pool)
-    backend = types.SimpleNamespace(_q_dtype=torch.bfloat16, decode_wrapper=_wrapper(pool), decode_wrapper_kept=None)
+    backend = types.SimpleNamespace(_q_dtype=torch.bfloat16, decode_wrapper=_wrapper(pool), decode_wrapper_kept=None,
+                                    audit=None)
     _interpret_in_float32(backend)
     w = backend.decode_wrapper
     for mode, cfg in PLANS:

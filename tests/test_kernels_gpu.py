@@ -510,6 +510,45 @@ def test_art_bf16_equals_dense_on_real_models(which):
                      pool=pool, max_seq_len=int(pool.seq_lens.max()) + P)
 
 
+
+@pytest.mark.parametrize("page_size", [32, 64])
+def test_dropped_mass_audit(page_size):
+    """The audit's measured dropped mass equals the float64 mass outside the pages PrHS 1/16 read, at
+    Llama-3.1-8B shapes up to 32K tokens, with page tails holding keys that would dominate if scored."""
+    from flashinfer_ext.audit import DroppedMassAudit
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    P = page_size
+    lens = [32000, 5000, 12345]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEV, torch.Generator().manual_seed(seed), structured=True,
+                     negative=True)
+    group = H_Q // H_KV
+    for b, n in enumerate(lens):
+        last = int(pool.slots[b][-1])
+        tail = torch.arange(last + 1, (last // P + 1) * P, device=DEV)
+        for g in range(H_KV):
+            u = pool.q[b, g * group:(g + 1) * group].float().sum(0)
+            pool.kc[tail, g] = (4.0 * D ** 0.5 * u / u.norm()).to(pool.kc.dtype)
+    kmin, kmax = reference_summaries(pool)
+    max_len = max(lens) + P
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV)
+    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 16, 0.0))
+    w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+    audit.plan(len(lens), torch.tensor([2, 2, -1], dtype=torch.int32, device=DEV))
+    dropped = audit.run(w, 2, pool.q, pool.kc).cpu()
+    assert bool(torch.isnan(dropped[2]).all()), f"seed={seed}: request 2 was not audited"
+    sm = D ** -0.5
+    for b in (0, 1):
+        q, k, v = pool.logical(b)
+        _, lse = prhs.sparse_attention(q, k, v, P, w.pages[b].long(), w.num_selected[b].long(), sm,
+                                       return_lse=True)
+        ref = prhs.dropped_mass(q, k, sm, lse)
+        err = (dropped[b].double() - ref.cpu()).abs().max().item()
+        assert err <= 2e-2, f"seed={seed} P={P} b={b}: dropped {dropped[b].tolist()} vs {ref.tolist()}"
+
 if __name__ == "__main__":
     import time
     import traceback

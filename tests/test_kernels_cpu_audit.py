@@ -1,0 +1,102 @@
+"""The dropped-mass audit (``flashinfer_ext.audit``) under Triton's interpreter, against the float64 reference
+``sglang_sparse.prhs.dropped_mass`` fed with the reference normaliser of what the decode read.
+
+Run in its own process with ``TRITON_INTERPRET=1`` (ci/run_tests.sh does)."""
+
+import math
+
+import pytest
+
+from kernel_cases import art_p, fresh_seed, interpreter_device, make_pool, reference_summaries, sel
+
+DEVICE = interpreter_device("tests/test_kernels_cpu_audit.py")   # before flashinfer_ext's kernels are defined
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter_bf16_dot", "interpreter_bounds_check")
+
+H_Q, H_KV, D = 8, 2, 64
+
+
+def _reference_dropped(pool, w, b, read_pages_of_head):
+    """float64 dropped mass of request b: mass outside the pages each query head's group read."""
+    import torch
+
+    from sglang_sparse import prhs
+
+    q, k, v = pool.logical(b)
+    sm = 1 / math.sqrt(D)
+    lse = torch.empty(H_Q, dtype=torch.float64)
+    for hq in range(H_Q):
+        pages = read_pages_of_head(hq)
+        g = hq // (H_Q // H_KV)
+        sel_pages = torch.full((H_KV, len(pages)), -1, dtype=torch.long)
+        sel_pages[g] = torch.tensor(pages, dtype=torch.long)
+        num = torch.zeros(H_KV, dtype=torch.long)
+        num[g] = len(pages)
+        _, lse_h = prhs.sparse_attention(q, k, v, pool.page_size, sel_pages, num, sm, return_lse=True)
+        lse[hq] = lse_h[hq]
+    return prhs.dropped_mass(q, k, sm, lse)
+
+
+def _poison_page_tails(pool, lens, P):
+    """Slots past a request's last token on its last page get keys aligned with its queries: a kernel that
+    scored them would see them dominate the normaliser."""
+    import torch
+
+    group = H_Q // H_KV
+    for b, n in enumerate(lens):
+        last = int(pool.slots[b][-1])
+        tail = torch.arange(last + 1, (last // P + 1) * P)
+        for g in range(H_KV):
+            u = pool.q[b, g * group:(g + 1) * group].float().sum(0)
+            pool.kc[tail, g] = (4.0 * math.sqrt(D) * u / u.norm()).to(pool.kc.dtype)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_audit_measures_what_prhs_and_art_dropped(page_size):
+    """PrHS 1/4 (with and without ART stopping early) on peaked keys with bounds far below zero: for the audited
+    requests the kernel's dropped mass equals the reference computed from the pages the decode actually read
+    (the selected list, cut at ART's stop); requests not audited at this layer stay NaN; a dense plan drops
+    nothing."""
+    import torch
+
+    from flashinfer_ext.audit import DroppedMassAudit
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    seed = fresh_seed()
+    P = page_size
+    lens = [700, 1300, 333]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed), structured=True,
+                     negative=True)
+    _poison_page_tails(pool, lens, P)
+    kmin, kmax = reference_summaries(pool)
+    max_len = max(lens) + P
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE, num_sms=2)
+    layer = 5
+    plans = [("prhs", dict(pages=sel(1 / 4, 0.0))),
+             ("prhs+art", dict(pages=sel(1 / 2, 0.0), art=art_p(0.05, 1e-3, patience=1, min_blocks=1))),
+             ("dense", dict())]
+    for name, cfg in plans:
+        tag = f"seed={seed} P={P} {name}"
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        audit.plan(len(lens), torch.tensor([layer, -1, layer], dtype=torch.int32))
+        audit.run(w, layer - 1, pool.q, pool.kc)          # another layer: nothing is scored
+        assert bool(torch.isnan(audit.dropped).all()), f"{tag}: requests were scored at a layer not theirs"
+        dropped = audit.run(w, layer, pool.q, pool.kc).clone()
+        assert bool(torch.isnan(dropped[1]).all()), f"{tag}: request 1 was not audited but got {dropped[1]}"
+        for b in (0, 2):
+            if cfg.get("pages") is None:
+                npg = -(-lens[b] // P)
+                ref = _reference_dropped(pool, w, b, lambda hq: list(range(npg)))
+            else:
+                lst = w.pages[b].tolist()
+                read = w.blocks_read[b].tolist()          # pages in the output per query head (ART: cut at its stop)
+                ref = _reference_dropped(pool, w, b, lambda hq: lst[hq // (H_Q // H_KV)][: read[hq]])
+            err = (dropped[b].double() - ref).abs().max().item()
+            assert err <= 2e-2, f"{tag} b={b}: dropped {dropped[b].tolist()} vs reference {ref.tolist()}"
+        if name == "dense":
+            assert float(dropped[[0, 2]].max()) <= 1e-2, f"{tag}: a dense read dropped {dropped.tolist()}"
+        if name == "prhs":
+            # the case worth auditing: 1/4 of the pages leaves real mass out on these keys
+            assert float(dropped[[0, 2]].max()) > 1e-3, f"{tag}: nothing dropped, the test checks nothing"
