@@ -67,6 +67,7 @@ def _record_launches(drive):
 
 
 def _drive_wrappers():
+    from flashinfer_ext.audit import DroppedMassAudit
     from flashinfer_ext.claa_score import ClaaWindowScorer
     from flashinfer_ext.decode import SparseDecodeWrapper
     from flashinfer_ext.summaries import update_page_summaries
@@ -95,6 +96,9 @@ def _drive_wrappers():
         w.plan(r2t, rows, lens, **cfg)
         w.run(q, kc, vc, kmin, kmax)
         w.run(q, kc, vc, kmin, kmax, select=False)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", num_sms=132)
+    audit.plan(bs, 3)
+    audit.run(w, 3, q, kc)
     update_page_summaries(kmin, kmax, kc[:100], torch.arange(100), P)
     n = 4096
     for pool in ("avg", "max"):
@@ -115,7 +119,8 @@ def test_all_launches_compile_for_sm90():
     names = {k[0] for k in launches}
     assert {"_page_table_kernel", "_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel",
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
-            "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel"} <= names, names
+            "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel", "_kv_lse_split_kernel",
+            "_dropped_mass_kernel"} <= names, names
     failures = []
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:

@@ -20,7 +20,7 @@ per request and step, which layer is audited by writing ``Audit`` outside the gr
 import triton
 import triton.language as tl
 
-_LN2 = 0.6931471805599453
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
