@@ -166,6 +166,47 @@ def pool_from_kv(qs, ks, vs, page_size, device, gen: torch.Generator, spare_page
                 [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
 
 
+def far_bounds_pool(lens, page_size, h_q, h_kv, d, device, gen: torch.Generator, top: float = 45.0,
+                    low: float = -70.0, wide_pages: int = 1, dtype=torch.bfloat16) -> Pool:
+    """Requests whose page bounds span more than fp32's exponent range, so that a sum of ``exp(bound)`` shifted
+    by the largest bound of all pages underflows to 0 for the pages far below it.
+
+    Each group's query heads point along one unit vector ``u`` (``q = sqrt(d) u`` + a little noise, so a logit
+    is about ``c`` for a key ``c u``). Most pages ("low") hold keys ``low * u`` + noise: every logit and bound
+    near ``low``. ``wide_pages`` pages in the middle of each request are "wide": each token aligns with ``u``
+    on half of the dimensions (coefficient ``top``) and points against it on the other half (``anti =
+    -(2 |low| + top)``), the halves alternating between tokens; ``u`` has equal norm on both halves, so every
+    logit of such a page is ``(top + anti) / 2 = low`` like the others, while its per-dimension box bound is
+    ``ub = top`` (and ``lb = anti``). Reading the wide page certifies nothing: the low pages after it, ``top -
+    low`` nats below its bound, still hold nearly all the mass, and a certificate must count them."""
+    P = page_size
+    group = h_q // h_kv
+    anti = -(2 * abs(low) + top)
+    qs, ks, vs = [], [], []
+    for n in lens:
+        npg = -(-n // P)
+        q = torch.empty(h_q, d)
+        k = torch.empty(n, h_kv, d)
+        half = torch.arange(d) < d // 2
+        wide = list(range(npg // 3, npg // 3 + wide_pages))
+        for g in range(h_kv):
+            u = torch.randn(d, generator=gen)
+            u[half] = u[half] / u[half].norm()
+            u[~half] = u[~half] / u[~half].norm()
+            u = u / math.sqrt(2.0)
+            q[g * group:(g + 1) * group] = math.sqrt(d) * u[None, :] + 0.05 * torch.randn(group, d, generator=gen)
+            k[:, g] = low * u[None, :] + 0.1 * torch.randn(n, d, generator=gen)
+            for lp in wide:
+                for t in range(lp * P, min((lp + 1) * P, n)):
+                    first = (t % 2 == 0)
+                    coef = torch.where(half if first else ~half, torch.tensor(top), torch.tensor(anti))
+                    k[t, g] = coef * u
+        qs.append(q)
+        ks.append(k)
+        vs.append(torch.randn(n, h_kv, d, generator=gen))
+    return pool_from_kv(qs, ks, vs, P, device, gen, dtype=dtype)
+
+
 def reference_summaries(pool: Pool):
     """Physical-page summaries built from the reference (independent of the summary kernel)."""
     h_kv, d = pool.kc.shape[1], pool.kc.shape[2]

@@ -24,6 +24,7 @@ from kernel_cases import (
     check_reuse,
     check_selection_ties,
     every_page,
+    far_bounds_pool,
     fresh_seed,
     interpreter_device,
     sel,
@@ -192,3 +193,20 @@ def test_selection_negative_bounds():
     check_decode([300, 230, 140], 16, H_Q, H_KV, D, D, DEVICE, fresh_seed(),
                  [dict(pages=every_page(), art=a), dict(pages=sel(1 / 2, 0.0)), dict(pages=sel(1 / 2, 0.05), art=a)],
                  structured=True, negative=True)
+
+
+def test_prhs_art_bounds_beyond_fp32_range():
+    """Page bounds more than 104 nats apart (below fp32's smallest subnormal when shifted by the top bound): a
+    wide page's box bound sits 115 nats above the other pages, whose logits hold nearly all the mass. The
+    selector's dropped sum and ART's unread-mass suffix must still count those pages (the float64 reference's
+    log-space sums), so the selector does not stop after the wide page with delta_hat 0, and ART's certified
+    test does not stop there either."""
+    import torch
+
+    seed = fresh_seed()
+    pool = far_bounds_pool([320, 250], 16, H_Q, H_KV, D, DEVICE, torch.Generator().manual_seed(seed))
+    check_decode(None, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(1.0, 0.05)),
+                  dict(pages=sel(0.75, 0.05, sink=0, recent=1)),
+                  dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(1e-6, 1e-9, 2, 1, eps_cert=0.05))],
+                 pool=pool)
