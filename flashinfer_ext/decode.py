@@ -198,6 +198,7 @@ class SparseDecodeWrapper:
         self.num_pages = torch.zeros(bs, **i32)
         self.last_len = torch.zeros(bs, **i32)
         self.budget = torch.zeros(bs, **i32)
+        self.dense_req = torch.zeros(bs, **i32)      # 1: context below pages.dense_below_len, every page read
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
@@ -300,11 +301,14 @@ class SparseDecodeWrapper:
         self._reused_all = reselect is False
 
         lut, self.list_max = self._budget_lut(pages)
+        dense_below = pages.dense_below_len if self.select else 0
+        if dense_below > 0:     # the longest context below the minimum reads all its pages
+            self.list_max = max(self.list_max, min(self.max_sel, self.max_pages, triton.cdiv(dense_below - 1, P)))
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
             req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
             self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
-            kv_start if kv_start is not None else seq_lens, P=P, BLOCK=256, HAS_START=kv_start is not None,
-            num_warps=4)
+            kv_start if kv_start is not None else seq_lens, self.dense_req, dense_below, self.max_sel,
+            P=P, BLOCK=256, HAS_START=kv_start is not None, num_warps=4)
 
         # static sizing (depends only on bs, the settings and the hint, so graph replays agree)
         tuning = tuning or LaunchTuning()
@@ -321,12 +325,13 @@ class SparseDecodeWrapper:
 
     def _budget_lut(self, pages: Optional[PageSelectParams]):
         """(device table ``[max_pages + 1]``: page budget of a request of N pages, largest budget),
-        cached per setting: :func:`flashinfer_ext.params.page_budget` (all N pages in dense mode and below
-        ``pages.dense_below_pages``), capped by the list width."""
-        key = None if pages is None else (pages.budget, pages.sink_pages, pages.recent_pages, pages.dense_below_pages)
+        cached per setting: :func:`flashinfer_ext.params.page_budget` (all N pages in dense mode), capped by
+        the list width. Contexts below ``pages.dense_below_len`` tokens take every page in the page-table
+        kernel instead (a token threshold, which a table over page counts cannot hold)."""
+        key = None if pages is None else (pages.budget, pages.sink_pages, pages.recent_pages)
         cache = self.__dict__.setdefault("_lut_cache", {})
         if key not in cache:
-            vals = [min(self.max_sel, n if pages is None or n < pages.dense_below_pages else pages.budget_pages(n))
+            vals = [min(self.max_sel, n if pages is None else pages.budget_pages(n))
                     for n in range(self.max_pages + 1)]
             cache[key] = (torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True), max(1, max(vals)))
         return cache[key]
@@ -452,7 +457,7 @@ class SparseDecodeWrapper:
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
             self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
-            self.req_idx, st_p, st_n, st_g, self.sel_scratch,
+            self.req_idx, st_p, st_n, st_g, self.sel_scratch, self.dense_req,
             self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
             st_p.stride(0), st_p.stride(1), self.reuse_width,

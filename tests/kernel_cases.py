@@ -22,10 +22,12 @@ from sglang_sparse import art, claa, prhs
 SENTINEL = -777
 
 
-def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0) -> PageSelectParams:
-    """PrHS page selection of a test plan (every request selects: no dense threshold)."""
-    return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dense_below_pages=0,
-                            dilation=dilation)
+def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0,
+        dense_below: int = 0) -> PageSelectParams:
+    """PrHS page selection of a test plan (every request selects unless its context is shorter than
+    ``dense_below`` tokens)."""
+    return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent,
+                            dense_below_len=dense_below, dilation=dilation)
 
 
 def every_page() -> PageSelectParams:
@@ -223,7 +225,7 @@ def reference_summaries(pool: Pool):
 def poison_wrapper(w, keep_selection: bool = False) -> None:
     """Fill the wrapper's outputs with NaN / SENTINEL. ``keep_selection`` spares the state a reuse
     step reads (the kept fresh selections: state_pages, state_num, state_npg)."""
-    names = ["page_table", "num_pages", "last_len", "budget", "cur_pages", "cur_phys", "cur_num",
+    names = ["page_table", "num_pages", "last_len", "budget", "dense_req", "cur_pages", "cur_phys", "cur_num",
              "blocks_read_buf", "stop_reason_buf", "pages_loaded_buf", "sel_pages", "num_sel"]
     if not keep_selection:
         names += ["state_pages", "state_num", "state_npg"]
@@ -413,6 +415,10 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
             if pages is not None:       # PrHS, or every page in bound order (budget 1, delta 0)
                 sink, recent, delta = pages.sink_pages, pages.recent_pages, pages.delta
                 bud = _budget_pages(npg, pages.budget, sink, recent)
+                if lens[b] < pages.dense_below_len:
+                    # a context shorter than the minimum (the whole request's, kv_start aside) reads every
+                    # page, in the selector's order (delta 0), as the CPU reference decodes it
+                    bud, delta = npg, 0.0
                 ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
                 _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
                 order = w.pages[b, :, :bud].long()

@@ -210,3 +210,19 @@ def test_prhs_art_bounds_beyond_fp32_range():
                   dict(pages=sel(0.75, 0.05, sink=0, recent=1)),
                   dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(1e-6, 1e-9, 2, 1, eps_cert=0.05))],
                  pool=pool)
+
+
+def test_prhs_short_context_reads_every_page():
+    """``--prhs-min-context-len``: a request whose context is shorter than the minimum (in tokens, as the CPU
+    reference decides) reads every page: no delta cut, delta_hat 0; longer ones select. 150 and 159 tokens are
+    below 160 but fill as many 16-token pages as the minimum (10), 97 is well below, 230 and 260 above. Also with
+    kv_start (CLAA's kept-token layers), where the full context decides (230 tokens viewed from page 5 still
+    select), and with ART over the list."""
+    seed = fresh_seed()
+    lens = [150, 97, 230, 159, 260]
+    check_decode(lens, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(0.5, 0.05, dense_below=160)), dict(pages=sel(4, 0.02, dense_below=160))],
+                 structured=True)
+    check_decode(lens, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(0.5, 0.05, dense_below=160), art=art_p(0.03, 1e-3, 2, 2, eps_cert=0.05))],
+                 structured=True, kv_start_pages=[2, 0, 5, 1, 0])

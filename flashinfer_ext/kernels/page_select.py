@@ -29,7 +29,9 @@ more than ~104 nats below it, and the certificate would read 0 with all the mass
 ``Z_lb = sum_{p selected} n_p exp(lb_p)`` is an fp32 sum shifted by the largest ``log n_p + lb_p`` of all
 pages, m: it can lose a term only when the page holding m is dropped, and then ``U >= e^m`` (ub >= lb), so
 the certificate is 1 to fp32 precision either way. The two are compared in log space.
-``delta == 0`` selects all the budget allows, as the reference.
+``delta == 0`` selects all the budget allows, as the reference; so does a request flagged ``DenseReq[b]``
+(a context below ``--prhs-min-context-len``, whose budget is every page): it reads every page in the
+selector's order and its delta_hat is 0.
 
 The kernel works only on requests whose device flag ``Flag[b]`` is set (a reselection step), so that a
 CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
@@ -106,16 +108,16 @@ def _kth_largest(key, cand, k_max):
 
 @triton.jit
 def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                        SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
-                        stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
-                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
+                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                        stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
                     UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                    SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
+                    SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt, stride_ub_b,
                     stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                     state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                     P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
@@ -123,7 +125,7 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
 
 @triton.jit
 def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
+                SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt, stride_ub_b,
                 stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
                 state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
@@ -210,6 +212,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
         lhs = log_u_j - tl.log(s_j) - ml
         ok = ((log_u_j == float("-inf")) | ((s_j > 0.0) & (lhs <= log_ratio))) & in_top
         k = tl.min(tl.where(ok, pos, k_max), axis=0)
+        k = tl.where(tl.load(DenseReq + b) != 0, k_max, k)   # short context: its budget is every page
     n_sel = n_taken_f + k
 
     # pre-hoc certificate of the final selection (log U_k: position k of the same suffix, -inf past the top)
