@@ -26,7 +26,9 @@ What a plan reads (``plan(pages=..., art=...)``, parameter objects of :mod:`flas
 
 Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run(..., select=False)``
 on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
-is read again (logical pages, valid for every layer).
+is read again (logical pages, valid for every layer). The leader's bound on the dropped mass was computed
+from the leader's queries and keys and says nothing of a sharing layer, whose ``delta_hat`` is NaN (no
+certificate); ``leader_delta_hat`` keeps the leader's.
 
 Reuse across decode steps (time axis, ``SelectionSchedule.SELECT`` / ``DILATE``): ``plan(reselect=...)``
 with a bool or a ``[bs]`` bool tensor (per request: True = select afresh this step, False = reuse the
@@ -42,8 +44,9 @@ Statistics after ``run`` (views over the first ``bs`` rows, valid until the next
 ``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
 (``sglang_sparse.art.STOP_*``), ``art_delta_hat [bs, H_q]`` fp32 ART's unread-mass bound at
 termination (0 when every listed page was read), ``lse [bs, H_q]`` fp32 natural-log normaliser of
-what was read, ``num_selected [bs, H_kv]`` int32 and ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc
-certificate of the selection; 0 in dense mode).
+what was read, ``num_selected [bs, H_kv]`` int32, ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc bound on the
+dropped mass of the layer just run: NaN for a layer sharing the leader's list, which has no bound of its own;
+0 in dense mode) and ``leader_delta_hat`` (the same for the last selecting layer, kept across shared layers).
 """
 
 from __future__ import annotations
@@ -210,6 +213,8 @@ class SparseDecodeWrapper:
         self.cur_num = torch.zeros(bs, hk, **i32)
         self.cur_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
         self.cur_dhat = torch.zeros(bs, hk, **f32)
+        # the certificate of the last selecting run's list (the group leader's); layers sharing it leave it alone
+        self.lead_dhat = torch.zeros(bs, hk, **f32)
         self.sel_scratch = torch.empty(bs, hk, max(16, triton.next_power_of_2(self.max_sel)), dtype=torch.int64,
                                        device=dev)
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
@@ -299,6 +304,8 @@ class SparseDecodeWrapper:
         else:
             self.reselect_flag[:bs].copy_(reselect.reshape(-1)[:bs], non_blocking=True)
         self._reused_all = reselect is False
+        if not self.select:
+            self.lead_dhat[:bs].zero_()
 
         lut, self.list_max = self._budget_lut(pages)
         dense_below = pages.dense_below_len if self.select else 0
@@ -368,7 +375,10 @@ class SparseDecodeWrapper:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
             self._launch_bounds(q, kmin, kmax)
             self._launch_select(reuse_slot)
-        elif not self.select:
+        elif self.select:
+            # a layer sharing the leader's list (its own queries and keys, no bounds): no certificate
+            self.cur_dhat[:bs].fill_(float("nan"))
+        else:
             self.cur_dhat[:bs].zero_()
         checking = self.check and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
         if checking:
@@ -456,7 +466,7 @@ class SparseDecodeWrapper:
         st_p, st_n, st_g = self._select_state(reuse_slot)
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
-            self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
+            self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
             self.req_idx, st_p, st_n, st_g, self.sel_scratch, self.dense_req,
             self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
@@ -472,7 +482,7 @@ class SparseDecodeWrapper:
         st_p, st_n, st_g = self._select_state(reuse_slot)
         _page_dilate_kernel[(self.bs, self.h_kv)](
             self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
-            self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
+            self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
             self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
             self.cur_pages.stride(0), self.cur_pages.stride(1),
             self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
@@ -548,8 +558,16 @@ class SparseDecodeWrapper:
 
     @property
     def delta_hat(self) -> torch.Tensor:
-        """PrHS pre-hoc certificate of the list read this step (NaN for a reused list, 0 in dense mode)."""
+        """PrHS pre-hoc bound on the dropped mass of the list the last ``run`` read, for that layer: NaN for a
+        reused list and for a layer sharing the leader's list (``run(select=False)``: the bound was computed
+        from the leader's queries and keys, it says nothing of this layer), 0 in dense mode."""
         return self.cur_dhat[: self.bs]
+
+    @property
+    def leader_delta_hat(self) -> torch.Tensor:
+        """``[bs, H_kv]`` the :attr:`delta_hat` of the last selecting ``run`` (the group leader of the layers
+        run since): it covers that layer only. NaN for a reused list, 0 in dense mode."""
+        return self.lead_dhat[: self.bs]
 
     @property
     def pages(self) -> torch.Tensor:

@@ -449,10 +449,13 @@ def _art_ref(q, k, v, P, sm_scale, order, ub, a: ArtParams, scale_tau=1.0, scale
                              min_blocks=a.min_blocks)
 
 
-def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
+def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol, bounds=None):
     """ART decisions must equal the reference's (tolerating thresholds perturbed by +-20% where the
     float32 kernel and the float64 reference sit on opposite sides of a threshold); output,
-    lse and delta_hat must match the reference run with the same decisions."""
+    lse and delta_hat must match the reference run with the same decisions. ``bounds`` (default: the plan
+    selects): whether the kernel had page bounds for the list; without, its delta_hat is unknown (NaN) where
+    it stopped and 0 where it read the whole list."""
+    bounds = w.select if bounds is None else bounds
     h_q = q.shape[0]
     kb = w.blocks_read[b].long()
     kr = w.stop_reason[b].long()
@@ -489,13 +492,63 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
     e = rel_err(out[b], ref_out)
     assert e <= tol, f"seed={seed} {tag} b={b}: ART out rel err {e:.3e}"
     assert torch.allclose(w.lse[b].double(), ref_lse, atol=2e-3, rtol=1e-4), f"seed={seed} {tag} b={b}: ART lse"
-    if w.select:   # natural-order ART has no page bounds: delta_hat is NaN (unknown) where it stopped
+    if bounds:     # natural-order ART and shared layers have no page bounds: delta_hat is NaN where it stopped
         assert torch.allclose(w.art_delta_hat[b].double(), ref_dhat, atol=1e-4, rtol=2e-2), \
             f"seed={seed} {tag} b={b}: ART delta_hat {w.art_delta_hat[b].tolist()} vs {ref_dhat.tolist()}"
     else:
         stopped = kr != art.STOP_NONE
         assert bool(w.art_delta_hat[b][~stopped.to(w.art_delta_hat.device)].eq(0).all()), \
             f"seed={seed} {tag} b={b}: ART delta_hat of unstopped groups must be 0"
+
+
+# ----------------------------------------------------------------------------- reuse across layers
+def check_shared_layer(lens, page_size, h_q, h_kv, d, device, seed, settings, scale: float = 20.0, tol=1e-2):
+    """Layer axis (``run(select=False)``): a leader layer selects on a structured pool, then a layer sharing its
+    list runs on other keys and values of the same pages (``scale`` times larger keys, so its logits dwarf the
+    leader's page bounds) and other queries. The shared layer must read the leader's list, report no certificate
+    of its own (``delta_hat`` NaN) while ``leader_delta_hat`` keeps the leader's, and, with ART, run only the
+    magnitude/direction test (the leader's suffix bounds certify nothing here): its decisions and output equal
+    the reference's without ``eps_cert``, and its ART delta-hat claims no bound (NaN where it stopped)."""
+    from dataclasses import replace
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_q, h_kv, d, d, device, gen, structured=True)
+    kmin, kmax = reference_summaries(pool)
+    kc2 = (scale * torch.randn(pool.kc.shape, generator=gen)).to(device=device, dtype=pool.kc.dtype)
+    vc2 = torch.randn(pool.vc.shape, generator=gen).to(device=device, dtype=pool.vc.dtype)
+    q2 = torch.randn(pool.q.shape, generator=gen).to(device=device, dtype=pool.q.dtype)
+    sm_scale = 1.0 / math.sqrt(d)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens) + P, device=device)
+    for cfg in settings:
+        tag = f"seed={seed} shared layer {cfg}"
+        poison_wrapper(w)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        lead = w.delta_hat.clone()
+        pages, num = w.pages.long().clone(), w.num_selected.long().clone()
+        assert bool(torch.isfinite(lead).all()), f"{tag}: leader delta_hat {lead.tolist()}"
+        out = w.run(q2, kc2, vc2, select=False)
+        assert bool(torch.isnan(w.delta_hat).all()), f"{tag}: a shared layer's delta_hat {w.delta_hat.tolist()}"
+        assert torch.equal(w.leader_delta_hat, lead), f"{tag}: leader_delta_hat {w.leader_delta_hat.tolist()}"
+        assert torch.equal(w.num_selected.long(), num), f"{tag}: the shared layer read other lists"
+        a = cfg.get("art")
+        for b in range(len(lens)):
+            s = pool.slots[b]
+            q, k, v = q2[b].double(), kc2[s].double(), vc2[s].double()
+            width = int(num[b].max())
+            order = pages[b, :, :width]
+            if a is None:
+                ref = prhs.sparse_attention(q, k, v, P, order, num[b], sm_scale)
+                e = rel_err(out[b], ref)
+                assert e <= tol, f"{tag} b={b}: out rel err {e:.3e}"
+                continue
+            assert not bool((w.stop_reason[b] == art.STOP_CERTIFIED).any()), \
+                f"{tag} b={b}: certified stop on the leader's bounds, ART delta_hat {w.art_delta_hat[b].tolist()}"
+            _check_art(w, out, b, q, k, v, P, sm_scale, order, None, replace(a, eps_cert=None), seed, tag, tol,
+                       bounds=False)
 
 
 # ----------------------------------------------------------------------------- reuse across steps

@@ -23,6 +23,7 @@ from kernel_cases import (
     check_page_summaries,
     check_reuse,
     check_selection_ties,
+    check_shared_layer,
     every_page,
     far_bounds_pool,
     fresh_seed,
@@ -226,3 +227,10 @@ def test_prhs_short_context_reads_every_page():
     check_decode(lens, 16, H_Q, H_KV, D, D, DEVICE, seed,
                  [dict(pages=sel(0.5, 0.05, dense_below=160), art=art_p(0.03, 1e-3, 2, 2, eps_cert=0.05))],
                  structured=True, kv_start_pages=[2, 0, 5, 1, 0])
+
+
+def test_prhs_shared_layer_has_no_certificate():
+    """--prhs-layers-per-selection: a layer reading its leader's list (run(select=False)) reports delta_hat NaN,
+    not the leader's bound (computed from the leader's queries and keys); leader_delta_hat keeps the leader's."""
+    check_shared_layer([230, 150], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
+                       [dict(pages=sel(0.5, 0.05)), dict(pages=sel(0.25, 0.01), tuning=tune(num_splits=2))])

@@ -41,9 +41,11 @@ Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the p
 are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
 decode loop has a single indirection); ``NumSel`` (kept for reuse) and ``CurNum`` (read by the
-decode); with ``WRITE_STATE``, the list is also kept in ``StatePages[req, h]`` (``req`` = the request's
+decode); ``SelDhat`` and ``LeadDhat`` fp32 the pre-hoc certificate (the list's, and the selecting layer's
+record of it, which the layers sharing the list leave alone); with ``WRITE_STATE``, the list is also kept
+in ``StatePages[req, h]`` (``req`` = the request's
 ``req_to_token`` row, so it survives batch reordering), with ``StateNum`` and the page count at
-selection time ``StateNpg[req]``, for the reuse kernel; int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+selection time ``StateNpg[req]``, for the reuse kernel; int32; and, with
 ``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
@@ -108,8 +110,8 @@ def _kth_largest(key, cand, k_max):
 
 @triton.jit
 def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                        SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
-                        stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                        SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
+                        stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                         stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
@@ -117,16 +119,18 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
                     UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                    SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt, stride_ub_b,
-                    stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                    SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
+                    stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                    stride_st_h,
                     state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                     P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
 
 
 @triton.jit
 def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt, stride_ub_b,
-                stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
+                stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                stride_st_h,
                 state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                 DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
@@ -235,6 +239,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     tl.store(NumSel + b * n_heads + h, n_sel)
     tl.store(CurNum + b * n_heads + h, n_sel)
     tl.store(SelDhat + b * n_heads + h, dhat)
+    tl.store(LeadDhat + b * n_heads + h, dhat)
     if WRITE_STATE:
         # the fresh selection, kept per (request pool row, KV head) for later reuse steps
         tl.debug_barrier()
