@@ -28,7 +28,9 @@ Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run
 on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
 is read again (logical pages, valid for every layer). The leader's bound on the dropped mass was computed
 from the leader's queries and keys and says nothing of a sharing layer, whose ``delta_hat`` is NaN (no
-certificate); ``leader_delta_hat`` keeps the leader's.
+certificate); ``leader_delta_hat`` keeps the leader's. For the same reason ART runs there without its
+certified test (the leader's suffix bounds would certify this layer's unread mass from the leader's keys):
+only the magnitude/direction test, ``art_delta_hat`` NaN where it stopped.
 
 Reuse across decode steps (time axis, ``SelectionSchedule.SELECT`` / ``DILATE``): ``plan(reselect=...)``
 with a bool or a ``[bs]`` bool tensor (per request: True = select afresh this step, False = reuse the
@@ -43,7 +45,8 @@ A reused list carries no certificate (``delta_hat`` NaN) and no ART certified bo
 Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
 ``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
 (``sglang_sparse.art.STOP_*``), ``art_delta_hat [bs, H_q]`` fp32 ART's unread-mass bound at
-termination (0 when every listed page was read), ``lse [bs, H_q]`` fp32 natural-log normaliser of
+termination (0 when every listed page was read; NaN where it stopped without page bounds: natural order, a
+reused list, a layer sharing the leader's list), ``lse [bs, H_q]`` fp32 natural-log normaliser of
 what was read, ``num_selected [bs, H_kv]`` int32, ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc bound on the
 dropped mass of the layer just run: NaN for a layer sharing the leader's list, which has no bound of its own;
 0 in dense mode) and ``leader_delta_hat`` (the same for the last selecting layer, kept across shared layers).
@@ -383,7 +386,7 @@ class SparseDecodeWrapper:
         checking = self.check and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
         if checking:
             self.validate_lists(k_cache.shape[0])
-        self._launch_decode(q, k_cache, v_cache, out)
+        self._launch_decode(q, k_cache, v_cache, out, shared=self.select and not select)
         if checking:
             self.validate_output(out)
         return out
@@ -491,13 +494,15 @@ class SparseDecodeWrapper:
             num_warps=self.launch.select_warps)
 
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       out: torch.Tensor) -> None:
+                       out: torch.Tensor, shared: bool = False) -> None:
+        """``shared``: the list is the leader layer's (``run(select=False)``); its suffix bounds are the leader's,
+        so ART runs without its certified test and reports no bound (NaN where it stopped)."""
         bs = self.bs
         g_pad = self.g_pad
         block_d, block_dv = triton.next_power_of_2(self.d), triton.next_power_of_2(self.dv)
         sparse = self.select
         a = self.art_params
-        cert = a is not None and a.eps_cert is not None
+        cert = a is not None and a.eps_cert is not None and not shared
         # the ART scalars are read only by ART's code (a constexpr), so without ART any values do
         tau_mag, tau_dir, patience, min_blocks = ((a.tau_mag, a.tau_dir, a.patience, a.min_blocks) if a
                                                   else (0.0, 0.0, 1, 1))
@@ -512,7 +517,7 @@ class SparseDecodeWrapper:
                 float(tau_dir), int(patience), float(a.eps_cert) if cert else 0.0, int(min_blocks))
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.launch.pages_per_iter, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4,
+                    HAS_REST=self.art and sparse and not shared, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4,
                     num_warps=self.launch.num_warps)
         _decode_split_kernel[(bs, self.h_kv, self.launch.num_splits)](*args, **meta)
         _merge_splits_kernel[(bs, self.h_q)](

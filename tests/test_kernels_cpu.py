@@ -178,8 +178,8 @@ def test_check_mode_catches_bad_lists_and_output():
             w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
     w._launch_select = select
 
-    def nan_out(q, k, v, o):
-        decode(q, k, v, o)
+    def nan_out(q, k, v, o, **kw):
+        decode(q, k, v, o, **kw)
         o[1, 0, 0] = math.nan
     w._launch_decode = nan_out
     with pytest.raises(RuntimeError, match=r"non-finite decode output .*\[\[1, 0\]\]"):
@@ -234,3 +234,15 @@ def test_prhs_shared_layer_has_no_certificate():
     not the leader's bound (computed from the leader's queries and keys); leader_delta_hat keeps the leader's."""
     check_shared_layer([230, 150], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
                        [dict(pages=sel(0.5, 0.05)), dict(pages=sel(0.25, 0.01), tuning=tune(num_splits=2))])
+
+
+def test_art_shared_layer_no_certified_stop():
+    """ART's certified stop in a layer sharing its leader's list: the leader's suffix bounds (from the leader's
+    queries and keys) say nothing of this layer's unread mass, so the layer runs only ART's magnitude/direction
+    test; with keys whose logits dwarf the leader's bounds, a certified test on the leader's bounds would stop
+    after min_blocks pages with most of the mass unread."""
+    a = art_p(0.0, 0.0, patience=2, min_blocks=2, eps_cert=0.05)        # only the certified test could stop
+    check_shared_layer([230, 150], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
+                       [dict(pages=sel(0.5, 0.01), art=a),
+                        dict(pages=sel(1.0, 0.0), art=art_p(0.05, 2e-3, 1, 3, eps_cert=0.05),
+                             tuning=tune(art_head_pages=5, num_splits=3))])
