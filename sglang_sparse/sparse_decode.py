@@ -142,6 +142,9 @@ class SparseDecoder:
                 else "dense + ART" if cfg.art.enabled else "dense")
         if self._reselect_every > 1:
             what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
+        if cfg.prhs.enabled:
+            what += (f"; the logged delta_hat is the min/max-bound upper bound on the dropped attention mass of "
+                     f"layer {self._stats_leader}'s selection (the layers sharing it have none)")
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
@@ -256,9 +259,10 @@ class SparseDecoder:
         stats = self.decode_stats()
         if stats:
             self.last_decode_stats = stats
-            logger.info("sglang_sparse decode stats: bs=%d pages_read=%.3f delta_hat (min/max-bound upper bound of "
-                        "layer %s's selection) mean=%.4f max=%.4f art_stop_rate=%.3f blocks_read_mean=%.1f",
-                        stats["batch_size"], stats["pages_read_frac"], stats["delta_hat_layer"],
+            # the line's format is parsed by benchmarks/ (quality_gpu, serving_decode); which layer the delta-hat
+            # covers is logged once at start-up
+            logger.info("sglang_sparse decode stats: bs=%d pages_read=%.3f delta_hat mean=%.4f max=%.4f "
+                        "art_stop_rate=%.3f blocks_read_mean=%.1f", stats["batch_size"], stats["pages_read_frac"],
                         stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
                         stats["blocks_read_mean"])
             if self._metrics_on:
