@@ -209,7 +209,7 @@ def test_prhs_art_bounds_beyond_fp32_range():
     check_decode(None, 16, H_Q, H_KV, D, D, DEVICE, seed,
                  [dict(pages=sel(1.0, 0.05)),
                   dict(pages=sel(0.75, 0.05, sink=0, recent=1)),
-                  dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(1e-6, 1e-9, 2, 1, eps_cert=0.05))],
+                  dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(0.0, 0.0, 2, 1, eps_cert=0.05))],
                  pool=pool)
 
 
