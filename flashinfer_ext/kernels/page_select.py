@@ -111,8 +111,8 @@ def _kth_largest(key, cand, k_max):
 @triton.jit
 def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
                         SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
-                        stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
-                        stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+                        stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
