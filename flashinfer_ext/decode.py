@@ -26,7 +26,11 @@ What a plan reads (``plan(pages=..., art=...)``, parameter objects of :mod:`flas
 
 Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run(..., select=False)``
 on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
-is read again (logical pages, valid for every layer).
+is read again (logical pages, valid for every layer). The leader's bound on the dropped mass was computed
+from the leader's queries and keys and says nothing of a sharing layer, whose ``delta_hat`` is NaN (no
+certificate); ``leader_delta_hat`` keeps the leader's. For the same reason ART runs there without its
+certified test (the leader's suffix bounds would certify this layer's unread mass from the leader's keys):
+only the magnitude/direction test, ``art_delta_hat`` NaN where it stopped.
 
 Reuse across decode steps (time axis, ``SelectionSchedule.SELECT`` / ``DILATE``): ``plan(reselect=...)``
 with a bool or a ``[bs]`` bool tensor (per request: True = select afresh this step, False = reuse the
@@ -41,9 +45,11 @@ A reused list carries no certificate (``delta_hat`` NaN) and no ART certified bo
 Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
 ``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
 (``sglang_sparse.art.STOP_*``), ``art_delta_hat [bs, H_q]`` fp32 ART's unread-mass bound at
-termination (0 when every listed page was read), ``lse [bs, H_q]`` fp32 natural-log normaliser of
-what was read, ``num_selected [bs, H_kv]`` int32 and ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc
-certificate of the selection; 0 in dense mode).
+termination (0 when every listed page was read; NaN where it stopped without page bounds: natural order, a
+reused list, a layer sharing the leader's list), ``lse [bs, H_q]`` fp32 natural-log normaliser of
+what was read, ``num_selected [bs, H_kv]`` int32, ``delta_hat [bs, H_kv]`` fp32 (PrHS pre-hoc bound on the
+dropped mass of the layer just run: NaN for a layer sharing the leader's list, which has no bound of its own;
+0 in dense mode) and ``leader_delta_hat`` (the same for the last selecting layer, kept across shared layers).
 """
 
 from __future__ import annotations
@@ -198,6 +204,7 @@ class SparseDecodeWrapper:
         self.num_pages = torch.zeros(bs, **i32)
         self.last_len = torch.zeros(bs, **i32)
         self.budget = torch.zeros(bs, **i32)
+        self.dense_req = torch.zeros(bs, **i32)      # 1: context below pages.dense_below_len, every page read
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
@@ -209,6 +216,8 @@ class SparseDecodeWrapper:
         self.cur_num = torch.zeros(bs, hk, **i32)
         self.cur_rest = torch.full((bs, hk, self.max_sel), float("-inf"), **f32)
         self.cur_dhat = torch.zeros(bs, hk, **f32)
+        # the certificate of the last selecting run's list (the group leader's); layers sharing it leave it alone
+        self.lead_dhat = torch.zeros(bs, hk, **f32)
         self.sel_scratch = torch.empty(bs, hk, max(16, triton.next_power_of_2(self.max_sel)), dtype=torch.int64,
                                        device=dev)
         self.bitmap = torch.zeros(bs, hk, self.block_pg, dtype=torch.int8, device=dev)
@@ -298,13 +307,18 @@ class SparseDecodeWrapper:
         else:
             self.reselect_flag[:bs].copy_(reselect.reshape(-1)[:bs], non_blocking=True)
         self._reused_all = reselect is False
+        if not self.select:
+            self.lead_dhat[:bs].zero_()
 
         lut, self.list_max = self._budget_lut(pages)
+        dense_below = pages.dense_below_len if self.select else 0
+        if dense_below > 0:     # the longest context below the minimum reads all its pages
+            self.list_max = max(self.list_max, min(self.max_sel, self.max_pages, triton.cdiv(dense_below - 1, P)))
         _page_table_kernel[(bs, triton.cdiv(self.max_pages, 256))](
             req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, self.page_table,
             self.page_table.stride(0), self.num_pages, self.last_len, self.budget, lut, self.max_pages,
-            kv_start if kv_start is not None else seq_lens, P=P, BLOCK=256, HAS_START=kv_start is not None,
-            num_warps=4)
+            kv_start if kv_start is not None else seq_lens, self.dense_req, dense_below, self.max_sel,
+            P=P, BLOCK=256, HAS_START=kv_start is not None, num_warps=4)
 
         # static sizing (depends only on bs, the settings and the hint, so graph replays agree)
         tuning = tuning or LaunchTuning()
@@ -321,12 +335,13 @@ class SparseDecodeWrapper:
 
     def _budget_lut(self, pages: Optional[PageSelectParams]):
         """(device table ``[max_pages + 1]``: page budget of a request of N pages, largest budget),
-        cached per setting: :func:`flashinfer_ext.params.page_budget` (all N pages in dense mode and below
-        ``pages.dense_below_pages``), capped by the list width."""
-        key = None if pages is None else (pages.budget, pages.sink_pages, pages.recent_pages, pages.dense_below_pages)
+        cached per setting: :func:`flashinfer_ext.params.page_budget` (all N pages in dense mode), capped by
+        the list width. Contexts below ``pages.dense_below_len`` tokens take every page in the page-table
+        kernel instead (a token threshold, which a table over page counts cannot hold)."""
+        key = None if pages is None else (pages.budget, pages.sink_pages, pages.recent_pages)
         cache = self.__dict__.setdefault("_lut_cache", {})
         if key not in cache:
-            vals = [min(self.max_sel, n if pages is None or n < pages.dense_below_pages else pages.budget_pages(n))
+            vals = [min(self.max_sel, n if pages is None else pages.budget_pages(n))
                     for n in range(self.max_pages + 1)]
             cache[key] = (torch.tensor(vals, dtype=torch.int32).to(self.device, non_blocking=True), max(1, max(vals)))
         return cache[key]
@@ -363,12 +378,15 @@ class SparseDecodeWrapper:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
             self._launch_bounds(q, kmin, kmax)
             self._launch_select(reuse_slot)
-        elif not self.select:
+        elif self.select:
+            # a layer sharing the leader's list (its own queries and keys, no bounds): no certificate
+            self.cur_dhat[:bs].fill_(float("nan"))
+        else:
             self.cur_dhat[:bs].zero_()
         checking = self.check and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
         if checking:
             self.validate_lists(k_cache.shape[0])
-        self._launch_decode(q, k_cache, v_cache, out)
+        self._launch_decode(q, k_cache, v_cache, out, shared=self.select and not select)
         if checking:
             self.validate_output(out)
         return out
@@ -451,8 +469,8 @@ class SparseDecodeWrapper:
         st_p, st_n, st_g = self._select_state(reuse_slot)
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
-            self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.cur_rest,
-            self.req_idx, st_p, st_n, st_g, self.sel_scratch,
+            self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
+            self.req_idx, st_p, st_n, st_g, self.sel_scratch, self.dense_req,
             self.page_table.stride(0), self.ub.stride(0), self.ub.stride(1), self.sel_pages.stride(0),
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
             st_p.stride(0), st_p.stride(1), self.reuse_width,
@@ -467,7 +485,7 @@ class SparseDecodeWrapper:
         st_p, st_n, st_g = self._select_state(reuse_slot)
         _page_dilate_kernel[(self.bs, self.h_kv)](
             self.reselect_flag, self.req_idx, st_p, st_n, st_g, self.num_pages,
-            self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.cur_rest,
+            self.page_table, self.cur_pages, self.cur_phys, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
             self.bitmap, self.page_table.stride(0), st_p.stride(0), st_p.stride(1),
             self.cur_pages.stride(0), self.cur_pages.stride(1),
             self.bitmap.stride(0), self.bitmap.stride(1), self.dilation, self.sink_pages,
@@ -476,13 +494,15 @@ class SparseDecodeWrapper:
             num_warps=self.launch.select_warps)
 
     def _launch_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       out: torch.Tensor) -> None:
+                       out: torch.Tensor, shared: bool = False) -> None:
+        """``shared``: the list is the leader layer's (``run(select=False)``); its suffix bounds are the leader's,
+        so ART runs without its certified test and reports no bound (NaN where it stopped)."""
         bs = self.bs
         g_pad = self.g_pad
         block_d, block_dv = triton.next_power_of_2(self.d), triton.next_power_of_2(self.dv)
         sparse = self.select
         a = self.art_params
-        cert = a is not None and a.eps_cert is not None
+        cert = a is not None and a.eps_cert is not None and not shared
         # the ART scalars are read only by ART's code (a constexpr), so without ART any values do
         tau_mag, tau_dir, patience, min_blocks = ((a.tau_mag, a.tau_dir, a.patience, a.min_blocks) if a
                                                   else (0.0, 0.0, 1, 1))
@@ -497,7 +517,7 @@ class SparseDecodeWrapper:
                 float(tau_dir), int(patience), float(a.eps_cert) if cert else 0.0, int(min_blocks))
         meta = dict(G=self.group, G_PAD=g_pad, D=self.d, DV=self.dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     P=self.page_size, PPI=self.launch.pages_per_iter, SPARSE=sparse, ART=self.art, CERT=cert,
-                    HAS_REST=self.art and sparse, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4,
+                    HAS_REST=self.art and sparse and not shared, NUM_STAGES=self.launch.num_stages, TAIL_SUB=4,
                     num_warps=self.launch.num_warps)
         _decode_split_kernel[(bs, self.h_kv, self.launch.num_splits)](*args, **meta)
         _merge_splits_kernel[(bs, self.h_q)](
@@ -543,8 +563,16 @@ class SparseDecodeWrapper:
 
     @property
     def delta_hat(self) -> torch.Tensor:
-        """PrHS pre-hoc certificate of the list read this step (NaN for a reused list, 0 in dense mode)."""
+        """PrHS pre-hoc bound on the dropped mass of the list the last ``run`` read, for that layer: NaN for a
+        reused list and for a layer sharing the leader's list (``run(select=False)``: the bound was computed
+        from the leader's queries and keys, it says nothing of this layer), 0 in dense mode."""
         return self.cur_dhat[: self.bs]
+
+    @property
+    def leader_delta_hat(self) -> torch.Tensor:
+        """``[bs, H_kv]`` the :attr:`delta_hat` of the last selecting ``run`` (the group leader of the layers
+        run since): it covers that layer only. NaN for a reused list, 0 in dense mode."""
+        return self.lead_dhat[: self.bs]
 
     @property
     def pages(self) -> torch.Tensor:

@@ -31,7 +31,9 @@ class PageSelectParams:
                        never below sink + recent (capped by the request's pages), see :func:`page_budget`.
     delta              target on the certified dropped mass, ``0 <= delta < 1`` (0 = fill the budget).
     sink_pages, recent_pages  always-selected pages at the start / end of the context.
-    dense_below_pages  a request with fewer pages reads all of them (its budget is all its pages).
+    dense_below_len    a request whose context is shorter than this many tokens (its whole context, whatever
+                       ``plan(kv_start=...)`` skips) reads every page: the budget is all its pages and there is
+                       no delta cut (the selector orders them as with delta 0), so its delta_hat is 0.
     dilation           r of the reuse across decode steps (``plan(reselect=...)``): a reused list is the
                        last fresh one widened by +-r pages (``sglang_sparse.prhs.reuse_with_dilation``).
     """
@@ -40,7 +42,7 @@ class PageSelectParams:
     delta: float
     sink_pages: int
     recent_pages: int
-    dense_below_pages: int
+    dense_below_len: int
     dilation: int
 
     def __post_init__(self):
@@ -48,8 +50,8 @@ class PageSelectParams:
             raise ValueError(f"budget must be > 0, got {self.budget}")
         if not 0 <= self.delta < 1:
             raise ValueError(f"delta must be in [0, 1), got {self.delta}")
-        if self.sink_pages < 0 or self.recent_pages < 0 or self.dense_below_pages < 0:
-            raise ValueError(f"sink_pages, recent_pages and dense_below_pages must be >= 0, got {self}")
+        if self.sink_pages < 0 or self.recent_pages < 0 or self.dense_below_len < 0:
+            raise ValueError(f"sink_pages, recent_pages and dense_below_len must be >= 0, got {self}")
         if self.dilation < 0:
             raise ValueError(f"dilation must be >= 0, got {self.dilation}")
 

@@ -207,10 +207,10 @@ class PrhsConfig:
 
     def select_params(self, page_size: int) -> PageSelectParams:
         """The decode wrapper's page-selection parameters for pages of ``page_size`` tokens
-        (``--prhs-min-context-len`` becomes a page count)."""
+        (``--prhs-min-context-len``: shorter contexts read every page)."""
         return PageSelectParams(budget=self.budget, delta=self.delta, sink_pages=self.sink_pages,
                                 recent_pages=self.recent_pages,
-                                dense_below_pages=-(-self.min_context_len // page_size), dilation=self.dilation)
+                                dense_below_len=self.min_context_len, dilation=self.dilation)
 
 
 @dataclass(frozen=True)

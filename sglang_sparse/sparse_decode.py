@@ -18,8 +18,9 @@ keyed by physical page (``slot // page_size``): a prefix reused from the radix c
 pages' summaries, and a page's summary is reset when its first slot is written, so freed and
 reused pages are never stale.
 
-Statistics of the decode batches (pages read, certified delta-hat, ART stop rate, blocks read) are
-read back every ``--decode-log-interval`` decode batches (one device-to-host copy) and logged.
+Statistics of the decode batches (pages read, PrHS's delta-hat of the last selecting layer, ART stop rate,
+blocks read) are read back every ``--decode-log-interval`` decode batches (one device-to-host copy) and
+logged; see :meth:`SparseDecoder.decode_stats` for what each covers.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _selects(p) -> bool:
 class SparseDecoder:
     """Our decode path of one backend: page summaries, the decode wrappers, the per-request reselection state
     and the served statistics. Built only when PrHS, ART or CLAA is on (:meth:`create`)."""
+
+    audit = None            # the dropped-mass audit (--prhs-audit-interval), when on
 
     @classmethod
     def create(cls, model_runner, cfg: SparseConfig, pool, claa=None,
@@ -131,6 +134,10 @@ class SparseDecoder:
 
         self.decode_wrapper = wrapper()
         self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
+        # the layer whose selection the logged delta-hat bounds: the group leader of the last layer that
+        # decode_wrapper runs (the model's last layer, or the last one before CLAA's filter layer)
+        last = (self._claa_from if self._claa_from is not None else pool.layer_num) - 1
+        self._stats_leader = self.layer_offset + (last // self._group) * self._group
         # the dropped-mass audit (--prhs-audit-interval N): every N steps of a request, one of its layers
         # (rotating) measures the exact mass the step left out; values go to a device ring read with the stats
         self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
@@ -155,6 +162,9 @@ class SparseDecoder:
             what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
         if self._audit_every:
             what += f", dropped mass audited every {self._audit_every} steps per request"
+        if cfg.prhs.enabled:
+            what += (f"; the logged delta_hat is the min/max-bound upper bound on the dropped attention mass of "
+                     f"layer {self._stats_leader}'s selection (the layers sharing it have none)")
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
@@ -261,8 +271,18 @@ class SparseDecoder:
 
     # ------------------------------------------------------------------ statistics
     def decode_stats(self) -> Optional[dict]:
-        """Statistics of the last decode batch's last layer (reads device buffers: synchronises). The
-        certified delta-hat is over freshly selected lists only (NaN when every list was reused)."""
+        """Statistics of the last decode batch (reads device buffers: synchronises), from the last layer that
+        ``decode_wrapper`` ran (the model's last layer, or the last one before CLAA's filter layer):
+
+        * ``pages_read_frac``, ``art_stop_rate``, ``blocks_read_mean``: that layer's pages loaded, ART stops
+          and pages in its output.
+        * ``delta_hat_mean``, ``delta_hat_max``: PrHS's pre-hoc upper bound on the dropped attention mass, from
+          the per-page key min/max bounds, of the selection made at the last *selecting* layer,
+          ``delta_hat_layer`` (the group leader of that last layer, with ``--prhs-layers-per-selection``).
+          It bounds the dropped mass of that layer only, up to fp32 rounding of the bounds: a diagnostic
+          upper bound, not a guarantee for the model. The layers sharing the leader's list have no bound of
+          their own (their queries and keys differ) and are not covered. Over freshly selected lists only
+          (a list reused across steps has none; NaN when every list was reused); 0 in dense mode."""
         w = self.decode_wrapper
         if not getattr(w, "_planned", False):
             return None
@@ -271,14 +291,14 @@ class SparseDecoder:
         blocks = w.blocks_read.reshape(bs, w.h_kv, g)[:, :, 0].float()        # pages in the output
         loaded = w.pages_loaded.reshape(bs, w.h_kv, g)[:, :, 0].float()       # pages read from HBM
         pages = w.num_pages[:bs].float().clamp(min=1)[:, None].expand(bs, w.h_kv)
-        dhat = w.delta_hat.float()          # NaN for a list reused from an earlier step (no certificate)
+        dhat = w.leader_delta_hat.float()   # NaN for a list reused from an earlier step (no bound)
         dhat_max = dhat.nan_to_num(nan=float("-inf")).max()
         dhat_max = torch.where(torch.isinf(dhat_max), torch.full_like(dhat_max, float("nan")), dhat_max)
         stop = (w.stop_reason.reshape(bs, w.h_kv, g)[:, :, 0] != 0).float()
         vals = torch.stack([loaded.sum() / pages.sum(), dhat.nanmean(), dhat_max, stop.mean(), blocks.mean()]).tolist()
         stats = dict(zip(("pages_read_frac", "delta_hat_mean", "delta_hat_max", "art_stop_rate", "blocks_read_mean"),
-                         vals), batch_size=bs)
-        if self.audit is not None:
+                         vals), batch_size=bs, delta_hat_layer=getattr(self, "_stats_leader", None))
+        if getattr(self, "audit", None) is not None:
             stats.update(self.audit_stats())
         return stats
 
@@ -300,6 +320,8 @@ class SparseDecoder:
         stats = self.decode_stats()
         if stats:
             self.last_decode_stats = stats
+            # the line's format is parsed by benchmarks/ (quality_gpu, serving_decode); which layer the delta-hat
+            # covers is logged once at start-up
             logger.info("sglang_sparse decode stats: bs=%d pages_read=%.3f delta_hat mean=%.4f max=%.4f "
                         "art_stop_rate=%.3f blocks_read_mean=%.1f", stats["batch_size"], stats["pages_read_frac"],
                         stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
@@ -312,8 +334,10 @@ class SparseDecoder:
                 self._export_metrics(stats)
 
     _METRICS = (("pages_read_frac", "Fraction of KV pages the last decode batch read (PrHS/ART)."),
-                ("delta_hat_mean", "Mean certified dropped-mass bound of the last decode batch's selection."),
-                ("delta_hat_max", "Largest certified dropped-mass bound of the last decode batch's selection."),
+                ("delta_hat_mean", "Mean pre-hoc upper bound (per-page key min/max) on the dropped attention mass "
+                                   "of the last decode batch's selection at its last selecting layer."),
+                ("delta_hat_max", "Largest pre-hoc upper bound (per-page key min/max) on the dropped attention mass "
+                                  "of the last decode batch's selection at its last selecting layer."),
                 ("art_stop_rate", "Fraction of (request, KV head) pairs where ART stopped early."),
                 ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."),
                 ("dropped_mean", "Mean audited attention mass a decode step dropped (--prhs-audit-interval)."),

@@ -22,10 +22,12 @@ from sglang_sparse import art, claa, prhs
 SENTINEL = -777
 
 
-def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0) -> PageSelectParams:
-    """PrHS page selection of a test plan (every request selects: no dense threshold)."""
-    return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent, dense_below_pages=0,
-                            dilation=dilation)
+def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0,
+        dense_below: int = 0) -> PageSelectParams:
+    """PrHS page selection of a test plan (every request selects unless its context is shorter than
+    ``dense_below`` tokens)."""
+    return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent,
+                            dense_below_len=dense_below, dilation=dilation)
 
 
 def every_page() -> PageSelectParams:
@@ -166,6 +168,47 @@ def pool_from_kv(qs, ks, vs, page_size, device, gen: torch.Generator, spare_page
                 [x.to(device) for x in slots], q.to(device=device, dtype=dtype), num_pages, P)
 
 
+def far_bounds_pool(lens, page_size, h_q, h_kv, d, device, gen: torch.Generator, top: float = 45.0,
+                    low: float = -70.0, wide_pages: int = 1, dtype=torch.bfloat16) -> Pool:
+    """Requests whose page bounds span more than fp32's exponent range, so that a sum of ``exp(bound)`` shifted
+    by the largest bound of all pages underflows to 0 for the pages far below it.
+
+    Each group's query heads point along one unit vector ``u`` (``q = sqrt(d) u`` + a little noise, so a logit
+    is about ``c`` for a key ``c u``). Most pages ("low") hold keys ``low * u`` + noise: every logit and bound
+    near ``low``. ``wide_pages`` pages in the middle of each request are "wide": each token aligns with ``u``
+    on half of the dimensions (coefficient ``top``) and points against it on the other half (``anti =
+    -(2 |low| + top)``), the halves alternating between tokens; ``u`` has equal norm on both halves, so every
+    logit of such a page is ``(top + anti) / 2 = low`` like the others, while its per-dimension box bound is
+    ``ub = top`` (and ``lb = anti``). Reading the wide page certifies nothing: the low pages after it, ``top -
+    low`` nats below its bound, still hold nearly all the mass, and a certificate must count them."""
+    P = page_size
+    group = h_q // h_kv
+    anti = -(2 * abs(low) + top)
+    qs, ks, vs = [], [], []
+    for n in lens:
+        npg = -(-n // P)
+        q = torch.empty(h_q, d)
+        k = torch.empty(n, h_kv, d)
+        half = torch.arange(d) < d // 2
+        wide = list(range(npg // 3, npg // 3 + wide_pages))
+        for g in range(h_kv):
+            u = torch.randn(d, generator=gen)
+            u[half] = u[half] / u[half].norm()
+            u[~half] = u[~half] / u[~half].norm()
+            u = u / math.sqrt(2.0)
+            q[g * group:(g + 1) * group] = math.sqrt(d) * u[None, :] + 0.05 * torch.randn(group, d, generator=gen)
+            k[:, g] = low * u[None, :] + 0.1 * torch.randn(n, d, generator=gen)
+            for lp in wide:
+                for t in range(lp * P, min((lp + 1) * P, n)):
+                    first = (t % 2 == 0)
+                    coef = torch.where(half if first else ~half, torch.tensor(top), torch.tensor(anti))
+                    k[t, g] = coef * u
+        qs.append(q)
+        ks.append(k)
+        vs.append(torch.randn(n, h_kv, d, generator=gen))
+    return pool_from_kv(qs, ks, vs, P, device, gen, dtype=dtype)
+
+
 def reference_summaries(pool: Pool):
     """Physical-page summaries built from the reference (independent of the summary kernel)."""
     h_kv, d = pool.kc.shape[1], pool.kc.shape[2]
@@ -182,7 +225,7 @@ def reference_summaries(pool: Pool):
 def poison_wrapper(w, keep_selection: bool = False) -> None:
     """Fill the wrapper's outputs with NaN / SENTINEL. ``keep_selection`` spares the state a reuse
     step reads (the kept fresh selections: state_pages, state_num, state_npg)."""
-    names = ["page_table", "num_pages", "last_len", "budget", "cur_pages", "cur_phys", "cur_num",
+    names = ["page_table", "num_pages", "last_len", "budget", "dense_req", "cur_pages", "cur_phys", "cur_num",
              "blocks_read_buf", "stop_reason_buf", "pages_loaded_buf", "sel_pages", "num_sel"]
     if not keep_selection:
         names += ["state_pages", "state_num", "state_npg"]
@@ -372,6 +415,10 @@ def check_decode(lens, page_size, h_q, h_kv, d, dv, device, seed, settings, stru
             if pages is not None:       # PrHS, or every page in bound order (budget 1, delta 0)
                 sink, recent, delta = pages.sink_pages, pages.recent_pages, pages.delta
                 bud = _budget_pages(npg, pages.budget, sink, recent)
+                if lens[b] < pages.dense_below_len:
+                    # a context shorter than the minimum (the whole request's, kv_start aside) reads every
+                    # page, in the selector's order (delta 0), as the CPU reference decodes it
+                    bud, delta = npg, 0.0
                 ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
                 _assert_selection(w, b, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
                 order = w.pages[b, :, :bud].long()
@@ -402,10 +449,13 @@ def _art_ref(q, k, v, P, sm_scale, order, ub, a: ArtParams, scale_tau=1.0, scale
                              min_blocks=a.min_blocks)
 
 
-def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
+def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol, bounds=None):
     """ART decisions must equal the reference's (tolerating thresholds perturbed by +-20% where the
     float32 kernel and the float64 reference sit on opposite sides of a threshold); output,
-    lse and delta_hat must match the reference run with the same decisions."""
+    lse and delta_hat must match the reference run with the same decisions. ``bounds`` (default: the plan
+    selects): whether the kernel had page bounds for the list; without, its delta_hat is unknown (NaN) where
+    it stopped and 0 where it read the whole list."""
+    bounds = w.select if bounds is None else bounds
     h_q = q.shape[0]
     kb = w.blocks_read[b].long()
     kr = w.stop_reason[b].long()
@@ -442,13 +492,63 @@ def _check_art(w, out, b, q, k, v, P, sm_scale, order, ub, cfg, seed, tag, tol):
     e = rel_err(out[b], ref_out)
     assert e <= tol, f"seed={seed} {tag} b={b}: ART out rel err {e:.3e}"
     assert torch.allclose(w.lse[b].double(), ref_lse, atol=2e-3, rtol=1e-4), f"seed={seed} {tag} b={b}: ART lse"
-    if w.select:   # natural-order ART has no page bounds: delta_hat is NaN (unknown) where it stopped
+    if bounds:     # natural-order ART and shared layers have no page bounds: delta_hat is NaN where it stopped
         assert torch.allclose(w.art_delta_hat[b].double(), ref_dhat, atol=1e-4, rtol=2e-2), \
             f"seed={seed} {tag} b={b}: ART delta_hat {w.art_delta_hat[b].tolist()} vs {ref_dhat.tolist()}"
     else:
         stopped = kr != art.STOP_NONE
         assert bool(w.art_delta_hat[b][~stopped.to(w.art_delta_hat.device)].eq(0).all()), \
             f"seed={seed} {tag} b={b}: ART delta_hat of unstopped groups must be 0"
+
+
+# ----------------------------------------------------------------------------- reuse across layers
+def check_shared_layer(lens, page_size, h_q, h_kv, d, device, seed, settings, scale: float = 20.0, tol=1e-2):
+    """Layer axis (``run(select=False)``): a leader layer selects on a structured pool, then a layer sharing its
+    list runs on other keys and values of the same pages (``scale`` times larger keys, so its logits dwarf the
+    leader's page bounds) and other queries. The shared layer must read the leader's list, report no certificate
+    of its own (``delta_hat`` NaN) while ``leader_delta_hat`` keeps the leader's, and, with ART, run only the
+    magnitude/direction test (the leader's suffix bounds certify nothing here): its decisions and output equal
+    the reference's without ``eps_cert``, and its ART delta-hat claims no bound (NaN where it stopped)."""
+    from dataclasses import replace
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_q, h_kv, d, d, device, gen, structured=True)
+    kmin, kmax = reference_summaries(pool)
+    kc2 = (scale * torch.randn(pool.kc.shape, generator=gen)).to(device=device, dtype=pool.kc.dtype)
+    vc2 = torch.randn(pool.vc.shape, generator=gen).to(device=device, dtype=pool.vc.dtype)
+    q2 = torch.randn(pool.q.shape, generator=gen).to(device=device, dtype=pool.q.dtype)
+    sm_scale = 1.0 / math.sqrt(d)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens) + P, device=device)
+    for cfg in settings:
+        tag = f"seed={seed} shared layer {cfg}"
+        poison_wrapper(w)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        lead = w.delta_hat.clone()
+        pages, num = w.pages.long().clone(), w.num_selected.long().clone()
+        assert bool(torch.isfinite(lead).all()), f"{tag}: leader delta_hat {lead.tolist()}"
+        out = w.run(q2, kc2, vc2, select=False)
+        assert bool(torch.isnan(w.delta_hat).all()), f"{tag}: a shared layer's delta_hat {w.delta_hat.tolist()}"
+        assert torch.equal(w.leader_delta_hat, lead), f"{tag}: leader_delta_hat {w.leader_delta_hat.tolist()}"
+        assert torch.equal(w.num_selected.long(), num), f"{tag}: the shared layer read other lists"
+        a = cfg.get("art")
+        for b in range(len(lens)):
+            s = pool.slots[b]
+            q, k, v = q2[b].double(), kc2[s].double(), vc2[s].double()
+            width = int(num[b].max())
+            order = pages[b, :, :width]
+            if a is None:
+                ref = prhs.sparse_attention(q, k, v, P, order, num[b], sm_scale)
+                e = rel_err(out[b], ref)
+                assert e <= tol, f"{tag} b={b}: out rel err {e:.3e}"
+                continue
+            assert not bool((w.stop_reason[b] == art.STOP_CERTIFIED).any()), \
+                f"{tag} b={b}: certified stop on the leader's bounds, ART delta_hat {w.art_delta_hat[b].tolist()}"
+            _check_art(w, out, b, q, k, v, P, sm_scale, order, None, replace(a, eps_cert=None), seed, tag, tol,
+                       bounds=False)
 
 
 # ----------------------------------------------------------------------------- reuse across steps

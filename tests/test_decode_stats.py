@@ -1,6 +1,7 @@
 """The served decode statistics (``SparseDecoder.decode_stats``) from a wrapper's buffers: the
 fraction of KV pages read counts the pages actually loaded (ART's concurrent tails included), the
-ART blocks are the pages in the output. CPU only: the buffers are filled by hand."""
+ART blocks are the pages in the output, the delta-hat is the last selecting (leader) layer's. CPU only:
+the buffers are filled by hand."""
 
 import types
 
@@ -22,7 +23,8 @@ def _wrapper(art: bool, gen: torch.Generator):
     w.blocks_read_buf[:bs] = per_group.repeat_interleave(h_q // h_kv, dim=1)
     w.pages_loaded_buf[:bs] = loaded.repeat_interleave(h_q // h_kv, dim=1)
     w.stop_reason_buf[:bs] = (torch.rand(bs, h_kv, generator=gen) < 0.5).int().repeat_interleave(h_q // h_kv, dim=1)
-    w.cur_dhat[:bs] = torch.rand(bs, h_kv, generator=gen)
+    w.lead_dhat[:bs] = torch.rand(bs, h_kv, generator=gen)
+    w.cur_dhat[:bs] = w.lead_dhat[:bs]
     return w, npg, per_group, loaded
 
 
@@ -37,7 +39,7 @@ def test_decode_stats_counts_loaded_pages():
         assert abs(stats["blocks_read_mean"] - float(blocks.double().mean())) < 1e-4
         stop = w.stop_reason_buf[: w.bs, ::4].ne(0).double().mean()
         assert abs(stats["art_stop_rate"] - float(stop)) < 1e-6
-        assert abs(stats["delta_hat_max"] - float(w.cur_dhat[: w.bs].max())) < 1e-6
+        assert abs(stats["delta_hat_max"] - float(w.lead_dhat[: w.bs].max())) < 1e-6
         assert stats["batch_size"] == w.bs
 
 
@@ -45,13 +47,13 @@ def test_decode_stats_skip_reused_lists():
     """A reused list has no certificate (NaN): mean and max are over the fresh lists."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     w, _, _, _ = _wrapper(True, gen)
-    w.cur_dhat[0] = float("nan")
-    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, audit=None))
-    fresh = w.cur_dhat[1: w.bs]
+    w.lead_dhat[0] = float("nan")
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
+    fresh = w.lead_dhat[1: w.bs]
     assert abs(stats["delta_hat_mean"] - float(fresh.mean())) < 1e-6
     assert abs(stats["delta_hat_max"] - float(fresh.max())) < 1e-6
-    w.cur_dhat[: w.bs] = float("nan")
-    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, audit=None))
+    w.lead_dhat[: w.bs] = float("nan")
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w))
     assert stats["delta_hat_mean"] != stats["delta_hat_mean"] and stats["delta_hat_max"] != stats["delta_hat_max"]
 
 
@@ -98,3 +100,38 @@ def test_audit_layer_choice_and_logged_statistics():
     assert abs(stats["dropped_mean"] - float(e.mean())) < 1e-6, (seed, stats)
     assert abs(stats["dropped_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (seed, stats)
     assert abs(stats["dropped_over_delta"] - float((e > 0.05).double().mean())) < 1e-9, (seed, stats)
+
+
+def test_decode_stats_shared_last_layer():
+    """--prhs-layers-per-selection: the batch's last layer shares its leader's list and has no bound of its own
+    (delta_hat NaN); the logged delta-hat is the leader layer's, and the statistics name that layer."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    w, _, _, _ = _wrapper(True, gen)
+    w.cur_dhat[: w.bs] = float("nan")            # what a shared run leaves for its own layer
+    stats = SparseDecoder.decode_stats(types.SimpleNamespace(decode_wrapper=w, _stats_leader=28))
+    lead = w.lead_dhat[: w.bs]
+    assert abs(stats["delta_hat_mean"] - float(lead.mean())) < 1e-6, (stats, lead)
+    assert abs(stats["delta_hat_max"] - float(lead.max())) < 1e-6, (stats, lead)
+    assert stats["delta_hat_layer"] == 28
+
+
+def test_decode_stats_layer_is_the_last_leader(monkeypatch):
+    """The layer named with the delta-hat: the group leader of the model's last layer."""
+    from types import SimpleNamespace
+
+    import sglang.srt.runtime_context as rc
+
+    from sglang_sparse.config import SparseConfig
+
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    P = 32
+    for layers, g, leader in ((12, 4, 8), (13, 4, 12), (30, 1, 29), (30, 4, 28)):
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": g}})
+        pool = SimpleNamespace(start_layer=0, layer_num=layers, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
+        mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
+                             req_to_token_pool=SimpleNamespace(size=4, req_to_token=torch.zeros(5, 1024,
+                                                                                                dtype=torch.int32)),
+                             server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
+                                                         enable_metrics=False))
+        assert SparseDecoder.create(mr, cfg, pool)._stats_leader == leader, (layers, g)

@@ -23,7 +23,9 @@ from kernel_cases import (
     check_page_summaries,
     check_reuse,
     check_selection_ties,
+    check_shared_layer,
     every_page,
+    far_bounds_pool,
     fresh_seed,
     interpreter_device,
     sel,
@@ -176,8 +178,8 @@ def test_check_mode_catches_bad_lists_and_output():
             w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
     w._launch_select = select
 
-    def nan_out(q, k, v, o):
-        decode(q, k, v, o)
+    def nan_out(q, k, v, o, **kw):
+        decode(q, k, v, o, **kw)
         o[1, 0, 0] = math.nan
     w._launch_decode = nan_out
     with pytest.raises(RuntimeError, match=r"non-finite decode output .*\[\[1, 0\]\]"):
@@ -204,3 +206,55 @@ def test_art_qwen_server_launch_shape():
     check_decode([2400, 700], 32, 14, 2, 64, 64, DEVICE, fresh_seed(),
                  [dict(pages=every_page(), art=art_p(0.5, 0.5, patience=1, min_blocks=5))],
                  structured=True, negative=True, max_seq_len=32768 + 4, num_sms=132)
+
+
+def test_prhs_art_bounds_beyond_fp32_range():
+    """Page bounds more than 104 nats apart (below fp32's smallest subnormal when shifted by the top bound): a
+    wide page's box bound sits 115 nats above the other pages, whose logits hold nearly all the mass. The
+    selector's dropped sum and ART's unread-mass suffix must still count those pages (the float64 reference's
+    log-space sums), so the selector does not stop after the wide page with delta_hat 0, and ART's certified
+    test does not stop there either."""
+    import torch
+
+    seed = fresh_seed()
+    pool = far_bounds_pool([320, 250], 16, H_Q, H_KV, D, DEVICE, torch.Generator().manual_seed(seed))
+    check_decode(None, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(1.0, 0.05)),
+                  dict(pages=sel(0.75, 0.05, sink=0, recent=1)),
+                  dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(0.0, 0.0, 2, 1, eps_cert=0.05))],
+                 pool=pool)
+
+
+def test_prhs_short_context_reads_every_page():
+    """``--prhs-min-context-len``: a request whose context is shorter than the minimum (in tokens, as the CPU
+    reference decides) reads every page: no delta cut, delta_hat 0; longer ones select. 150 and 159 tokens are
+    below 160 but fill as many 16-token pages as the minimum (10), 97 is well below, 230 and 260 above. Also with
+    kv_start (CLAA's kept-token layers), where the full context decides (230 tokens viewed from page 5 still
+    select), and with ART over the list."""
+    seed = fresh_seed()
+    lens = [150, 97, 230, 159, 260]
+    check_decode(lens, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(0.5, 0.05, dense_below=160)), dict(pages=sel(4, 0.02, dense_below=160))],
+                 structured=True)
+    check_decode(lens, 16, H_Q, H_KV, D, D, DEVICE, seed,
+                 [dict(pages=sel(0.5, 0.05, dense_below=160), art=art_p(0.03, 1e-3, 2, 2, eps_cert=0.05))],
+                 structured=True, kv_start_pages=[2, 0, 5, 1, 0])
+
+
+def test_prhs_shared_layer_has_no_certificate():
+    """--prhs-layers-per-selection: a layer reading its leader's list (run(select=False)) reports delta_hat NaN,
+    not the leader's bound (computed from the leader's queries and keys); leader_delta_hat keeps the leader's."""
+    check_shared_layer([230, 150], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
+                       [dict(pages=sel(0.5, 0.05)), dict(pages=sel(0.25, 0.01), tuning=tune(num_splits=2))])
+
+
+def test_art_shared_layer_no_certified_stop():
+    """ART's certified stop in a layer sharing its leader's list: the leader's suffix bounds (from the leader's
+    queries and keys) say nothing of this layer's unread mass, so the layer runs only ART's magnitude/direction
+    test; with keys whose logits dwarf the leader's bounds, a certified test on the leader's bounds would stop
+    after min_blocks pages with most of the mass unread."""
+    a = art_p(0.0, 0.0, patience=2, min_blocks=2, eps_cert=0.05)        # only the certified test could stop
+    check_shared_layer([230, 150], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
+                       [dict(pages=sel(0.5, 0.01), art=a),
+                        dict(pages=sel(1.0, 0.0), art=art_p(0.05, 2e-3, 1, 3, eps_cert=0.05),
+                             tuning=tune(art_head_pages=5, num_splits=3))])

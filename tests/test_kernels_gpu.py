@@ -53,7 +53,9 @@ from kernel_cases import (  # noqa: E402
     check_page_summaries,
     check_reuse,
     check_selection_ties,
+    check_shared_layer,
     every_page,
+    far_bounds_pool,
     fresh_seed,
     make_pool,
     poison_wrapper,
@@ -120,6 +122,40 @@ def test_art_decode_structured():
 @pytest.mark.parametrize("dilation", [0, 2])
 def test_prhs_reuse_across_steps(dilation):
     check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16)
+
+
+def test_prhs_art_bounds_beyond_fp32_range():
+    """Page bounds 115 nats apart (a wide page's box bound far above the pages holding the mass): the selector's
+    dropped sum and ART's unread-mass suffix are log-space sums, so neither certifies after the wide page."""
+    seed = fresh_seed()
+    pool = far_bounds_pool([8192, 5000, 3000], 32, H_Q, H_KV, D, DEV, torch.Generator().manual_seed(seed))
+    check_decode(None, 32, H_Q, H_KV, D, D, DEV, seed,
+                 [dict(pages=sel(1.0, 0.05)), dict(pages=sel(1 / 8, 0.05, sink=0, recent=1)),
+                  dict(pages=sel(1.0, 0.0, sink=0, recent=0), art=art_p(0.0, 0.0, 2, 1, eps_cert=0.05))],
+                 pool=pool)
+
+
+def test_prhs_short_context_reads_every_page():
+    """--prhs-min-context-len 4096 with 32-token pages: contexts below 4096 tokens (4095 and 4070 fill the same 128
+    pages as 4096) read every page with delta_hat 0; 4096 and longer select; also with kv_start and ART."""
+    lens = [4095, 4070, 4096, 8192, 3000, 20000]
+    seed = fresh_seed()
+    check_decode(lens, 32, H_Q, H_KV, D, D, DEV, seed,
+                 [dict(pages=sel(1 / 16, 0.05, dense_below=4096)), dict(pages=sel(1 / 8, 0.01, dense_below=4096))],
+                 structured=True)
+    check_decode(lens, 32, H_Q, H_KV, D, D, DEV, seed,
+                 [dict(pages=sel(1 / 16, 0.05, dense_below=4096), art=art_p(0.02, 5e-4, 2, 4, eps_cert=0.05))],
+                 structured=True, kv_start_pages=[10, 0, 5, 200, 0, 300])
+
+
+def test_prhs_shared_layer_no_certificate():
+    """--prhs-layers-per-selection: a layer sharing its leader's list reports delta_hat NaN (leader_delta_hat
+    keeps the leader's) and runs ART without the certified test (the leader's suffix bounds)."""
+    check_shared_layer([8192, 5000, 3000], 32, H_Q, H_KV, D, DEV, fresh_seed(),
+                       [dict(pages=sel(1 / 16, 0.05)),
+                        dict(pages=sel(1 / 8, 0.01), art=art_p(0.0, 0.0, patience=2, min_blocks=2, eps_cert=0.05)),
+                        dict(pages=sel(1 / 4, 0.0), art=art_p(0.05, 2e-3, 1, 3, eps_cert=0.05),
+                             tuning=tune(art_head_pages=12))])
 
 
 @pytest.mark.parametrize("mode,art,reuse", [("prhs", False, False), ("prhs", True, False), ("dense", False, False),

@@ -7,8 +7,9 @@ U sinks U recents U {pages appended since the selection}``, clipped to ``[0, N)`
 Runs only for the requests whose device flag ``Flag[b] == 0`` (a step that reuses), so a CUDA graph can contain
 both the selector and this kernel and the action is chosen out of the graph by writing the flag
 (``SparseDecodeWrapper.plan(reselect=...)``). No bounds are computed on such steps: the list carries
-no certificate (``delta_hat`` = NaN) and no unread-mass suffix (``ListRest`` = NaN, so ART's
-certified test cannot fire; its magnitude/direction test still runs).
+no certificate (``delta_hat`` = NaN, in ``CurDhat`` and in the selecting layer's record ``LeadDhat``) and
+no unread-mass suffix (``ListRest`` = NaN, so ART's certified test cannot fire; its magnitude/direction test
+still runs).
 
 The previous selection is read from the selector's per-request state (``StatePages[req, h]``, keyed
 by the request's ``req_to_token`` row, so a request may move within the batch between steps).
@@ -25,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def _page_dilate_kernel(Flag, ReqIdx, StatePages, StateNum, StateNpg, NumPages, PageTable, CurPages, CurPhys,
-                        CurNum, CurDhat, CurRest, Bitmap, stride_pt, stride_st_r, stride_st_h, stride_sel_b,
+                        CurNum, CurDhat, LeadDhat, CurRest, Bitmap, stride_pt, stride_st_r, stride_st_h, stride_sel_b,
                         stride_sel_h, stride_bm_b, stride_bm_h, dilation, sink_pages, recent_pages, width,
                         BLOCK_PG: tl.constexpr, PREV_PAD: tl.constexpr):
     b = tl.program_id(0)
@@ -70,3 +71,4 @@ def _page_dilate_kernel(Flag, ReqIdx, StatePages, StateNum, StateNpg, NumPages, 
         tl.store(CurPhys + cur_base + pad, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
         tl.store(CurNum + b * n_heads + h, n_new)
         tl.store(CurDhat + b * n_heads + h, n_new.to(tl.float32) * 0.0 + float("nan"))
+        tl.store(LeadDhat + b * n_heads + h, n_new.to(tl.float32) * 0.0 + float("nan"))

@@ -21,9 +21,17 @@ One program per (request b, KV head h) holds the bounds of all the request's pag
    of the pages. Suffix / prefix sums along the sorted order give the certificate of every prefix at
    once; the first prefix with ``delta_hat <= delta`` is the selection.
 
-``U = sum_{p dropped} n_p exp(ub_p)`` and ``Z_lb = sum_{p selected} n_p exp(lb_p)`` are evaluated as
-fp32 sums shifted by their own maxima and compared in log space, so neither underflows as a whole.
-``delta == 0`` selects all the budget allows, as the reference.
+``U = sum_{p dropped} n_p exp(ub_p)`` is kept in log space: the pages dropped outside the sorted top are
+summed shifted by their own largest bound, and the suffixes of the sorted top come from a scan of (running
+max, rescaled sum) pairs (:func:`_lse_scan_rev`), combined with a logaddexp. So a dropped page counts however
+far its bound sits below the top page (a sum shifted by the largest bound of all pages drops every term
+more than ~104 nats below it, and the certificate would read 0 with all the mass dropped).
+``Z_lb = sum_{p selected} n_p exp(lb_p)`` is an fp32 sum shifted by the largest ``log n_p + lb_p`` of all
+pages, m: it can lose a term only when the page holding m is dropped, and then ``U >= e^m`` (ub >= lb), so
+the certificate is 1 to fp32 precision either way. The two are compared in log space.
+``delta == 0`` selects all the budget allows, as the reference; so does a request flagged ``DenseReq[b]``
+(a context below ``--prhs-min-context-len``, whose budget is every page): it reads every page in the
+selector's order and its delta_hat is 0.
 
 The kernel works only on requests whose device flag ``Flag[b]`` is set (a reselection step), so that a
 CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
@@ -33,9 +41,11 @@ Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the p
 are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
 decode loop has a single indirection); ``NumSel`` (kept for reuse) and ``CurNum`` (read by the
-decode); with ``WRITE_STATE``, the list is also kept in ``StatePages[req, h]`` (``req`` = the request's
+decode); ``SelDhat`` and ``LeadDhat`` fp32 the pre-hoc certificate (the list's, and the selecting layer's
+record of it, which the layers sharing the list leave alone); with ``WRITE_STATE``, the list is also kept
+in ``StatePages[req, h]`` (``req`` = the request's
 ``req_to_token`` row, so it survives batch reordering), with ``StateNum`` and the page count at
-selection time ``StateNpg[req]``, for the reuse kernel; int32; ``SelDhat`` fp32 pre-hoc certificate; and, with
+selection time ``StateNpg[req]``, for the reuse kernel; int32; and, with
 ``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
 """
@@ -53,11 +63,27 @@ def _orderable(x):
 
 
 @triton.jit
-def _certified(d_sum, s_sum, mu, ml, log_ratio):
-    """delta_hat = U / (Z + U) <= delta with U = d_sum * e^mu, Z = s_sum * e^ml,
-    log_ratio = log(delta / (1 - delta))."""
-    lhs = tl.log(d_sum) + mu - tl.log(s_sum) - ml
-    return (d_sum <= 0.0) | ((s_sum > 0.0) & (lhs <= log_ratio))
+def _lse_combine(m1, s1, m2, s2):
+    """(max, sum) pairs standing for ``s * e^m``: their sum, rescaled to the larger max (``-inf`` = empty)."""
+    m = tl.maximum(m1, m2)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m, s1 * tl.exp(m1 - m_ref) + s2 * tl.exp(m2 - m_ref)
+
+
+@triton.jit
+def _lse_scan_rev(w):
+    """``out[j] = log sum_{i >= j} exp(w[i])`` along a 1-D block (``-inf`` entries are empty), without a common
+    shift: no term underflows against a larger one elsewhere in the block."""
+    one = tl.where(w == float("-inf"), 0.0, 1.0)
+    m, t = tl.associative_scan((w, one), 0, _lse_combine, reverse=True)
+    return m + tl.log(t)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    m = tl.maximum(a, b)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.exp(a - m_ref) + tl.exp(b - m_ref))
 
 
 @triton.jit
@@ -84,25 +110,27 @@ def _kth_largest(key, cand, k_max):
 
 @triton.jit
 def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                        SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
-                        stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
-                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
+                        stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+                        stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
                     UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                    SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
-                    stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                    SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
+                    stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                    stride_st_h,
                     state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                     P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
 
 
 @triton.jit
 def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                SelDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, stride_pt, stride_ub_b,
-                stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r, stride_st_h,
+                SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
+                stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
+                stride_st_h,
                 state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                 DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
@@ -138,14 +166,10 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     n_cand = npg - n_forced
     k_max = tl.maximum(tl.minimum(budget - n_forced, n_cand), 0)
 
-    mu = tl.max(wu, axis=0)
-    mu = tl.where(mu == float("-inf"), 0.0, mu)
     ml = tl.max(wl, axis=0)
     ml = tl.where(ml == float("-inf"), 0.0, ml)
-    eu = tl.where(valid, tl.exp(wu - mu), 0.0)
     el = tl.where(valid, tl.exp(wl - ml), 0.0)
     s_forced = tl.sum(tl.where(taken_f, el, 0.0), axis=0)
-    d_forced = tl.sum(tl.where(forced & (~taken_f), eu, 0.0), axis=0)   # forced pages cut by the budget
 
     key = _orderable(ub).to(tl.int64)
     pos = tl.arange(0, SORT_PAD)
@@ -172,30 +196,36 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     top_ids = (2147483647 - (tops - ((tops >> 32) << 32))).to(tl.int32)
     in_top = pos < k_max
     # 4. the shortest prefix of that order whose certificate is <= delta (else all k_max of it):
-    #    U_j = forced pages cut + candidates outside the top + top positions >= j  (suffix sum),
+    #    log U_j = logaddexp(pages dropped outside the top (forced pages cut by the budget, candidates outside
+    #              the top), log-space suffix of the top from position j),
     #    Z_j = forced pages taken + top positions < j                              (prefix sum)
     ub_s = tl.load(ub_base + top_ids, mask=in_top, other=float("-inf"))
     lb_s = tl.load(lb_base + top_ids, mask=in_top, other=float("-inf"))
     log_len_s = tl.log(tl.where(top_ids == npg - 1, last_len, P).to(tl.float32))
-    eu_s = tl.where(in_top, tl.exp(log_len_s + ub_s - mu), 0.0)
+    wu_s = tl.where(in_top, log_len_s + ub_s, float("-inf"))
     el_s = tl.where(in_top, tl.exp(log_len_s + lb_s - ml), 0.0)
-    d_out = d_forced + tl.sum(tl.where(cand & (~top), eu, 0.0), axis=0)
+    w_out = tl.where((forced & (~taken_f)) | (cand & (~top)), wu, float("-inf"))
+    m_out = tl.max(w_out, axis=0)
+    m_out = tl.where(m_out == float("-inf"), 0.0, m_out)
+    log_out = tl.log(tl.sum(tl.exp(w_out - m_out), axis=0)) + m_out          # -inf when nothing is out
+    log_u_j = _logaddexp(log_out, _lse_scan_rev(wu_s))
     if DELTA_ZERO:
         k = k_max
     else:
-        d_j = d_out + tl.cumsum(eu_s, axis=0, reverse=True)
         s_j = s_forced + tl.cumsum(el_s, axis=0) - el_s
-        ok = _certified(d_j, s_j, mu, ml, log_ratio) & in_top
+        lhs = log_u_j - tl.log(s_j) - ml
+        ok = ((log_u_j == float("-inf")) | ((s_j > 0.0) & (lhs <= log_ratio))) & in_top
         k = tl.min(tl.where(ok, pos, k_max), axis=0)
+        k = tl.where(tl.load(DenseReq + b) != 0, k_max, k)   # short context: its budget is every page
     n_sel = n_taken_f + k
 
-    # pre-hoc certificate of the final selection
-    d_fin = d_out + tl.sum(tl.where(pos >= k, eu_s, 0.0), axis=0)
+    # pre-hoc certificate of the final selection (log U_k: position k of the same suffix, -inf past the top)
+    log_u = tl.max(tl.where(pos == k, log_u_j, float("-inf")), axis=0)
+    log_u = tl.where(k >= SORT_PAD, log_out, log_u)
     s_fin = s_forced + tl.sum(tl.where(pos < k, el_s, 0.0), axis=0)
-    log_u = tl.log(d_fin) + mu
     log_z = tl.log(s_fin) + ml
     dhat = 1.0 / (1.0 + tl.exp(log_z - log_u))
-    dhat = tl.where(d_fin <= 0.0, 0.0, tl.where(s_fin <= 0.0, 1.0, dhat))
+    dhat = tl.where(log_u == float("-inf"), 0.0, tl.where(s_fin <= 0.0, 1.0, dhat))
 
     # the list: forced pages, the first k of the sorted top, -1 after
     tl.store(sel_base + fpos, idx, mask=taken_f)
@@ -209,6 +239,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     tl.store(NumSel + b * n_heads + h, n_sel)
     tl.store(CurNum + b * n_heads + h, n_sel)
     tl.store(SelDhat + b * n_heads + h, dhat)
+    tl.store(LeadDhat + b * n_heads + h, dhat)
     if WRITE_STATE:
         # the fresh selection, kept per (request pool row, KV head) for later reuse steps
         tl.debug_barrier()
@@ -227,9 +258,6 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
         ub_l = tl.load(ub_base + lst, mask=lst_ok, other=float("-inf"))
         len_l = tl.where(lst == npg - 1, last_len, P).to(tl.float32)
         w = tl.where(lst_ok, tl.log(len_l) + ub_l, float("-inf"))
-        mw = tl.max(w, axis=0)
-        mw = tl.where(mw == float("-inf"), 0.0, mw)
-        e = tl.where(lst_ok, tl.exp(w - mw), 0.0)
-        rest = tl.log(tl.cumsum(e, axis=0, reverse=True)) + mw
+        rest = _lse_scan_rev(w)                 # log space: a page far below the list's top still counts
         rest_base = SelRest + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
         tl.store(rest_base + pos, tl.where(lst_ok, rest, float("-inf")), mask=pos < LIST_MAX)

@@ -14,6 +14,11 @@ that this table skips: the request's view is positions ``[start, seq_len)``, i.e
 ``lp`` of the view is the request's page ``start // P + lp``. CLAA uses it for the layers after its
 filter layer, whose kept tokens sit in the request's last slots (see ``sglang_sparse.claa_prefill``).
 
+Short contexts (``--prhs-min-context-len``): a request whose whole context (``SeqLens[b]``, before any
+``KvStart``) is shorter than ``dense_below_len`` tokens gets ``DenseReq[b] = 1`` and the budget of every
+page (capped by the list width ``list_cap``); the selector then takes all of them without a delta cut, as
+the reference decodes such a request densely. The threshold is in tokens, as the reference's.
+
 Grid ``(bs, cdiv(max_pages, BLOCK))``. Entries past a request's page count are set to -1.
 """
 
@@ -23,7 +28,7 @@ import triton.language as tl
 
 @triton.jit
 def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, stride_pt,
-                       NumPages, LastLen, Budget, BudgetLut, max_pages, KvStart,
+                       NumPages, LastLen, Budget, BudgetLut, max_pages, KvStart, DenseReq, dense_below_len, list_cap,
                        P: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr):
     """``BudgetLut[N]`` is the page budget of a request of N pages (built on the host once per
     setting with the reference formula, so rounding matches it exactly)."""
@@ -31,6 +36,7 @@ def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, s
     c = tl.program_id(1)
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
     n = tl.load(SeqLens + b).to(tl.int32)
+    dense = n < dense_below_len
     if HAS_START:
         start = tl.load(KvStart + b).to(tl.int32)
         start = tl.where(start < n, start, 0)     # padded rows of a CUDA graph (seq_len 1): no offset
@@ -46,4 +52,6 @@ def _page_table_kernel(ReqToToken, stride_r2t, ReqPoolIdx, SeqLens, PageTable, s
     if c == 0:
         tl.store(NumPages + b, npg)
         tl.store(LastLen + b, tl.where(npg > 0, n - (npg - 1) * P, 0))
-        tl.store(Budget + b, tl.load(BudgetLut + tl.minimum(npg, max_pages)))
+        lut = tl.load(BudgetLut + tl.minimum(npg, max_pages))
+        tl.store(Budget + b, tl.where(dense, tl.minimum(npg, list_cap), lut))
+        tl.store(DenseReq + b, dense.to(tl.int32))
