@@ -110,9 +110,9 @@ def _normalise_order(block_order: Optional[Tensor], h_kv: int, n_blocks: int, de
 
 
 def art_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, sm_scale: float,
-                  block_order: Optional[Tensor] = None, tau_mag: float = 0.0, tau_dir: float = 0.0,
-                  patience: int = 1, eps_cert: Optional[float] = None, block_ub: Optional[Tensor] = None,
-                  min_blocks: int = 1) -> ArtResult:
+                  block_order: Optional[Tensor] = None, *, tau_mag: float, tau_dir: float, patience: int,
+                  min_blocks: int, eps_cert: Optional[float] = None,
+                  block_ub: Optional[Tensor] = None) -> ArtResult:
     """Online-softmax decode attention over KV blocks with ART termination (see the module docstring).
 
     Args:

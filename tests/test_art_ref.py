@@ -56,7 +56,7 @@ def test_thresholds_zero_read_everything_and_equal_dense(seed, group):
         n_blocks = -(-n // bs)
         dense = prhs.dense_attention(q, k, v, s)
         for order in (None, torch.randperm(n_blocks), torch.stack([torch.randperm(n_blocks) for _ in range(2)])):
-            r = art.art_attention(q, k, v, bs, s, order, tau_mag=0.0, tau_dir=0.0, patience=1)
+            r = art.art_attention(q, k, v, bs, s, order, tau_mag=0.0, tau_dir=0.0, patience=1, min_blocks=1)
             msg = f"seed={seed} n={n} bs={bs} G={group}"
             assert (r.blocks_read == n_blocks).all() and (r.stop_reason == art.STOP_NONE).all(), msg
             torch.testing.assert_close(r.out, dense, rtol=1e-12, atol=1e-13, msg=lambda m: f"{msg}\n{m}")
@@ -104,7 +104,8 @@ def test_stopping_rule_matches_prefix_recomputation(seed):
         tau_mag, tau_dir = float(torch.rand(()) * 0.1), float(torch.rand(()) * 1e-2)
         patience, min_blocks = int(torch.randint(1, 4, (1,))), int(torch.randint(1, 5, (1,)))
         eps = (None, 0.3, 0.05)[it % 3]
-        r = art.art_attention(q, k, v, bs, s, order, tau_mag, tau_dir, patience, eps, None, min_blocks)
+        r = art.art_attention(q, k, v, bs, s, order, tau_mag=tau_mag, tau_dir=tau_dir, patience=patience,
+                              eps_cert=eps, min_blocks=min_blocks)
         for g in range(h_kv):
             heads = slice(g * group, (g + 1) * group)
             listed = order[g].tolist() if order is not None else list(range(n_blocks))
@@ -140,7 +141,8 @@ def test_certified_error_never_exceeds_bound(seed):
                 keep = int(torch.randint(1, n_blocks, (1,)))
                 order[:, keep:] = -1
         eps = float((0.5, 0.2, 0.05, 0.01)[it % 4])
-        r = art.art_attention(q, k, v, bs, s, order, eps_cert=eps)
+        r = art.art_attention(q, k, v, bs, s, order, eps_cert=eps, tau_mag=0.0, tau_dir=0.0, patience=1,
+                              min_blocks=1)
         exact = _listed_dense(q, k, v, bs, order, s)
         err = (r.out - exact).norm(dim=-1)
         msg = f"seed={seed} it={it} n={n} bs={bs} G={group} eps={eps}"
@@ -192,8 +194,8 @@ def test_group_stops_only_when_every_head_agrees(seed):
     k[5, 0] = q_peaked / q_peaked.norm() * 40
     q = torch.stack([q_peaked, torch.zeros(d, dtype=F64) + 1e-3])          # head 1 is flat
     s = d ** -0.5
-    alone = art.art_attention(q[:1], k, v, bs, s, tau_mag=1e-3, tau_dir=1e-4, patience=2)
-    both = art.art_attention(q, k, v, bs, s, tau_mag=1e-3, tau_dir=1e-4, patience=2)
+    alone = art.art_attention(q[:1], k, v, bs, s, tau_mag=1e-3, tau_dir=1e-4, patience=2, min_blocks=1)
+    both = art.art_attention(q, k, v, bs, s, tau_mag=1e-3, tau_dir=1e-4, patience=2, min_blocks=1)
     assert int(alone.blocks_read[0]) < int(both.blocks_read[0]), f"seed={seed}"
     assert both.blocks_read[0] == both.blocks_read[1] and both.stop_reason[0] == both.stop_reason[1]
 
@@ -203,12 +205,13 @@ def test_padding_and_empty_rows(seed):
     q, k, v = _case(n, 2, 2)
     s = 0.25
     order = torch.tensor([[3, 5, 0, -1, -1], [-1, -1, -1, -1, -1]])
-    r = art.art_attention(q, k, v, bs, s, order)
+    r = art.art_attention(q, k, v, bs, s, order, tau_mag=0.0, tau_dir=0.0, patience=1, min_blocks=1)
     assert r.blocks_read.tolist() == [3, 3, 0, 0] and r.stop_reason.tolist() == [0, 0, 0, 0], f"seed={seed}"
     tok = _tokens([0, 3, 5], bs, n)
     torch.testing.assert_close(r.out[:2], prhs.dense_attention(q[:2], k[tok, :1], v[tok, :1], s))
     assert (r.out[2:] == 0).all() and (r.lse[2:] == float("-inf")).all()
     with pytest.raises(ValueError):
-        art.art_attention(q, k, v, bs, s, torch.tensor([0, 99]))
+        art.art_attention(q, k, v, bs, s, torch.tensor([0, 99]), tau_mag=0.0, tau_dir=0.0, patience=1,
+                          min_blocks=1)
     with pytest.raises(ValueError):
-        art.art_attention(q, k, v, bs, s, patience=0)
+        art.art_attention(q, k, v, bs, s, tau_mag=0.0, tau_dir=0.0, patience=0, min_blocks=1)

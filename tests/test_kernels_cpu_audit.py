@@ -107,7 +107,8 @@ def test_audit_measures_what_prhs_and_art_dropped(page_size):
     dropped = audit.run(w, layer, flat.q, flat.kc).clone()
     for b in range(len(lens)):
         lst = w.pages[b].tolist()
-        ref = _reference_dropped(flat, w, b, lambda hq: lst[hq // (H_Q // H_KV)][: int(w.num_selected[b, hq // (H_Q // H_KV)])])
+        group = H_Q // H_KV
+        ref = _reference_dropped(flat, w, b, lambda hq: lst[hq // group][: int(w.num_selected[b, hq // group])])
         err = (dropped[b].double() - ref).abs().max().item()
         assert err <= 2e-2, f"seed={seed} P={P} flat b={b}: dropped {dropped[b].tolist()} vs {ref.tolist()}"
         assert float(dropped[b].min()) > 0.3, f"seed={seed} P={P} flat b={b}: dropped {dropped[b].tolist()}"
