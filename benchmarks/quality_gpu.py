@@ -352,7 +352,7 @@ def _run_setting_once(name: str, args) -> dict:
         fitted = {L: fitted_length(L, args.context_length) for L in args.lengths}
         res = run_eval(url, args.tasks, [fitted[L] for L in args.lengths], args.samples, seed=args.seed,
                        haystack=args.haystack, num_threads=args.num_threads, config=name, where="sglang-gpu",
-                       progress=True)
+                       progress=True, samples_cache=samples_cache(args))
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
     stats = parse_server_log(text)
     flags = " ".join(cmd[2:])                          # from the launcher module on
@@ -388,6 +388,28 @@ def _child_main(spec: str) -> int:
     args = argparse.Namespace(**d)
     res = run_setting(args.child_setting, args)
     return 1 if res.get("failed") else 0
+
+
+def samples_cache(args) -> Path:
+    """The file the run's prompts are built into once and read from by every setting (same model, tasks,
+    lengths, samples, seed and haystack: ``benchmarks.eval.harness.build_samples`` checks)."""
+    return Path(args.out_dir) / f"samples-{args.model_name}.json"
+
+
+def prebuild_samples(args) -> None:
+    """Build the run's prompts into :func:`samples_cache` (run in a thread while the servers start, so the
+    settings' evaluations find them ready instead of each tokenizing 32K-token prompts itself)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.eval.harness import build_samples, resolve_prompt_format
+
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    fmt = resolve_prompt_format("auto", tokenizer, str(args.model))
+    fitted = [fitted_length(L, args.context_length) for L in args.lengths]
+    build_samples(tokenizer, fmt, args.tasks, fitted, args.samples, seed=args.seed, haystack=args.haystack,
+                  cache=samples_cache(args))
+    print(f"[quality_gpu] prompts ready in {time.time() - t0:.0f}s: {samples_cache(args)}", flush=True)
 
 
 def run_all(names: Sequence[str], args, clock=time.time, sleep=time.sleep, launch=None) -> Dict[str, str]:
@@ -622,6 +644,11 @@ def main(argv=None) -> int:
     print(f"[quality_gpu] model {args.model_name}: {info.num_layers} layers, context {args.context_length}; "
           f"lengths {args.lengths} (prompt targets {[fitted_length(L, args.context_length) for L in args.lengths]})",
           flush=True)
+    if args.parallel > 1:
+        # the settings' children wait for these prompts (build_samples' lock) while their servers start
+        import threading
+
+        threading.Thread(target=prebuild_samples, args=(args,), daemon=True).start()
     summary = run_all(args.configs, args)
     _write_atomic(args.out_dir / "summary.json", summary)
     print(f"[quality_gpu] {summary}")

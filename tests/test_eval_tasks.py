@@ -262,3 +262,36 @@ def test_quality_plot_colours_and_panels(tmp_path):
     png = tmp_path / "q.png"
     plot(rows, png)
     assert png.stat().st_size > 10_000
+
+
+def test_samples_cache_shared_build_and_key(tokenizer, tmp_path, monkeypatch):
+    """build_samples with a cache: the first run builds and writes the file, a run asking for the same samples
+    reads them back equal without building, one asking for others (another seed) rebuilds; a lock left by a
+    process that no longer runs is taken over instead of waited on."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.eval import harness as H
+
+    fmt = H.PromptFormat("plain")
+    cache = tmp_path / "samples.json"
+    args = (tokenizer, fmt, ["single_needle", "kv_retrieval"], [300, 500], 2)
+    first, reserve = H.build_samples(*args, seed=3, haystack="filler", cache=cache)
+    assert cache.is_file() and len(first) == 8 and not (tmp_path / "samples.json.lock").exists()
+    built = []
+    real = H.make_samples
+    monkeypatch.setattr(H, "make_samples", lambda *a, **k: built.append(1) or real(*a, **k))
+    again, reserve2 = H.build_samples(*args, seed=3, haystack="filler", cache=cache)
+    assert not built and reserve2 == reserve
+    assert [s.to_dict() for s in again] == [s.to_dict() for s in first]
+    other, _ = H.build_samples(*args, seed=4, haystack="filler", cache=cache)
+    assert built and [s.prompt for s in other] != [s.prompt for s in first]
+    # a stale lock (its process is gone) does not make the next run wait
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "samples.json.lock").write_text(dead.stdout.strip())
+    cache.unlink()
+    H.build_samples(*args, seed=3, haystack="filler", cache=cache, wait_s=30)
+    assert cache.is_file() and not (tmp_path / "samples.json.lock").exists()
+    (tmp_path / "samples.json.lock").write_text(str(os.getpid()))
+    assert H._lock_holder_alive(tmp_path / "samples.json.lock")

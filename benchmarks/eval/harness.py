@@ -16,6 +16,7 @@ model path, or ``chatml`` when that match is the frontend's generic default and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .tasks import TaskSample, make_samples, score
 
@@ -187,16 +188,100 @@ def merge_rows(path: Path, rows: Sequence[Dict[str, Any]], meta_key: str, meta: 
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------ samples
+def _lock_holder_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` (its pid) still runs; a lock still being written counts as held."""
+    try:
+        pid = int(Path(lock).read_text().strip())
+    except (OSError, ValueError):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_samples(tokenizer, fmt: PromptFormat, tasks: Sequence[str], lengths: Sequence[int], num_samples: int,
+                  seed: int = 0, haystack: str = "essays", depths: Optional[Sequence[float]] = None,
+                  cache: Optional[Path] = None, wait_s: float = 900.0) -> Tuple[List[TaskSample], int]:
+    """The samples of a run and the template's token reserve.
+
+    With ``cache`` (a JSON file), samples built once are reused by every run that asks for the same ones (same
+    tokenizer, format, tasks, lengths, samples, seed, haystack, depths): building 32K-token prompts costs minutes
+    of tokenizer time. Runs started together share one build: the first takes ``<cache>.lock`` and builds, the
+    others wait for the file (at most ``wait_s`` seconds, then build themselves)."""
+    from .tasks import DEFAULT_DEPTHS, token_counter
+
+    count = token_counter(tokenizer)
+    reserve = template_overhead(fmt, count)
+    depths = tuple(depths) if depths else DEFAULT_DEPTHS
+    try:
+        vocab = len(tokenizer)
+    except TypeError:
+        vocab = None
+    key = {"tokenizer": [type(tokenizer).__name__, vocab, count("The quick brown fox: 0123456789 {}[] <|x|>")],
+           "format": fmt.describe(), "reserve": reserve, "tasks": list(tasks), "lengths": [int(L) for L in lengths],
+           "samples": num_samples, "seed": seed, "haystack": haystack, "depths": list(depths)}
+
+    def cached() -> Optional[List[TaskSample]]:
+        try:
+            data = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            return None
+        return [TaskSample(**d) for d in data["samples"]] if data.get("key") == key else None
+
+    owner = False
+    if cache is not None:
+        cache = Path(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = cache.with_name(cache.name + ".lock")
+        deadline = time.time() + wait_s
+        while True:
+            hit = cached()
+            if hit is not None:
+                return hit, reserve
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                owner = True
+                break
+            except FileExistsError:
+                if not _lock_holder_alive(lock):
+                    with contextlib.suppress(OSError):
+                        os.remove(lock)             # left by a process that died while building: take it over
+                    continue
+                if time.time() > deadline:
+                    break
+                time.sleep(2.0)
+    try:
+        samples = make_samples(tasks, lengths, num_samples, tokenizer, seed=seed, haystack=haystack, depths=depths,
+                               reserve=reserve)
+        if cache is not None:
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "samples": [x.to_dict() for x in samples]}))
+            os.replace(tmp, cache)
+    finally:
+        if owner:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+    return samples, reserve
+
+
 # ------------------------------------------------------------------------------------------------ run
 def run_eval(url: str, tasks: Sequence[str], lengths: Sequence[int], num_samples: int, seed: int = 0,
              tokenizer_path: Optional[str] = None, prompt_format: str = "auto",
              chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
              haystack: str = "essays", depths: Optional[Sequence[float]] = None, num_threads: int = 16,
-             config: str = "unnamed", where: str = "sglang-gpu", progress: bool = True) -> Dict[str, Any]:
+             config: str = "unnamed", where: str = "sglang-gpu", progress: bool = True,
+             samples_cache: Optional[Path] = None) -> Dict[str, Any]:
     import sglang as sgl
     from transformers import AutoTokenizer
 
-    from .tasks import DEFAULT_DEPTHS, token_counter
+    from .tasks import DEFAULT_DEPTHS
 
     backend = sgl.RuntimeEndpoint(url)
     info = backend.model_info
@@ -207,16 +292,16 @@ def run_eval(url: str, tasks: Sequence[str], lengths: Sequence[int], num_samples
     if fmt.kind == "chat":
         backend = sgl.RuntimeEndpoint(url, chat_template_name=fmt.chat_template)
     sgl.set_default_backend(backend)
-    count = token_counter(tokenizer)
-    reserve = template_overhead(fmt, count)
     depths = tuple(depths) if depths else DEFAULT_DEPTHS
 
     t0 = time.time()
-    print(f"[eval] server {url}: model {model_path}; prompt format {fmt.describe()} (+{reserve} tokens); "
-          f"building {len(tasks) * len(lengths) * num_samples} samples", file=sys.stderr, flush=True)
-    samples = make_samples(tasks, lengths, num_samples, tokenizer, seed=seed, haystack=haystack, depths=depths,
-                           reserve=reserve)
-    print(f"[eval] samples ready in {time.time() - t0:.1f}s; generating", file=sys.stderr, flush=True)
+    print(f"[eval] server {url}: model {model_path}; prompt format {fmt.describe()}; "
+          f"building {len(tasks) * len(lengths) * num_samples} samples"
+          + (f" (cache {samples_cache})" if samples_cache else ""), file=sys.stderr, flush=True)
+    samples, reserve = build_samples(tokenizer, fmt, tasks, lengths, num_samples, seed=seed, haystack=haystack,
+                                     depths=depths, cache=samples_cache)
+    print(f"[eval] samples ready in {time.time() - t0:.1f}s (+{reserve} template tokens); generating",
+          file=sys.stderr, flush=True)
     program = _program()
     args = [dict(prompt=s.prompt, answer_prefix=s.answer_prefix, answer_tokens=s.max_new_tokens,
                  chat=fmt.kind == "chat", system_prompt=fmt.system_prompt) for s in samples]
