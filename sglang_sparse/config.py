@@ -172,7 +172,8 @@ class PrhsConfig:
 
     page_size        tokens per page; equals SGLang's --page-size (the physical KV page), >= 16.
                      None = take SGLang's --page-size, or 32 if that was not given.
-    delta            bound on the certified dropped attention mass (0 = read every page).
+    delta            target on the upper bound of the dropped attention mass that the selector computes from the
+                     pages' key min/max (0 = fill the budget); loose on real models, where the budget decides.
     budget           at most this many pages per (request, KV head): a fraction of the request's
                      pages when <= 1, else an absolute page count.
     reselect_interval  R: select every R decode steps, reuse the selection in between.
@@ -360,7 +361,9 @@ _FLAGS = (
     ("--prhs-page-size", "prhs_page_size", _optional_int, "prhs", "page_size",
      "Tokens per PrHS page; equals SGLang's --page-size (>= 16; 'auto' = --page-size, or 32)."),
     ("--prhs-delta", "prhs_delta", float, "prhs", "delta",
-     "Bound on the certified dropped attention mass per (request, KV head), in [0, 1)."),
+     "Target on the key-min/max upper bound of the dropped attention mass per (request, KV head), in [0, 1): "
+     "pages are added until the bound is <= delta or the budget is spent (the bound is loose on real models; "
+     "--prhs-audit-interval measures the real dropped mass)."),
     ("--prhs-budget", "prhs_budget", _budget, "prhs", "budget",
      "Page budget: a fraction of the request's pages (e.g. 1/16) or, if > 1, a page count."),
     ("--prhs-reselect-interval", "prhs_reselect_interval", int, "prhs", "reselect_interval",
