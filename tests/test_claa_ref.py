@@ -263,3 +263,47 @@ def test_combine_tp_scores_without_group_is_local_reduction(seed):
     torch.testing.assert_close(claa.combine_tp_scores(s, op="max"), s.amax(0))
     with pytest.raises(ValueError):
         claa.combine_tp_scores(s, op="mean")
+
+
+def _gloo_rank(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
+    """One rank of a real torch.distributed (gloo) group: its half of the KV heads' window scores, combined with
+    combine_tp_scores' default all-reduce; writes the combined scores and the kept tokens."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        n, h_kv, g, num_layers, w = 160, 4, 2, 3, 8
+        q = [torch.randn(n, h_kv * g, 16, dtype=F64, generator=gen) for _ in range(num_layers)]
+        k = [torch.randn(n, h_kv, 16, dtype=F64, generator=gen) for _ in range(num_layers)]
+        per = h_kv // world
+        hs, qs = slice(rank * per, (rank + 1) * per), slice(rank * per * g, (rank + 1) * per * g)
+        local = torch.cat([claa.window_scores(q[l][:, qs], k[l][:, hs], w) for l in range(num_layers)])
+        mx = claa.combine_tp_scores(local, group=dist.group.WORLD, op="max")
+        torch.save({"max": mx, "kept": claa.select_tokens(mx, 0.2, w)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_combine_tp_scores_over_a_real_gloo_group(seed, tmp_path):
+    """Two processes in a gloo group (the CPU stand-in for a TP group of two GPUs): each holds half the KV heads;
+    after combine_tp_scores both hold the single-device cross-layer max and keep the same tokens as one device."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = 2
+    mp.start_processes(_gloo_rank, args=(world, port, seed, str(tmp_path)), nprocs=world, start_method="spawn")
+    gen = torch.Generator().manual_seed(seed)
+    n, h_kv, g, num_layers, w = 160, 4, 2, 3, 8
+    q = [torch.randn(n, h_kv * g, 16, dtype=F64, generator=gen) for _ in range(num_layers)]
+    k = [torch.randn(n, h_kv, 16, dtype=F64, generator=gen) for _ in range(num_layers)]
+    single = claa.aggregate_max([claa.window_scores(q[l], k[l], w) for l in range(num_layers)])
+    kept = claa.select_tokens(single, 0.2, w)
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(got["max"], single), f"seed={seed} rank={r}: combined scores differ from one device's"
+        assert torch.equal(got["kept"], kept), f"seed={seed} rank={r}: kept tokens differ from one device's"
