@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# audits kept for the logged statistics (per request and audited step)
+# audits kept for the logged statistics (one per audited request and step)
 AUDIT_RING = 4096
 
 
@@ -141,7 +141,6 @@ class SparseDecoder:
         # the dropped-mass audit (--prhs-audit-interval N): every N steps of a request, one of its layers
         # (rotating) measures the exact mass the step left out; values go to a device ring read with the stats
         self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
-        self.audit = None
         self._num_layers = pool.layer_num
         if self._audit_every:
             from flashinfer_ext.audit import DroppedMassAudit
@@ -149,7 +148,8 @@ class SparseDecoder:
             self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
                                           self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
                                           device=k0.device)
-            self._audit_ring = torch.full((AUDIT_RING,), float("nan"), dtype=torch.float32, device=k0.device)
+            # the last AUDIT_RING audits, plus one spare slot that takes the rows not audited (see _fold_audit)
+            self._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"), dtype=torch.float32, device=k0.device)
             self._audit_pos = torch.zeros((), dtype=torch.int64, device=k0.device)
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
@@ -223,14 +223,16 @@ class SparseDecoder:
         self.audit.plan(rows.shape[0], layer.to(torch.int32))
 
     def _fold_audit(self) -> None:
-        """Append the last step's per-request dropped mass (the largest over the request's query heads; NaN when
-        not audited) to the ring buffer (device ops only)."""
+        """Append the last step's audited values (per request, the largest dropped mass over its query heads) to
+        the ring buffer, device ops only: audited rows take the next ring slots in batch order, the others are
+        written to the spare slot past the ring's end, so the ring holds audits alone without a host sync."""
         if self.audit.bs == 0:
             return
-        vals = self.audit.dropped.amax(dim=1)          # NaN rows stay NaN
-        idx = (self._audit_pos + torch.arange(vals.shape[0], device=vals.device)) % AUDIT_RING
-        self._audit_ring[idx] = vals
-        self._audit_pos += vals.shape[0]
+        vals = self.audit.dropped.amax(dim=1)          # NaN for requests not audited
+        audited = ~torch.isnan(vals)
+        slot = (self._audit_pos + torch.cumsum(audited, dim=0) - 1) % AUDIT_RING
+        self._audit_ring[torch.where(audited, slot, AUDIT_RING)] = vals
+        self._audit_pos += audited.sum()
 
     def mark_fresh(self, fb: "ForwardBatch") -> None:
         """Rows that (re)start a request (an extend batch) select afresh on their next decode step."""
@@ -305,7 +307,8 @@ class SparseDecoder:
     def audit_stats(self) -> dict:
         """The audited dropped mass over the ring's last audits (reads device buffers: synchronises): mean, 99th
         percentile, share above ``--prhs-delta``, and how many audits they cover."""
-        d = self._audit_ring[~torch.isnan(self._audit_ring)].double()
+        ring = self._audit_ring[:AUDIT_RING]
+        d = ring[~torch.isnan(ring)].double()
         if d.numel() == 0:
             nan = float("nan")
             return dict(dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)

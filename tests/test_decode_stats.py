@@ -73,7 +73,7 @@ def test_audit_layer_choice_and_logged_statistics():
     dec.sparse_config = SparseConfig(prhs=PrhsConfig(mode="prhs", delta=0.05, audit_interval=n))
     dec._audit_every, dec._num_layers = n, layers
     dec.audit = DroppedMassAudit(h_q, 2, 16, 16, max_batch_size=8, max_seq_len=4096, device="cpu", num_sms=4)
-    dec._audit_ring = torch.full((AUDIT_RING,), float("nan"))
+    dec._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"))
     dec._audit_pos = torch.zeros((), dtype=torch.int64)
     assert dec.audit_stats()["audits"] == 0
     expect = []
@@ -96,6 +96,9 @@ def test_audit_layer_choice_and_logged_statistics():
     dec._fold_audit()
     stats = dec.audit_stats()
     e = torch.tensor(expect, dtype=torch.float64)
+    # the ring holds the audits alone, in order (requests not audited never take a slot)
+    assert torch.equal(dec._audit_ring[: len(expect)].double(), e.float().double()), (seed, dec._audit_ring[:8])
+    assert int(dec._audit_pos) == len(expect), (seed, int(dec._audit_pos))
     assert stats["audits"] == len(expect) > 0, (seed, stats, expect)
     assert abs(stats["dropped_mean"] - float(e.mean())) < 1e-6, (seed, stats)
     assert abs(stats["dropped_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (seed, stats)
