@@ -109,6 +109,8 @@ SETTINGS: Dict[str, Setting] = {
     "claa-keep0.2-F4/5": _claa("0.2", _F45),
     "claa-keep0.4-F4/5": _claa("0.4", _F45),
     "claa0.2+prhs-b1/16+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS + _ART)),
+    # PrHS defaults with the dropped-mass audit on every 4th decode step of each request (measured dropped mass)
+    "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-audit-interval", "4"),
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
@@ -212,6 +214,8 @@ _DECODE_STATS = re.compile(r"sglang_sparse decode stats: bs=(\d+) pages_read=(\S
 _CLAA_KEPT = re.compile(r"sglang_sparse CLAA: rid=\S+ prompt (\d+) tokens, (\d+) kept")
 _CLAA_SKIPPED = re.compile(r"sglang_sparse CLAA: (\d+) prompt\(s\) not filtered since the last report: (.*)$")
 _POOL = re.compile(r"max_total_num_tokens=(\d+)")
+_AUDIT = re.compile(r"sglang_sparse audited dropped mass \(last (\d+) audits\): mean=(\S+) p99=(\S+) "
+                    r"over_delta\((\S+)\)=(\S+)")
 
 
 def _mean(xs: Sequence[float]) -> Optional[float]:
@@ -247,6 +251,11 @@ def parse_server_log(text: str) -> dict:
     if kept or skipped:
         out["claa"] = {"filtered": len(kept), "kept_fraction_mean": _mean([k / n for n, k in kept]),
                        "prompt_tokens_max": max((n for n, _ in kept), default=None), "not_filtered": skipped}
+    audits = _AUDIT.findall(text)
+    if audits:      # the last report covers the most audits (a ring of the latest ones)
+        n, mean, p99, delta, over = audits[-1]
+        out["audit"] = {"audits": int(n), "dropped_mean": float(mean), "dropped_p99": float(p99),
+                        "delta": float(delta), "over_delta": float(over)}
     pool = _POOL.findall(text)
     if pool:
         out["kv_pool_tokens"] = int(pool[-1])
