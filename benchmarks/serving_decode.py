@@ -108,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=30124)
     ap.add_argument("--page-size", type=int, default=32,
                     help="SGLang's --page-size for every server (PrHS pages; compare only rows of one page size)")
+    ap.add_argument("--mem-fraction", type=float, default=0.8,
+                    help="--mem-fraction-static of every server (lower it when other processes share the GPU)")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallelism of every server (--tp-size)")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--parity-configs", default=None,
@@ -132,7 +134,7 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
-    common = common_flags(args.model, ctx, max(concs), args.page_size)
+    common = common_flags(args.model, ctx, max(concs), args.page_size, args.mem_fraction)
     base_env = longer_context_env(args.model, ctx)
     if args.tp < 1:
         ap.error(f"--tp must be >= 1, got {args.tp}")
