@@ -42,6 +42,11 @@ within the batch between steps) and per leader layer (``run(reuse_slot=k)``, ``r
 built into the wrapper). ``reselect=None`` (default) always selects and launches no reuse kernel.
 A reused list carries no certificate (``delta_hat`` NaN) and no ART certified bound.
 
+Per-request budget scale (the dropped-mass audit's feedback, ``sglang_sparse.sparse_decode``): ``plan(...,
+budget_max_shift=s)`` sizes the lists and launch shapes for budgets up to ``budget << s``, and ``run(...,
+budget_shift=t)`` (an int32 tensor indexed by ``req_to_token`` row) makes a fresh selection of row r take up to
+``min(N, budget << t[r])`` pages. Without them the launches are those of an unscaled plan.
+
 Statistics after ``run`` (views over the first ``bs`` rows, valid until the next ``run``):
 ``blocks_read [bs, H_q]`` int32 pages read by the head's KV group, ``stop_reason [bs, H_q]`` int32
 (``sglang_sparse.art.STOP_*``), ``art_delta_hat [bs, H_q]`` fp32 ART's unread-mass bound at
@@ -256,7 +261,8 @@ class SparseDecodeWrapper:
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, *,
              pages: Optional[PageSelectParams] = None, art: Optional[ArtParams] = None, reselect=None,
              kv_start: Optional[torch.Tensor] = None, q_dtype: torch.dtype = torch.bfloat16,
-             sm_scale: Optional[float] = None, tuning: Optional[LaunchTuning] = None) -> None:
+             sm_scale: Optional[float] = None, tuning: Optional[LaunchTuning] = None,
+             budget_max_shift: int = 0) -> None:
         """Prepare a decode batch (outside CUDA graphs; launches one kernel, no host sync).
 
         Args:
@@ -280,6 +286,9 @@ class SparseDecodeWrapper:
             q_dtype: dtype of q and of the output (the KV dtype in SGLang).
             sm_scale: logit scale, default ``1/sqrt(head_dim)``.
             tuning: launch-shape overrides (benchmarks); default the wrapper's own (``_launch_tuning``).
+            budget_max_shift: with ``pages``, the largest per-request budget scale ``run(budget_shift=...)`` may
+                pass (a request's budget is then up to ``budget << budget_max_shift`` pages): the lists and the
+                launch shapes are sized for it. 0 (default): no scale.
         """
         bs = int(req_pool_indices.shape[0])
         if bs > self.max_bs or bs < 1:
@@ -311,6 +320,11 @@ class SparseDecodeWrapper:
             self.lead_dhat[:bs].zero_()
 
         lut, self.list_max = self._budget_lut(pages)
+        self.max_shift = int(budget_max_shift) if self.select else 0
+        if self.max_shift < 0:
+            raise ValueError(f"budget_max_shift must be >= 0, got {budget_max_shift}")
+        if self.max_shift:
+            self.list_max = min(self.max_sel, self.list_max << self.max_shift)
         dense_below = pages.dense_below_len if self.select else 0
         if dense_below > 0:     # the longest context below the minimum reads all its pages
             self.list_max = max(self.list_max, min(self.max_sel, self.max_pages, triton.cdiv(dense_below - 1, P)))
@@ -325,6 +339,8 @@ class SparseDecodeWrapper:
         hint_pages = triton.cdiv(tuning.seq_len_hint, P) if tuning.seq_len_hint else self.max_pages
         hint_pages = min(hint_pages, self.max_pages)
         list_len = pages.budget_pages(hint_pages) if self.select else hint_pages
+        if self.max_shift:      # the longest list a scaled budget may give (ART's head and tails must cover it)
+            list_len = min(list_len << self.max_shift, hint_pages)
         list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
         self.launch = _launch_tuning(tuning, bs=bs, h_kv=self.h_kv, page_size=P, num_sms=self.num_sms,
                                      max_splits=self.max_splits, block_pg=self.block_pg, list_len=list_len,
@@ -349,7 +365,8 @@ class SparseDecodeWrapper:
     # ------------------------------------------------------------------ run
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             kmin: Optional[torch.Tensor] = None, kmax: Optional[torch.Tensor] = None,
-            out: Optional[torch.Tensor] = None, select: bool = True, reuse_slot: int = 0) -> torch.Tensor:
+            out: Optional[torch.Tensor] = None, select: bool = True, reuse_slot: int = 0,
+            budget_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode attention for the planned batch (graph-capturable).
 
         Args:
@@ -362,6 +379,10 @@ class SparseDecodeWrapper:
             select: False reuses the page lists of the previous selecting ``run`` (layer sharing).
             reuse_slot: with ``plan(reselect=...)``: which per-request state slot this (leader) layer
                 keeps its fresh selection in and reuses from, ``0 <= reuse_slot < reuse_slots``.
+            budget_shift: optional int32 tensor indexed by ``req_to_token`` row (``[max_reqs + 1]``, any
+                stride, e.g. a column of a ``[max_reqs + 1, groups]`` table): a fresh selection of that row
+                takes ``min(pages, list width, budget << shift)`` pages (plan with ``budget_max_shift``, which
+                sizes the lists). Read on the device by the selector; selecting runs only.
         Returns ``out``.
         """
         if not self._planned:
@@ -376,8 +397,11 @@ class SparseDecodeWrapper:
                 raise ValueError("this plan selects pages: pass the layer's kmin/kmax summaries")
             if self.reuse and not 0 <= reuse_slot < self.reuse_slots:
                 raise ValueError(f"reuse_slot {reuse_slot} outside [0, {self.reuse_slots})")
+            if budget_shift is not None and (budget_shift.dim() != 1 or budget_shift.dtype != torch.int32):
+                raise ValueError(f"budget_shift must be a 1-D int32 tensor, got {budget_shift.dtype} "
+                                 f"{tuple(budget_shift.shape)}")
             self._launch_bounds(q, kmin, kmax)
-            self._launch_select(reuse_slot)
+            self._launch_select(reuse_slot, budget_shift)
         elif self.select:
             # a layer sharing the leader's list (its own queries and keys, no bounds): no certificate
             self.cur_dhat[:bs].fill_(float("nan"))
@@ -464,9 +488,10 @@ class SparseDecodeWrapper:
     def _log_ratio(self) -> float:
         return 0.0 if self.delta <= 0.0 else math.log(self.delta / (1.0 - self.delta))
 
-    def _launch_select(self, reuse_slot: int = 0) -> None:
+    def _launch_select(self, reuse_slot: int = 0, budget_shift: Optional[torch.Tensor] = None) -> None:
         bs = self.bs
         st_p, st_n, st_g = self._select_state(reuse_slot)
+        shift = dict(HAS_SHIFT=True) if budget_shift is not None else {}
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
             self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
@@ -475,7 +500,9 @@ class SparseDecodeWrapper:
             self.sel_pages.stride(1), self.sel_scratch.stride(0), self.sel_scratch.stride(1),
             st_p.stride(0), st_p.stride(1), self.reuse_width,
             self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max,
-            **self._select_meta(), num_warps=self.launch.select_warps)
+            budget_shift if budget_shift is not None else self.budget,
+            budget_shift.stride(0) if budget_shift is not None else 0,
+            **self._select_meta(), **shift, num_warps=self.launch.select_warps)
         self._launch_reuse(reuse_slot)
 
     def _launch_reuse(self, reuse_slot: int) -> None:

@@ -37,6 +37,10 @@ The kernel works only on requests whose device flag ``Flag[b]`` is set (a resele
 CUDA graph can hold both this kernel and the reuse kernel (:mod:`flashinfer_ext.kernels.page_dilate`) and
 each step's action is chosen per request, out of the graph, by writing the flags.
 
+Budget scale (``HAS_SHIFT``, the dropped-mass audit's feedback): the request's budget becomes
+``min(N, LIST_MAX, Budget[b] << Shift[req * stride_shift])`` (``req`` = its ``req_to_token`` row), never below
+``Budget[b]``; ``LIST_MAX`` must then be the plan's largest scaled budget.
+
 Outputs, per (b, h), written for positions ``[0, LIST_MAX)`` (entries past the plan's largest budget
 are left alone): ``SelPages`` int32 logical page ids in selection order (sinks,
 recents, descending ub), -1 padded, and ``SelPhys`` the same list as physical page ids (so the
@@ -113,8 +117,10 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
                         stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
                         stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                        Shift, stride_shift,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
+                        DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
+                        HAS_SHIFT: tl.constexpr = False):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
@@ -122,8 +128,8 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                     SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
                     stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                     stride_st_h,
-                    state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
-                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE)
+                    state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
+                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT)
 
 
 @triton.jit
@@ -131,13 +137,18 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
                 SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
                 stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                 stride_st_h,
-                state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
+                state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
-                DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr):
+                DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
+                HAS_SHIFT: tl.constexpr):
     """Selection of request b, KV head h (of ``n_heads``)."""
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
     budget = tl.load(Budget + b)
+    if HAS_SHIFT:
+        # the request's budget scale (audit feedback): budget << shift, at most every page and the list width
+        shift = tl.load(Shift + tl.load(ReqIdx + b).to(tl.int64) * stride_shift)
+        budget = tl.maximum(budget, tl.minimum(tl.minimum(budget << shift, npg), LIST_MAX))
     ub_base = UB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     lb_base = LB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
