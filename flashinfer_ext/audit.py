@@ -1,21 +1,21 @@
 """``DroppedMassAudit``: the exact attention mass a sparse decode step left out, measured on chosen requests.
 
 PrHS chooses pages from per-page summaries and ART stops reading early; neither knows what it dropped. On an
-audited (request, layer), this reads the layer's keys of *every* page of the request once more (keys only, no
-values: about half the bytes of a dense decode of that layer), computes the exact normaliser over all tokens and
+audited request, this reads, at every layer, that layer's keys of *every* page of the request once more (keys
+only, no values: about half the bytes of a dense decode), computes the exact normaliser over all tokens and
 compares it with the normaliser of what the decode read (``SparseDecodeWrapper.lse``):
 
     dropped[b, hq] = 1 - exp(lse_read[b, hq] - lse_all[b, hq])       (the softmax mass outside the output)
 
 Use, per decode step (kernels in :mod:`flashinfer_ext.kernels.kv_lse`)::
 
-    audit.plan(wrapper, layers)        # outside CUDA graphs: which layer each request is audited at (-1: none)
+    audit.plan(bs, audited)            # outside CUDA graphs: which requests this step audits
     ...                                # per layer, after wrapper.run(...) of that layer:
-    audit.run(wrapper, layer_id, q, k_cache)
+    audit.run(wrapper, q, k_cache)     # dropped: that layer's values
 
-``run`` launches its two kernels for every layer (graph-capturable: no allocation, no host sync); each request
-is scored only in the layer ``plan`` chose for it, so an audit costs one layer's keys per audited request.
-``dropped`` ([bs, H_q] fp32) holds the step's values, NaN for requests not audited this step.
+``run`` launches its two kernels for every layer (graph-capturable: no allocation, no host sync); requests not
+audited this step return at once, so an audited step of a request costs one read of its keys (every layer).
+``dropped`` ([bs, H_q] fp32) holds the values of the layer last run, NaN for requests not audited this step.
 """
 
 from __future__ import annotations
@@ -56,22 +56,22 @@ class DroppedMassAudit:
                        if self.device.type == "cuda" else 132)
         self.num_sms = int(num_sms)
         f32 = dict(dtype=torch.float32, device=self.device)
-        self.layer_of = torch.full((max_batch_size,), -1, dtype=torch.int32, device=self.device)
+        self.audited = torch.zeros(max_batch_size, dtype=torch.int32, device=self.device)
         self.mid_m = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.mid_l = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.dropped_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
         self.bs = 0
 
-    def plan(self, bs: int, layers) -> None:
-        """Audit request ``i`` of the next step at layer ``layers[i]`` (-1 = not audited): an int for every
-        request, or a ``[bs]`` integer tensor (device or host). Resets the step's ``dropped`` to NaN."""
+    def plan(self, bs: int, audited) -> None:
+        """Audit request ``i`` of the next step (at every layer) where ``audited[i]`` is true: a bool for every
+        request, or a ``[bs]`` bool / integer tensor (device or host). Resets ``dropped`` to NaN."""
         if not 1 <= bs <= self.max_bs:
             raise ValueError(f"batch of {bs} requests; this audit holds 1..{self.max_bs}")
         self.bs = bs
-        if isinstance(layers, int):
-            self.layer_of[:bs].fill_(layers)
+        if isinstance(audited, (bool, int)):
+            self.audited[:bs].fill_(int(bool(audited)))
         else:
-            self.layer_of[:bs].copy_(layers.reshape(-1)[:bs], non_blocking=True)
+            self.audited[:bs].copy_(audited.reshape(-1)[:bs], non_blocking=True)
         self.dropped_buf[:bs].fill_(float("nan"))
         # static launch shape (depends on bs only, so CUDA-graph replays agree): about 4 programs per SM,
         # at least 16 pages each
@@ -79,30 +79,30 @@ class DroppedMassAudit:
         self.num_splits = max(1, min(self.max_splits, want, triton.cdiv(self.max_pages, 16)))
         self.pages_per_split = triton.cdiv(self.max_pages, self.num_splits)
 
-    def run(self, wrapper, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
-            sm_scale: Optional[float] = None) -> torch.Tensor:
-        """Score the requests audited at ``layer`` against ``wrapper``'s last ``run`` (its page table and its
-        ``lse``); returns ``dropped`` ([bs, H_q])."""
+    def run(self, wrapper, q: torch.Tensor, k_cache: torch.Tensor, sm_scale: Optional[float] = None) -> torch.Tensor:
+        """Score the audited requests against ``wrapper``'s last ``run`` (its page table and its ``lse``) on this
+        layer's queries and keys; returns ``dropped`` ([bs, H_q], this layer's values for the audited rows)."""
         bs = self.bs
         if bs != wrapper.bs:
             raise ValueError(f"audit planned for {bs} requests, the wrapper's batch has {wrapper.bs}")
         scale = (1.0 / math.sqrt(self.d) if sm_scale is None else float(sm_scale)) * _LOG2E
         ppi = max(1, 64 // self.page_size)
         _kv_lse_split_kernel[(bs, self.h_kv, self.num_splits)](
-            self.layer_of, q, k_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
+            self.audited, q, k_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
             self.mid_l, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            wrapper.page_table.stride(0), self.mid_m.stride(0), self.mid_m.stride(1), int(layer), scale,
+            wrapper.page_table.stride(0), self.mid_m.stride(0), self.mid_m.stride(1), scale,
             self.pages_per_split, G=self.group, G_PAD=self.g_pad, D=self.d,
             BLOCK_D=triton.next_power_of_2(self.d), P=self.page_size, PPI=ppi, num_warps=4)
         _dropped_mass_kernel[(bs, self.h_q)](
-            self.layer_of, self.mid_m, self.mid_l, wrapper.lse_buf, self.dropped_buf, self.mid_m.stride(0),
-            self.mid_m.stride(1), wrapper.lse_buf.stride(0), self.dropped_buf.stride(0), int(layer),
+            self.audited, self.mid_m, self.mid_l, wrapper.lse_buf, self.dropped_buf, self.mid_m.stride(0),
+            self.mid_m.stride(1), wrapper.lse_buf.stride(0), self.dropped_buf.stride(0),
             self.num_splits, S_PAD=triton.next_power_of_2(self.num_splits), num_warps=1)
         return self.dropped
 
     @property
     def dropped(self) -> torch.Tensor:
-        """``[bs, H_q]`` fp32 dropped attention mass of this step's audited requests (NaN elsewhere)."""
+        """``[bs, H_q]`` fp32 dropped attention mass of this step's audited requests at the layer last run (NaN
+        for the requests not audited)."""
         return self.dropped_buf[: self.bs]
 
 

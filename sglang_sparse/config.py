@@ -181,9 +181,17 @@ class PrhsConfig:
     layers_per_selection  g: consecutive layers that share one selection.
     sink_pages / recent_pages  always-selected pages at the start / end of the context.
     min_context_len  requests with a shorter context decode densely.
-    audit_interval   N: every N decode steps of a request, one of its layers (a different one each time) also
-                     measures the exact attention mass the step dropped (PrHS's pages and ART's stop together),
-                     by reading that layer's keys of every page (``flashinfer_ext.audit``); 0 = off.
+    audit_interval   N: a request's first decode step (after each (re)start) and every step where its length is
+                     a multiple of N also measure, at every layer, the exact attention mass the step dropped
+                     (PrHS's pages and ART's stop together), by reading the request's keys of every page once
+                     (``flashinfer_ext.audit``); 0 = off.
+    audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
+                     reports): a (request, selection group) whose audited dropped mass exceeds ``delta`` at any
+                     of the group's layers has its page budget doubled for its later fresh selections, up to
+                     this factor; it is reset when the request (re)starts and never lowered before. Needs
+                     ``audit_interval`` and a budget below every page. A measurement on sampled steps, not a
+                     guarantee: the first audited step of a request runs at the unscaled budget, the steps
+                     between audits are not measured, and a budget at its cap may still drop more than delta.
     """
 
     mode: str = "off"
@@ -197,6 +205,7 @@ class PrhsConfig:
     recent_pages: int = 2
     min_context_len: int = 4096
     audit_interval: int = 0
+    audit_max_scale: int = 8
 
     @property
     def enabled(self) -> bool:
@@ -205,6 +214,13 @@ class PrhsConfig:
     def budget_pages(self, num_pages: int) -> int:
         """Page budget for a request holding ``num_pages`` pages (at least sink + recent, at most all)."""
         return page_budget(num_pages, self.budget, self.sink_pages, self.recent_pages)
+
+    def audit_max_shift(self) -> int:
+        """log2 of the largest budget scale the audit's feedback may reach; 0 when it has nothing to scale (PrHS
+        off or reading every page, the audit off, or ``audit_max_scale`` 1)."""
+        if not (self.enabled and self.audit_interval > 0 and self.budget != 1.0):
+            return 0
+        return max(0, int(self.audit_max_scale).bit_length() - 1)
 
     def select_params(self, page_size: int) -> PageSelectParams:
         """The decode wrapper's page-selection parameters for pages of ``page_size`` tokens
@@ -381,6 +397,9 @@ _FLAGS = (
     ("--prhs-audit-interval", "prhs_audit_interval", int, "prhs", "audit_interval",
      "Every N decode steps of a request, measure on one of its layers the exact attention mass PrHS / ART "
      "dropped (logged and on /metrics; 0 = off)."),
+    ("--prhs-audit-max-scale", "prhs_audit_max_scale", int, "prhs", "audit_max_scale",
+     "Audit feedback: a request whose audited dropped mass exceeds --prhs-delta in a selection group gets that "
+     "group's page budget doubled, up to this factor (a power of two, 1..64; 1 = report only)."),
     ("--art", "art", str, "art", "mode",
      "Run-time termination of decode attention once the running output stops changing."),
     ("--art-tau-mag", "art_tau_mag", float, "art", "tau_mag",
@@ -476,6 +495,8 @@ def validate_values(cfg: SparseConfig) -> None:
            f"a page count must cover the {p.sink_pages} sink + {p.recent_pages} recent pages, got {p.budget:g}")
     _check(p.min_context_len >= 0, "--prhs-min-context-len", f"must be >= 0, got {p.min_context_len}")
     _check(p.audit_interval >= 0, "--prhs-audit-interval", f"must be >= 0, got {p.audit_interval}")
+    _check(1 <= p.audit_max_scale <= 64 and p.audit_max_scale & (p.audit_max_scale - 1) == 0,
+           "--prhs-audit-max-scale", f"must be a power of two in [1, 64], got {p.audit_max_scale}")
 
     _check(a.mode in _CHOICES["--art"], "--art", f"must be off or on, got {a.mode!r}")
     _check(a.tau_mag >= 0, "--art-tau-mag", f"must be >= 0, got {a.tau_mag}")

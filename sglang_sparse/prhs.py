@@ -63,6 +63,9 @@ __all__ = [
     "reuse_with_dilation",
     "sparse_attention",
     "dense_attention",
+    "dropped_mass",
+    "scaled_budget",
+    "budget_shift_update",
 ]
 
 _NEG_INF = float("-inf")
@@ -481,3 +484,21 @@ def dropped_mass(q: Tensor, k: Tensor, sm_scale: float, lse_read: Tensor) -> Ten
     s = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(group, dim=1)) * sm_scale
     lse_all = torch.logsumexp(s, dim=-1)
     return (1.0 - torch.exp(lse_read.to(lse_all.dtype) - lse_all)).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- audit feedback
+def scaled_budget(budget: int, shift: int, num_pages: int) -> int:
+    """The page budget of a request whose budget shift is ``shift`` (the audit's feedback): ``budget << shift``
+    pages, at most every page, never below ``budget``."""
+    return max(budget, min(num_pages, budget << shift))
+
+
+def budget_shift_update(shift: Tensor, rows: Tensor, over: Tensor, max_shift: int) -> Tensor:
+    """The audit's feedback rule, in place on one selection group's shifts (``shift``: ``[rows]`` int, indexed by
+    ``req_to_token`` row): for each batch entry i with ``over[i]`` (its audited dropped mass exceeded delta),
+    ``shift[rows[i]] = min(shift[rows[i]] + 1, max_shift)``; the others are left alone. Shifts only grow (a
+    request's budget is reset only when it restarts). A row listed twice (CUDA-graph padding repeating a real
+    row) keeps the larger value. Device ops, no host sync. Returns ``shift``."""
+    rows = rows.long()
+    new = torch.clamp(shift[rows] + over.to(shift.dtype), max=max_shift)
+    return shift.scatter_reduce_(0, rows, torch.maximum(new, shift[rows]), reduce="amax")

@@ -21,6 +21,14 @@ reused pages are never stale.
 Statistics of the decode batches (pages read, PrHS's delta-hat of the last selecting layer, ART stop rate,
 blocks read) are read back every ``--decode-log-interval`` decode batches (one device-to-host copy) and
 logged; see :meth:`SparseDecoder.decode_stats` for what each covers.
+
+The dropped-mass audit (``--prhs-audit-interval N``): a request is audited on its first decode step after each
+(re)start and whenever its length is a multiple of N; an audited step measures, at every layer, the exact
+attention mass the decode left out (``flashinfer_ext.audit``). With ``--prhs-audit-max-scale`` > 1 the
+measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a (request, selection group) whose audited
+dropped mass exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
+selections (``budget_shift``, reference :func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
+it is reset when the request (re)starts. All of it is device ops, inside the captured decode graph.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class SparseDecoder:
     and the served statistics. Built only when PrHS, ART or CLAA is on (:meth:`create`)."""
 
     audit = None            # the dropped-mass audit (--prhs-audit-interval), when on
+    budget_shift = None     # [req_to_token rows, selection groups] int32 log2 budget scales (audit feedback)
 
     @classmethod
     def create(cls, model_runner, cfg: SparseConfig, pool, claa=None,
@@ -116,12 +125,17 @@ class SparseDecoder:
         # req_to_token row and leader layer), widened by --prhs-dilation pages.
         p = cfg.prhs
         self._reselect_every = p.reselect_interval if _selects(p) else 1
+        # the audit's feedback: log2 of the largest budget scale (0: the audit only reports, or is off)
+        self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
+        self._max_shift = p.audit_max_shift() if _selects(p) else 0
+        if self._max_shift:
+            self._plan_kwargs = dict(self._plan_kwargs, budget_max_shift=self._max_shift)
         reuse = {}
         if self._reselect_every > 1:
             max_pages = -(-self.max_ctx // self.page_size)
             # the kept list must hold the longest fresh list: the budget at the longest context, or every
             # page of a request short enough to be read densely (--prhs-min-context-len)
-            width = max(p.budget_pages(max_pages), -(-p.min_context_len // self.page_size))
+            width = max(p.budget_pages(max_pages) << self._max_shift, -(-p.min_context_len // self.page_size))
             reuse = dict(reuse_slots=-(-pool.layer_num // self._group), max_reqs=r2t.shape[0],
                          reuse_width=min(max_pages, width))
             self._fresh = torch.ones(r2t.shape[0], dtype=torch.bool, device=k0.device)
@@ -138,19 +152,12 @@ class SparseDecoder:
         # decode_wrapper runs (the model's last layer, or the last one before CLAA's filter layer)
         last = (self._claa_from if self._claa_from is not None else pool.layer_num) - 1
         self._stats_leader = self.layer_offset + (last // self._group) * self._group
-        # the dropped-mass audit (--prhs-audit-interval N): every N steps of a request, one of its layers
-        # (rotating) measures the exact mass the step left out; values go to a device ring read with the stats
-        self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
+        # the dropped-mass audit (--prhs-audit-interval N): a request's first decode step and every N-th step
+        # measure, at every layer, the exact mass the step left out; values go to a device ring and counters read
+        # with the stats, and (feedback) raise the budget of the (request, group) that dropped more than delta
         self._num_layers = pool.layer_num
         if self._audit_every:
-            from flashinfer_ext.audit import DroppedMassAudit
-
-            self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
-                                          self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
-                                          device=k0.device)
-            # the last AUDIT_RING audits, plus one spare slot that takes the rows not audited (see _fold_audit)
-            self._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"), dtype=torch.float32, device=k0.device)
-            self._audit_pos = torch.zeros((), dtype=torch.int64, device=k0.device)
+            self._init_audit(max_bs, r2t.shape[0], k0.device)
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
         self._decode_batches = 0
         self._metrics_on = bool(getattr(model_runner.server_args, "enable_metrics", False))
@@ -161,13 +168,38 @@ class SparseDecoder:
         if self._reselect_every > 1:
             what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
         if self._audit_every:
-            what += f", dropped mass audited every {self._audit_every} steps per request"
+            what += (f", dropped mass audited at every layer on a request's first decode step and every "
+                     f"{self._audit_every} steps")
+            if self._max_shift:
+                what += (f", a (request, selection group) dropping more than delta gets its budget doubled, up to "
+                         f"x{1 << self._max_shift}")
         if cfg.prhs.enabled:
             what += (f"; the logged delta_hat is the min/max-bound upper bound on the dropped attention mass of "
                      f"layer {self._stats_leader}'s selection (the layers sharing it have none)")
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
+
+    def _init_audit(self, max_bs: int, max_rows: int, device) -> None:
+        """The audit and its state: per ``req_to_token`` row a first-step flag (and, with feedback, the budget
+        shifts per selection group); per batch row whether this step's audit is the request's first, and the
+        groups over delta so far this step; the ring of the last audits and the cumulative counters."""
+        from flashinfer_ext.audit import DroppedMassAudit
+
+        self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
+                                      self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx, device=device)
+        self._audit_fresh = torch.ones(max_rows, dtype=torch.bool, device=device)
+        self._audit_first = torch.zeros(max_bs, dtype=torch.bool, device=device)
+        self._audit_over = torch.zeros(max_bs, dtype=torch.bool, device=device)
+        self._audit_rows = 0
+        # the last AUDIT_RING audits, plus one spare slot that takes the rows not audited (see _fold_audit)
+        self._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"), dtype=torch.float32, device=device)
+        self._audit_pos = torch.zeros((), dtype=torch.int64, device=device)
+        # since start: audits, audits over delta, audits after a request's first decode step, those over delta
+        self._audit_counts = torch.zeros(4, dtype=torch.int64, device=device)
+        if self._max_shift:
+            self.budget_shift = torch.zeros(max_rows, -(-self._num_layers // self._group), dtype=torch.int32,
+                                            device=device)
 
     def _make_plan_kwargs(self) -> dict:
         """The mechanisms' parameters for ``SparseDecodeWrapper.plan``, from the configuration."""
@@ -210,34 +242,60 @@ class SparseDecoder:
             self._plan_audit(fb)
 
     def _plan_audit(self, fb: "ForwardBatch") -> None:
-        """Keep the last step's audited values, then choose this step's (device-side, no host sync): a request
-        whose length is a multiple of N is audited at layer ``(length // N + row) % L``, so successive audits
-        of a request visit different layers; CUDA-graph padding rows are never audited."""
-        self._fold_audit()
+        """Choose this step's audited requests (device-side, no host sync): those on their first decode step
+        since they (re)started (the flag is consumed) and those whose length is a multiple of N; CUDA-graph
+        padding rows are never audited and consume no flag."""
         rows, lens = fb.req_pool_indices, fb.seq_lens
-        n = self._audit_every
-        layer = torch.where(lens % n == 0, (lens // n + rows) % self._num_layers, torch.full_like(lens, -1))
-        n_real = rows.shape[0] - int(getattr(fb, "num_padding", 0) or 0)
-        if n_real < rows.shape[0]:
-            layer[n_real:] = -1
-        self.audit.plan(rows.shape[0], layer.to(torch.int32))
+        bs = rows.shape[0]
+        n_real = bs - int(getattr(fb, "num_padding", 0) or 0)
+        first = self._audit_fresh[rows]
+        audited = first | (lens % self._audit_every == 0)
+        if n_real < bs:
+            audited[n_real:] = False
+            first[n_real:] = False
+        self._audit_fresh[rows[:n_real]] = False
+        self._audit_first[:bs].copy_(first)
+        self._audit_over[:bs].zero_()
+        self._audit_rows = n_real
+        self.audit.plan(bs, audited)
 
-    def _fold_audit(self) -> None:
-        """Append the last step's audited values (per request, the largest dropped mass over its query heads) to
-        the ring buffer, device ops only: audited rows take the next ring slots in batch order, the others are
-        written to the spare slot past the ring's end, so the ring holds audits alone without a host sync."""
-        if self.audit.bs == 0:
-            return
+    def _fold_audit(self, lid: int, rows: torch.Tensor) -> None:
+        """After the audit of layer ``lid`` (device ops only, graph-capturable): append its values (per request,
+        the largest dropped mass over its query heads) to the ring, audited rows taking the next ring slots in
+        batch order and the others the spare slot past the ring's end (the ring holds audits alone, without a
+        host sync); count them; with feedback, at the last layer of a selection group, raise by one (up to the
+        maximum) the budget shift of the audited rows that dropped more than delta at any layer of the group
+        (:func:`sglang_sparse.prhs.budget_shift_update`): one doubling per (request, group) and audited step."""
+        bs = self.audit.bs
         vals = self.audit.dropped.amax(dim=1)          # NaN for requests not audited
         audited = ~torch.isnan(vals)
         slot = (self._audit_pos + torch.cumsum(audited, dim=0) - 1) % AUDIT_RING
         self._audit_ring[torch.where(audited, slot, AUDIT_RING)] = vals
         self._audit_pos += audited.sum()
+        over = audited & (vals > self.sparse_config.prhs.delta)
+        later = audited & ~self._audit_first[:bs]
+        self._audit_counts += torch.stack([audited.sum(), over.sum(), later.sum(), (later & over).sum()])
+        if self.budget_shift is None:
+            return
+        self._audit_over[:bs] |= over
+        if (lid + 1) % self._group == 0 or lid == self._num_layers - 1:
+            from sglang_sparse.prhs import budget_shift_update
+
+            budget_shift_update(self.budget_shift[:, lid // self._group], rows, self._audit_over[:bs], self._max_shift)
+            self._audit_over[:bs] = False
 
     def mark_fresh(self, fb: "ForwardBatch") -> None:
-        """Rows that (re)start a request (an extend batch) select afresh on their next decode step."""
-        if self._reselect_every > 1 and fb.forward_mode.is_extend() and fb.batch_size > 0:
-            self._fresh[fb.req_pool_indices] = True
+        """Rows that (re)start a request (an extend batch) select afresh on their next decode step, are audited
+        on it, and start from the unscaled budget."""
+        if not (fb.forward_mode.is_extend() and fb.batch_size > 0):
+            return
+        rows = fb.req_pool_indices
+        if self._reselect_every > 1:
+            self._fresh[rows] = True
+        if self.audit is not None:
+            self._audit_fresh[rows] = True
+        if self.budget_shift is not None:
+            self.budget_shift[rows] = 0
 
     # ------------------------------------------------------------------ forward
     def _update_summaries(self, lid: int, k, loc) -> None:
@@ -265,10 +323,13 @@ class SparseDecoder:
                       else (None, None))
         w = self.decode_wrapper_kept if self._claa_from is not None and lid >= self._claa_from else self.decode_wrapper
         reuse = {"reuse_slot": lid // self._group} if self._reselect_every > 1 else {}
+        if self.budget_shift is not None and leader:
+            reuse["budget_shift"] = self.budget_shift[:, lid // self._group]
         qv = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         o = w.run(qv, k_buf, v_buf, kmin, kmax, select=leader, **reuse)
         if self.audit is not None:
-            self.audit.run(w, lid, qv, k_buf)
+            self.audit.run(w, qv, k_buf)
+            self._fold_audit(lid, fb.req_pool_indices)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ statistics
@@ -305,14 +366,26 @@ class SparseDecoder:
         return stats
 
     def audit_stats(self) -> dict:
-        """The audited dropped mass over the ring's last audits (reads device buffers: synchronises): mean, 99th
-        percentile, share above ``--prhs-delta``, and how many audits they cover."""
+        """The audited dropped mass (reads device buffers: synchronises). One audit is one (request, layer) of an
+        audited step. Over the ring's last audits: mean, 99th percentile, share above ``--prhs-delta``, and how
+        many audits they cover (``audits``). Since start: ``audits_total`` and ``audits_total_over`` (above
+        delta); ``audits_later`` and ``audits_later_over``, the same for the audits after a request's first
+        decode step (the first one runs at the unscaled budget, before any feedback), and their share above
+        delta ``dropped_over_delta_later``. ``budget_shift_mean``: the mean log2 budget scale over the last
+        batch's requests and selection groups (0 without feedback)."""
+        total, total_over, later, later_over = (int(x) for x in self._audit_counts.tolist())
+        shift = self.budget_shift
+        rows = self.decode_wrapper.req_idx[: self._audit_rows].long() if self._audit_rows else None
+        out = dict(audits_total=total, audits_total_over=total_over, audits_later=later, audits_later_over=later_over,
+                   dropped_over_delta_later=later_over / later if later else float("nan"),
+                   budget_shift_mean=(0.0 if shift is None else float(shift[rows].float().mean()))
+                   if rows is not None else float("nan"))
         ring = self._audit_ring[:AUDIT_RING]
         d = ring[~torch.isnan(ring)].double()
         if d.numel() == 0:
             nan = float("nan")
-            return dict(dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)
-        return dict(dropped_mean=float(d.mean()), dropped_p99=float(torch.quantile(d, 0.99)),
+            return dict(out, dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)
+        return dict(out, dropped_mean=float(d.mean()), dropped_p99=float(torch.quantile(d, 0.99)),
                     dropped_over_delta=float((d > self.sparse_config.prhs.delta).double().mean()),
                     audits=int(d.numel()))
 
@@ -331,8 +404,11 @@ class SparseDecoder:
                         stats["blocks_read_mean"])
             if "audits" in stats:
                 logger.info("sglang_sparse audited dropped mass (last %d audits): mean=%.4f p99=%.4f "
-                            "over_delta(%.3g)=%.3f", stats["audits"], stats["dropped_mean"], stats["dropped_p99"],
-                            self.sparse_config.prhs.delta, stats["dropped_over_delta"])
+                            "over_delta(%.3g)=%.3f total=%d total_over=%d later=%d later_over=%d mean_shift=%.2f",
+                            stats["audits"], stats["dropped_mean"], stats["dropped_p99"],
+                            self.sparse_config.prhs.delta, stats["dropped_over_delta"], stats["audits_total"],
+                            stats["audits_total_over"], stats["audits_later"], stats["audits_later_over"],
+                            stats["budget_shift_mean"])
             if self._metrics_on:
                 self._export_metrics(stats)
 
@@ -345,7 +421,16 @@ class SparseDecoder:
                 ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."),
                 ("dropped_mean", "Mean audited attention mass a decode step dropped (--prhs-audit-interval)."),
                 ("dropped_p99", "99th percentile of the audited dropped attention mass."),
-                ("dropped_over_delta", "Share of audits whose dropped attention mass exceeded --prhs-delta."))
+                ("dropped_over_delta", "Share of audits whose dropped attention mass exceeded --prhs-delta."),
+                ("audits_total", "Audits (request, layer) since start."),
+                ("audits_total_over", "Audits since start whose dropped attention mass exceeded --prhs-delta."),
+                ("audits_later", "Audits since start after a request's first decode step."),
+                ("audits_later_over", "Audits since start after a request's first decode step whose dropped "
+                                      "attention mass exceeded --prhs-delta."),
+                ("dropped_over_delta_later", "Share of the audits after a request's first decode step whose dropped "
+                                             "attention mass exceeded --prhs-delta (since start)."),
+                ("budget_shift_mean", "Mean log2 PrHS budget scale (audit feedback) over the last decode batch's "
+                                      "requests and selection groups."))
 
     def _export_metrics(self, stats: dict) -> None:
         """Publish the statistics on SGLang's Prometheus endpoint (``--enable-metrics``)."""

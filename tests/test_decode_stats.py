@@ -58,42 +58,65 @@ def test_decode_stats_skip_reused_lists():
 
 
 
-def test_audit_layer_choice_and_logged_statistics():
-    """--prhs-audit-interval N: requests whose length is a multiple of N are audited at a layer that moves with
-    the length (padding rows never); the logged statistics are the mean, 99th percentile and share above delta
-    of the per-request dropped mass (largest over query heads) of the audits so far."""
-    from flashinfer_ext.audit import DroppedMassAudit
+def _audit_decoder(n, layers, group, max_scale, delta=0.05, h_q=8, max_rows=10):
+    """A SparseDecoder with only its audit state (CPU, no kernels run)."""
     from sglang_sparse.config import PrhsConfig, SparseConfig
+
+    dec = SparseDecoder.__new__(SparseDecoder)
+    p = PrhsConfig(mode="prhs", delta=delta, audit_interval=n, layers_per_selection=group, audit_max_scale=max_scale)
+    dec.sparse_config = SparseConfig(prhs=p)
+    dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = n, layers, group, 1
+    dec._max_shift = p.audit_max_shift()
+    dec.num_q_heads_local, dec.num_kv_heads_local, dec.head_dim, dec.page_size, dec.max_ctx = h_q, 2, 16, 16, 4096
+    dec._init_audit(8, max_rows, "cpu")
+    return dec
+
+
+def test_audit_choice_counters_and_first_step_flag():
+    """--prhs-audit-interval N: a request is audited (at every layer) on its first decode step after a (re)start,
+    the flag being consumed, and whenever its length is a multiple of N; padding rows never (and consume no flag).
+    Every (request, layer) audit goes to the ring and the counters, the first-step ones apart; with
+    --prhs-audit-max-scale 1 the audit only reports."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
     from sglang_sparse.sparse_decode import AUDIT_RING
 
     seed = int(torch.randint(0, 2**31, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    n, layers, h_q = 4, 6, 8
-    dec = SparseDecoder.__new__(SparseDecoder)
-    dec.sparse_config = SparseConfig(prhs=PrhsConfig(mode="prhs", delta=0.05, audit_interval=n))
-    dec._audit_every, dec._num_layers = n, layers
-    dec.audit = DroppedMassAudit(h_q, 2, 16, 16, max_batch_size=8, max_seq_len=4096, device="cpu", num_sms=4)
-    dec._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"))
-    dec._audit_pos = torch.zeros((), dtype=torch.int64)
+    n, layers, h_q, delta = 4, 3, 8, 0.05
+    dec = _audit_decoder(n, layers, 1, max_scale=1, delta=delta, h_q=h_q)
+    assert dec.budget_shift is None and dec._max_shift == 0
     assert dec.audit_stats()["audits"] == 0
-    expect = []
-    for step in range(3):
-        rows = torch.tensor([3, 7, 1, 5, 2], dtype=torch.int64)
-        lens = torch.tensor([100, 204, 37, 400, 8], dtype=torch.int64) + step
-        fb = types.SimpleNamespace(req_pool_indices=rows, seq_lens=lens, num_padding=1)
-        dec._plan_audit(fb)
-        got = dec.audit.layer_of[:5].tolist()
-        want = [int((L // n + r) % layers) if L % n == 0 else -1 for r, L in zip(rows.tolist(), lens.tolist())]
-        want[-1] = -1                                   # the padding row
-        assert got == want, f"seed={seed} step {step}: audited layers {got}, expected {want}"
-        assert bool(torch.isnan(dec.audit.dropped).all())
-        # what the kernels would leave: values for the audited rows
-        vals = torch.rand(5, h_q, generator=gen) * 0.1
-        for b in range(5):
-            if want[b] >= 0:
-                dec.audit.dropped_buf[b] = vals[b]
-                expect.append(float(vals[b].max()))
-    dec._fold_audit()
+    rows = torch.tensor([3, 7, 1, 5, 2], dtype=torch.int64)      # the last one is CUDA-graph padding
+    dec.decode_wrapper = SimpleNamespace(req_idx=rows.to(torch.int32))
+    expect, first_of, fresh = [], [], {3, 7, 1, 5, 2, 0, 4, 6, 8, 9}
+    for step in range(4):
+        if step == 2:       # row 7 restarts (an extend batch): audited again on its next decode step
+            dec.mark_fresh(SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1,
+                                           req_pool_indices=torch.tensor([7])))
+            fresh.add(7)
+        lens = torch.tensor([101, 205, 38, 401, 9], dtype=torch.int64) + step
+        dec._plan_audit(SimpleNamespace(req_pool_indices=rows, seq_lens=lens, num_padding=1))
+        want = [(r in fresh) or L % n == 0 for r, L in zip(rows.tolist()[:4], lens.tolist()[:4])] + [False]
+        first = [r in fresh for r in rows.tolist()[:4]] + [False]
+        fresh -= set(rows.tolist()[:4])
+        got = dec.audit.audited[:5].bool().tolist()
+        assert got == want, f"seed={seed} step {step}: audited {got}, expected {want}"
+        assert dec._audit_first[:5].tolist() == first, f"seed={seed} step {step}: first {dec._audit_first[:5]}"
+        assert bool(dec._audit_fresh[2]), f"seed={seed}: the padding row consumed a first-step flag"
+        for lid in range(layers):
+            assert bool(torch.isnan(dec.audit.dropped).all())
+            vals = torch.rand(5, h_q, generator=gen) * 0.1        # what the kernels would leave for this layer
+            for b in range(5):
+                if want[b]:
+                    dec.audit.dropped_buf[b] = vals[b]
+                    expect.append(float(vals[b].max()))
+                    first_of.append(first[b])
+            dec._fold_audit(lid, rows)
+            dec.audit.dropped_buf.fill_(float("nan"))
+    assert not bool(dec._audit_fresh[rows[:4]].any()), f"seed={seed}: first-step flags not consumed"
     stats = dec.audit_stats()
     e = torch.tensor(expect, dtype=torch.float64)
     # the ring holds the audits alone, in order (requests not audited never take a slot)
@@ -102,7 +125,49 @@ def test_audit_layer_choice_and_logged_statistics():
     assert stats["audits"] == len(expect) > 0, (seed, stats, expect)
     assert abs(stats["dropped_mean"] - float(e.mean())) < 1e-6, (seed, stats)
     assert abs(stats["dropped_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (seed, stats)
-    assert abs(stats["dropped_over_delta"] - float((e > 0.05).double().mean())) < 1e-9, (seed, stats)
+    assert abs(stats["dropped_over_delta"] - float((e > delta).double().mean())) < 1e-9, (seed, stats)
+    over = [x > delta for x in e.float().tolist()]
+    later = [not f for f in first_of]
+    assert stats["audits_total"] == len(expect) and stats["audits_total_over"] == sum(over), (seed, stats)
+    assert stats["audits_later"] == sum(later) < len(expect), (seed, stats)
+    assert stats["audits_later_over"] == sum(o and lt for o, lt in zip(over, later)), (seed, stats)
+    assert stats["budget_shift_mean"] == 0.0, (seed, stats)
+
+
+def test_audit_feedback_rule():
+    """--prhs-audit-max-scale S (selection groups of 2 layers): after an audited step, the budget shift of a
+    (request, group) whose dropped mass exceeded delta at a layer of the group is raised by one, once per step,
+    never past log2(S); the others and the padding row are left alone; an extend batch resets the row."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    seed = int(torch.randint(0, 2**31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    layers, group, delta = 5, 2, 0.05                          # groups {0, 1}, {2, 3}, {4}
+    dec = _audit_decoder(1, layers, group, max_scale=4, delta=delta)
+    assert dec._max_shift == 2 and tuple(dec.budget_shift.shape) == (10, 3)
+    rows = torch.tensor([3, 7, 1, 3], dtype=torch.int64)       # the padding row repeats row 3
+    dec.decode_wrapper = SimpleNamespace(req_idx=rows.to(torch.int32))
+    expect = torch.zeros(10, 3, dtype=torch.int32)
+    for step in range(4):
+        dec._plan_audit(SimpleNamespace(req_pool_indices=rows, seq_lens=torch.full((4,), 50 + step), num_padding=1))
+        raised = torch.zeros(10, 3, dtype=torch.bool)
+        for lid in range(layers):
+            vals = torch.rand(4, 8, generator=gen) * 0.1
+            vals[3] = 0.9                                      # padding: never audited, never raises
+            dec.audit.dropped_buf[:3] = vals[:3]
+            for b in range(3):
+                raised[int(rows[b]), lid // group] |= float(vals[b].max()) > delta
+            dec._fold_audit(lid, rows)
+            dec.audit.dropped_buf.fill_(float("nan"))
+        expect = torch.where(raised, (expect + 1).clamp(max=2), expect)
+        assert torch.equal(dec.budget_shift, expect), f"seed={seed} step {step}: {dec.budget_shift} vs {expect}"
+    assert int(dec.budget_shift.max()) <= 2
+    assert abs(dec.audit_stats()["budget_shift_mean"] - float(expect[[3, 7, 1]].float().mean())) < 1e-6
+    dec.mark_fresh(SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([7])))
+    expect[7] = 0
+    assert torch.equal(dec.budget_shift, expect), f"seed={seed}: the restarted row kept its scale"
 
 
 def test_decode_stats_shared_last_layer():

@@ -97,8 +97,8 @@ def _drive_wrappers():
         w.run(q, kc, vc, kmin, kmax)
         w.run(q, kc, vc, kmin, kmax, select=False)
     audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", num_sms=132)
-    audit.plan(bs, 3)
-    audit.run(w, 3, q, kc)
+    audit.plan(bs, True)
+    audit.run(w, q, kc)
     update_page_summaries(kmin, kmax, kc[:100], torch.arange(100), P)
     n = 4096
     for pool in ("avg", "max"):

@@ -55,7 +55,7 @@ def _poison_page_tails(pool, lens, P):
 def test_audit_measures_what_prhs_and_art_dropped(page_size):
     """PrHS 1/4 (with and without ART stopping early) on peaked keys with bounds far below zero: for the audited
     requests the kernel's dropped mass equals the reference computed from the pages the decode actually read
-    (the selected list, cut at ART's stop); requests not audited at this layer stay NaN; a dense plan drops
+    (the selected list, cut at ART's stop); requests not audited this step stay NaN; a dense plan drops
     nothing."""
     import torch
 
@@ -72,7 +72,6 @@ def test_audit_measures_what_prhs_and_art_dropped(page_size):
     max_len = max(lens) + P
     w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE)
     audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE, num_sms=2)
-    layer = 5
     plans = [("prhs", dict(pages=sel(1 / 4, 0.0))),
              ("prhs+art", dict(pages=sel(1 / 2, 0.0), art=art_p(0.05, 1e-3, patience=1, min_blocks=1))),
              ("dense", dict())]
@@ -80,10 +79,11 @@ def test_audit_measures_what_prhs_and_art_dropped(page_size):
         tag = f"seed={seed} P={P} {name}"
         w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
         w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
-        audit.plan(len(lens), torch.tensor([layer, -1, layer], dtype=torch.int32))
-        audit.run(w, layer - 1, pool.q, pool.kc)          # another layer: nothing is scored
-        assert bool(torch.isnan(audit.dropped).all()), f"{tag}: requests were scored at a layer not theirs"
-        dropped = audit.run(w, layer, pool.q, pool.kc).clone()
+        audit.plan(len(lens), False)
+        audit.run(w, pool.q, pool.kc)                     # no request audited this step: nothing is scored
+        assert bool(torch.isnan(audit.dropped).all()), f"{tag}: requests not audited were scored"
+        audit.plan(len(lens), torch.tensor([True, False, True]))
+        dropped = audit.run(w, pool.q, pool.kc).clone()
         assert bool(torch.isnan(dropped[1]).all()), f"{tag}: request 1 was not audited but got {dropped[1]}"
         for b in (0, 2):
             if cfg.get("pages") is None:
@@ -103,8 +103,8 @@ def test_audit_measures_what_prhs_and_art_dropped(page_size):
     kmin, kmax = reference_summaries(flat)
     w.plan(flat.req_to_token, flat.rows, flat.seq_lens, pages=sel(1 / 4, 0.0))
     w.run(flat.q, flat.kc, flat.vc, kmin, kmax)
-    audit.plan(len(lens), layer)
-    dropped = audit.run(w, layer, flat.q, flat.kc).clone()
+    audit.plan(len(lens), True)
+    dropped = audit.run(w, flat.q, flat.kc).clone()
     for b in range(len(lens)):
         lst = w.pages[b].tolist()
         group = H_Q // H_KV

@@ -573,8 +573,8 @@ def test_dropped_mass_audit(page_size):
     audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV)
     w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 16, 0.0))
     w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
-    audit.plan(len(lens), torch.tensor([2, 2, -1], dtype=torch.int32, device=DEV))
-    dropped = audit.run(w, 2, pool.q, pool.kc).cpu()
+    audit.plan(len(lens), torch.tensor([True, True, False], device=DEV))
+    dropped = audit.run(w, pool.q, pool.kc).cpu()
     assert bool(torch.isnan(dropped[2]).all()), f"seed={seed}: request 2 was not audited"
     sm = D ** -0.5
     for b in (0, 1):

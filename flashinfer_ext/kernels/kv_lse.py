@@ -12,9 +12,9 @@ normaliser ``lse_read`` of what it read (``SparseDecodeWrapper.lse``). The mass 
   ``h`` (one ``tl.dot`` per ``PPI`` pages) and keeps the base-2 running maximum and sum;
 * ``_dropped_mass_kernel``, grid ``(bs, H_q)``: merges the splits and writes ``Dropped[b, hq]``.
 
-Only requests whose ``Audit[b]`` equals the launch's ``layer`` argument are scored (the others cost one load and
-leave ``Dropped`` as NaN), so a caller can capture the launches of every layer in one CUDA graph and choose,
-per request and step, which layer is audited by writing ``Audit`` outside the graph.
+Only requests whose flag ``Audit[b]`` is set are scored (the others cost one load and leave ``Dropped`` alone),
+so a caller can capture the launches of every layer in one CUDA graph and choose, per request and step, which
+requests are audited by writing ``Audit`` outside the graph.
 """
 
 import triton
@@ -26,13 +26,13 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _kv_lse_split_kernel(Audit, Q, KCache, PageTable, NumPages, LastLen, MidM, MidL,
                          stride_qb, stride_qh, stride_ks, stride_kh, stride_pt, stride_mb, stride_mh,
-                         layer, qk_scale, pages_per_split,
+                         qk_scale, pages_per_split,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          P: tl.constexpr, PPI: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    if tl.load(Audit + b) != layer:
+    if tl.load(Audit + b) == 0:
         return
     b64 = b.to(tl.int64)
     npg = tl.load(NumPages + b)
@@ -76,11 +76,11 @@ def _kv_lse_split_kernel(Audit, Q, KCache, PageTable, NumPages, LastLen, MidM, M
 
 @triton.jit
 def _dropped_mass_kernel(Audit, MidM, MidL, LseRead, Dropped, stride_mb, stride_mh, stride_lb, stride_db,
-                         layer, num_splits, S_PAD: tl.constexpr):
+                         num_splits, S_PAD: tl.constexpr):
     b = tl.program_id(0)
     hq = tl.program_id(1)
     b64 = b.to(tl.int64)
-    if tl.load(Audit + b) != layer:
+    if tl.load(Audit + b) == 0:
         return
     sp = tl.arange(0, S_PAD)
     sp_ok = sp < num_splits
