@@ -10,7 +10,7 @@ import types
 import pytest
 
 from kernel_cases import (_assert_selection, _budget_pages, art_p, fresh_seed, interpreter_device, make_pool,
-                          poison_wrapper, reference_summaries, rel_err, sel)
+                          poison_wrapper, pool_from_kv, reference_summaries, rel_err, sel)
 
 DEVICE = interpreter_device("tests/test_kernels_cpu_feedback.py")   # before flashinfer_ext's kernels are defined
 
@@ -56,7 +56,7 @@ def test_select_with_budget_shift_equals_reference_at_scaled_budget():
             lo, hi = prhs.page_summaries(k, P)
             ub, lb = prhs.page_bounds(q, lo, hi, sm)
             base = _budget_pages(npg, pages.budget, pages.sink_pages, pages.recent_pages)
-            bud = min(npg, base << shifts[b])
+            bud = prhs.scaled_budget(base, shifts[b], npg)
             ref = prhs.select_pages(ub, lb, page_lens, pages.delta, bud, pages.sink_pages, pages.recent_pages)
             _assert_selection(w, b, ref, ub, lb, page_lens, pages.delta, bud, pages.sink_pages,
                               pages.recent_pages, seed, f"{tag} budget {base}<<{shifts[b]}")
@@ -69,3 +69,172 @@ def test_select_with_budget_shift_equals_reference_at_scaled_budget():
             assert e <= 1e-2, f"seed={seed} {tag} b={b}: out rel err {e:.3e}"
             assert bool((w.blocks_read[b].long() == num.repeat_interleave(H_Q // H_KV)).all()), \
                 f"seed={seed} {tag} b={b}: blocks_read {w.blocks_read[b].tolist()} vs listed {num.tolist()}"
+
+
+def _peaked_and_flat(seed, lens=(700, 900)):
+    """Request 0 with peaked attention (a few needle pages, every other key pointing away from the queries),
+    request 1 with flat attention (random keys: the mass spreads over every page)."""
+    import torch
+
+    peaked = make_pool(lens[:1], P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed), structured=True,
+                       negative=True)
+    flat = make_pool(lens[1:], P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed + 1))
+    parts = [peaked.logical(0), flat.logical(0)]
+    return pool_from_kv([x[0].float() for x in parts], [x[1].float() for x in parts], [x[2].float() for x in parts],
+                        P, DEVICE, torch.Generator().manual_seed(seed + 2))
+
+
+def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8):
+    """A SparseDecoder over ``pool`` (every layer reads the same KV), built around its real wrapper and audit."""
+    import torch
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from sglang_sparse.config import PrhsConfig, SparseConfig
+    from sglang_sparse.sparse_decode import SparseDecoder
+
+    kmin, kmax = reference_summaries(pool)
+    dec = SparseDecoder.__new__(SparseDecoder)
+    p = PrhsConfig(mode="prhs", delta=delta, budget=budget, audit_interval=1000, layers_per_selection=group,
+                   audit_max_scale=max_scale, min_context_len=0)
+    dec.sparse_config = SparseConfig(prhs=p)
+    dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = p.audit_interval, layers, group, 1
+    dec._max_shift = p.audit_max_shift()
+    dec._claa_from, dec.layer_offset = None, 0
+    dec.num_q_heads_local, dec.num_kv_heads_local, dec.head_dim, dec.page_size = H_Q, H_KV, D, P
+    dec.max_ctx = int(pool.req_to_token.shape[1])
+    dec._plan_kwargs = dict(dict(pages=p.select_params(P), art=None),
+                            **({"budget_max_shift": dec._max_shift} if dec._max_shift else {}))
+    dec.decode_wrapper = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=dec.max_ctx,
+                                             device=DEVICE)
+    dec.decode_wrapper_kept = None
+    dec._init_audit(4, pool.req_to_token.shape[0], DEVICE)
+    dec.token_to_kv_pool = types.SimpleNamespace(get_kv_buffer=lambda layer_id: (pool.kc, pool.vc))
+    dec.summaries = types.SimpleNamespace(layer=lambda i: (kmin, kmax))
+    dec.req_to_token_pool = types.SimpleNamespace(req_to_token=pool.req_to_token)
+    dec._q_dtype = pool.q.dtype
+    dec._log_every, dec._decode_batches = 10 ** 9, 0
+    return dec
+
+
+def _step(dec, pool, layers, lens):
+    """One decode step through the decoder (plan + every layer's forward_decode); per layer, the audited
+    per-request dropped mass (largest over query heads)."""
+    import torch
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fb = types.SimpleNamespace(req_pool_indices=pool.rows, seq_lens=torch.tensor(lens, device=DEVICE),
+                               num_padding=0, forward_mode=ForwardMode.DECODE, batch_size=len(lens))
+    dec.plan(fb)
+    measured = []
+    for lid in range(layers):
+        layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=H_Q, head_dim=D, v_head_dim=D)
+        dec.forward_decode(pool.q.reshape(len(lens), H_Q * D), None, None, layer, fb, save_kv_cache=False)
+        if dec.audit is not None:
+            measured.append(dec.audit.dropped.amax(dim=1).clone())
+    return torch.stack(measured) if measured else None                 # [layers, bs]
+
+
+def test_audit_every_layer_feedback_raises_the_request_that_dropped_too_much():
+    """Audit feedback end to end (selector, decode, audit and rule under the interpreter): on the first decode step
+    both requests are audited at every layer; the flat one drops more than delta in every group and gets its
+    budget doubled there, once per step, until the maximum scale; the peaked one keeps its budget. The next
+    selections of the flat request take the doubled budget. Later steps with a length not a multiple of N are
+    not audited and change nothing."""
+    import torch
+
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    layers, group, delta = 4, 2, 0.05
+    pool = _peaked_and_flat(seed)
+    lens = pool.seq_lens.tolist()
+    dec = _decoder(pool, layers, group, max_scale=4, delta=delta)
+    rows = pool.rows.tolist()
+    expect = torch.zeros_like(dec.budget_shift)
+    for step in range(4):
+        audited = step < 3
+        if step == 1:
+            dec._audit_every = 1            # steps 1 and 2: every length is a multiple of N
+        if step == 3:
+            dec._audit_every = 1000         # step 3: no request is due (lengths stay below N)
+        before = dec.budget_shift.clone()
+        measured = _step(dec, pool, layers, lens)
+        tag = f"seed={seed} step {step}"
+        if not audited:
+            assert bool(torch.isnan(measured).all()), f"{tag}: requests audited off schedule"
+            assert torch.equal(dec.budget_shift, before), f"{tag}: shifts changed without an audit"
+            continue
+        assert not bool(torch.isnan(measured).any()), f"{tag}: a layer of an audited request was not measured"
+        for b, r in enumerate(rows):
+            for g in range(-(-layers // group)):
+                over = bool((measured[g * group:(g + 1) * group, b] > delta).any())
+                if over:
+                    expect[r, g] = min(int(expect[r, g]) + 1, 2)
+        assert torch.equal(dec.budget_shift, expect), \
+            f"{tag}: shifts {dec.budget_shift[rows].tolist()} vs {expect[rows].tolist()} (measured {measured.tolist()})"
+        # the scenario: the peaked request stays within delta, the flat one does not
+        assert float(measured[:, 0].max()) <= delta, f"{tag}: the peaked request dropped {measured[:, 0].tolist()}"
+        assert float(measured[:, 1].min()) > delta, f"{tag}: the flat request dropped {measured[:, 1].tolist()}"
+        # this step's selections used the shifts of its start
+        w = dec.decode_wrapper
+        for b, r in enumerate(rows):
+            npg = -(-lens[b] // P)
+            bud = prhs.scaled_budget(dec.sparse_config.prhs.budget_pages(npg), int(before[r, -1]), npg)
+            got = w.num_selected[b].tolist()
+            assert all(x <= bud for x in got) and (b == 0 or got == [bud] * H_KV), \
+                f"{tag} b={b}: {got} pages selected at the last group, budget {bud}"
+    assert int(dec.budget_shift.max()) == 2 and bool((dec.budget_shift[rows[0]] == 0).all()), \
+        f"seed={seed}: {dec.budget_shift[rows].tolist()}"
+    stats = dec.audit_stats()
+    assert stats["audits_total"] == 3 * layers * 2 and stats["audits_later"] == 2 * layers * 2, (seed, stats)
+    assert stats["audits_later_over"] == 2 * layers, (seed, stats)
+
+
+def test_feedback_off_reports_only_and_launches_as_before():
+    """--prhs-audit-max-scale 1: the audit measures and counts, no shift exists, and the selector is launched
+    with the arguments of a decoder without the audit (no scale, same list width, same selection); with a scale
+    the launch takes the shift and the wider list."""
+    import torch
+
+    import flashinfer_ext.decode as fdec
+
+    seed = fresh_seed()
+    layers = 2
+    pool = _peaked_and_flat(seed)
+    lens = pool.seq_lens.tolist()
+    launches, real = {}, fdec._page_select_kernel
+    name = [None]
+
+    def _arg(a):
+        return (tuple(a.shape), a.stride(), a.dtype) if torch.is_tensor(a) else a
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.setdefault(name[0], []).append((grid, [_arg(a) for a in args], kw))
+                return real[grid](*args, **kw)
+            return launch
+
+    selected = {}
+    fdec._page_select_kernel = _Recorder()
+    try:
+        for name[0], scale in (("plain", 1), ("off", 1), ("on", 4)):
+            dec = _decoder(pool, layers, 1, max_scale=scale, delta=0.05)
+            if name[0] == "plain":
+                dec.audit, dec._plan_kwargs = None, dict(pages=dec.sparse_config.prhs.select_params(P), art=None)
+                _step(dec, pool, layers, lens)
+            else:
+                measured = _step(dec, pool, layers, lens)
+                assert not bool(torch.isnan(measured).any()) and dec.audit_stats()["audits_total"] == 2 * layers
+            selected[name[0]] = (dec.decode_wrapper.num_selected.clone(), dec.decode_wrapper.list_max)
+            if name[0] == "off":
+                assert dec.budget_shift is None and "budget_max_shift" not in dec._plan_kwargs, f"seed={seed}"
+    finally:
+        fdec._page_select_kernel = real
+    assert launches["off"] == launches["plain"], f"seed={seed}: {launches['off']} vs {launches['plain']}"
+    assert torch.equal(selected["off"][0], selected["plain"][0]) and selected["off"][1] == selected["plain"][1]
+    assert all("HAS_SHIFT" not in kw for _, _, kw in launches["off"])
+    assert all(kw.get("HAS_SHIFT") for _, _, kw in launches["on"]) and len(launches["on"]) == layers
+    assert selected["on"][1] == min(dec.decode_wrapper.max_sel,
+                                    selected["plain"][1] << 2), (seed, selected)
