@@ -491,7 +491,6 @@ class SparseDecodeWrapper:
     def _launch_select(self, reuse_slot: int = 0, budget_shift: Optional[torch.Tensor] = None) -> None:
         bs = self.bs
         st_p, st_n, st_g = self._select_state(reuse_slot)
-        shift = dict(HAS_SHIFT=True) if budget_shift is not None else {}
         _page_select_kernel[(bs, self.h_kv)](
             self.reselect_flag, self.ub, self.lb, self.num_pages, self.last_len, self.budget, self.page_table,
             self.sel_pages, self.cur_phys, self.num_sel, self.cur_num, self.cur_dhat, self.lead_dhat, self.cur_rest,
@@ -502,7 +501,7 @@ class SparseDecodeWrapper:
             self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max,
             budget_shift if budget_shift is not None else self.budget,
             budget_shift.stride(0) if budget_shift is not None else 0,
-            **self._select_meta(), **shift, num_warps=self.launch.select_warps)
+            **self._select_meta(), HAS_SHIFT=budget_shift is not None, num_warps=self.launch.select_warps)
         self._launch_reuse(reuse_slot)
 
     def _launch_reuse(self, reuse_slot: int) -> None:

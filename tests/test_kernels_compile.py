@@ -96,6 +96,9 @@ def _drive_wrappers():
         w.plan(r2t, rows, lens, **cfg)
         w.run(q, kc, vc, kmin, kmax)
         w.run(q, kc, vc, kmin, kmax, select=False)
+    shift = torch.zeros(bs + 1, 4, dtype=torch.int32)         # the audit feedback's budget scale, one group's column
+    w.plan(r2t, rows, lens, pages=sel(1 / 16, 0.05), budget_max_shift=3)
+    w.run(q, kc, vc, kmin, kmax, budget_shift=shift[:, 1])
     audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", num_sms=132)
     audit.plan(bs, True)
     audit.run(w, q, kc)
