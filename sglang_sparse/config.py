@@ -395,8 +395,8 @@ _FLAGS = (
     ("--prhs-min-context-len", "prhs_min_context_len", int, "prhs", "min_context_len",
      "Requests with a shorter context decode densely."),
     ("--prhs-audit-interval", "prhs_audit_interval", int, "prhs", "audit_interval",
-     "Every N decode steps of a request, measure on one of its layers the exact attention mass PrHS / ART "
-     "dropped (logged and on /metrics; 0 = off)."),
+     "On a request's first decode step and every N steps, measure at every layer the exact attention mass "
+     "PrHS / ART dropped (logged and on /metrics; 0 = off)."),
     ("--prhs-audit-max-scale", "prhs_audit_max_scale", int, "prhs", "audit_max_scale",
      "Audit feedback: a request whose audited dropped mass exceeds --prhs-delta in a selection group gets that "
      "group's page budget doubled, up to this factor (a power of two, 1..64; 1 = report only)."),
