@@ -188,9 +188,10 @@ class PrhsConfig:
     audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
                      reports): a (request, selection group) whose audited dropped mass exceeds ``delta`` at any
                      of the group's layers has its page budget doubled for its later fresh selections, up to
-                     this factor; it is reset when the request (re)starts and never lowered before. Needs
-                     ``audit_interval`` and a budget below every page. A measurement on sampled steps, not a
-                     guarantee: the first audited step of a request runs at the unscaled budget, the steps
+                     this factor; it is reset when the request (re)starts (to the profile's shift, see
+                     ``layer_budget_shift``) and never lowered before. Needs ``audit_interval`` and a budget
+                     below every page. A measurement on sampled steps, not a
+                     guarantee: the first audited step of a request runs at its starting budget, the steps
                      between audits are not measured, and a budget at its cap may still drop more than delta.
     layer_budget_shift  per layer l, the log2 scale of the page budget a request starts from at that layer
                      (``budget << s``, at most the request's pages), from a calibration profile
