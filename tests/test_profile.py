@@ -9,7 +9,7 @@ import pytest
 
 from sglang_sparse import config as C
 from sglang_sparse import launch_server as L
-from test_launcher import LLAMA_8B, _launch, _model, _one_error_line
+from test_launcher import _heavy_modules, _launch, _model, _one_error_line
 
 SHIFTS = [0] * 32
 SHIFTS[3], SHIFTS[4], SHIFTS[20] = 1, 2, 3
@@ -114,6 +114,12 @@ def test_each_bad_profile_exits_2_with_one_line_naming_the_flag(tmp_path, case, 
     msg = _one_error_line(_launch("--model-path", _model(tmp_path), "--sparse-decode", "prhs",
                                   "--sparse-profile", prof, *extra))
     assert msg.startswith("--sparse-profile: ") and words in msg, msg
+
+
+def test_a_bad_profile_is_refused_before_sglang_or_torch_is_imported(tmp_path):
+    code, heavy = _heavy_modules(tmp_path, "--model-path", _model(tmp_path), "--sparse-decode", "prhs",
+                                 "--sparse-profile", _profile(tmp_path, num_layers=24))
+    assert code == 2 and heavy == [], (code, heavy)
 
 
 def test_a_profile_needs_a_local_model_config(tmp_path):
