@@ -188,10 +188,15 @@ class PrhsConfig:
     audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
                      reports): a (request, selection group) whose audited dropped mass exceeds ``delta`` at any
                      of the group's layers has its page budget doubled for its later fresh selections, up to
-                     this factor; it is reset when the request (re)starts and never lowered before. Needs
-                     ``audit_interval`` and a budget below every page. A measurement on sampled steps, not a
-                     guarantee: the first audited step of a request runs at the unscaled budget, the steps
+                     this factor; it is reset when the request (re)starts (to the profile's shift, see
+                     ``layer_budget_shift``) and never lowered before. Needs ``audit_interval`` and a budget
+                     below every page. A measurement on sampled steps, not a
+                     guarantee: the first audited step of a request runs at its starting budget, the steps
                      between audits are not measured, and a budget at its cap may still drop more than delta.
+    layer_budget_shift  per layer l, the log2 scale of the page budget a request starts from at that layer
+                     (``budget << s``, at most the request's pages), from a calibration profile
+                     (``--sparse-profile``); empty = 0 at every layer. A selection group starts from the largest
+                     shift of its layers; the audit's feedback raises it from there.
     """
 
     mode: str = "off"
@@ -206,6 +211,10 @@ class PrhsConfig:
     min_context_len: int = 4096
     audit_interval: int = 0
     audit_max_scale: int = 8
+    layer_budget_shift: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_budget_shift", tuple(self.layer_budget_shift))   # a list from JSON
 
     @property
     def enabled(self) -> bool:
@@ -221,6 +230,17 @@ class PrhsConfig:
         if not (self.enabled and self.audit_interval > 0 and self.budget != 1.0):
             return 0
         return max(0, int(self.audit_max_scale).bit_length() - 1)
+
+    def group_budget_shifts(self, layers: Sequence[int]) -> list[int]:
+        """The profile's initial budget shift of each selection group, for a stage holding the model's layers
+        ``layers`` (global indices, in order): the largest shift of each run of ``layers_per_selection`` layers;
+        all 0 without a profile, or when the budget is every page."""
+        g = self.layers_per_selection
+        groups = [layers[i:i + g] for i in range(0, len(layers), g)]
+        shifts = self.layer_budget_shift
+        if not shifts or self.budget == 1.0:
+            return [0] * len(groups)
+        return [max(shifts[l] if l < len(shifts) else 0 for l in grp) for grp in groups]
 
     def select_params(self, page_size: int) -> PageSelectParams:
         """The decode wrapper's page-selection parameters for pages of ``page_size`` tokens
@@ -266,6 +286,8 @@ class SparseConfig:
     claa: ClaaConfig = field(default_factory=ClaaConfig)
     prhs: PrhsConfig = field(default_factory=PrhsConfig)
     art: ArtConfig = field(default_factory=ArtConfig)
+    # the calibration profile whose settings were applied (its path), or None; its values are in the sections
+    profile: Optional[str] = None
 
     @property
     def any_enabled(self) -> bool:
@@ -284,13 +306,14 @@ class SparseConfig:
                 raise ConfigError(_TRANSPORT, f"unknown {sub_cls.__name__} fields {sorted(unknown)}")
             return sub_cls(**values)
 
-        unknown = set(data) - {"claa", "prhs", "art"}
+        unknown = set(data) - {"claa", "prhs", "art", "profile"}
         if unknown:
             raise ConfigError(_TRANSPORT, f"unknown sections {sorted(unknown)}")
         cfg = cls(
             claa=build(ClaaConfig, data.get("claa", {})),
             prhs=build(PrhsConfig, data.get("prhs", {})),
             art=build(ArtConfig, data.get("art", {})),
+            profile=data.get("profile"),
         )
         validate_values(cfg)
         return cfg
@@ -354,8 +377,17 @@ def _optional_float(text: str) -> Optional[float]:
     return None if text.lower() in ("off", "none") else float(text)
 
 
-# (flag, dest, type, section, field, help). Defaults come from the dataclasses above.
+def _profile_arg(text: str) -> Optional[str]:
+    return None if text.lower() in ("off", "none") else text
+
+
+# (flag, dest, type, section, field, help); section None = a field of SparseConfig itself. Defaults come from the
+# dataclasses above.
 _FLAGS = (
+    ("--sparse-profile", "sparse_profile", _profile_arg, None, "profile",
+     "Per-model settings measured by python -m sglang_sparse.calibrate: a profile JSON file, or 'auto' (a "
+     "profile shipped in sglang_sparse/profiles/ for this model, if any). Its values are defaults; flags given "
+     "explicitly win."),
     ("--sparse-prefill", "sparse_prefill", str, "claa", "mode",
      "Prefill token filtering: 'claa' keeps the top tokens after the filter layer."),
     ("--claa-keep-ratio", "claa_keep_ratio", float, "claa", "keep_ratio",
@@ -416,7 +448,7 @@ _FLAGS = (
 _CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on")}
 _SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
 # How --help shows a default of None: the word the flag itself accepts for it.
-_NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off"}
+_NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off", _profile_arg: "none"}
 FLAG_NAMES = tuple(f[0] for f in _FLAGS)
 
 
@@ -425,7 +457,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group(
         "sglang_sparse", "Sparse attention (CLAA prefill, PrHS decode, ART). Everything is off by default.")
     for flag, dest, typ, section, name, text in _FLAGS:
-        default = getattr(_SECTIONS[section](), name)
+        default = getattr(_SECTIONS[section]() if section else SparseConfig(), name)
         shown = _NONE_SHOWN_AS[typ] if default is None else default
         kwargs = dict(dest=dest, type=typ, default=default, help=f"{text} (default: {shown})")
         if flag in _CHOICES:
@@ -435,10 +467,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def from_cli_args(ns: argparse.Namespace) -> SparseConfig:
-    values: dict[str, dict[str, Any]] = {"claa": {}, "prhs": {}, "art": {}}
+    values: dict[str, dict[str, Any]] = {"claa": {}, "prhs": {}, "art": {}, None: {}}
     for _flag, dest, _typ, section, name, _text in _FLAGS:
         values[section][name] = getattr(ns, dest)
-    cfg = SparseConfig(**{k: _SECTIONS[k](**v) for k, v in values.items()})
+    cfg = SparseConfig(**{k: _SECTIONS[k](**v) for k, v in values.items() if k}, **values[None])
     validate_values(cfg)
     return cfg
 
@@ -497,6 +529,8 @@ def validate_values(cfg: SparseConfig) -> None:
     _check(p.audit_interval >= 0, "--prhs-audit-interval", f"must be >= 0, got {p.audit_interval}")
     _check(1 <= p.audit_max_scale <= 64 and p.audit_max_scale & (p.audit_max_scale - 1) == 0,
            "--prhs-audit-max-scale", f"must be a power of two in [1, 64], got {p.audit_max_scale}")
+    _check(all(_is_int(x) and 0 <= x <= MAX_PROFILE_SHIFT for x in p.layer_budget_shift), "--sparse-profile",
+           f"layer_budget_shift values must be integers in [0, {MAX_PROFILE_SHIFT}], got {list(p.layer_budget_shift)}")
 
     _check(a.mode in _CHOICES["--art"], "--art", f"must be off or on, got {a.mode!r}")
     _check(a.tau_mag >= 0, "--art-tau-mag", f"must be >= 0, got {a.tau_mag}")
@@ -504,6 +538,14 @@ def validate_values(cfg: SparseConfig) -> None:
     _check(a.patience >= 1, "--art-patience", f"must be >= 1, got {a.patience}")
     _check(a.eps_cert is None or 0 < a.eps_cert < 1, "--art-eps-cert", f"must be in (0, 1), got {a.eps_cert}")
     _check(a.min_blocks >= 1, "--art-min-blocks", f"must be >= 1, got {a.min_blocks}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _flag_given(argv: Sequence[str], flag: str) -> bool:
@@ -718,3 +760,181 @@ def adjust_sglang_argv(cfg: SparseConfig, argv: Sequence[str]) -> list[str]:
             "--disable-prefill-cuda-graph", "--cuda-graph-backend-prefill", "--disable-cuda-graph")):
         out += ["--disable-prefill-cuda-graph"]
     return out
+
+
+# ---------------------------------------------------------------------- calibration profiles
+# A profile (``python -m sglang_sparse.calibrate``) holds settings measured on one model: PrHS's budget, delta and
+# per-layer budget shifts, optionally CLAA's filter layer and keep ratio. It supplies defaults: a flag given on the
+# command line wins. It is checked against the model's config.json before SGLang loads anything.
+PROFILE_FORMAT = 1
+PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
+MAX_PROFILE_SHIFT = 10
+PROFILE_FLAG = "--sparse-profile"
+# (profile section, key, flag it is the default of, config section, field)
+_PROFILE_DEFAULTS = (("prhs", "budget", "--prhs-budget", "prhs", "budget"),
+                     ("prhs", "delta", "--prhs-delta", "prhs", "delta"),
+                     ("claa", "filter_layer", "--claa-filter-layer", "claa", "filter_layer"),
+                     ("claa", "keep_ratio", "--claa-keep-ratio", "claa", "keep_ratio"))
+
+
+def model_shape(model_config: Mapping[str, Any]) -> Dict[str, Optional[int]]:
+    """The model's layers, KV heads and head dimension from its config.json (None where it does not say)."""
+    get = lambda key: model_field(model_config, key)  # noqa: E731
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    head_dim = get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads else None)
+    return {"num_layers": model_num_layers(model_config), "num_kv_heads": get("num_key_value_heads") or heads,
+            "head_dim": head_dim}
+
+
+def read_profile(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(PROFILE_FLAG, f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(PROFILE_FLAG, f"{path} does not hold a JSON object")
+    return data
+
+
+def check_profile(profile: Mapping[str, Any], path: str, model_config: Mapping[str, Any],
+                  page_size: Optional[int], page_flag: str = "--page-size") -> None:
+    """The profile's format and values, and its model shape against ``model_config``; ``page_size``: the page
+    size the command line gives (``page_flag``), or None (the profile's is taken)."""
+    def need(cond: bool, message: str) -> None:
+        _check(cond, PROFILE_FLAG, f"{path}: {message}")
+
+    need(profile.get("format") == PROFILE_FORMAT,
+         f"format must be {PROFILE_FORMAT}, got {profile.get('format')!r}")
+    shape = model_shape(model_config)
+    keys = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+    for key, model_key in keys.items():
+        value = profile.get(key)
+        need(_is_int(value) and value > 0, f"{key} must be a positive integer, got {value!r}")
+        want = shape[key]
+        need(want is None or value == want,
+             f"measured on a model with {key} {value}, but this model has {want} (config.json {model_key})")
+    num_layers = profile["num_layers"]
+    ps = profile.get("page_size")
+    need(_is_int(ps) and ps >= 16 and ps & (ps - 1) == 0, f"page_size must be a power of two >= 16, got {ps!r}")
+    need(page_size is None or page_size == ps,
+         f"measured with pages of {ps} tokens, but the server uses {page_flag} {page_size}")
+    prhs = profile.get("prhs")
+    need(isinstance(prhs, dict), f"prhs must be an object, got {prhs!r}")
+    budget, delta, quantile = prhs.get("budget"), prhs.get("delta"), prhs.get("quantile")
+    need(_is_number(budget) and budget > 0 and (budget <= 1 or float(budget).is_integer()),
+         f"prhs.budget must be a fraction in (0, 1] or a whole page count, got {budget!r}")
+    need(_is_number(delta) and 0 <= delta < 1, f"prhs.delta must be in [0, 1), got {delta!r}")
+    need(_is_number(quantile) and 0 <= quantile <= 1, f"prhs.quantile must be in [0, 1], got {quantile!r}")
+    shifts = prhs.get("layer_budget_shift")
+    need(isinstance(shifts, list) and len(shifts) == num_layers,
+         f"prhs.layer_budget_shift must list one shift per layer ({num_layers}), got "
+         f"{len(shifts) if isinstance(shifts, list) else repr(shifts)}")
+    bad = [x for x in shifts if not (_is_int(x) and 0 <= x <= MAX_PROFILE_SHIFT)]
+    need(not bad, f"prhs.layer_budget_shift values must be integers in [0, {MAX_PROFILE_SHIFT}], got {bad[:3]!r}")
+    claa = profile.get("claa")
+    need(claa is None or isinstance(claa, dict), f"claa must be null or an object, got {claa!r}")
+    if claa is not None:
+        fl, keep = claa.get("filter_layer"), claa.get("keep_ratio")
+        need(_is_int(fl) and 1 <= fl < num_layers, f"claa.filter_layer must be in [1, {num_layers}), got {fl!r}")
+        need(_is_number(keep) and 0 < keep <= 1, f"claa.keep_ratio must be in (0, 1], got {keep!r}")
+
+
+def _model_names(model_path: Optional[str], model_config: Mapping[str, Any]) -> set:
+    names = set()
+    for name in (model_config.get("_name_or_path"), model_path):
+        if isinstance(name, str) and name.strip("/"):
+            names |= {name, os.path.basename(os.path.normpath(name))}
+    return names
+
+
+def find_profile(model_path: Optional[str], model_config: Mapping[str, Any],
+                 directory: Optional[str] = None) -> Tuple[Optional[str], list[tuple[int, str]]]:
+    """``--sparse-profile auto``: the shipped profile (in ``directory``, default :data:`PROFILES_DIR`) whose
+    ``model`` is the model's config.json ``_name_or_path`` or the model directory's name (or ends in it); the
+    first by file name when several do. Returns (its path or None, lines to log)."""
+    directory = PROFILES_DIR if directory is None else directory
+    names = _model_names(model_path, model_config)
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".json")) if os.path.isdir(directory) else []
+    found, notes = [], []
+    for f in files:
+        path = os.path.join(directory, f)
+        try:
+            model = read_profile(path).get("model")
+        except ConfigError as e:
+            notes.append((logging.WARNING, f"sglang_sparse: {e} (skipped)"))
+            continue
+        if isinstance(model, str) and model and (model in names or os.path.basename(model.rstrip("/")) in names):
+            found.append(path)
+    if not found:
+        notes.append((logging.INFO, f"sglang_sparse: {PROFILE_FLAG} auto: no profile in {directory} matches "
+                                    f"{' or '.join(sorted(names)) or 'this model'}; no profile is used"))
+        return None, notes
+    if len(found) > 1:
+        notes.append((logging.WARNING, f"sglang_sparse: {PROFILE_FLAG} auto: {len(found)} profiles match "
+                                       f"({', '.join(os.path.basename(x) for x in found)}); using the first"))
+    notes.append((logging.INFO, f"sglang_sparse: {PROFILE_FLAG} auto: using {found[0]}"))
+    return found[0], notes
+
+
+def apply_profile(cfg: SparseConfig, argv: Sequence[str], model_path: Optional[str],
+                  model_config: Optional[Mapping[str, Any]],
+                  page_size: Optional[int] = None) -> Tuple[SparseConfig, list[tuple[int, str]]]:
+    """``cfg`` with the defaults of its ``--sparse-profile`` (``cfg.profile``: a path or ``auto``) filled in where
+    ``argv`` (the command line) does not give the flag, and the lines to log. ``page_size``: SGLang's
+    ``--page-size`` when given; without it (and without ``--prhs-page-size``) the profile's page size is used.
+    Raises :class:`ConfigError` naming ``--sparse-profile`` for a profile that cannot be read, is malformed or
+    was measured on another model shape or page size."""
+    if cfg.profile is None:
+        return cfg, []
+    notes: list[tuple[int, str]] = []
+    if model_config is None:
+        if cfg.profile == "auto":
+            notes.append((logging.INFO, f"sglang_sparse: {PROFILE_FLAG} auto: --model-path is not a local model "
+                                        f"directory with a config.json; no profile is used"))
+            return dataclasses.replace(cfg, profile=None), notes
+        raise ConfigError(PROFILE_FLAG, f"a profile is checked against the model's config.json; --model-path "
+                                        f"{model_path} is not a local model directory holding one")
+    path = cfg.profile
+    if path == "auto":
+        path, notes = find_profile(model_path, model_config)
+        if path is None:
+            return dataclasses.replace(cfg, profile=None), notes
+    profile = read_profile(path)
+    given_page = page_size if page_size is not None else cfg.prhs.page_size
+    check_profile(profile, path, model_config, given_page,
+                  "--page-size" if page_size is not None else "--prhs-page-size")
+
+    values: Dict[str, Dict[str, Any]] = {"prhs": {}, "claa": {}}
+    kept, set_ = [], []
+    for psec, key, flag, section, name in _PROFILE_DEFAULTS:
+        part = profile.get(psec)
+        if part is None:
+            continue
+        if _flag_given(argv, flag):
+            kept.append(flag)
+        else:
+            values[section][name] = part[key]
+            set_.append(f"{flag} {part[key]:g}")
+    shifts = tuple(profile["prhs"]["layer_budget_shift"])
+    values["prhs"]["layer_budget_shift"] = shifts
+    if given_page is None:
+        values["prhs"]["page_size"] = profile["page_size"]
+        set_.append(f"--page-size {profile['page_size']}")
+    set_.append(f"per-layer PrHS budget shifts {list(shifts)}")
+    try:
+        new = dataclasses.replace(cfg, profile=path, prhs=dataclasses.replace(cfg.prhs, **values["prhs"]),
+                                  claa=dataclasses.replace(cfg.claa, **values["claa"]))
+        validate_values(new)
+    except ConfigError as e:
+        raise ConfigError(PROFILE_FLAG, f"{path}: with the profile's settings, {e}") from None
+    about = ", ".join(f"{k} {profile[k]}" for k in ("model", "created_by", "device") if profile.get(k) is not None)
+    notes.append((logging.INFO, f"sglang_sparse: profile {path} ({about}) sets {'; '.join(set_)}"
+                                + (f"; the command line's {', '.join(kept)} kept" if kept else "")))
+    if "--prhs-budget" in kept and any(shifts) and new.prhs.budget != profile["prhs"]["budget"]:
+        notes.append((logging.WARNING, f"sglang_sparse: the profile's budget shifts were measured at --prhs-budget "
+                                       f"{profile['prhs']['budget']:g}, the command line gives {new.prhs.budget:g}"))
+    if not (new.prhs.enabled or new.claa.enabled):
+        notes.append((logging.INFO, "sglang_sparse: the profile's settings take effect with --sparse-decode prhs "
+                                    "(budget, delta, shifts) and --sparse-prefill claa (filter layer, keep ratio)"))
+    return new, notes

@@ -10,7 +10,8 @@ are imported:
 
 1. read the few SGLang flags we depend on from the command line (:func:`read_sglang_flags`); refuse a
    missing ``--model-path`` or a local-looking model path that does not exist;
-2. split our flags from SGLang's and range-check ours;
+2. split our flags from SGLang's and range-check ours; with ``--sparse-profile``, read the profile, check it
+   against the model's config.json and ``--page-size``, and fill in the flags the command line does not give;
 3. read ``<model-path>/config.json`` (a local directory) and check every rule that needs the model
    (depth against the CLAA filter layer, unsupported attention features) or the command line
    (KV-cache dtype, device, pipeline parallelism);
@@ -67,6 +68,7 @@ class SGLangFlags:
     max_total_tokens: Optional[str] = None
     mem_fraction_static: Optional[str] = None
     pp_size: str = "1"
+    page_size: Optional[str] = None
     skip_server_warmup: bool = False
     json_model_override_args: Optional[str] = None
     attention_backend: Optional[str] = None
@@ -86,7 +88,7 @@ def read_sglang_flags(argv: Sequence[str]) -> Optional[SGLangFlags]:
     p.add_argument("--model-path", "--model", dest="model_path")
     p.add_argument("--config", dest="config_file")
     for flag in ("--device", "--dtype", "--kv-cache-dtype", "--context-length", "--max-total-tokens",
-                 "--mem-fraction-static", "--json-model-override-args", "--attention-backend",
+                 "--mem-fraction-static", "--json-model-override-args", "--page-size", "--attention-backend",
                  "--prefill-attention-backend", "--decode-attention-backend"):
         p.add_argument(flag)
     p.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size")
@@ -218,9 +220,16 @@ def check_before_sglang(argv: Sequence[str]) -> Tuple[cfgmod.SparseConfig, List[
     if flags is not None:
         check_model_path(flags)
     cfg, rest = cfgmod.parse_known_args(argv)
-    sglang_argv = cfgmod.adjust_sglang_argv(cfg, rest)
     if flags is None:
-        return cfg, sglang_argv, []
+        if cfg.profile is not None:
+            raise cfgmod.ConfigError(cfgmod.PROFILE_FLAG, "cannot read --model-path from the command line to check "
+                                                          "the profile against")
+        return cfg, cfgmod.adjust_sglang_argv(cfg, rest), []
+    profile_notes: Notes = []
+    if cfg.profile is not None:
+        cfg, profile_notes = cfgmod.apply_profile(cfg, argv, flags.model_path, model_config_with_overrides(flags),
+                                                  page_size=_as_int(flags.page_size))
+    sglang_argv = cfgmod.adjust_sglang_argv(cfg, rest)
     device = requested_device(flags)
     cfgmod.validate_launch(cfg, device=device, kv_cache_dtype=flags.kv_cache_dtype, pp_size=_as_int(flags.pp_size),
                            backends={"--attention-backend": flags.attention_backend,
@@ -238,7 +247,7 @@ def check_before_sglang(argv: Sequence[str]) -> Tuple[cfgmod.SparseConfig, List[
         raise cfgmod.ConfigError("--device", "cuda: no CUDA GPU found; to serve on the CPU pass "
                                              f"--device cpu (with {CPU_ENGINE_ENV}=1)")
     extra, notes = launcher_defaults(cfg, flags, device, model_config)
-    return cfg, sglang_argv + extra, notes
+    return cfg, sglang_argv + extra, profile_notes + notes
 
 
 def build_help_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,10 @@ measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a (request
 dropped mass exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
 selections (``budget_shift``, reference :func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
 it is reset when the request (re)starts. All of it is device ops, inside the captured decode graph.
+
+A calibration profile (``--sparse-profile``) gives per-layer budget shifts: a (request, selection group) then starts,
+on each (re)start, from the largest shift of the group's layers instead of 0, and the audit's feedback (when on)
+raises it from there.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class SparseDecoder:
     and the served statistics. Built only when PrHS, ART or CLAA is on (:meth:`create`)."""
 
     audit = None            # the dropped-mass audit (--prhs-audit-interval), when on
-    budget_shift = None     # [req_to_token rows, selection groups] int32 log2 budget scales (audit feedback)
+    budget_shift = None     # [req_to_token rows, selection groups] int32 log2 budget scales (profile, audit feedback)
 
     @classmethod
     def create(cls, model_runner, cfg: SparseConfig, pool, claa=None,
@@ -125,17 +129,18 @@ class SparseDecoder:
         # req_to_token row and leader layer), widened by --prhs-dilation pages.
         p = cfg.prhs
         self._reselect_every = p.reselect_interval if _selects(p) else 1
-        # the audit's feedback: log2 of the largest budget scale (0: the audit only reports, or is off)
+        # the budget shifts (the profile's, the audit's feedback): plans cover the largest (0: unscaled budgets)
         self._audit_every = p.audit_interval if (p.enabled or cfg.art.enabled) else 0
-        self._max_shift = p.audit_max_shift() if _selects(p) else 0
-        if self._max_shift:
-            self._plan_kwargs = dict(self._plan_kwargs, budget_max_shift=self._max_shift)
+        self._num_layers = pool.layer_num
+        plan_shift = self._init_budget_shift(r2t.shape[0], k0.device)
+        if plan_shift:
+            self._plan_kwargs = dict(self._plan_kwargs, budget_max_shift=plan_shift)
         reuse = {}
         if self._reselect_every > 1:
             max_pages = -(-self.max_ctx // self.page_size)
             # the kept list must hold the longest fresh list: the budget at the longest context, or every
             # page of a request short enough to be read densely (--prhs-min-context-len)
-            width = max(p.budget_pages(max_pages) << self._max_shift, -(-p.min_context_len // self.page_size))
+            width = max(p.budget_pages(max_pages) << plan_shift, -(-p.min_context_len // self.page_size))
             reuse = dict(reuse_slots=-(-pool.layer_num // self._group), max_reqs=r2t.shape[0],
                          reuse_width=min(max_pages, width))
             self._fresh = torch.ones(r2t.shape[0], dtype=torch.bool, device=k0.device)
@@ -155,7 +160,6 @@ class SparseDecoder:
         # the dropped-mass audit (--prhs-audit-interval N): a request's first decode step and every N-th step
         # measure, at every layer, the exact mass the step left out; values go to a device ring and counters read
         # with the stats, and (feedback) raise the budget of the (request, group) that dropped more than delta
-        self._num_layers = pool.layer_num
         if self._audit_every:
             self._init_audit(max_bs, r2t.shape[0], k0.device)
         self._log_every = max(1, int(getattr(model_runner.server_args, "decode_log_interval", 40) or 40))
@@ -173,6 +177,9 @@ class SparseDecoder:
             if self._max_shift:
                 what += (f", a (request, selection group) dropping more than delta gets its budget doubled, up to "
                          f"x{1 << self._max_shift}")
+        if self.budget_shift is not None and any(self._initial_shift):
+            what += (f", budgets of the selection groups start scaled by the profile's "
+                     f"x{[1 << s for s in self._initial_shift]}")
         if cfg.prhs.enabled:
             what += (f"; the logged delta_hat is the min/max-bound upper bound on the dropped attention mass of "
                      f"layer {self._stats_leader}'s selection (the layers sharing it have none)")
@@ -180,10 +187,26 @@ class SparseDecoder:
                     what, f", CLAA-kept tokens from layer {self._claa_from}" if self._claa_from is not None else "",
                     self.summaries.nbytes() / 2 ** 20 if self.summaries is not None else 0.0, max_bs, self.max_ctx)
 
+    def _init_budget_shift(self, max_rows: int, device) -> int:
+        """PrHS's per-(``req_to_token`` row, selection group) budget shifts, when it selects and the audit's feedback
+        or the profile's shifts may scale a budget: ``_max_shift`` is the feedback's largest shift, and
+        ``_initial_shift`` the profile's shift of each selection group of this stage (the largest of its layers),
+        which a row takes on each (re)start. Returns the largest shift a selection may take (0: no shifts, the
+        selection runs unscaled)."""
+        p = self.sparse_config.prhs
+        self._max_shift = p.audit_max_shift() if _selects(p) else 0
+        layers = range(self.layer_offset, self.layer_offset + self._num_layers)
+        self._initial_shift = p.group_budget_shifts(layers) if _selects(p) else []
+        plan_shift = max([self._max_shift, *self._initial_shift])
+        if plan_shift:
+            self._shift_init = torch.tensor(self._initial_shift, dtype=torch.int32, device=device)
+            self.budget_shift = self._shift_init.repeat(max_rows, 1)
+        return plan_shift
+
     def _init_audit(self, max_bs: int, max_rows: int, device) -> None:
-        """The audit and its state: per ``req_to_token`` row a first-step flag (and, with feedback, the budget
-        shifts per selection group); per batch row whether this step's audit is the request's first, and the
-        groups over delta so far this step; the ring of the last audits and the cumulative counters."""
+        """The audit and its state: per ``req_to_token`` row a first-step flag; per batch row whether this step's
+        audit is the request's first, and the groups over delta so far this step; the ring of the last audits and
+        the cumulative counters."""
         from flashinfer_ext.audit import DroppedMassAudit
 
         self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
@@ -197,9 +220,6 @@ class SparseDecoder:
         self._audit_pos = torch.zeros((), dtype=torch.int64, device=device)
         # since start: audits, audits over delta, audits after a request's first decode step, those over delta
         self._audit_counts = torch.zeros(4, dtype=torch.int64, device=device)
-        if self._max_shift:
-            self.budget_shift = torch.zeros(max_rows, -(-self._num_layers // self._group), dtype=torch.int32,
-                                            device=device)
 
     def _make_plan_kwargs(self) -> dict:
         """The mechanisms' parameters for ``SparseDecodeWrapper.plan``, from the configuration."""
@@ -275,7 +295,7 @@ class SparseDecoder:
         over = audited & (vals > self.sparse_config.prhs.delta)
         later = audited & ~self._audit_first[:bs]
         self._audit_counts += torch.stack([audited.sum(), over.sum(), later.sum(), (later & over).sum()])
-        if self.budget_shift is None:
+        if self.budget_shift is None or not self._max_shift:
             return
         self._audit_over[:bs] |= over
         if (lid + 1) % self._group == 0 or lid == self._num_layers - 1:
@@ -286,7 +306,7 @@ class SparseDecoder:
 
     def mark_fresh(self, fb: "ForwardBatch") -> None:
         """Rows that (re)start a request (an extend batch) select afresh on their next decode step, are audited
-        on it, and start from the unscaled budget."""
+        on it, and start from the profile's budget shifts (0 without a profile)."""
         if not (fb.forward_mode.is_extend() and fb.batch_size > 0):
             return
         rows = fb.req_pool_indices
@@ -295,7 +315,7 @@ class SparseDecoder:
         if self.audit is not None:
             self._audit_fresh[rows] = True
         if self.budget_shift is not None:
-            self.budget_shift[rows] = 0
+            self.budget_shift[rows] = self._shift_init
 
     # ------------------------------------------------------------------ forward
     def _update_summaries(self, lid: int, k, loc) -> None:
@@ -370,9 +390,9 @@ class SparseDecoder:
         audited step. Over the ring's last audits: mean, 99th percentile, share above ``--prhs-delta``, and how
         many audits they cover (``audits``). Since start: ``audits_total`` and ``audits_total_over`` (above
         delta); ``audits_later`` and ``audits_later_over``, the same for the audits after a request's first
-        decode step (the first one runs at the unscaled budget, before any feedback), and their share above
+        decode step (the first one runs at the starting budget, before any feedback), and their share above
         delta ``dropped_over_delta_later``. ``budget_shift_mean``: the mean log2 budget scale over the last
-        batch's requests and selection groups (0 without feedback)."""
+        batch's requests and selection groups (0 without feedback or profile)."""
         total, total_over, later, later_over = (int(x) for x in self._audit_counts.tolist())
         shift = self.budget_shift
         rows = self.decode_wrapper.req_idx[: self._audit_rows].long() if self._audit_rows else None

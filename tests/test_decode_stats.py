@@ -66,7 +66,8 @@ def _audit_decoder(n, layers, group, max_scale, delta=0.05, h_q=8, max_rows=10):
     p = PrhsConfig(mode="prhs", delta=delta, audit_interval=n, layers_per_selection=group, audit_max_scale=max_scale)
     dec.sparse_config = SparseConfig(prhs=p)
     dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = n, layers, group, 1
-    dec._max_shift = p.audit_max_shift()
+    dec.layer_offset = 0
+    dec._init_budget_shift(max_rows, "cpu")
     dec.num_q_heads_local, dec.num_kv_heads_local, dec.head_dim, dec.page_size, dec.max_ctx = h_q, 2, 16, 16, 4096
     dec._init_audit(8, max_rows, "cpu")
     return dec
@@ -203,3 +204,40 @@ def test_decode_stats_layer_is_the_last_leader(monkeypatch):
                              server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
                                                          enable_metrics=False))
         assert SparseDecoder.create(mr, cfg, pool)._stats_leader == leader, (layers, g)
+
+
+def test_profile_shifts_of_a_pipeline_stage_and_the_plan_width(monkeypatch):
+    """A decoder built for the layers 4..11 of a 12-layer model (two layers per selection) with a profile's
+    per-layer shifts: each row starts at the largest shift of each of its groups' layers (global indices), the plan
+    covers the largest of those and of the feedback, and the reused lists are wide enough. Without a profile, or
+    with PrHS reading every page, no shift exists and the plan is unchanged."""
+    from types import SimpleNamespace
+
+    import sglang.srt.runtime_context as rc
+
+    from sglang_sparse.config import SparseConfig
+
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    P = 32
+    shifts = [5, 5, 5, 5, 0, 1, 0, 0, 2, 0, 0, 3]
+
+    def build(**prhs):
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 2, **prhs}})
+        pool = SimpleNamespace(start_layer=4, layer_num=8, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
+        mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
+                             req_to_token_pool=SimpleNamespace(size=4, req_to_token=torch.zeros(5, 4096,
+                                                                                                dtype=torch.int32)),
+                             server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
+                                                         enable_metrics=False))
+        return SparseDecoder.create(mr, cfg, pool)
+
+    dec = build(layer_budget_shift=shifts, reselect_interval=4, budget=1 / 16)
+    assert dec.budget_shift.tolist() == [[1, 0, 2, 3]] * 5
+    assert dec._plan_kwargs["budget_max_shift"] == 3
+    assert dec.decode_wrapper.reuse_width >= min(4096 // P, dec.sparse_config.prhs.budget_pages(4096 // P) << 3)
+    dec = build(layer_budget_shift=shifts, audit_interval=16, audit_max_scale=32)
+    assert dec._plan_kwargs["budget_max_shift"] == 5 and dec._max_shift == 5
+    for prhs in ({}, {"layer_budget_shift": [0] * 12}, {"layer_budget_shift": shifts, "budget": 1.0}):
+        dec = build(**prhs)
+        assert dec.budget_shift is None and "budget_max_shift" not in dec._plan_kwargs, prhs

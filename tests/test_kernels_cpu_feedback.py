@@ -84,8 +84,9 @@ def _peaked_and_flat(seed, lens=(700, 900)):
                         P, DEVICE, torch.Generator().manual_seed(seed + 2))
 
 
-def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8):
-    """A SparseDecoder over ``pool`` (every layer reads the same KV), built around its real wrapper and audit."""
+def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), audit=True):
+    """A SparseDecoder over ``pool`` (every layer reads the same KV), built around its real wrapper and audit
+    (``audit``); ``shifts``: a profile's per-layer budget shifts."""
     import torch
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -94,20 +95,22 @@ def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8):
 
     kmin, kmax = reference_summaries(pool)
     dec = SparseDecoder.__new__(SparseDecoder)
-    p = PrhsConfig(mode="prhs", delta=delta, budget=budget, audit_interval=1000, layers_per_selection=group,
-                   audit_max_scale=max_scale, min_context_len=0)
+    p = PrhsConfig(mode="prhs", delta=delta, budget=budget, audit_interval=1000 if audit else 0,
+                   layers_per_selection=group, audit_max_scale=max_scale, min_context_len=0,
+                   layer_budget_shift=tuple(shifts))
     dec.sparse_config = SparseConfig(prhs=p)
     dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = p.audit_interval, layers, group, 1
-    dec._max_shift = p.audit_max_shift()
     dec._claa_from, dec.layer_offset = None, 0
+    plan_shift = dec._init_budget_shift(pool.req_to_token.shape[0], DEVICE)
     dec.num_q_heads_local, dec.num_kv_heads_local, dec.head_dim, dec.page_size = H_Q, H_KV, D, P
     dec.max_ctx = int(pool.req_to_token.shape[1])
     dec._plan_kwargs = dict(dict(pages=p.select_params(P), art=None),
-                            **({"budget_max_shift": dec._max_shift} if dec._max_shift else {}))
+                            **({"budget_max_shift": plan_shift} if plan_shift else {}))
     dec.decode_wrapper = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=dec.max_ctx,
                                              device=DEVICE)
     dec.decode_wrapper_kept = None
-    dec._init_audit(4, pool.req_to_token.shape[0], DEVICE)
+    if audit:
+        dec._init_audit(4, pool.req_to_token.shape[0], DEVICE)
     dec.token_to_kv_pool = types.SimpleNamespace(get_kv_buffer=lambda layer_id: (pool.kc, pool.vc))
     dec.summaries = types.SimpleNamespace(layer=lambda i: (kmin, kmax))
     dec.req_to_token_pool = types.SimpleNamespace(req_to_token=pool.req_to_token)
@@ -219,9 +222,16 @@ def test_feedback_off_reports_only_and_launches_as_before():
     selected = {}
     fdec._page_select_kernel = _Recorder()
     try:
-        for name[0], scale in (("plain", 1), ("off", 1), ("on", 4)):
-            dec = _decoder(pool, layers, 1, max_scale=scale, delta=0.05)
-            if name[0] == "plain":
+        for name[0], scale in (("plain", 1), ("off", 1), ("on", 4), ("zero profile", 1)):
+            zero = name[0] == "zero profile"
+            dec = _decoder(pool, layers, 1, max_scale=scale, delta=0.05, shifts=(0,) * layers if zero else (),
+                           audit=not zero)
+            if zero:
+                # a profile whose shifts are all 0, without the audit: planned and launched as without a profile
+                assert dec.budget_shift is None and dec._plan_kwargs == dict(
+                    pages=dec.sparse_config.prhs.select_params(P), art=None), f"seed={seed}"
+                _step(dec, pool, layers, lens)
+            elif name[0] == "plain":
                 dec.audit, dec._plan_kwargs = None, dict(pages=dec.sparse_config.prhs.select_params(P), art=None)
                 _step(dec, pool, layers, lens)
             else:
@@ -233,8 +243,82 @@ def test_feedback_off_reports_only_and_launches_as_before():
     finally:
         fdec._page_select_kernel = real
     assert launches["off"] == launches["plain"], f"seed={seed}: {launches['off']} vs {launches['plain']}"
+    assert launches["zero profile"] == launches["plain"], f"seed={seed}"
     assert torch.equal(selected["off"][0], selected["plain"][0]) and selected["off"][1] == selected["plain"][1]
     assert all(kw["HAS_SHIFT"] is False for _, _, kw in launches["off"])
     assert all(kw.get("HAS_SHIFT") for _, _, kw in launches["on"]) and len(launches["on"]) == layers
     assert selected["on"][1] == min(dec.decode_wrapper.max_sel,
                                     selected["plain"][1] << 2), (seed, selected)
+
+
+def _extend(dec, pool):
+    """An extend batch (re)starting every request of ``pool``: the decoder's mark_fresh."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    dec.mark_fresh(types.SimpleNamespace(req_pool_indices=pool.rows, forward_mode=ForwardMode.EXTEND,
+                                         batch_size=int(pool.rows.shape[0])))
+
+
+def _selected_per_group(dec, pool, layers, lens):
+    """One decode step (plan + every layer); per selecting layer (group leader), the pages each request selected."""
+    import torch
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fb = types.SimpleNamespace(req_pool_indices=pool.rows, seq_lens=torch.tensor(lens, device=DEVICE),
+                               num_padding=0, forward_mode=ForwardMode.DECODE, batch_size=len(lens))
+    dec.plan(fb)
+    out = []
+    for lid in range(layers):
+        layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=H_Q, head_dim=D, v_head_dim=D)
+        dec.forward_decode(pool.q.reshape(len(lens), H_Q * D), None, None, layer, fb, save_kv_cache=False)
+        if lid % dec._group == 0:
+            out.append(dec.decode_wrapper.num_selected[:len(lens)].clone())
+    return out
+
+
+def test_profile_shifts_start_every_fresh_row_and_scale_its_groups_selection():
+    """A profile's per-layer shifts (0, 1 | 2, 0 with two layers per selection: groups start at 1 and 2): every row
+    starts there, a (re)started row is set back there whatever it held, the plan's lists are wide enough, and each
+    group's selection takes ``budget << shift`` pages (delta 0 fills the budget). The audit is off."""
+    import torch
+
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    layers, group = 4, 2
+    pool = _peaked_and_flat(seed)
+    lens = pool.seq_lens.tolist()
+    rows = pool.rows.long()
+    dec = _decoder(pool, layers, group, max_scale=8, delta=0.0, budget=1 / 16, shifts=(0, 1, 2, 0), audit=False)
+    assert dec.audit is None and dec._max_shift == 0 and dec._plan_kwargs["budget_max_shift"] == 2
+    assert dec.budget_shift.tolist() == [[1, 2]] * pool.req_to_token.shape[0]
+    dec.budget_shift[rows] = torch.tensor([[0, 5]], dtype=torch.int32)       # what an earlier request left
+    _extend(dec, pool)
+    assert dec.budget_shift[rows].tolist() == [[1, 2]] * len(lens), f"seed={seed}: {dec.budget_shift.tolist()}"
+    selected = _selected_per_group(dec, pool, layers, lens)
+    for g, shift in enumerate((1, 2)):
+        for b, n in enumerate(lens):
+            npg = -(-n // P)
+            base = dec.sparse_config.prhs.budget_pages(npg)
+            want = prhs.scaled_budget(base, shift, npg)
+            assert want > base, (npg, base)
+            assert selected[g][b].tolist() == [want] * H_KV, \
+                f"seed={seed} group {g} b={b}: {selected[g][b].tolist()} pages selected, expected {base}<<{shift}"
+
+
+def test_profile_with_feedback_raises_from_the_profile_shift():
+    """With the audit's feedback on, a row starts at the profile's group shifts and the feedback raises them from
+    there (the flat request drops more than delta), up to its own maximum; a shift above that maximum is kept."""
+    seed = fresh_seed()
+    layers, group = 2, 1
+    pool = _peaked_and_flat(seed)
+    lens = pool.seq_lens.tolist()
+    rows = pool.rows.tolist()
+    dec = _decoder(pool, layers, group, max_scale=4, delta=0.05, shifts=(1, 3))
+    assert dec._max_shift == 2 and dec._plan_kwargs["budget_max_shift"] == 3
+    _extend(dec, pool)
+    _step(dec, pool, layers, lens)
+    assert dec.budget_shift[rows].tolist() == [[1, 3], [2, 3]], f"seed={seed}: {dec.budget_shift[rows].tolist()}"
+    _extend(dec, pool)
+    assert dec.budget_shift[rows].tolist() == [[1, 3], [1, 3]], f"seed={seed}: {dec.budget_shift[rows].tolist()}"
