@@ -172,6 +172,10 @@ def test_oracle_can_be_worse_per_head_and_for_the_max():
     torch.testing.assert_close(b[0], torch.tensor([0.0, 0.45, 0.45], dtype=F64), atol=1e-9, rtol=0)
     torch.testing.assert_close(o[0], torch.tensor([0.5, 0.1, 0.1], dtype=F64), atol=1e-9, rtol=0)
     assert o[0].max() > b[0].max() and o[0].sum() < b[0].sum()
+    # a sample's value is the max over the query heads
+    b_max, o_max = cal.sample_dropped(q, k, 1.0, cfg, 1)
+    torch.testing.assert_close(b_max, torch.tensor([0.45, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(o_max, torch.tensor([0.5, 0.0], dtype=F64), atol=1e-9, rtol=0)
 
 
 def test_kv_retrieval_prompt(tiny_model):
