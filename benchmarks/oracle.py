@@ -34,7 +34,8 @@ layer f corresponds to the row l = f - 1):
 
 Queries and keys are captured post-RoPE, exactly as the attention receives them, by an attention
 function registered with transformers' ``AttentionInterface`` that records its inputs and then runs
-SDPA (:func:`verify_capture` checks them against the eager attention's probabilities).
+SDPA (:mod:`sglang_sparse.capture`; :func:`verify_capture` checks them against the eager attention's
+probabilities).
 
 CLI::
 
@@ -56,7 +57,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -73,6 +74,9 @@ from sglang_sparse.claa import (
     rank_weighted_ranksum,
     window_scores,
 )
+from sglang_sparse.capture import Capturing as _Capturing
+from sglang_sparse.capture import capture_qk, verify_capture
+from sglang_sparse.capture import register_capture as _register_capture
 
 __all__ = [
     "METHODS",
@@ -90,7 +94,6 @@ __all__ = [
 ]
 
 METHODS = ("claa", "fastkv", "gemfilter", "ranksum")
-CAPTURE_IMPL = "sglang_sparse_capture"
 
 
 # --------------------------------------------------------------------------- metrics
@@ -186,88 +189,6 @@ def ranking_metrics(importance: Tensor, oracle: Tensor, window: int, keep_ratios
     for r in keep_ratios:
         out[f"recall@{r:g}"] = mass_recall(o, x, num_kept_tokens(s_len, r, window) - w)
     return out
-
-
-# --------------------------------------------------------------------------- capture
-_capture_callback: Optional[Callable] = None
-
-
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention function that hands (layer, q, k, scale) to the active callback, then runs SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if _capture_callback is not None:
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        _capture_callback(module.layer_idx, query, key, float(scaling))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_IMPL, sdpa_mask)
-
-
-class _Capturing:
-    """Context manager: route ``model``'s attention through :func:`_capture_attention` with ``callback``."""
-
-    def __init__(self, model, callback: Callable):
-        self.model, self.callback = model, callback
-
-    def __enter__(self):
-        global _capture_callback
-        _register_capture()
-        self.previous = self.model.config._attn_implementation
-        if self.previous != CAPTURE_IMPL:
-            self.model.set_attn_implementation(CAPTURE_IMPL)
-        _capture_callback = self.callback
-        return self
-
-    def __exit__(self, *exc):
-        global _capture_callback
-        _capture_callback = None
-        if self.previous != CAPTURE_IMPL:
-            self.model.set_attn_implementation(self.previous)
-        return False
-
-
-@torch.no_grad()
-def capture_qk(model, input_ids: Tensor) -> List[Tuple[Tensor, Tensor, float]]:
-    """One forward pass; per layer ``(q [T, H_q, D], k [T, H_kv, D], scale)`` post-RoPE (batch 1)."""
-    got: Dict[int, Tuple[Tensor, Tensor, float]] = {}
-
-    def cb(layer, query, key, scale):
-        got[layer] = (query[0].transpose(0, 1).detach().clone(), key[0].transpose(0, 1).detach().clone(), scale)
-
-    with _Capturing(model, cb):
-        model(input_ids=input_ids, use_cache=False)
-    return [got[i] for i in sorted(got)]
-
-
-@torch.no_grad()
-def verify_capture(model, input_ids: Tensor) -> float:
-    """Largest |difference| between the eager attention probabilities of ``model`` and
-    ``causal_softmax(scale * q k^T)`` from the captured q, k (all layers, heads)."""
-    captured = capture_qk(model, input_ids)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        ref = model(input_ids=input_ids, use_cache=False, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
-    worst = 0.0
-    for (q, k, scale), att in zip(captured, ref):
-        t, h_q, _ = q.shape
-        k_rep = k.repeat_interleave(h_q // k.shape[1], dim=1)
-        logits = torch.einsum("ihd,jhd->hij", q.float(), k_rep.float()) * scale
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-        worst = max(worst, float((probs - att[0].float()).abs().max()))
-    return worst
 
 
 # --------------------------------------------------------------------------- one sample

@@ -1,0 +1,503 @@
+"""Per-layer PrHS budget calibration: how many pages the key-bound ranking needs to keep the dropped
+attention mass under delta, measured on a model's own decode queries.
+
+    python -m sglang_sparse.calibrate --model-path DIR [--device cpu|cuda] [--prompt-lens 8192,16384]
+        [--num-prompts N] [--page-size 64] [--budget 1/16] [--delta 0.05] [--quantile 0.9]
+        [--answer-tokens 16] [--seed 0] [--out PROFILE.json] [--results RESULTS.json]
+
+Method. For each prompt length, N synthetic key-value retrieval prompts (lines ``key <id>: value <number>``
+from a seeded RNG, then a question about one key, in the model's chat template when it has one) are
+answered greedily by ``model.generate``. The generation runs with the capturing attention of
+:mod:`sglang_sparse.capture`: at each decode step it records every layer's post-RoPE query of the token
+being fed (an answer token at position ``pos``) and the KV cache it attends over, keys ``[0, pos]``. The
+first ``--answer-tokens`` answer tokens are the decode samples.
+
+For each sample and layer (``n`` keys, pages of P tokens, ``N = ceil(n / P)`` pages), with the server's
+sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
+
+* budget at shift s: ``scaled_budget(page_budget(N, budget, sink, recent), s, N)`` pages (the audit
+  feedback's ``budget << s``), s = 0..S_max, where S_max is the first shift that reaches every page for
+  every sample;
+* bound ranking: :func:`~sglang_sparse.prhs.select_pages` on the key min/max bounds
+  (:func:`~sglang_sparse.prhs.page_bounds`), with ``--delta`` as the server's selection cut (it stops
+  adding pages once its certified bound is <= delta, so at S_max it may keep fewer than every page, and
+  then drops at most delta);
+* oracle ranking: the same forced sink/recent pages, then the other pages by their true attention mass
+  summed over the KV group's query heads, filling the budget;
+* dropped mass: :func:`~sglang_sparse.prhs.exact_dropped_mass` per query head; a sample's value is the
+  max over the layer's query heads (as the server's audit reports it).
+
+Per layer and shift the ``--quantile`` order statistic of the samples' dropped mass is reported: the
+smallest value v with at least ``ceil(quantile * samples)`` samples <= v. The chosen shift of a layer is
+the smallest s whose quantile value is <= delta, i.e. dropped mass <= delta on at least ``quantile`` of
+the samples (S_max, every page, when no smaller shift does).
+
+By construction the oracle keeps at least as much group-summed mass as any selection of the same size
+that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
+above the bound ranking's. That does not hold per query head, nor for the max over heads.
+
+Writes the profile (``--out``; schema in :func:`build_profile`) and, with ``--results``, the full
+measurement with the command line and the wall time. A missing or invalid ``--model-path`` (or another
+bad flag value) exits with status 2 and one line ``python -m sglang_sparse.calibrate: error: ...``
+before anything is loaded. Never downloads: the model is loaded with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from flashinfer_ext.params import page_budget
+from sglang_sparse.capture import Capturing
+from sglang_sparse.config import PrhsConfig
+from sglang_sparse.prhs import (
+    exact_dropped_mass,
+    page_bounds,
+    page_lengths,
+    page_summaries,
+    scaled_budget,
+    select_pages,
+)
+
+__all__ = [
+    "PROG",
+    "CalibrationSettings",
+    "max_shift",
+    "sample_dropped",
+    "quantile_value",
+    "choose_shift",
+    "build_profile",
+    "kv_retrieval_prompt",
+    "main",
+]
+
+PROG = "python -m sglang_sparse.calibrate"
+FORMAT = 1
+DEFAULT_PAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What one calibration measures; defaults are the server's (:class:`PrhsConfig`)."""
+
+    page_size: int = DEFAULT_PAGE_SIZE
+    budget: float = PrhsConfig.budget
+    delta: float = PrhsConfig.delta
+    quantile: float = 0.9
+    sink_pages: int = PrhsConfig.sink_pages
+    recent_pages: int = PrhsConfig.recent_pages
+
+
+# --------------------------------------------------------------------------- measurement
+def _base_budget(num_pages: int, cfg: CalibrationSettings) -> int:
+    return page_budget(num_pages, cfg.budget, cfg.sink_pages, cfg.recent_pages)
+
+
+def max_shift(num_keys: Sequence[int], cfg: CalibrationSettings) -> int:
+    """The first shift s at which ``budget << s`` reaches every page for every context length in ``num_keys``."""
+    worst = 0
+    for n in num_keys:
+        num_pages = -(-n // cfg.page_size)
+        base = _base_budget(num_pages, cfg)
+        s = 0
+        while scaled_budget(base, s, num_pages) < num_pages:
+            s += 1
+        worst = max(worst, s)
+    return worst
+
+
+def _group_page_mass(q: Tensor, k: Tensor, page_size: int, sm_scale: float) -> Tensor:
+    """True attention mass of every page summed over each KV group's query heads: ``[H_kv, N]``."""
+    h_q, h_kv = q.shape[0], k.shape[1]
+    logits = torch.einsum("hd,thd->ht", q, k.repeat_interleave(h_q // h_kv, dim=1)) * sm_scale
+    probs = torch.softmax(logits, dim=-1)                                   # [H_q, n]
+    n = k.shape[0]
+    num_pages = -(-n // page_size)
+    pad = num_pages * page_size - n
+    if pad:
+        probs = torch.cat([probs, probs.new_zeros(h_q, pad)], dim=1)
+    per_head = probs.reshape(h_q, num_pages, page_size).sum(dim=-1)         # [H_q, N]
+    return per_head.reshape(h_kv, h_q // h_kv, num_pages).sum(dim=1)
+
+
+def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int,
+                   per_head: bool = False) -> Tuple[Tensor, Tensor]:
+    """Dropped mass of one decode query at budget shifts ``0..shifts``: ``(bound, oracle)``, each
+    ``[shifts + 1]`` (the max over query heads), or ``[shifts + 1, H_q]`` with ``per_head``.
+
+    q ``[H_q, D]`` post-RoPE, k ``[n, H_kv, D]`` the keys it attends over (itself included).
+    """
+    n = k.shape[0]
+    lens = page_lengths(n, cfg.page_size, device=k.device)
+    num_pages = lens.numel()
+    base = _base_budget(num_pages, cfg)
+    kmin, kmax = page_summaries(k, cfg.page_size)
+    ub, lb = page_bounds(q, kmin, kmax, sm_scale)
+    mass = _group_page_mass(q, k, cfg.page_size, sm_scale)
+    bound, oracle = [], []
+    for s in range(shifts + 1):
+        b = scaled_budget(base, s, num_pages)
+        sel = select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages)
+        bound.append(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale))
+        osel = select_pages(mass, mass, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages)
+        oracle.append(exact_dropped_mass(q, k, cfg.page_size, osel.pages, osel.num_selected, sm_scale))
+    bound_t, oracle_t = torch.stack(bound), torch.stack(oracle)            # [S + 1, H_q]
+    if per_head:
+        return bound_t, oracle_t
+    return bound_t.amax(dim=1), oracle_t.amax(dim=1)
+
+
+def quantile_value(values: Sequence[float], quantile: float) -> float:
+    """The smallest v with at least ``ceil(quantile * len(values))`` of ``values`` <= v."""
+    vals = sorted(float(v) for v in values)
+    if not vals:
+        raise ValueError("no samples")
+    idx = min(len(vals), max(1, math.ceil(quantile * len(vals) - 1e-9)))
+    return vals[idx - 1]
+
+
+def choose_shift(quantile_by_shift: Sequence[float], delta: float) -> int:
+    """The smallest s with ``quantile_by_shift[s] <= delta``; the last shift (every page) when none is."""
+    for s, v in enumerate(quantile_by_shift):
+        if v <= delta:
+            return s
+    return len(quantile_by_shift) - 1
+
+
+def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSettings) -> dict:
+    """Per-layer statistics from per-layer ``[samples, S + 1]`` dropped masses (max over heads)."""
+    out = {"bound_quantile": [], "oracle_quantile": [], "bound_mean": [], "oracle_mean": [],
+           "bound_over_delta": [], "oracle_over_delta": [], "shift": []}
+    for b, o in zip(bound, oracle):
+        bq = [quantile_value(b[:, s].tolist(), cfg.quantile) for s in range(b.shape[1])]
+        oq = [quantile_value(o[:, s].tolist(), cfg.quantile) for s in range(o.shape[1])]
+        out["bound_quantile"].append(bq)
+        out["oracle_quantile"].append(oq)
+        out["bound_mean"].append([float(x) for x in b.double().mean(dim=0)])
+        out["oracle_mean"].append([float(x) for x in o.double().mean(dim=0)])
+        out["bound_over_delta"].append([float(x) for x in (b > cfg.delta).double().mean(dim=0)])
+        out["oracle_over_delta"].append([float(x) for x in (o > cfg.delta).double().mean(dim=0)])
+        out["shift"].append(choose_shift(bq, cfg.delta))
+    return out
+
+
+def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: int, cfg: CalibrationSettings,
+                  created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict) -> dict:
+    """The profile JSON (format 1); ``stats`` from :func:`summarise`."""
+    return {
+        "format": FORMAT,
+        "model": model,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "page_size": cfg.page_size,
+        "created_by": created_by,
+        "device": device,
+        "prompt_lens": list(prompt_lens),
+        "num_prompts": num_prompts,
+        "prhs": {"budget": float(cfg.budget), "delta": float(cfg.delta), "quantile": float(cfg.quantile),
+                 "layer_budget_shift": list(stats["shift"])},
+        "claa": None,
+        "measurements": {
+            "prhs_dropped_by_shift": {"bound": stats["bound_quantile"], "oracle": stats["oracle_quantile"]},
+            "mean_bound_dropped": [row[0] for row in stats["bound_mean"]],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- prompts
+_SYLLABLES = ("ba", "ko", "ri", "mu", "te", "sa", "lo", "ni", "ve", "du", "ga", "pi", "zo", "fe", "hu", "ya")
+
+
+def _word_id(rng: random.Random) -> str:
+    word = "".join(rng.choice(_SYLLABLES) for _ in range(3))
+    return f"{word}-{rng.randrange(100, 1000)}"
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+def kv_retrieval_prompt(tokenizer, target_tokens: int, seed: int) -> Tuple[List[int], str, str]:
+    """A key-value retrieval prompt of at most ``target_tokens`` tokens (as close as whole lines allow):
+    ``(input ids, the asked key, its value)``. Deterministic for a seed."""
+    rng = random.Random(seed)
+    head = "Below is a list of keys and their values. Remember them; a question follows.\n\n"
+    lines, keys = [], set()
+
+    def add_lines(count):
+        while count > 0:
+            key = _word_id(rng)
+            if key in keys:
+                continue
+            keys.add(key)
+            lines.append((key, str(rng.randrange(10000, 100000))))
+            count -= 1
+
+    def text_of(num_lines, ask):
+        body = "".join(f"key {k}: value {v}\n" for k, v in lines[:num_lines])
+        return head + body + f"\nWhat is the value of key {ask}? Answer with the number only."
+
+    add_lines(64)
+    per_line = max(1.0, (len(_encode(tokenizer, text_of(64, lines[0][0]))) -
+                         len(_encode(tokenizer, text_of(0, lines[0][0])))) / 64)
+    add_lines(max(0, int(target_tokens / per_line * 1.05) - len(lines)))
+    hi = len(lines)
+    lo = 1
+    # largest line count whose prompt fits; the asked key is drawn from those lines afterwards
+    probe = lines[0][0]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_encode(tokenizer, text_of(mid, probe))) <= target_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    count = lo
+    key, value = lines[rng.randrange(count)]
+    ids = _encode(tokenizer, text_of(count, key))
+    while len(ids) > target_tokens and count > 1:              # a longer asked key than the probe's
+        count -= 1
+        if lines.index((key, value)) >= count:
+            key, value = lines[rng.randrange(count)]
+        ids = _encode(tokenizer, text_of(count, key))
+    return ids, key, value
+
+
+# --------------------------------------------------------------------------- capture during decode
+class DecodeCollector:
+    """Callback of :class:`~sglang_sparse.capture.Capturing` during ``generate``: per layer the decode
+    queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys."""
+
+    def __init__(self, prompt_len: int, max_steps: int):
+        self.prompt_len, self.max_steps = prompt_len, max_steps
+        self.queries: Dict[int, List[Tensor]] = {}
+        self.keys: Dict[int, Tensor] = {}
+        self.scale: Optional[float] = None
+
+    def __call__(self, layer, query, key, scale):
+        if query.shape[2] != 1:                          # the prefill
+            return
+        got = self.queries.setdefault(layer, [])
+        if len(got) >= self.max_steps:
+            return
+        got.append(query[0, :, 0].detach().clone())
+        need = self.prompt_len + len(got)
+        if key.shape[2] < need:
+            raise RuntimeError(f"layer {layer}: the cache holds {key.shape[2]} keys, expected at least {need}")
+        self.keys[layer] = key[0, :, :need].transpose(0, 1)           # [n, H_kv, D], a view of the cache
+        self.scale = scale
+
+    def samples(self, layer: int) -> List[Tuple[Tensor, Tensor]]:
+        """``(q [H_q, D], k [n, H_kv, D])`` per decode step: step i attends keys ``[0, prompt_len + i]``."""
+        k = self.keys[layer].float()
+        return [(q.float(), k[: self.prompt_len + i + 1]) for i, q in enumerate(self.queries[layer])]
+
+
+@torch.no_grad()
+def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device) -> Tuple[List[int], DecodeCollector]:
+    """Greedy answer (one token more than ``answer_tokens``, so that each answer token is fed as a decode query)
+    and the captured decode queries and keys."""
+    col = DecodeCollector(len(ids), answer_tokens)
+    inp = torch.tensor([ids], device=device)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    with Capturing(model, col):
+        gen = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=answer_tokens + 1,
+                             do_sample=False, pad_token_id=pad)
+    return gen[0, len(ids):].tolist(), col
+
+
+# --------------------------------------------------------------------------- CLI
+def _fail(message: str):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", required=True, help="local Hugging Face model directory (causal LM)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--prompt-lens", default="8192,16384", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts per length")
+    p.add_argument("--answer-tokens", type=int, default=16, help="answer tokens used as decode queries")
+    p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE)
+    p.add_argument("--budget", default="1/16", help="base page budget: a fraction like 1/16 or a page count")
+    p.add_argument("--delta", type=float, default=PrhsConfig.delta)
+    p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="profile JSON (default: <model dir name>.json here)")
+    p.add_argument("--results", default=None, help="also write the full measurement here")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]:
+    path = args.model_path
+    if not os.path.isdir(path):
+        _fail(f"--model-path: {path!r} is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        _fail(f"--model-path: {path!r} has no config.json (not a Hugging Face model directory)")
+    try:
+        budget = float(Fraction(args.budget.strip()))
+    except (ValueError, ZeroDivisionError):
+        _fail(f"--budget: expected a fraction like 1/16 or a page count, got {args.budget!r}")
+    if not (budget > 0 and (budget <= 1 or budget.is_integer())):
+        _fail(f"--budget: must be a fraction in (0, 1] or a whole page count, got {args.budget!r}")
+    try:
+        lens = [int(x) for x in args.prompt_lens.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--prompt-lens: expected comma-separated integers, got {args.prompt_lens!r}")
+    if not lens or any(n < 64 for n in lens):
+        _fail(f"--prompt-lens: need at least one length, each >= 64, got {args.prompt_lens!r}")
+    if args.num_prompts < 1:
+        _fail(f"--num-prompts: must be >= 1, got {args.num_prompts}")
+    if args.answer_tokens < 1:
+        _fail(f"--answer-tokens: must be >= 1, got {args.answer_tokens}")
+    if args.page_size < 1:
+        _fail(f"--page-size: must be >= 1, got {args.page_size}")
+    if not 0 <= args.delta < 1:
+        _fail(f"--delta: must be in [0, 1), got {args.delta}")
+    if not 0 < args.quantile <= 1:
+        _fail(f"--quantile: must be in (0, 1], got {args.quantile}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device: cuda requested but no CUDA device is available")
+    cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile)
+    return cfg, lens
+
+
+def _model_name(path: str) -> str:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            name = json.load(f).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    if not name or os.path.isabs(name) or os.path.exists(name):
+        name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    return name
+
+
+def _load(path: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                 attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer
+
+
+def _log(msg: str) -> None:
+    print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(iterable, disable: bool, **kw):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, disable=disable, file=sys.stderr, **kw)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    cfg, lens = _validate(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    created_by = " ".join([PROG] + [shlex.quote(a) for a in argv])
+    t0 = time.time()
+    model, tokenizer = _load(args.model_path, device)
+    mc = model.config
+    num_layers = mc.num_hidden_layers
+    num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    _log(f"loaded {args.model_path} on {device} in {time.time() - t0:.1f}s: {num_layers} layers, "
+         f"{mc.num_attention_heads}/{num_kv_heads} heads x {head_dim}")
+
+    jobs = [(n, i) for n in lens for i in range(args.num_prompts)]
+    # the longest context: prompt + answer tokens, so every sample's budget grid reaches all its pages
+    shifts = max_shift([n + args.answer_tokens for n in lens], cfg)
+    bound: List[List[Tensor]] = [[] for _ in range(num_layers)]
+    oracle: List[List[Tensor]] = [[] for _ in range(num_layers)]
+    prompts = []
+    for j, (target, i) in enumerate(jobs):
+        t1 = time.time()
+        ids, key, value = kv_retrieval_prompt(tokenizer, target, seed=args.seed * 1_000_003 + target * 101 + i)
+        answer, col = generate_and_capture(model, tokenizer, ids, args.answer_tokens, device)
+        text = tokenizer.decode(answer[: args.answer_tokens], skip_special_tokens=True)
+        t_gen = time.time() - t1
+        steps = len(col.queries.get(0, []))
+        if steps == 0:
+            _log(f"prompt {j + 1}/{len(jobs)}: no decode step (answer {text!r}); skipped")
+            continue
+        for layer in _progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1} layers", unit="layer",
+                               leave=False):
+            b, o = zip(*(sample_dropped(q, k, col.scale, cfg, shifts) for q, k in col.samples(layer)))
+            bound[layer].append(torch.stack(b).cpu())
+            oracle[layer].append(torch.stack(o).cpu())
+        prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "decode_samples": steps,
+                        "key": key, "value": value, "answer": text, "correct": value in text,
+                        "generate_s": round(t_gen, 1), "measure_s": round(time.time() - t1 - t_gen, 1)})
+        s0 = [float(bound[layer][-1][:, 0].mean()) for layer in range(num_layers)]
+        _log(f"prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, {steps} decode samples, answer {text!r} "
+             f"({'correct' if value in text else 'expected ' + value}); generate {t_gen:.0f}s, measure "
+             f"{time.time() - t1 - t_gen:.0f}s; mean bound dropped at s=0 over layers {sum(s0) / len(s0):.3f}")
+        del col
+    if not prompts:
+        raise SystemExit(f"{PROG}: no prompt produced a decode step: nothing to calibrate")
+    bound_t = [torch.cat(x) for x in bound]
+    oracle_t = [torch.cat(x) for x in oracle]
+    stats = summarise(bound_t, oracle_t, cfg)
+    profile = build_profile(model=_model_name(args.model_path), num_layers=num_layers, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, cfg=cfg, created_by=created_by, device=device, prompt_lens=lens,
+                            num_prompts=args.num_prompts, stats=stats)
+    wall = time.time() - t0
+    out = args.out or f"{_model_name(args.model_path)}.json"
+    _write(out, profile)
+    _log(f"profile: {out} (layer budget shifts {stats['shift']})")
+    if args.results:
+        results = {"command": created_by, "wall_s": round(wall, 1), "device": device,
+                   "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
+                   "settings": {"page_size": cfg.page_size, "budget": cfg.budget, "delta": cfg.delta,
+                                "quantile": cfg.quantile, "sink_pages": cfg.sink_pages,
+                                "recent_pages": cfg.recent_pages, "max_shift": shifts,
+                                "answer_tokens": args.answer_tokens, "seed": args.seed},
+                   "samples_per_layer": int(bound_t[0].shape[0]), "prompts": prompts,
+                   "per_layer": stats, "profile": profile}
+        _write(args.results, results)
+        _log(f"results: {args.results}")
+    _log(f"done in {wall:.0f}s")
+    return profile
+
+
+def _write(path: str, obj: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run(_parse_args(argv), argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

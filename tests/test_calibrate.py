@@ -1,0 +1,259 @@
+"""Per-layer PrHS budget calibration (sglang_sparse.calibrate): the shift choice on constructed queries and
+keys against hand computations, the oracle ranking against the bound ranking, the decode capture, the
+profile written end to end on a tiny random Llama, and the error exit."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_sparse import calibrate as cal
+from sglang_sparse.config import PrhsConfig
+
+F64 = torch.float64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_llama")
+    subprocess.run([sys.executable, os.path.join(REPO, "tests", "tiny_llama.py"), str(out)], check=True,
+                   env=_env(), capture_output=True, timeout=300)
+    return str(out)
+
+
+# 16 pages of 4 tokens, D = 4; 1 sink + 1 recent page, budget 1/4 = 4 pages at shift 0, 8 at 1, 16 at 2.
+CFG = cal.CalibrationSettings(page_size=4, budget=0.25, delta=0.05, quantile=0.9, sink_pages=1, recent_pages=1)
+N_KEYS = 64
+
+
+def _peaked():
+    """Every key 0 except token 29 (page 7), aligned with both query heads: its logit is 30, the others 0."""
+    q = torch.zeros(2, 4, dtype=F64)
+    q[:, 0] = 1.0
+    k = torch.zeros(N_KEYS, 1, 4, dtype=F64)
+    k[29, 0, 0] = 30.0
+    return q, k
+
+
+def _flat():
+    """Every key equal: uniform attention, each page holds 1/16 of the mass."""
+    q = torch.zeros(2, 4, dtype=F64)
+    q[:, 1] = 1.0
+    return q, torch.ones(N_KEYS, 1, 4, dtype=F64)
+
+
+def test_max_shift_reaches_every_page():
+    assert cal.max_shift([N_KEYS], CFG) == 2
+    assert cal.max_shift([N_KEYS, 8 * 4], CFG) == 2                  # 8 pages: budget 2 -> 4 -> 8
+    # the server's defaults: 1/16 of N pages with 1 sink + 2 recents reaches N = 129 pages at 16x
+    d = cal.CalibrationSettings()
+    assert (d.budget, d.delta, d.sink_pages, d.recent_pages) == \
+        (PrhsConfig.budget, PrhsConfig.delta, PrhsConfig.sink_pages, PrhsConfig.recent_pages)
+    assert cal.max_shift([8192 + 16], d) == 4
+
+
+def test_peaked_and_flat_layers_by_hand():
+    q, k = _peaked()
+    bound, oracle = cal.sample_dropped(q, k, 1.0, CFG, 2)
+    # the needle's page is ranked first by its bound and kept from shift 0 on. Shift 0 keeps 4 pages: 0 (sink),
+    # 15 (recent), 7 (needle) and 1 (lowest id among equal bounds): 15 of the 63 zero-logit tokens.
+    z = 63 + math.exp(30)
+    exp_peak = torch.tensor([(63 - 15) / z, (63 - 31) / z, 0.0], dtype=F64)
+    torch.testing.assert_close(bound, exp_peak, rtol=1e-9, atol=1e-30)
+    torch.testing.assert_close(oracle, exp_peak, rtol=1e-9, atol=1e-30)
+
+    q, k = _flat()
+    bound, oracle = cal.sample_dropped(q, k, 1.0, CFG, 2)
+    exp_flat = torch.tensor([1 - 4 / 16, 1 - 8 / 16, 0.0], dtype=F64)
+    torch.testing.assert_close(bound, exp_flat)
+    torch.testing.assert_close(oracle, exp_flat)
+
+    samples = 10
+    layer_peak = torch.stack([cal.sample_dropped(*_peaked(), 1.0, CFG, 2)[0]] * samples)
+    layer_flat = torch.stack([cal.sample_dropped(*_flat(), 1.0, CFG, 2)[0]] * samples)
+    stats = cal.summarise([layer_peak, layer_flat], [layer_peak, layer_flat], CFG)
+    assert stats["shift"] == [0, 2]
+    assert stats["bound_quantile"][1] == pytest.approx([0.75, 0.5, 0.0])
+    assert stats["bound_over_delta"] == [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+
+    # 9 peaked samples and 1 flat one: the 0.9 quantile is a peaked value, the 0.95 quantile the flat one
+    mixed = torch.cat([layer_peak[:9], layer_flat[:1]])
+    assert cal.summarise([mixed], [mixed], CFG)["shift"] == [0]
+    strict = cal.CalibrationSettings(**{**CFG.__dict__, "quantile": 0.95})
+    assert cal.summarise([mixed], [mixed], strict)["shift"] == [2]
+    assert cal.summarise([mixed], [mixed], strict)["bound_quantile"][0] == pytest.approx([0.75, 0.5, 0.0])
+
+
+def test_bound_ranking_that_misses_the_needle():
+    """A needle the box bound cannot see: a page whose other keys have a larger ub gets ranked first, so only
+    the oracle keeps the needle at shift 0."""
+    q = torch.zeros(1, 2, dtype=F64)
+    q[0] = torch.tensor([1.0, 1.0])
+    k = torch.zeros(N_KEYS, 1, 2, dtype=F64)
+    k[29, 0] = torch.tensor([6.0, 6.0])                 # logit 12, ub of page 7 = 12
+    for t in range(8, 24):                              # pages 2..5: ub 14 from (8, -8)/(-8, 8) pairs, logits 0
+        k[t, 0] = torch.tensor([8.0, -8.0]) if t % 2 else torch.tensor([-8.0, 8.0])
+    bound, oracle = cal.sample_dropped(q, k, 1.0, CFG, 2)
+    z = 63 + math.exp(12)
+    # bound, shift 0: pages 0, 15, then 2, 3 (ub 16 > 12): the needle and 47 zero-logit tokens dropped
+    # oracle, shift 0: pages 0, 15, 7, 1: 48 zero-logit tokens dropped
+    # shift 1 (8 pages): both keep the needle and 31 zero-logit tokens
+    exp_bound = torch.tensor([(math.exp(12) + 47) / z, 32 / z, 0.0], dtype=F64)
+    exp_oracle = torch.tensor([48 / z, 32 / z, 0.0], dtype=F64)
+    torch.testing.assert_close(bound, exp_bound, rtol=1e-9, atol=0)
+    torch.testing.assert_close(oracle, exp_oracle, rtol=1e-9, atol=0)
+
+
+def test_quantile_value_and_choose_shift():
+    vals = [0.01] * 8 + [0.5, 0.6]
+    assert cal.quantile_value(vals, 0.8) == 0.01
+    assert cal.quantile_value(vals, 0.81) == 0.5
+    assert cal.quantile_value(vals, 0.9) == 0.5
+    assert cal.quantile_value(vals, 1.0) == 0.6
+    assert cal.quantile_value(list(reversed(vals)), 0.5) == 0.01
+    assert cal.choose_shift([0.9, 0.3, 0.05, 0.0], 0.05) == 2
+    assert cal.choose_shift([0.9, 0.3, 0.06, 0.01], 0.05) == 3
+    assert cal.choose_shift([0.04, 0.0], 0.05) == 0
+    assert cal.choose_shift([0.9, 0.3], 0.0) == 1                  # the last shift: every page
+
+
+def test_oracle_not_above_bound_summed_over_the_group(seed):
+    """The oracle keeps the largest group-summed mass of any selection with the forced pages and at most the
+    budget, so the dropped mass summed over a group's query heads is never above the bound ranking's."""
+    gen = torch.Generator().manual_seed(seed)
+    strict = 0
+    for trial in range(12):
+        page_size = [1, 3, 4][trial % 3]
+        n = int(torch.randint(20, 90, (1,), generator=gen))
+        h_kv, group = [(1, 3), (2, 2), (2, 4)][trial % 3]
+        cfg = cal.CalibrationSettings(page_size=page_size, budget=[1 / 16, 0.2, 3][trial % 3],
+                                      delta=[0.0, 0.05][trial % 2], sink_pages=trial % 2, recent_pages=1 + trial % 2)
+        q = torch.randn(h_kv * group, 8, generator=gen, dtype=F64) * 2
+        k = torch.randn(n, h_kv, 8, generator=gen, dtype=F64)
+        shifts = cal.max_shift([n], cfg)
+        b, o = cal.sample_dropped(q, k, 8 ** -0.5, cfg, shifts, per_head=True)      # [S + 1, H_q]
+        bs = b.reshape(-1, h_kv, group).sum(-1)
+        os_ = o.reshape(-1, h_kv, group).sum(-1)
+        assert (os_ <= bs + 1e-12).all(), f"seed={seed} trial={trial}\n{bs}\n{os_}"
+        # at the last shift the budget is every page: the oracle drops nothing; the bound selection stops once
+        # its certificate is <= delta, which then bounds what it drops
+        assert (o[-1] == 0).all() and (b[-1] <= cfg.delta + 1e-12).all()
+        if cfg.delta == 0:
+            assert (b[-1] == 0).all()
+        # a larger budget keeps a superset: dropped mass never grows with the shift
+        assert (b[1:] <= b[:-1] + 1e-12).all() and (o[1:] <= o[:-1] + 1e-12).all()
+        strict += int((os_ < bs - 1e-9).any())
+    assert strict > 0, f"seed={seed}: the oracle never beat the bound ranking"
+
+
+def test_oracle_can_be_worse_per_head_and_for_the_max():
+    """Not guaranteed per query head: the oracle keeps the page with the most group-summed mass, which can leave
+    one head worse off than the bound ranking's choice. One-hot keys, q = log of each head's mass per page."""
+    mass = torch.tensor([[0.5, 1e-12, 1e-12, 0.5],          # head 0: page A and the recent page
+                         [0.1, 0.45, 1e-12, 0.45],          # heads 1, 2: mostly page B
+                         [0.1, 0.45, 1e-12, 0.45]], dtype=F64)
+    q = mass.log()
+    k = torch.eye(4, dtype=F64)[:, None, :]                 # [4 tokens, 1 KV head, D = 4]
+    cfg = cal.CalibrationSettings(page_size=1, budget=2, delta=0.0, sink_pages=0, recent_pages=1)
+    b, o = cal.sample_dropped(q, k, 1.0, cfg, 1, per_head=True)
+    # bound: page A has the larger ub (log 0.5 > log 0.45); oracle: page B has the larger summed mass (0.9 > 0.7)
+    torch.testing.assert_close(b[0], torch.tensor([0.0, 0.45, 0.45], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(o[0], torch.tensor([0.5, 0.1, 0.1], dtype=F64), atol=1e-9, rtol=0)
+    assert o[0].max() > b[0].max() and o[0].sum() < b[0].sum()
+    # a sample's value is the max over the query heads
+    b_max, o_max = cal.sample_dropped(q, k, 1.0, cfg, 1)
+    torch.testing.assert_close(b_max, torch.tensor([0.45, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(o_max, torch.tensor([0.5, 0.0], dtype=F64), atol=1e-9, rtol=0)
+
+
+def test_kv_retrieval_prompt(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
+    ids, key, value = cal.kv_retrieval_prompt(tok, 400, seed=5)
+    assert 300 < len(ids) <= 400
+    text = tok.decode(ids)
+    assert f"key {key}: value {value}" in text and text.count(f"key {key}") == 2
+    assert text.startswith("user: ") and text.endswith("assistant:")           # the chat template
+    assert cal.kv_retrieval_prompt(tok, 400, seed=5) == (ids, key, value)
+    assert cal.kv_retrieval_prompt(tok, 400, seed=6)[0] != ids
+
+
+def test_decode_capture_equals_teacher_forced_pass(tiny_model):
+    from sglang_sparse.capture import capture_qk
+
+    model, tok = cal._load(tiny_model, "cpu")
+    ids, _, _ = cal.kv_retrieval_prompt(tok, 150, seed=1)
+    answer, col = cal.generate_and_capture(model, tok, ids, 4, "cpu")
+    assert len(answer) == 5
+    full = capture_qk(model, torch.tensor([ids + answer[:4]]))
+    s = len(ids)
+    for layer, (q, k, scale) in enumerate(full):
+        samples = col.samples(layer)
+        assert len(samples) == 4 and col.scale == scale
+        for i, (qq, kk) in enumerate(samples):
+            assert kk.shape == (s + i + 1, 2, 16)
+            torch.testing.assert_close(qq, q[s + i], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(kk, k[: s + i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_cli_profile_schema(tiny_model, tmp_path):
+    prof, res = tmp_path / "p.json", tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "sglang_sparse.calibrate", "--model-path", tiny_model, "--device", "cpu",
+           "--prompt-lens", "200,260", "--num-prompts", "2", "--answer-tokens", "3", "--page-size", "16",
+           "--budget", "1/8", "--delta", "0.1", "--quantile", "0.75", "--out", str(prof), "--results", str(res)]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prompt 4/4" in proc.stderr
+    p = json.loads(prof.read_text())
+    assert list(p) == ["format", "model", "num_layers", "num_kv_heads", "head_dim", "page_size", "created_by",
+                       "device", "prompt_lens", "num_prompts", "prhs", "claa", "measurements"]
+    assert (p["format"], p["num_layers"], p["num_kv_heads"], p["head_dim"], p["page_size"]) == (1, 2, 2, 16, 16)
+    assert p["model"] == os.path.basename(tiny_model) and p["device"] == "cpu"
+    assert p["prompt_lens"] == [200, 260] and p["num_prompts"] == 2 and p["claa"] is None
+    assert p["created_by"].startswith("python -m sglang_sparse.calibrate --model-path ")
+    assert list(p["prhs"]) == ["budget", "delta", "quantile", "layer_budget_shift"]
+    assert (p["prhs"]["budget"], p["prhs"]["delta"], p["prhs"]["quantile"]) == (0.125, 0.1, 0.75)
+    m = p["measurements"]
+    assert list(m) == ["prhs_dropped_by_shift", "mean_bound_dropped"]
+    assert list(m["prhs_dropped_by_shift"]) == ["bound", "oracle"]
+    # 260 + 3 tokens = 17 pages of 16: budget ceil(17/8) = 3 -> 6 -> 12 -> 17
+    shifts = cal.max_shift([263], cal.CalibrationSettings(page_size=16, budget=0.125))
+    assert shifts == 3
+    for kind in ("bound", "oracle"):
+        rows = m["prhs_dropped_by_shift"][kind]
+        assert len(rows) == 2 and all(len(r) == shifts + 1 for r in rows)
+        assert all(r[-1] == 0.0 and all(0.0 <= x <= 1.0 for x in r) for r in rows)
+        assert all(r[i + 1] <= r[i] + 1e-7 for r in rows for i in range(shifts))
+    assert p["prhs"]["layer_budget_shift"] == [cal.choose_shift(r, 0.1) for r in m["prhs_dropped_by_shift"]["bound"]]
+    assert len(m["mean_bound_dropped"]) == 2
+    r = json.loads(res.read_text())
+    assert r["profile"] == p and r["command"] == p["created_by"] and r["wall_s"] > 0
+    assert len(r["prompts"]) == 4 and all(1 <= x["decode_samples"] <= 3 for x in r["prompts"])
+    assert r["samples_per_layer"] == sum(x["decode_samples"] for x in r["prompts"])
+    assert all(x["prompt_tokens"] <= x["target_tokens"] for x in r["prompts"])
+    assert r["per_layer"]["bound_mean"][0][0] == pytest.approx(m["mean_bound_dropped"][0])
+
+
+@pytest.mark.parametrize("path_kind", ["missing", "no_config"])
+def test_cli_bad_model_path_exits_2(tmp_path, path_kind):
+    path = tmp_path / "nope" if path_kind == "missing" else tmp_path
+    proc = subprocess.run([sys.executable, "-m", "sglang_sparse.calibrate", "--model-path", str(path)], env=_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("python -m sglang_sparse.calibrate: error: --model-path: ")
+    assert proc.stdout == ""
