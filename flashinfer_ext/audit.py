@@ -16,6 +16,15 @@ Use, per decode step (kernels in :mod:`flashinfer_ext.kernels.kv_lse`)::
 ``run`` launches its two kernels for every layer (graph-capturable: no allocation, no host sync); requests not
 audited this step return at once, so an audited step of a request costs one read of its keys (every layer).
 ``dropped`` ([bs, H_q] fp32) holds the values of the layer last run, NaN for requests not audited this step.
+
+``measure="output-error"`` also reads the values of every page and measures the relative error of the attention
+output itself (reference :func:`sglang_sparse.prhs.output_error`)::
+
+    err[b, hq] = ||o_read[b, hq] - o_all[b, hq]|| / ||o_all[b, hq]||
+
+with ``o_all`` the exact attention over every token and ``o_read`` the wrapper's output of that layer
+(``audit.run(wrapper, q, k_cache, v_cache, out)``): about one dense decode of the audited request per layer instead
+of half of one. ``out_err`` holds it (NaN for requests not audited); ``dropped`` is measured as well.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ from typing import Optional
 import torch
 import triton
 
-from flashinfer_ext.kernels.kv_lse import _dropped_mass_kernel, _kv_lse_split_kernel
+from flashinfer_ext.kernels.kv_lse import (_dropped_mass_kernel, _kv_lse_split_kernel, _kv_out_split_kernel,
+                                           _output_error_kernel)
 
 _LOG2E = 1.4426950408889634
+MEASURES = ("mass", "output-error")
 
 
 class DroppedMassAudit:
@@ -38,13 +49,20 @@ class DroppedMassAudit:
         num_qo_heads, num_kv_heads, head_dim, page_size, max_batch_size, max_seq_len: as the wrapper's.
         max_num_splits: most page ranges one (request, KV head) is split into.
         device: where the buffers live.
+        measure: ``"mass"`` (keys only: ``dropped``) or ``"output-error"`` (keys and values: ``out_err`` as well).
+        head_dim_v: Dv of the values (default ``head_dim``).
     """
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, max_batch_size: int,
-                 max_seq_len: int, max_num_splits: int = 32, device="cuda", num_sms: Optional[int] = None):
+                 max_seq_len: int, max_num_splits: int = 32, device="cuda", num_sms: Optional[int] = None,
+                 measure: str = "mass", head_dim_v: Optional[int] = None):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        self.measure = measure
         self.h_q, self.h_kv, self.d, self.page_size = num_qo_heads, num_kv_heads, head_dim, page_size
+        self.dv = head_dim if head_dim_v is None else head_dim_v
         self.group = num_qo_heads // num_kv_heads
         self.g_pad = max(16, triton.next_power_of_2(self.group))
         self.max_bs = max_batch_size
@@ -60,7 +78,19 @@ class DroppedMassAudit:
         self.mid_m = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.mid_l = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.dropped_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
+        self.mid_o_buf = self.out_err_buf = None
+        if measure == "output-error":
+            # [bs, H_q, num_splits, Dv] per plan, in one flat buffer as large as the largest bs x num_splits
+            rows = max(bs * self._splits(bs) for bs in range(1, max_batch_size + 1))
+            self.mid_o_buf = torch.empty(rows * num_qo_heads * self.dv, **f32)
+            self.out_err_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
         self.bs = 0
+
+    def _splits(self, bs: int) -> int:
+        """Splits per (request, KV head) of a batch of ``bs`` (static: depends on bs only, so CUDA-graph replays
+        agree): about 4 programs per SM, at least 16 pages each."""
+        want = triton.cdiv(4 * self.num_sms, bs * self.h_kv)
+        return max(1, min(self.max_splits, want, triton.cdiv(self.max_pages, 16)))
 
     def plan(self, bs: int, audited) -> None:
         """Audit request ``i`` of the next step (at every layer) where ``audited[i]`` is true: a bool for every
@@ -73,20 +103,29 @@ class DroppedMassAudit:
         else:
             self.audited[:bs].copy_(audited.reshape(-1)[:bs], non_blocking=True)
         self.dropped_buf[:bs].fill_(float("nan"))
-        # static launch shape (depends on bs only, so CUDA-graph replays agree): about 4 programs per SM,
-        # at least 16 pages each
-        want = triton.cdiv(4 * self.num_sms, bs * self.h_kv)
-        self.num_splits = max(1, min(self.max_splits, want, triton.cdiv(self.max_pages, 16)))
+        self.num_splits = self._splits(bs)
         self.pages_per_split = triton.cdiv(self.max_pages, self.num_splits)
+        if self.out_err_buf is not None:
+            self.out_err_buf[:bs].fill_(float("nan"))
+            n = bs * self.h_q * self.num_splits * self.dv
+            self.mid_o = self.mid_o_buf[:n].view(bs, self.h_q, self.num_splits, self.dv)
 
-    def run(self, wrapper, q: torch.Tensor, k_cache: torch.Tensor, sm_scale: Optional[float] = None) -> torch.Tensor:
+    def run(self, wrapper, q: torch.Tensor, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor] = None,
+            out: Optional[torch.Tensor] = None, sm_scale: Optional[float] = None) -> torch.Tensor:
         """Score the audited requests against ``wrapper``'s last ``run`` (its page table and its ``lse``) on this
-        layer's queries and keys; returns ``dropped`` ([bs, H_q], this layer's values for the audited rows)."""
+        layer's queries and keys; returns ``dropped`` ([bs, H_q], this layer's values for the audited rows).
+        With ``measure="output-error"``, ``v_cache`` (this layer's values) and ``out`` (the wrapper's output of
+        this layer, ``[bs, H_q, Dv]``) are required, and ``out_err`` gets this layer's values too."""
         bs = self.bs
         if bs != wrapper.bs:
             raise ValueError(f"audit planned for {bs} requests, the wrapper's batch has {wrapper.bs}")
         scale = (1.0 / math.sqrt(self.d) if sm_scale is None else float(sm_scale)) * _LOG2E
         ppi = max(1, 64 // self.page_size)
+        if self.measure == "output-error":
+            if v_cache is None or out is None:
+                raise ValueError("measure='output-error' needs the values (v_cache) and the wrapper's output (out)")
+            self._run_output_error(wrapper, q, k_cache, v_cache, out.view(bs, self.h_q, self.dv), scale, ppi)
+            return self.dropped
         _kv_lse_split_kernel[(bs, self.h_kv, self.num_splits)](
             self.audited, q, k_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
             self.mid_l, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -98,6 +137,28 @@ class DroppedMassAudit:
             self.mid_m.stride(1), wrapper.lse_buf.stride(0), self.dropped_buf.stride(0),
             self.num_splits, S_PAD=triton.next_power_of_2(self.num_splits), num_warps=1)
         return self.dropped
+
+    def _run_output_error(self, wrapper, q, k_cache, v_cache, out, scale: float, ppi: int) -> None:
+        bs, mo = self.bs, self.mid_o
+        _kv_out_split_kernel[(bs, self.h_kv, self.num_splits)](
+            self.audited, q, k_cache, v_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
+            self.mid_l, mo, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+            v_cache.stride(1), wrapper.page_table.stride(0), self.mid_m.stride(0), self.mid_m.stride(1),
+            mo.stride(0), mo.stride(1), mo.stride(2), scale, self.pages_per_split,
+            G=self.group, G_PAD=self.g_pad, D=self.d, DV=self.dv, BLOCK_D=triton.next_power_of_2(self.d),
+            BLOCK_DV=triton.next_power_of_2(self.dv), P=self.page_size, PPI=ppi, num_warps=4)
+        _output_error_kernel[(bs, self.h_q)](
+            self.audited, self.mid_m, self.mid_l, mo, wrapper.lse_buf, out, self.dropped_buf, self.out_err_buf,
+            self.mid_m.stride(0), self.mid_m.stride(1), mo.stride(0), mo.stride(1), mo.stride(2),
+            wrapper.lse_buf.stride(0), out.stride(0), out.stride(1), self.dropped_buf.stride(0),
+            self.num_splits, DV=self.dv, BLOCK_DV=triton.next_power_of_2(self.dv),
+            S_PAD=triton.next_power_of_2(self.num_splits), num_warps=4)
+
+    @property
+    def out_err(self) -> Optional[torch.Tensor]:
+        """``[bs, H_q]`` fp32 relative error of the attention output of this step's audited requests at the layer
+        last run (NaN for the requests not audited); None with ``measure="mass"``."""
+        return None if self.out_err_buf is None else self.out_err_buf[: self.bs]
 
     @property
     def dropped(self) -> torch.Tensor:

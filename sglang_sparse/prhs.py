@@ -64,6 +64,7 @@ __all__ = [
     "sparse_attention",
     "dense_attention",
     "dropped_mass",
+    "output_error",
     "scaled_budget",
     "budget_shift_update",
 ]
@@ -484,6 +485,16 @@ def dropped_mass(q: Tensor, k: Tensor, sm_scale: float, lse_read: Tensor) -> Ten
     s = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(group, dim=1)) * sm_scale
     lse_all = torch.logsumexp(s, dim=-1)
     return (1.0 - torch.exp(lse_read.to(lse_all.dtype) - lse_all)).clamp(0.0, 1.0)
+
+
+def output_error(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, o_read: Tensor) -> Tensor:
+    """Relative error of a decode step's attention output: ``[H_q]``, ``||o_read - o_all|| / ||o_all||`` per query
+    head, where ``o_all`` is the exact attention over all n tokens (:func:`dense_attention`, GQA) and ``o_read``
+    (``[H_q, Dv]``) what the step returned. Unlike :func:`dropped_mass` it is small when the dropped tokens' values
+    resemble the kept ones (``flashinfer_ext.audit.DroppedMassAudit(measure="output-error")``)."""
+    o_all = dense_attention(q, k, v, sm_scale)
+    diff = (o_read.to(o_all.dtype) - o_all).norm(dim=-1)
+    return diff / o_all.norm(dim=-1).clamp_min(1e-30)
 
 
 # --------------------------------------------------------------------------- audit feedback

@@ -102,6 +102,13 @@ def _drive_wrappers():
     audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", num_sms=132)
     audit.plan(bs, True)
     audit.run(w, q, kc)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", num_sms=132,
+                             measure="output-error")
+    for n in (1, bs):
+        w.plan(r2t, rows[:n], lens[:n], pages=sel(1 / 16, 0.05))
+        out = w.run(q[:n], kc, vc, kmin, kmax)
+        audit.plan(n, True)
+        audit.run(w, q[:n], kc, vc, out)
     update_page_summaries(kmin, kmax, kc[:100], torch.arange(100), P)
     n = 4096
     for pool in ("avg", "max"):
@@ -123,7 +130,7 @@ def test_all_launches_compile_for_sm90():
     assert {"_page_table_kernel", "_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel",
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
             "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel", "_kv_lse_split_kernel",
-            "_dropped_mass_kernel"} <= names, names
+            "_dropped_mass_kernel", "_kv_out_split_kernel", "_output_error_kernel"} <= names, names
     failures = []
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:

@@ -112,3 +112,82 @@ def test_audit_measures_what_prhs_and_art_dropped(page_size):
         err = (dropped[b].double() - ref).abs().max().item()
         assert err <= 2e-2, f"seed={seed} P={P} flat b={b}: dropped {dropped[b].tolist()} vs {ref.tolist()}"
         assert float(dropped[b].min()) > 0.3, f"seed={seed} P={P} flat b={b}: dropped {dropped[b].tolist()}"
+
+
+def _same_values_pool(lens, P, seed):
+    """Random keys (flat attention: the mass spreads over every page) and one value vector per (request, KV head)
+    at every token: the attention output is that vector whichever pages are read."""
+    import torch
+
+    base = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 7)
+    for b, s in enumerate(base.slots):
+        base.vc[s] = torch.randn(1, H_KV, D, generator=gen).to(base.vc.dtype)
+    return base
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_output_error_audit_equals_reference(page_size):
+    """measure="output-error": for the audited requests the relative output error equals the float64 reference
+    ``prhs.output_error`` against the wrapper's own output, and the dropped mass is still measured; PrHS 1/4 on
+    flat attention (random keys and values) leaves a large error, a dense read none, and flat attention over
+    identical values none although most of the mass is dropped. Requests not audited stay NaN. Several splits per
+    request (a forgotten split or rescale moves o_all off the reference and the dense error off 0)."""
+    import torch
+
+    from flashinfer_ext.audit import DroppedMassAudit
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    P = page_size
+    lens = [700, 1300, 333]
+    max_len = max(lens) + P
+    sm = 1 / math.sqrt(D)
+    group = H_Q // H_KV
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEVICE, num_sms=8,
+                             measure="output-error")
+    pools = [("flat", make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed))),
+             ("needles", make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed + 1),
+                                   structured=True, negative=True)),
+             ("same values", _same_values_pool(lens, P, seed + 2))]
+    for pname, pool in pools:
+        _poison_page_tails(pool, lens, P)
+        kmin, kmax = reference_summaries(pool)
+        for name, cfg in (("prhs", dict(pages=sel(1 / 4, 0.0))), ("dense", dict())):
+            tag = f"seed={seed} P={P} {pname} {name}"
+            w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+            out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+            audit.plan(len(lens), torch.tensor([True, False, True]))
+            assert audit.num_splits >= 3, (tag, audit.num_splits)
+            audit.mid_o_buf.fill_(float("nan"))
+            audit.run(w, pool.q, pool.kc, pool.vc, out)
+            err, dropped = audit.out_err.clone(), audit.dropped.clone()
+            assert bool(torch.isnan(err[1]).all()) and bool(torch.isnan(dropped[1]).all()), \
+                f"{tag}: request 1 was not audited but got {err[1].tolist()} {dropped[1].tolist()}"
+            for b in (0, 2):
+                q, k, v = pool.logical(b)
+                ref = prhs.output_error(q, k, v, sm, out[b].double())
+                assert bool(torch.isfinite(err[b]).all()), f"{tag} b={b}: {err[b].tolist()}"
+                gap = ((err[b].double() - ref).abs() - 1e-2 * ref).max().item()
+                assert gap <= 1e-2, f"{tag} b={b}: err {err[b].tolist()} vs reference {ref.tolist()}"
+                if name == "prhs":
+                    lst, num = w.pages[b].tolist(), w.num_selected[b].tolist()
+                    ref_d = _reference_dropped(pool, w, b, lambda hq: lst[hq // group][: num[hq // group]])
+                else:
+                    ref_d = _reference_dropped(pool, w, b, lambda hq: list(range(-(-lens[b] // P))))
+                gap_d = (dropped[b].double() - ref_d).abs().max().item()
+                assert gap_d <= 2e-2, f"{tag} b={b}: dropped {dropped[b].tolist()} vs reference {ref_d.tolist()}"
+                if name == "dense" or pname == "same values":
+                    assert float(err[b].max()) <= 1e-2, f"{tag} b={b}: output error {err[b].tolist()}"
+                elif pname == "flat":
+                    assert float(err[b].min()) > 0.3, f"{tag} b={b}: output error {err[b].tolist()}"
+                if name == "prhs" and pname != "needles":
+                    assert float(dropped[b].min()) > 0.3, f"{tag} b={b}: dropped {dropped[b].tolist()}"
+    # not audited this step: nothing is scored
+    audit.plan(len(lens), False)
+    audit.run(w, pool.q, pool.kc, pool.vc, out)
+    assert bool(torch.isnan(audit.out_err).all()) and bool(torch.isnan(audit.dropped).all()), f"seed={seed}"
+    with pytest.raises(ValueError):
+        audit.run(w, pool.q, pool.kc)
