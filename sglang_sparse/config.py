@@ -185,8 +185,13 @@ class PrhsConfig:
                      a multiple of N also measure, at every layer, the exact attention mass the step dropped
                      (PrHS's pages and ART's stop together), by reading the request's keys of every page once
                      (``flashinfer_ext.audit``); 0 = off.
+    audit_measure    what the audit compares with ``delta`` (feedback, over-delta counters): ``mass``, the dropped
+                     attention mass of the worst query head; ``output-error``, the worst head's relative error of
+                     the attention output, ``||o_read - o_all|| / ||o_all||`` against the exact output over every
+                     token (reads the values too: about one dense decode of the audited request per audited step
+                     instead of half of one). The dropped mass is measured and reported either way.
     audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
-                     reports): a (request, selection group) whose audited dropped mass exceeds ``delta`` at any
+                     reports): a (request, selection group) whose audited measure exceeds ``delta`` at any
                      of the group's layers has its page budget doubled for its later fresh selections, up to
                      this factor; it is reset when the request (re)starts (to the profile's shift, see
                      ``layer_budget_shift``) and never lowered before. Needs ``audit_interval`` and a budget
@@ -212,6 +217,7 @@ class PrhsConfig:
     audit_interval: int = 0
     audit_max_scale: int = 8
     layer_budget_shift: Tuple[int, ...] = ()
+    audit_measure: str = "mass"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_budget_shift", tuple(self.layer_budget_shift))   # a list from JSON
@@ -429,6 +435,9 @@ _FLAGS = (
     ("--prhs-audit-interval", "prhs_audit_interval", int, "prhs", "audit_interval",
      "On a request's first decode step and every N steps, measure at every layer the exact attention mass "
      "PrHS / ART dropped (logged and on /metrics; 0 = off)."),
+    ("--prhs-audit-measure", "prhs_audit_measure", str, "prhs", "audit_measure",
+     "What the audit compares with --prhs-delta: 'mass' (the dropped attention mass, keys only) or 'output-error' "
+     "(the relative error of the attention output against the exact one over every token; reads the values too)."),
     ("--prhs-audit-max-scale", "prhs_audit_max_scale", int, "prhs", "audit_max_scale",
      "Audit feedback: a request whose audited dropped mass exceeds --prhs-delta in a selection group gets that "
      "group's page budget doubled, up to this factor (a power of two, 1..64; 1 = report only)."),
@@ -445,7 +454,8 @@ _FLAGS = (
     ("--art-min-blocks", "art_min_blocks", int, "art", "min_blocks",
      "Never stop before this many KV blocks have been read."),
 )
-_CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on")}
+_CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on"),
+            "--prhs-audit-measure": ("mass", "output-error")}
 _SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
 # How --help shows a default of None: the word the flag itself accepts for it.
 _NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off", _profile_arg: "none"}
@@ -527,6 +537,8 @@ def validate_values(cfg: SparseConfig) -> None:
            f"a page count must cover the {p.sink_pages} sink + {p.recent_pages} recent pages, got {p.budget:g}")
     _check(p.min_context_len >= 0, "--prhs-min-context-len", f"must be >= 0, got {p.min_context_len}")
     _check(p.audit_interval >= 0, "--prhs-audit-interval", f"must be >= 0, got {p.audit_interval}")
+    _check(p.audit_measure in _CHOICES["--prhs-audit-measure"], "--prhs-audit-measure",
+           f"must be mass or output-error, got {p.audit_measure!r}")
     _check(1 <= p.audit_max_scale <= 64 and p.audit_max_scale & (p.audit_max_scale - 1) == 0,
            "--prhs-audit-max-scale", f"must be a power of two in [1, 64], got {p.audit_max_scale}")
     _check(all(_is_int(x) and 0 <= x <= MAX_PROFILE_SHIFT for x in p.layer_budget_shift), "--sparse-profile",

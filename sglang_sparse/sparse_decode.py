@@ -24,9 +24,11 @@ logged; see :meth:`SparseDecoder.decode_stats` for what each covers.
 
 The dropped-mass audit (``--prhs-audit-interval N``): a request is audited on its first decode step after each
 (re)start and whenever its length is a multiple of N; an audited step measures, at every layer, the exact
-attention mass the decode left out (``flashinfer_ext.audit``). With ``--prhs-audit-max-scale`` > 1 the
+attention mass the decode left out (``flashinfer_ext.audit``); with ``--prhs-audit-measure output-error`` also the
+relative error of the attention output against the exact output over every token, and that error, not the dropped
+mass, is what is compared with ``--prhs-delta``. With ``--prhs-audit-max-scale`` > 1 the
 measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a (request, selection group) whose audited
-dropped mass exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
+measure exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
 selections (``budget_shift``, reference :func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
 it is reset when the request (re)starts. All of it is device ops, inside the captured decode graph.
 
@@ -172,11 +174,12 @@ class SparseDecoder:
         if self._reselect_every > 1:
             what += f", fresh selection every {self._reselect_every} steps (dilation {cfg.prhs.dilation})"
         if self._audit_every:
-            what += (f", dropped mass audited at every layer on a request's first decode step and every "
-                     f"{self._audit_every} steps")
+            err = self._audit_err
+            what += (f", dropped mass{' and output error' if err else ''} audited at every layer on a request's "
+                     f"first decode step and every {self._audit_every} steps")
             if self._max_shift:
-                what += (f", a (request, selection group) dropping more than delta gets its budget doubled, up to "
-                         f"x{1 << self._max_shift}")
+                what += (f", a (request, selection group) {'whose output error exceeds' if err else 'dropping more than'}"
+                         f" delta gets its budget doubled, up to x{1 << self._max_shift}")
         if self.budget_shift is not None and any(self._initial_shift):
             what += (f", budgets of the selection groups start scaled by the profile's "
                      f"x{[1 << s for s in self._initial_shift]}")
@@ -209,14 +212,19 @@ class SparseDecoder:
         the cumulative counters."""
         from flashinfer_ext.audit import DroppedMassAudit
 
+        measure = self.sparse_config.prhs.audit_measure
         self.audit = DroppedMassAudit(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
-                                      self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx, device=device)
+                                      self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx, device=device,
+                                      measure=measure)
+        self._audit_err = measure == "output-error"
         self._audit_fresh = torch.ones(max_rows, dtype=torch.bool, device=device)
         self._audit_first = torch.zeros(max_bs, dtype=torch.bool, device=device)
         self._audit_over = torch.zeros(max_bs, dtype=torch.bool, device=device)
         self._audit_rows = 0
         # the last AUDIT_RING audits, plus one spare slot that takes the rows not audited (see _fold_audit)
         self._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"), dtype=torch.float32, device=device)
+        # output-error: the same audits' output errors, slot for slot
+        self._audit_err_ring = self._audit_ring.clone() if self._audit_err else None
         self._audit_pos = torch.zeros((), dtype=torch.int64, device=device)
         # since start: audits, audits over delta, audits after a request's first decode step, those over delta
         self._audit_counts = torch.zeros(4, dtype=torch.int64, device=device)
@@ -285,14 +293,21 @@ class SparseDecoder:
         batch order and the others the spare slot past the ring's end (the ring holds audits alone, without a
         host sync); count them; with feedback, at the last layer of a selection group, raise by one (up to the
         maximum) the budget shift of the audited rows that dropped more than delta at any layer of the group
-        (:func:`sglang_sparse.prhs.budget_shift_update`): one doubling per (request, group) and audited step."""
+        (:func:`sglang_sparse.prhs.budget_shift_update`): one doubling per (request, group) and audited step.
+        With the output-error measure, the largest output error over the query heads goes to a second ring (same
+        slots), and it, not the dropped mass, is compared with delta by the counters and the feedback."""
         bs = self.audit.bs
         vals = self.audit.dropped.amax(dim=1)          # NaN for requests not audited
         audited = ~torch.isnan(vals)
         slot = (self._audit_pos + torch.cumsum(audited, dim=0) - 1) % AUDIT_RING
-        self._audit_ring[torch.where(audited, slot, AUDIT_RING)] = vals
+        idx = torch.where(audited, slot, AUDIT_RING)
+        self._audit_ring[idx] = vals
+        measured = vals
+        if self._audit_err_ring is not None:
+            measured = self.audit.out_err.amax(dim=1)
+            self._audit_err_ring[idx] = measured
         self._audit_pos += audited.sum()
-        over = audited & (vals > self.sparse_config.prhs.delta)
+        over = audited & (measured > self.sparse_config.prhs.delta)
         later = audited & ~self._audit_first[:bs]
         self._audit_counts += torch.stack([audited.sum(), over.sum(), later.sum(), (later & over).sum()])
         if self.budget_shift is None or not self._max_shift:
@@ -348,7 +363,7 @@ class SparseDecoder:
         qv = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         o = w.run(qv, k_buf, v_buf, kmin, kmax, select=leader, **reuse)
         if self.audit is not None:
-            self.audit.run(w, qv, k_buf)
+            self.audit.run(w, qv, k_buf, v_buf, o)
             self._fold_audit(lid, fb.req_pool_indices)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -392,7 +407,11 @@ class SparseDecoder:
         delta); ``audits_later`` and ``audits_later_over``, the same for the audits after a request's first
         decode step (the first one runs at the starting budget, before any feedback), and their share above
         delta ``dropped_over_delta_later``. ``budget_shift_mean``: the mean log2 budget scale over the last
-        batch's requests and selection groups (0 without feedback or profile)."""
+        batch's requests and selection groups (0 without feedback or profile).
+
+        With ``--prhs-audit-measure output-error`` also ``err_mean`` and ``err_p99``, the output error of the same
+        audits, and every "above delta" (``dropped_over_delta``, the ``*_over`` counters, ``*_later``) is the output
+        error's, the measure the feedback compares with delta; ``dropped_mean`` / ``dropped_p99`` stay the mass."""
         total, total_over, later, later_over = (int(x) for x in self._audit_counts.tolist())
         shift = self.budget_shift
         rows = self.decode_wrapper.req_idx[: self._audit_rows].long() if self._audit_rows else None
@@ -401,13 +420,21 @@ class SparseDecoder:
                    budget_shift_mean=(0.0 if shift is None else float(shift[rows].float().mean()))
                    if rows is not None else float("nan"))
         ring = self._audit_ring[:AUDIT_RING]
-        d = ring[~torch.isnan(ring)].double()
+        kept = ~torch.isnan(ring)
+        d = ring[kept].double()
+        err_ring = getattr(self, "_audit_err_ring", None)
+        e = err_ring[:AUDIT_RING][kept].double() if err_ring is not None else None
         if d.numel() == 0:
             nan = float("nan")
-            return dict(out, dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)
-        return dict(out, dropped_mean=float(d.mean()), dropped_p99=float(torch.quantile(d, 0.99)),
-                    dropped_over_delta=float((d > self.sparse_config.prhs.delta).double().mean()),
-                    audits=int(d.numel()))
+            out = dict(out, dropped_mean=nan, dropped_p99=nan, dropped_over_delta=nan, audits=0)
+            return dict(out, err_mean=nan, err_p99=nan) if e is not None else out
+        compared = d if e is None else e
+        out = dict(out, dropped_mean=float(d.mean()), dropped_p99=float(torch.quantile(d, 0.99)),
+                   dropped_over_delta=float((compared > self.sparse_config.prhs.delta).double().mean()),
+                   audits=int(d.numel()))
+        if e is not None:
+            out.update(err_mean=float(e.mean()), err_p99=float(torch.quantile(e, 0.99)))
+        return out
 
     def _maybe_log_stats(self) -> None:
         self._decode_batches += 1
@@ -423,12 +450,14 @@ class SparseDecoder:
                         stats["delta_hat_mean"], stats["delta_hat_max"], stats["art_stop_rate"],
                         stats["blocks_read_mean"])
             if "audits" in stats:
+                err = "err_mean" in stats          # --prhs-audit-measure output-error
                 logger.info("sglang_sparse audited dropped mass (last %d audits): mean=%.4f p99=%.4f "
-                            "over_delta(%.3g)=%.3f total=%d total_over=%d later=%d later_over=%d mean_shift=%.2f",
+                            "over_delta(%.3g)=%.3f total=%d total_over=%d later=%d later_over=%d mean_shift=%.2f"
+                            + (" err_mean=%.4f err_p99=%.4f" if err else ""),
                             stats["audits"], stats["dropped_mean"], stats["dropped_p99"],
                             self.sparse_config.prhs.delta, stats["dropped_over_delta"], stats["audits_total"],
                             stats["audits_total_over"], stats["audits_later"], stats["audits_later_over"],
-                            stats["budget_shift_mean"])
+                            stats["budget_shift_mean"], *((stats["err_mean"], stats["err_p99"]) if err else ()))
             if self._metrics_on:
                 self._export_metrics(stats)
 
@@ -441,7 +470,10 @@ class SparseDecoder:
                 ("blocks_read_mean", "Mean KV pages read per (request, KV head) in the last decode batch."),
                 ("dropped_mean", "Mean audited attention mass a decode step dropped (--prhs-audit-interval)."),
                 ("dropped_p99", "99th percentile of the audited dropped attention mass."),
-                ("dropped_over_delta", "Share of audits whose dropped attention mass exceeded --prhs-delta."),
+                ("dropped_over_delta", "Share of audits whose dropped attention mass (with --prhs-audit-measure "
+                                       "output-error: output error) exceeded --prhs-delta."),
+                ("err_mean", "Mean audited relative error of the attention output (--prhs-audit-measure output-error)."),
+                ("err_p99", "99th percentile of the audited relative error of the attention output."),
                 ("audits_total", "Audits (request, layer) since start."),
                 ("audits_total_over", "Audits since start whose dropped attention mass exceeded --prhs-delta."),
                 ("audits_later", "Audits since start after a request's first decode step."),

@@ -29,14 +29,15 @@ def test_every_flag_reaches_its_field():
             "--prhs-budget", "1/32", "--prhs-reselect-interval", "4", "--prhs-dilation", "1",
             "--prhs-layers-per-selection", "2", "--prhs-sink-pages", "2", "--prhs-recent-pages", "3",
             "--prhs-min-context-len", "8192", "--prhs-audit-interval", "16",
-            "--prhs-audit-max-scale", "4", "--art", "on", "--art-tau-mag", "0.02", "--art-tau-dir", "0.001",
+            "--prhs-audit-measure", "output-error", "--prhs-audit-max-scale", "4", "--art", "on", "--art-tau-mag", "0.02", "--art-tau-dir", "0.001",
             "--art-patience", "5", "--art-eps-cert", "0.05", "--art-min-blocks", "2", "--tp", "1"]
     cfg, rest = C.parse_known_args(argv)
     assert rest == ["--tp", "1"]
     assert cfg.claa == C.ClaaConfig("claa", 0.1, 12, 16, 3, 5, 1000, 65536)
-    assert cfg.prhs == C.PrhsConfig("prhs", 64, 0.01, 1 / 32, 4, 1, 2, 2, 3, 8192, 16, 4)
+    assert cfg.prhs == C.PrhsConfig("prhs", 64, 0.01, 1 / 32, 4, 1, 2, 2, 3, 8192, 16, 4,
+                                      audit_measure="output-error")
     assert cfg.art == C.ArtConfig("on", 0.02, 0.001, 5, 0.05, 2)
-    assert len(C.FLAG_NAMES) == len(set(C.FLAG_NAMES)) == 27
+    assert len(C.FLAG_NAMES) == len(set(C.FLAG_NAMES)) == 28
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -59,6 +60,7 @@ def test_every_flag_reaches_its_field():
     (["--prhs-budget", "2"], "--prhs-budget"),
     (["--prhs-budget", "abc"], "--prhs-budget"),
     (["--prhs-audit-interval", "-1"], "--prhs-audit-interval"),
+    (["--prhs-audit-measure", "output"], "--prhs-audit-measure"),
     (["--prhs-audit-max-scale", "3"], "--prhs-audit-max-scale"),
     (["--prhs-audit-max-scale", "0"], "--prhs-audit-max-scale"),
     (["--prhs-audit-max-scale", "128"], "--prhs-audit-max-scale"),

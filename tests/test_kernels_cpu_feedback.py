@@ -84,9 +84,9 @@ def _peaked_and_flat(seed, lens=(700, 900)):
                         P, DEVICE, torch.Generator().manual_seed(seed + 2))
 
 
-def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), audit=True):
+def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), audit=True, measure="mass"):
     """A SparseDecoder over ``pool`` (every layer reads the same KV), built around its real wrapper and audit
-    (``audit``); ``shifts``: a profile's per-layer budget shifts."""
+    (``audit``, comparing ``measure`` with delta); ``shifts``: a profile's per-layer budget shifts."""
     import torch
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -97,7 +97,7 @@ def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), aud
     dec = SparseDecoder.__new__(SparseDecoder)
     p = PrhsConfig(mode="prhs", delta=delta, budget=budget, audit_interval=1000 if audit else 0,
                    layers_per_selection=group, audit_max_scale=max_scale, min_context_len=0,
-                   layer_budget_shift=tuple(shifts))
+                   layer_budget_shift=tuple(shifts), audit_measure=measure)
     dec.sparse_config = SparseConfig(prhs=p)
     dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = p.audit_interval, layers, group, 1
     dec._claa_from, dec.layer_offset = None, 0
@@ -322,3 +322,59 @@ def test_profile_with_feedback_raises_from_the_profile_shift():
     assert dec.budget_shift[rows].tolist() == [[1, 3], [2, 3]], f"seed={seed}: {dec.budget_shift[rows].tolist()}"
     _extend(dec, pool)
     assert dec.budget_shift[rows].tolist() == [[1, 3], [1, 3]], f"seed={seed}: {dec.budget_shift[rows].tolist()}"
+
+
+def test_output_error_feedback_raises_only_the_request_whose_output_changed():
+    """--prhs-audit-measure output-error: two requests with flat attention (random keys), so that 1/8 of the pages
+    leaves most of the mass out of both. Request 0 holds one value vector per KV head at every token: its output is
+    the same whichever pages are read, so its output error stays near 0 and its budget is not raised although its
+    dropped mass is far above delta. Request 1's dropped pages hold other values: its output error exceeds delta and
+    its budget is doubled. The dropped mass is still measured and reported, the counters count the output error,
+    and the log line gains err_mean / err_p99. With the mass measure the same step raises both."""
+    import logging
+
+    import torch
+
+    seed = fresh_seed()
+    layers, delta = 2, 0.05
+    lens = [700, 900]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    pool.vc[pool.slots[0]] = torch.randn(1, H_KV, D, generator=gen).to(pool.vc.dtype)
+    rows = pool.rows.tolist()
+    for measure in ("output-error", "mass"):
+        tag = f"seed={seed} {measure}"
+        dec = _decoder(pool, layers, 1, max_scale=4, delta=delta, measure=measure)
+        assert (dec.audit.out_err is not None) == (measure == "output-error"), tag
+        dropped = _step(dec, pool, layers, lens)
+        assert float(dropped.min()) > 0.3, f"{tag}: dropped {dropped.tolist()}"
+        shifts = dec.budget_shift[rows].tolist()
+        stats = dec.audit_stats()
+        if measure == "mass":
+            assert shifts == [[1] * layers, [1] * layers], f"{tag}: shifts {shifts}"
+            assert "err_mean" not in stats and stats["audits_total_over"] == 2 * layers, (tag, stats)
+            continue
+        err = dec.audit.out_err.amax(dim=1)          # the last layer's
+        assert float(err[0]) <= 1e-2 and float(err[1]) > delta, f"{tag}: output error {err.tolist()}"
+        assert shifts == [[0] * layers, [1] * layers], f"{tag}: shifts {shifts} (output error {err.tolist()})"
+        assert stats["audits_total"] == 2 * layers and stats["audits_total_over"] == layers, (tag, stats)
+        assert stats["dropped_over_delta"] == 0.5 and stats["dropped_mean"] > 0.3, (tag, stats)
+        e = dec._audit_err_ring[: 2 * layers].double()
+        assert not bool(torch.isnan(e).any()) and abs(stats["err_mean"] - float(e.mean())) < 1e-6, (tag, stats)
+        assert abs(stats["err_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (tag, stats)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        log = logging.getLogger("sglang_sparse.sparse_decode")
+        log.addHandler(handler)
+        level = log.level
+        log.setLevel(logging.INFO)
+        try:
+            dec._log_every, dec._metrics_on = 1, False
+            dec._maybe_log_stats()
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)
+        line = [r.getMessage() for r in records if "audited dropped mass" in r.getMessage()]
+        assert len(line) == 1 and line[0].endswith(" err_mean=%.4f err_p99=%.4f" % (stats["err_mean"],
+                                                                                     stats["err_p99"])), (tag, line)
