@@ -440,7 +440,8 @@ _FLAGS = (
      "(the relative error of the attention output against the exact one over every token; reads the values too)."),
     ("--prhs-audit-max-scale", "prhs_audit_max_scale", int, "prhs", "audit_max_scale",
      "Audit feedback: a request whose audited dropped mass (or output error, see --prhs-audit-measure) exceeds "
-     "--prhs-delta in a selection group gets that group's page budget doubled, up to this factor (a power of two, 1..64; 1 = report only)."),
+     "--prhs-delta in a selection group gets that group's page budget doubled, up to this factor (a power of two, "
+     "1..64; 1 = report only)."),
     ("--art", "art", str, "art", "mode",
      "Run-time termination of decode attention once the running output stops changing."),
     ("--art-tau-mag", "art_tau_mag", float, "art", "tau_mag",

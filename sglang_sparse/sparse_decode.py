@@ -178,8 +178,9 @@ class SparseDecoder:
             what += (f", dropped mass{' and output error' if err else ''} audited at every layer on a request's "
                      f"first decode step and every {self._audit_every} steps")
             if self._max_shift:
-                what += (f", a (request, selection group) {'whose output error exceeds' if err else 'dropping more than'}"
-                         f" delta gets its budget doubled, up to x{1 << self._max_shift}")
+                over = "whose output error exceeds" if err else "dropping more than"
+                what += (f", a (request, selection group) {over} delta gets its budget doubled, up to "
+                         f"x{1 << self._max_shift}")
         if self.budget_shift is not None and any(self._initial_shift):
             what += (f", budgets of the selection groups start scaled by the profile's "
                      f"x{[1 << s for s in self._initial_shift]}")
@@ -472,7 +473,8 @@ class SparseDecoder:
                 ("dropped_p99", "99th percentile of the audited dropped attention mass."),
                 ("dropped_over_delta", "Share of audits whose dropped attention mass (with --prhs-audit-measure "
                                        "output-error: output error) exceeded --prhs-delta."),
-                ("err_mean", "Mean audited relative error of the attention output (--prhs-audit-measure output-error)."),
+                ("err_mean", "Mean audited relative error of the attention output "
+                             "(--prhs-audit-measure output-error)."),
                 ("err_p99", "99th percentile of the audited relative error of the attention output."),
                 ("audits_total", "Audits (request, layer) since start."),
                 ("audits_total_over", "Audits since start whose dropped attention mass exceeded --prhs-delta."),

@@ -585,6 +585,48 @@ def test_dropped_mass_audit(page_size):
         err = (dropped[b].double() - ref.cpu()).abs().max().item()
         assert err <= 2e-2, f"seed={seed} P={P} b={b}: dropped {dropped[b].tolist()} vs {ref.tolist()}"
 
+
+@pytest.mark.parametrize("page_size", [32, 64])
+def test_output_error_audit(page_size):
+    """measure="output-error" at Llama-3.1-8B shapes up to 32K tokens: the relative output error of PrHS 1/16
+    equals the float64 reference against the wrapper's own output (random keys: large), a dense read's is near 0,
+    and the dropped mass is measured as with measure="mass"."""
+    from flashinfer_ext.audit import DroppedMassAudit
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    P = page_size
+    lens = [32000, 5000, 12345]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEV, torch.Generator().manual_seed(seed))
+    kmin, kmax = reference_summaries(pool)
+    max_len = max(lens) + P
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV)
+    audit = DroppedMassAudit(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=max_len, device=DEV,
+                             measure="output-error")
+    sm = D ** -0.5
+    for name, cfg in (("prhs", dict(pages=sel(1 / 16, 0.0))), ("dense", dict())):
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax)
+        audit.plan(len(lens), torch.tensor([True, True, False], device=DEV))
+        audit.run(w, pool.q, pool.kc, pool.vc, out)
+        err, dropped = audit.out_err.cpu(), audit.dropped.cpu()
+        assert bool(torch.isnan(err[2]).all()), f"seed={seed}: request 2 was not audited"
+        for b in (0, 1):
+            tag = f"seed={seed} P={P} {name} b={b}"
+            q, k, v = pool.logical(b)
+            ref = prhs.output_error(q, k, v, sm, out[b].double()).cpu()
+            gap = ((err[b].double() - ref).abs() - 1e-2 * ref).max().item()
+            assert gap <= 1e-2, f"{tag}: err {err[b].tolist()} vs {ref.tolist()}"
+            if name == "dense":
+                assert float(err[b].max()) <= 1e-2 and float(dropped[b].max()) <= 1e-2, (tag, err[b], dropped[b])
+            else:
+                _, lse = prhs.sparse_attention(q, k, v, P, w.pages[b].long(), w.num_selected[b].long(), sm,
+                                               return_lse=True)
+                ref_d = prhs.dropped_mass(q, k, sm, lse).cpu()
+                assert (dropped[b].double() - ref_d).abs().max().item() <= 2e-2, (tag, dropped[b], ref_d)
+                assert float(err[b].min()) > 0.3, f"{tag}: err {err[b].tolist()}"
+
 if __name__ == "__main__":
     import time
     import traceback
