@@ -113,6 +113,9 @@ SETTINGS: Dict[str, Setting] = {
     "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-audit-interval", "4", "--prhs-audit-max-scale", "1"),
     # the delta sweep: PrHS 1/16 with the audit's budget feedback (every 8 steps and the first, up to 8x the budget)
     **{f"prhs-d{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8") for d in ("0.2", "0.1", "0.05", "0.02")},
+    # the same feedback on the attention output's relative error instead of the dropped mass
+    **{f"prhs-e{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8", "--prhs-audit-measure",
+                              "output-error") for d in ("0.2", "0.1", "0.05")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
@@ -218,7 +221,7 @@ _CLAA_SKIPPED = re.compile(r"sglang_sparse CLAA: (\d+) prompt\(s\) not filtered 
 _POOL = re.compile(r"max_total_num_tokens=(\d+)")
 _AUDIT = re.compile(r"sglang_sparse audited dropped mass \(last (\d+) audits\): mean=(\S+) p99=(\S+) "
                     r"over_delta\((\S+)\)=(\S+)(?: total=(\d+) total_over=(\d+) later=(\d+) later_over=(\d+) "
-                    r"mean_shift=(\S+))?")
+                    r"mean_shift=(\S+))?(?: err_mean=(\S+) err_p99=(\S+))?")
 
 
 def _mean(xs: Sequence[float]) -> Optional[float]:
@@ -256,12 +259,14 @@ def parse_server_log(text: str) -> dict:
                        "prompt_tokens_max": max((n for n, _ in kept), default=None), "not_filtered": skipped}
     audits = _AUDIT.findall(text)
     if audits:      # the last report covers the most audits (a ring of the latest ones)
-        n, mean, p99, delta, over, total, total_over, later, later_over, shift = audits[-1]
+        n, mean, p99, delta, over, total, total_over, later, later_over, shift, err_mean, err_p99 = audits[-1]
         out["audit"] = {"audits": int(n), "dropped_mean": float(mean), "dropped_p99": float(p99),
                         "delta": float(delta), "over_delta": float(over)}
         if total:       # cumulative counts since the server started (all audits; those after a request's first step)
             out["audit"].update(total=int(total), total_over=int(total_over), later=int(later),
                                 later_over=int(later_over), budget_shift_mean=float(shift))
+        if err_mean:    # --prhs-audit-measure output-error: the over-delta counts are of the output error
+            out["audit"].update(measure="output-error", err_mean=float(err_mean), err_p99=float(err_p99))
     pool = _POOL.findall(text)
     if pool:
         out["kv_pool_tokens"] = int(pool[-1])

@@ -378,3 +378,10 @@ def test_output_error_feedback_raises_only_the_request_whose_output_changed():
         line = [r.getMessage() for r in records if "audited dropped mass" in r.getMessage()]
         assert len(line) == 1 and line[0].endswith(" err_mean=%.4f err_p99=%.4f" % (stats["err_mean"],
                                                                                      stats["err_p99"])), (tag, line)
+        # the quality runs read this line back (benchmarks/quality_gpu.py): every field must parse
+        from benchmarks.quality_gpu import parse_server_log
+
+        au = parse_server_log(line[0])["audit"]
+        assert au["measure"] == "output-error" and au["total"] == stats["audits_total"], (tag, au)
+        assert au["later_over"] == stats["audits_later_over"] and abs(au["err_p99"] - stats["err_p99"]) < 1e-4, (tag, au)
+        assert abs(au["dropped_mean"] - stats["dropped_mean"]) < 1e-4, (tag, au)
