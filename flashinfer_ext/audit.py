@@ -35,8 +35,7 @@ from typing import Optional
 import torch
 import triton
 
-from flashinfer_ext.kernels.kv_lse import (_dropped_mass_kernel, _kv_lse_split_kernel, _kv_out_split_kernel,
-                                           _output_error_kernel)
+from flashinfer_ext.kernels.kv_lse import _audit_merge_kernel, _kv_split_kernel
 
 _LOG2E = 1.4426950408889634
 MEASURES = ("mass", "output-error")
@@ -121,38 +120,28 @@ class DroppedMassAudit:
             raise ValueError(f"audit planned for {bs} requests, the wrapper's batch has {wrapper.bs}")
         scale = (1.0 / math.sqrt(self.d) if sm_scale is None else float(sm_scale)) * _LOG2E
         ppi = max(1, 64 // self.page_size)
-        if self.measure == "output-error":
+        with_v = self.measure == "output-error"
+        if with_v:
             if v_cache is None or out is None:
                 raise ValueError("measure='output-error' needs the values (v_cache) and the wrapper's output (out)")
-            self._run_output_error(wrapper, q, k_cache, v_cache, out.view(bs, self.h_q, self.dv), scale, ppi)
-            return self.dropped
-        _kv_lse_split_kernel[(bs, self.h_kv, self.num_splits)](
-            self.audited, q, k_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
-            self.mid_l, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            wrapper.page_table.stride(0), self.mid_m.stride(0), self.mid_m.stride(1), scale,
-            self.pages_per_split, G=self.group, G_PAD=self.g_pad, D=self.d,
-            BLOCK_D=triton.next_power_of_2(self.d), P=self.page_size, PPI=ppi, num_warps=4)
-        _dropped_mass_kernel[(bs, self.h_q)](
-            self.audited, self.mid_m, self.mid_l, wrapper.lse_buf, self.dropped_buf, self.mid_m.stride(0),
-            self.mid_m.stride(1), wrapper.lse_buf.stride(0), self.dropped_buf.stride(0),
-            self.num_splits, S_PAD=triton.next_power_of_2(self.num_splits), num_warps=1)
-        return self.dropped
-
-    def _run_output_error(self, wrapper, q, k_cache, v_cache, out, scale: float, ppi: int) -> None:
-        bs, mo = self.bs, self.mid_o
-        _kv_out_split_kernel[(bs, self.h_kv, self.num_splits)](
+            out, mo, err, dv = out.view(bs, self.h_q, self.dv), self.mid_o, self.out_err_buf, self.dv
+        else:       # keys only: the value / output arguments are never read (WITH_V=False)
+            v_cache, out, mo, err, dv = k_cache, wrapper.lse_buf[:, :, None], self.mid_m[:, :, :, None], \
+                self.dropped_buf, 1
+        _kv_split_kernel[(bs, self.h_kv, self.num_splits)](
             self.audited, q, k_cache, v_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
             self.mid_l, mo, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
             v_cache.stride(1), wrapper.page_table.stride(0), self.mid_m.stride(0), self.mid_m.stride(1),
             mo.stride(0), mo.stride(1), mo.stride(2), scale, self.pages_per_split,
-            G=self.group, G_PAD=self.g_pad, D=self.d, DV=self.dv, BLOCK_D=triton.next_power_of_2(self.d),
-            BLOCK_DV=triton.next_power_of_2(self.dv), P=self.page_size, PPI=ppi, num_warps=4)
-        _output_error_kernel[(bs, self.h_q)](
-            self.audited, self.mid_m, self.mid_l, mo, wrapper.lse_buf, out, self.dropped_buf, self.out_err_buf,
+            G=self.group, G_PAD=self.g_pad, D=self.d, DV=dv, BLOCK_D=triton.next_power_of_2(self.d),
+            BLOCK_DV=triton.next_power_of_2(dv), P=self.page_size, PPI=ppi, WITH_V=with_v, num_warps=4)
+        _audit_merge_kernel[(bs, self.h_q)](
+            self.audited, self.mid_m, self.mid_l, mo, wrapper.lse_buf, out, self.dropped_buf, err,
             self.mid_m.stride(0), self.mid_m.stride(1), mo.stride(0), mo.stride(1), mo.stride(2),
             wrapper.lse_buf.stride(0), out.stride(0), out.stride(1), self.dropped_buf.stride(0),
-            self.num_splits, DV=self.dv, BLOCK_DV=triton.next_power_of_2(self.dv),
-            S_PAD=triton.next_power_of_2(self.num_splits), num_warps=4)
+            self.num_splits, DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
+            S_PAD=triton.next_power_of_2(self.num_splits), WITH_V=with_v, num_warps=4 if with_v else 1)
+        return self.dropped
 
     @property
     def out_err(self) -> Optional[torch.Tensor]:
