@@ -1,16 +1,17 @@
-"""Per-layer PrHS budget calibration: how many pages the key-bound ranking needs to keep the dropped
-attention mass under delta, measured on a model's own decode queries.
+"""Per-layer PrHS budget calibration: how many pages the key-bound ranking needs to keep a quality measure
+(by default the dropped attention mass) under delta, measured on a model's own decode queries.
 
     python -m sglang_sparse.calibrate --model-path DIR [--device cpu|cuda] [--prompt-lens 8192,16384]
         [--num-prompts N] [--page-size 64] [--budget 1/16] [--delta 0.05] [--quantile 0.9]
-        [--answer-tokens 16] [--seed 0] [--out PROFILE.json] [--results RESULTS.json]
+        [--measure mass|mass-mean|output-error] [--answer-tokens 16] [--seed 0]
+        [--out PROFILE.json] [--results RESULTS.json]
 
 Method. For each prompt length, N synthetic key-value retrieval prompts (lines ``key <id>: value <number>``
 from a seeded RNG, then a question about one key, in the model's chat template when it has one) are
 answered greedily by ``model.generate``. The generation runs with the capturing attention of
 :mod:`sglang_sparse.capture`: at each decode step it records every layer's post-RoPE query of the token
-being fed (an answer token at position ``pos``) and the KV cache it attends over, keys ``[0, pos]``. The
-first ``--answer-tokens`` answer tokens are the decode samples.
+being fed (an answer token at position ``pos``) and the KV cache it attends over, keys and values
+``[0, pos]``. The first ``--answer-tokens`` answer tokens are the decode samples.
 
 For each sample and layer (``n`` keys, pages of P tokens, ``N = ceil(n / P)`` pages), with the server's
 sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
@@ -24,20 +25,30 @@ sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
   then drops at most delta);
 * oracle ranking: the same forced sink/recent pages, then the other pages by their true attention mass
   summed over the KV group's query heads, filling the budget;
-* dropped mass: :func:`~sglang_sparse.prhs.exact_dropped_mass` per query head; a sample's value is the
-  max over the layer's query heads (as the server's audit reports it).
+* measures of each selection (:func:`sample_measures`), per query head h:
 
-Per layer and shift the ``--quantile`` order statistic of the samples' dropped mass is reported: the
+  - dropped mass ``delta_h``: :func:`~sglang_sparse.prhs.exact_dropped_mass`;
+  - output error ``e_h = ||o_sparse[h] - o_dense[h]|| / ||o_dense[h]||`` (:func:`output_error`), o_sparse the
+    softmax attention over the selected pages' tokens only, renormalised over them
+    (:func:`~sglang_sparse.prhs.sparse_attention`), o_dense over all the keys
+    (:func:`~sglang_sparse.prhs.dense_attention`);
+
+  a sample's ``mass`` is ``max_h delta_h`` (as the server's audit reports it), ``mass-mean`` is
+  ``mean_h delta_h``, ``output-error`` is ``max_h e_h`` and ``output-error-mean`` is ``mean_h e_h``.
+
+Per layer, shift and curve the ``--quantile`` order statistic of the samples' values is reported: the
 smallest value v with at least ``ceil(quantile * samples)`` samples <= v. The chosen shift of a layer is
-the smallest s whose quantile value is <= delta, i.e. dropped mass <= delta on at least ``quantile`` of
-the samples (S_max, every page, when no smaller shift does).
+the smallest s whose quantile value of the ``--measure`` curve (bound ranking) is <= delta, i.e. that
+measure <= delta on at least ``quantile`` of the samples (S_max, every page, when no smaller shift does).
 
 By construction the oracle keeps at least as much group-summed mass as any selection of the same size
 that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
 above the bound ranking's. That does not hold per query head, nor for the max over heads.
 
-Writes the profile (``--out``; schema in :func:`build_profile`) and, with ``--results``, the full
-measurement with the command line and the wall time. A missing or invalid ``--model-path`` (or another
+Writes the profile (``--out``; schema in :func:`build_profile`; ``prhs.measure`` names the measure the
+shifts were chosen by) and, with ``--results``, the full measurement with the command line and the wall
+time: ``measures`` holds every curve's per-layer statistics (:func:`summarise`), ``per_layer`` those of
+``--measure``. A missing or invalid ``--model-path`` (or another
 bad flag value) exits with status 2 and one line ``python -m sglang_sparse.calibrate: error: ...``
 before anything is loaded. Never downloads: the model is loaded with ``local_files_only=True``.
 """
@@ -63,12 +74,14 @@ from flashinfer_ext.params import page_budget
 from sglang_sparse.capture import Capturing
 from sglang_sparse.config import PrhsConfig
 from sglang_sparse.prhs import (
+    dense_attention,
     exact_dropped_mass,
     page_bounds,
     page_lengths,
     page_summaries,
     scaled_budget,
     select_pages,
+    sparse_attention,
 )
 
 __all__ = [
@@ -76,6 +89,10 @@ __all__ = [
     "CalibrationSettings",
     "max_shift",
     "sample_dropped",
+    "output_error",
+    "sample_measures",
+    "MEASURES",
+    "CURVES",
     "quantile_value",
     "choose_shift",
     "build_profile",
@@ -86,6 +103,10 @@ __all__ = [
 PROG = "python -m sglang_sparse.calibrate"
 FORMAT = 1
 DEFAULT_PAGE_SIZE = 64
+# what the per-layer shift choice compares with delta (--measure)
+MEASURES = ("mass", "mass-mean", "output-error")
+# every per-sample curve measured: the measures, and the output error averaged over the query heads
+CURVES = ("mass", "mass-mean", "output-error", "output-error-mean")
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,7 @@ class CalibrationSettings:
     quantile: float = 0.9
     sink_pages: int = PrhsConfig.sink_pages
     recent_pages: int = PrhsConfig.recent_pages
+    measure: str = "mass"
 
 
 # --------------------------------------------------------------------------- measurement
@@ -132,13 +154,8 @@ def _group_page_mass(q: Tensor, k: Tensor, page_size: int, sm_scale: float) -> T
     return per_head.reshape(h_kv, h_q // h_kv, num_pages).sum(dim=1)
 
 
-def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int,
-                   per_head: bool = False) -> Tuple[Tensor, Tensor]:
-    """Dropped mass of one decode query at budget shifts ``0..shifts``: ``(bound, oracle)``, each
-    ``[shifts + 1]`` (the max over query heads), or ``[shifts + 1, H_q]`` with ``per_head``.
-
-    q ``[H_q, D]`` post-RoPE, k ``[n, H_kv, D]`` the keys it attends over (itself included).
-    """
+def _selections(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int):
+    """``(bound, oracle)`` page selections of one decode query at budget shifts ``0..shifts`` (see the module)."""
     n = k.shape[0]
     lens = page_lengths(n, cfg.page_size, device=k.device)
     num_pages = lens.numel()
@@ -146,17 +163,69 @@ def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettin
     kmin, kmax = page_summaries(k, cfg.page_size)
     ub, lb = page_bounds(q, kmin, kmax, sm_scale)
     mass = _group_page_mass(q, k, cfg.page_size, sm_scale)
-    bound, oracle = [], []
+    out = []
     for s in range(shifts + 1):
         b = scaled_budget(base, s, num_pages)
         sel = select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages)
-        bound.append(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale))
         osel = select_pages(mass, mass, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages)
+        out.append((sel, osel))
+    return out
+
+
+def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int,
+                   per_head: bool = False) -> Tuple[Tensor, Tensor]:
+    """Dropped mass of one decode query at budget shifts ``0..shifts``: ``(bound, oracle)``, each
+    ``[shifts + 1]`` (the max over query heads), or ``[shifts + 1, H_q]`` with ``per_head``.
+
+    q ``[H_q, D]`` post-RoPE, k ``[n, H_kv, D]`` the keys it attends over (itself included).
+    """
+    bound, oracle = [], []
+    for sel, osel in _selections(q, k, sm_scale, cfg, shifts):
+        bound.append(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale))
         oracle.append(exact_dropped_mass(q, k, cfg.page_size, osel.pages, osel.num_selected, sm_scale))
     bound_t, oracle_t = torch.stack(bound), torch.stack(oracle)            # [S + 1, H_q]
     if per_head:
         return bound_t, oracle_t
     return bound_t.amax(dim=1), oracle_t.amax(dim=1)
+
+
+def output_error(q: Tensor, k: Tensor, v: Tensor, page_size: int, pages: Tensor, num_selected: Tensor,
+                 sm_scale: float, dense: Optional[Tensor] = None) -> Tensor:
+    """Relative attention-output error of a page selection, per query head: ``[H_q]``,
+    ``||o_sparse - o_dense|| / ||o_dense||`` with o_sparse the softmax attention over the selected pages'
+    tokens only (renormalised over them, :func:`~sglang_sparse.prhs.sparse_attention`) and o_dense over all
+    n keys (:func:`~sglang_sparse.prhs.dense_attention`, or ``dense`` when given). A head whose dense output
+    is 0 gets 0 if its sparse output is 0 too, else inf."""
+    if dense is None:
+        dense = dense_attention(q, k, v, sm_scale)
+    sparse = sparse_attention(q, k, v, page_size, pages, num_selected, sm_scale)
+    diff = (sparse - dense).norm(dim=-1)
+    ref = dense.norm(dim=-1)
+    return torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny),
+                       torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
+
+
+def sample_measures(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: CalibrationSettings,
+                    shifts: int) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Every curve of :data:`CURVES` for one decode query at budget shifts ``0..shifts``:
+    ``{curve: (bound [shifts + 1], oracle [shifts + 1])}``, for the same selections as :func:`sample_dropped`.
+
+    ``mass``: dropped mass, max over query heads; ``mass-mean``: its mean over query heads; ``output-error``:
+    :func:`output_error`, max over query heads; ``output-error-mean``: its mean over query heads.
+    q ``[H_q, D]``, k ``[n, H_kv, D]``, v ``[n, H_kv, Dv]``.
+    """
+    dense = dense_attention(q, k, v, sm_scale)
+    rows = {"mass": ([], []), "error": ([], [])}
+    for sel, osel in _selections(q, k, sm_scale, cfg, shifts):
+        for i, x in enumerate((sel, osel)):
+            rows["mass"][i].append(exact_dropped_mass(q, k, cfg.page_size, x.pages, x.num_selected, sm_scale))
+            rows["error"][i].append(output_error(q, k, v, cfg.page_size, x.pages, x.num_selected, sm_scale, dense))
+    mass = [torch.stack(x) for x in rows["mass"]]                          # [S + 1, H_q] each
+    err = [torch.stack(x) for x in rows["error"]]
+    return {"mass": (mass[0].amax(dim=1), mass[1].amax(dim=1)),
+            "mass-mean": (mass[0].mean(dim=1), mass[1].mean(dim=1)),
+            "output-error": (err[0].amax(dim=1), err[1].amax(dim=1)),
+            "output-error-mean": (err[0].mean(dim=1), err[1].mean(dim=1))}
 
 
 def quantile_value(values: Sequence[float], quantile: float) -> float:
@@ -177,7 +246,8 @@ def choose_shift(quantile_by_shift: Sequence[float], delta: float) -> int:
 
 
 def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSettings) -> dict:
-    """Per-layer statistics from per-layer ``[samples, S + 1]`` dropped masses (max over heads)."""
+    """Per-layer statistics from per-layer ``[samples, S + 1]`` values of one curve (e.g. the dropped mass, max
+    over heads); ``shift`` is each layer's :func:`choose_shift` of the bound ranking's quantile values."""
     out = {"bound_quantile": [], "oracle_quantile": [], "bound_mean": [], "oracle_mean": [],
            "bound_over_delta": [], "oracle_over_delta": [], "shift": []}
     for b, o in zip(bound, oracle):
@@ -195,7 +265,9 @@ def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSetting
 
 def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: int, cfg: CalibrationSettings,
                   created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict) -> dict:
-    """The profile JSON (format 1); ``stats`` from :func:`summarise`."""
+    """The profile JSON (format 1); ``stats``: ``{curve: summarise(...)}`` for every curve of :data:`CURVES`.
+    The shifts are those of ``cfg.measure``; the measurements are the dropped mass (max over heads)."""
+    chosen, mass = stats[cfg.measure], stats["mass"]
     return {
         "format": FORMAT,
         "model": model,
@@ -208,11 +280,11 @@ def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: i
         "prompt_lens": list(prompt_lens),
         "num_prompts": num_prompts,
         "prhs": {"budget": float(cfg.budget), "delta": float(cfg.delta), "quantile": float(cfg.quantile),
-                 "layer_budget_shift": list(stats["shift"])},
+                 "measure": cfg.measure, "layer_budget_shift": list(chosen["shift"])},
         "claa": None,
         "measurements": {
-            "prhs_dropped_by_shift": {"bound": stats["bound_quantile"], "oracle": stats["oracle_quantile"]},
-            "mean_bound_dropped": [row[0] for row in stats["bound_mean"]],
+            "prhs_dropped_by_shift": {"bound": mass["bound_quantile"], "oracle": mass["oracle_quantile"]},
+            "mean_bound_dropped": [row[0] for row in mass["bound_mean"]],
         },
     }
 
@@ -283,16 +355,17 @@ def kv_retrieval_prompt(tokenizer, target_tokens: int, seed: int) -> Tuple[List[
 
 # --------------------------------------------------------------------------- capture during decode
 class DecodeCollector:
-    """Callback of :class:`~sglang_sparse.capture.Capturing` during ``generate``: per layer the decode
-    queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys."""
+    """Callback of :class:`~sglang_sparse.capture.Capturing` (with values) during ``generate``: per layer the
+    decode queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys and values."""
 
     def __init__(self, prompt_len: int, max_steps: int):
         self.prompt_len, self.max_steps = prompt_len, max_steps
         self.queries: Dict[int, List[Tensor]] = {}
         self.keys: Dict[int, Tensor] = {}
+        self.values: Dict[int, Tensor] = {}
         self.scale: Optional[float] = None
 
-    def __call__(self, layer, query, key, scale):
+    def __call__(self, layer, query, key, scale, value=None):
         if query.shape[2] != 1:                          # the prefill
             return
         got = self.queries.setdefault(layer, [])
@@ -303,23 +376,29 @@ class DecodeCollector:
         if key.shape[2] < need:
             raise RuntimeError(f"layer {layer}: the cache holds {key.shape[2]} keys, expected at least {need}")
         self.keys[layer] = key[0, :, :need].transpose(0, 1)           # [n, H_kv, D], a view of the cache
+        if value is not None:
+            self.values[layer] = value[0, :, :need].transpose(0, 1)   # [n, H_kv, Dv], a view of the cache
         self.scale = scale
 
-    def samples(self, layer: int) -> List[Tuple[Tensor, Tensor]]:
-        """``(q [H_q, D], k [n, H_kv, D])`` per decode step: step i attends keys ``[0, prompt_len + i]``."""
+    def samples(self, layer: int) -> List[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """``(q [H_q, D], k [n, H_kv, D], v [n, H_kv, Dv] or None)`` per decode step: step i attends keys
+        ``[0, prompt_len + i]``."""
         k = self.keys[layer].float()
-        return [(q.float(), k[: self.prompt_len + i + 1]) for i, q in enumerate(self.queries[layer])]
+        v = self.values[layer].float() if layer in self.values else None
+        n = self.prompt_len
+        return [(q.float(), k[: n + i + 1], None if v is None else v[: n + i + 1])
+                for i, q in enumerate(self.queries[layer])]
 
 
 @torch.no_grad()
 def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device) -> Tuple[List[int], DecodeCollector]:
     """Greedy answer (one token more than ``answer_tokens``, so that each answer token is fed as a decode query)
-    and the captured decode queries and keys."""
+    and the captured decode queries, keys and values."""
     col = DecodeCollector(len(ids), answer_tokens)
     inp = torch.tensor([ids], device=device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    with Capturing(model, col):
+    with Capturing(model, col, values=True):
         gen = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=answer_tokens + 1,
                              do_sample=False, pad_token_id=pad)
     return gen[0, len(ids):].tolist(), col
@@ -342,6 +421,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--budget", default="1/16", help="base page budget: a fraction like 1/16 or a page count")
     p.add_argument("--delta", type=float, default=PrhsConfig.delta)
     p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument("--measure", default="mass", choices=MEASURES,
+                   help="what each layer's shift choice compares with --delta: the dropped mass of the worst query "
+                        "head (mass), the dropped mass averaged over query heads (mass-mean), or the relative "
+                        "attention-output error of the worst query head (output-error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="profile JSON (default: <model dir name>.json here)")
     p.add_argument("--results", default=None, help="also write the full measurement here")
@@ -379,7 +462,8 @@ def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]
         _fail(f"--quantile: must be in (0, 1], got {args.quantile}")
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device: cuda requested but no CUDA device is available")
-    cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile)
+    cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile,
+                              measure=args.measure)
     return cfg, lens
 
 
@@ -432,8 +516,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     jobs = [(n, i) for n in lens for i in range(args.num_prompts)]
     # the longest context: prompt + answer tokens, so every sample's budget grid reaches all its pages
     shifts = max_shift([n + args.answer_tokens for n in lens], cfg)
-    bound: List[List[Tensor]] = [[] for _ in range(num_layers)]
-    oracle: List[List[Tensor]] = [[] for _ in range(num_layers)]
+    curves: Dict[str, Tuple[List[List[Tensor]], List[List[Tensor]]]] = {
+        c: ([[] for _ in range(num_layers)], [[] for _ in range(num_layers)]) for c in CURVES}
     prompts = []
     for j, (target, i) in enumerate(jobs):
         t1 = time.time()
@@ -447,38 +531,42 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             continue
         for layer in _progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1} layers", unit="layer",
                                leave=False):
-            b, o = zip(*(sample_dropped(q, k, col.scale, cfg, shifts) for q, k in col.samples(layer)))
-            bound[layer].append(torch.stack(b).cpu())
-            oracle[layer].append(torch.stack(o).cpu())
+            got = [sample_measures(q, k, v, col.scale, cfg, shifts) for q, k, v in col.samples(layer)]
+            for c in CURVES:
+                for side in (0, 1):
+                    curves[c][side][layer].append(torch.stack([g[c][side] for g in got]).cpu())
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "decode_samples": steps,
                         "key": key, "value": value, "answer": text, "correct": value in text,
                         "generate_s": round(t_gen, 1), "measure_s": round(time.time() - t1 - t_gen, 1)})
-        s0 = [float(bound[layer][-1][:, 0].mean()) for layer in range(num_layers)]
+        s0 = {c: sum(float(curves[c][0][layer][-1][:, 0].mean()) for layer in range(num_layers)) / num_layers
+              for c in CURVES}
         _log(f"prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, {steps} decode samples, answer {text!r} "
              f"({'correct' if value in text else 'expected ' + value}); generate {t_gen:.0f}s, measure "
-             f"{time.time() - t1 - t_gen:.0f}s; mean bound dropped at s=0 over layers {sum(s0) / len(s0):.3f}")
+             f"{time.time() - t1 - t_gen:.0f}s; bound ranking at s=0, mean over layers: dropped mass "
+             f"{s0['mass']:.3f} (max over heads), {s0['mass-mean']:.3f} (mean), output error "
+             f"{s0['output-error']:.3f} (max), {s0['output-error-mean']:.3f} (mean)")
         del col
     if not prompts:
         raise SystemExit(f"{PROG}: no prompt produced a decode step: nothing to calibrate")
-    bound_t = [torch.cat(x) for x in bound]
-    oracle_t = [torch.cat(x) for x in oracle]
-    stats = summarise(bound_t, oracle_t, cfg)
+    stats = {c: summarise([torch.cat(x) for x in curves[c][0]], [torch.cat(x) for x in curves[c][1]], cfg)
+             for c in CURVES}
+    samples_per_layer = int(torch.cat(curves["mass"][0][0]).shape[0])
     profile = build_profile(model=_model_name(args.model_path), num_layers=num_layers, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, cfg=cfg, created_by=created_by, device=device, prompt_lens=lens,
                             num_prompts=args.num_prompts, stats=stats)
     wall = time.time() - t0
     out = args.out or f"{_model_name(args.model_path)}.json"
     _write(out, profile)
-    _log(f"profile: {out} (layer budget shifts {stats['shift']})")
+    _log(f"profile: {out} (layer budget shifts by {cfg.measure}: {stats[cfg.measure]['shift']})")
     if args.results:
         results = {"command": created_by, "wall_s": round(wall, 1), "device": device,
                    "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
                    "settings": {"page_size": cfg.page_size, "budget": cfg.budget, "delta": cfg.delta,
-                                "quantile": cfg.quantile, "sink_pages": cfg.sink_pages,
+                                "quantile": cfg.quantile, "measure": cfg.measure, "sink_pages": cfg.sink_pages,
                                 "recent_pages": cfg.recent_pages, "max_shift": shifts,
                                 "answer_tokens": args.answer_tokens, "seed": args.seed},
-                   "samples_per_layer": int(bound_t[0].shape[0]), "prompts": prompts,
-                   "per_layer": stats, "profile": profile}
+                   "samples_per_layer": samples_per_layer, "prompts": prompts,
+                   "per_layer": stats[cfg.measure], "measures": stats, "profile": profile}
         _write(args.results, results)
         _log(f"results: {args.results}")
     _log(f"done in {wall:.0f}s")
