@@ -71,8 +71,10 @@ import torch
 from torch import Tensor
 
 from flashinfer_ext.params import page_budget
+from sglang_sparse.answer_oracle import oracle_importance, ranking_metrics
 from sglang_sparse.capture import Capturing
-from sglang_sparse.config import PrhsConfig
+from sglang_sparse.claa import aggregate_max, default_claa_layers, window_scores
+from sglang_sparse.config import ClaaConfig, PrhsConfig
 from sglang_sparse.prhs import (
     dense_attention,
     exact_dropped_mass,
@@ -96,6 +98,10 @@ __all__ = [
     "quantile_value",
     "choose_shift",
     "build_profile",
+    "ClaaSettings",
+    "claa_recalls",
+    "recall_quantile",
+    "choose_claa",
     "kv_retrieval_prompt",
     "main",
 ]
@@ -120,6 +126,18 @@ class CalibrationSettings:
     sink_pages: int = PrhsConfig.sink_pages
     recent_pages: int = PrhsConfig.recent_pages
     measure: str = "mass"
+
+
+@dataclass(frozen=True)
+class ClaaSettings:
+    """What the CLAA calibration measures; the scoring defaults are the server's (:class:`ClaaConfig`)."""
+
+    keep_ratios: Tuple[float, ...] = (0.1, 0.2, 0.4)
+    recall: float = 0.9
+    quantile: float = 0.9
+    window: int = ClaaConfig.window
+    num_layers: int = ClaaConfig.num_layers
+    pool_kernel: int = ClaaConfig.pool_kernel
 
 
 # --------------------------------------------------------------------------- measurement
@@ -263,10 +281,54 @@ def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSetting
     return out
 
 
+def claa_recalls(layer_window_scores: Sequence[Tensor], oracle: Tensor, ccfg: ClaaSettings) -> List[List[float]]:
+    """Mass recall of CLAA's ranking against the answer-informed oracle for one prompt:
+    ``[filter layer f - 1][keep ratio]`` for f = 1 .. L - 1 (NaN read as 0).
+
+    ``layer_window_scores[l]``: :func:`~sglang_sparse.claa.window_scores` of layer l's prompt ``[H_kv, S]``; the
+    ranking at filter layer f is :func:`~sglang_sparse.claa.aggregate_max` over
+    :func:`~sglang_sparse.claa.default_claa_layers` ``(L, f, num_layers)``; the recall is
+    :func:`~sglang_sparse.answer_oracle.ranking_metrics`' ``recall@r`` (window tokens left out of both)."""
+    num_layers = len(layer_window_scores)
+    table = []
+    for f in range(1, num_layers):
+        span = [layer_window_scores[l] for l in default_claa_layers(num_layers, f, ccfg.num_layers)]
+        got = ranking_metrics(aggregate_max(span), oracle, ccfg.window, ccfg.keep_ratios)
+        row = [got[f"recall@{r:g}"] for r in ccfg.keep_ratios]
+        table.append([0.0 if math.isnan(x) else float(x) for x in row])
+    return table
+
+
+def recall_quantile(values: Sequence[float], quantile: float) -> float:
+    """The largest v with at least ``ceil(quantile * len(values))`` of ``values`` >= v."""
+    return -quantile_value([-float(x) for x in values], quantile)
+
+
+def choose_claa(recalls: Tensor, ccfg: ClaaSettings) -> Tuple[Optional[dict], List[List[float]]]:
+    """CLAA's filter layer and keep ratio from per-prompt recalls ``[prompts, L - 1, len(keep_ratios)]`` (row i is
+    filter layer i + 1): the earliest filter layer f >= ``ccfg.num_layers`` (the server needs that many layers
+    before it) at which some keep ratio reaches ``ccfg.recall`` on at least ``ccfg.quantile`` of the prompts
+    (:func:`recall_quantile`), then the smallest such keep ratio. Returns (``{"filter_layer", "keep_ratio",
+    "recall"}`` or None when no pair reaches it, the quantile table ``[L - 1][len(keep_ratios)]``)."""
+    table = [[recall_quantile(recalls[:, i, j].tolist(), ccfg.quantile) for j in range(recalls.shape[2])]
+             for i in range(recalls.shape[1])]
+    order = sorted(range(len(ccfg.keep_ratios)), key=lambda j: ccfg.keep_ratios[j])
+    for i, row in enumerate(table):
+        f = i + 1
+        if f < ccfg.num_layers:
+            continue
+        for j in order:
+            if row[j] >= ccfg.recall:
+                return {"filter_layer": f, "keep_ratio": float(ccfg.keep_ratios[j]), "recall": row[j]}, table
+    return None, table
+
+
 def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: int, cfg: CalibrationSettings,
-                  created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict) -> dict:
+                  created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict,
+                  claa: Optional[dict] = None) -> dict:
     """The profile JSON (format 1); ``stats``: ``{curve: summarise(...)}`` for every curve of :data:`CURVES`.
-    The shifts are those of ``cfg.measure``; the measurements are the dropped mass (max over heads)."""
+    The shifts are those of ``cfg.measure``; the measurements are the dropped mass (max over heads). ``claa``:
+    :func:`choose_claa`'s choice, or None."""
     chosen, mass = stats[cfg.measure], stats["mass"]
     return {
         "format": FORMAT,
@@ -281,7 +343,7 @@ def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: i
         "num_prompts": num_prompts,
         "prhs": {"budget": float(cfg.budget), "delta": float(cfg.delta), "quantile": float(cfg.quantile),
                  "measure": cfg.measure, "layer_budget_shift": list(chosen["shift"])},
-        "claa": None,
+        "claa": claa,
         "measurements": {
             "prhs_dropped_by_shift": {"bound": mass["bound_quantile"], "oracle": mass["oracle_quantile"]},
             "mean_bound_dropped": [row[0] for row in mass["bound_mean"]],
@@ -356,10 +418,13 @@ def kv_retrieval_prompt(tokenizer, target_tokens: int, seed: int) -> Tuple[List[
 # --------------------------------------------------------------------------- capture during decode
 class DecodeCollector:
     """Callback of :class:`~sglang_sparse.capture.Capturing` (with values) during ``generate``: per layer the
-    decode queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys and values."""
+    decode queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys and values;
+    with ``claa``, also each layer's CLAA window scores of the prompt (:func:`~sglang_sparse.claa.window_scores`,
+    ``[H_kv, S]``) from the prefill."""
 
-    def __init__(self, prompt_len: int, max_steps: int):
-        self.prompt_len, self.max_steps = prompt_len, max_steps
+    def __init__(self, prompt_len: int, max_steps: int, claa: Optional[ClaaSettings] = None):
+        self.prompt_len, self.max_steps, self.claa = prompt_len, max_steps, claa
+        self.window_scores: Dict[int, Tensor] = {}
         self.queries: Dict[int, List[Tensor]] = {}
         self.keys: Dict[int, Tensor] = {}
         self.values: Dict[int, Tensor] = {}
@@ -367,6 +432,11 @@ class DecodeCollector:
 
     def __call__(self, layer, query, key, scale, value=None):
         if query.shape[2] != 1:                          # the prefill
+            if self.claa is not None:
+                c = self.claa
+                self.window_scores[layer] = window_scores(
+                    query[0].transpose(0, 1).float(), key[0, :, : self.prompt_len].transpose(0, 1).float(),
+                    c.window, c.pool_kernel, "avg", sm_scale=scale).cpu()
             return
         got = self.queries.setdefault(layer, [])
         if len(got) >= self.max_steps:
@@ -389,12 +459,20 @@ class DecodeCollector:
         return [(q.float(), k[: n + i + 1], None if v is None else v[: n + i + 1])
                 for i, q in enumerate(self.queries[layer])]
 
+    def oracle(self) -> Tensor:
+        """The answer-informed oracle importance of the prompt tokens ``[S]`` from the captured answer queries
+        (:func:`~sglang_sparse.answer_oracle.oracle_importance`)."""
+        pairs = [(torch.stack(self.queries[l]).float(), self.keys[l][: self.prompt_len].float())
+                 for l in sorted(self.queries)]
+        return oracle_importance(pairs, self.scale).cpu()
+
 
 @torch.no_grad()
-def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device) -> Tuple[List[int], DecodeCollector]:
+def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device,
+                         claa: Optional[ClaaSettings] = None) -> Tuple[List[int], DecodeCollector]:
     """Greedy answer (one token more than ``answer_tokens``, so that each answer token is fed as a decode query)
-    and the captured decode queries, keys and values."""
-    col = DecodeCollector(len(ids), answer_tokens)
+    and the captured decode queries, keys and values (and CLAA's window scores with ``claa``)."""
+    col = DecodeCollector(len(ids), answer_tokens, claa)
     inp = torch.tensor([ids], device=device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -425,6 +503,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="what each layer's shift choice compares with --delta: the dropped mass of the worst query "
                         "head (mass), the dropped mass averaged over query heads (mass-mean), or the relative "
                         "attention-output error of the worst query head (output-error)")
+    p.add_argument("--claa", default="on", choices=("on", "off"),
+                   help="also choose CLAA's filter layer and keep ratio (off: the profile's claa is null)")
+    p.add_argument("--claa-recall", type=float, default=0.9,
+                   help="mass recall against the answer-informed oracle CLAA must reach on --quantile of the prompts")
+    p.add_argument("--claa-keep-ratios", default="0.1,0.2,0.4", help="comma-separated candidate keep ratios")
+    p.add_argument("--claa-num-layers", type=int, default=ClaaConfig.num_layers,
+                   help="layers aggregated before the filter layer (the server's --claa-num-layers); the filter "
+                        "layer is chosen from this layer on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="profile JSON (default: <model dir name>.json here)")
     p.add_argument("--results", default=None, help="also write the full measurement here")
@@ -432,7 +518,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]:
+def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int], Optional[ClaaSettings]]:
     path = args.model_path
     if not os.path.isdir(path):
         _fail(f"--model-path: {path!r} is not a directory")
@@ -462,9 +548,23 @@ def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]
         _fail(f"--quantile: must be in (0, 1], got {args.quantile}")
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device: cuda requested but no CUDA device is available")
+    try:
+        ratios = tuple(sorted(float(x) for x in args.claa_keep_ratios.split(",") if x.strip()))
+    except ValueError:
+        _fail(f"--claa-keep-ratios: expected comma-separated fractions, got {args.claa_keep_ratios!r}")
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        _fail(f"--claa-keep-ratios: each must be in (0, 1], got {args.claa_keep_ratios!r}")
+    if not 0 < args.claa_recall <= 1:
+        _fail(f"--claa-recall: must be in (0, 1], got {args.claa_recall}")
+    if args.claa_num_layers < 1:
+        _fail(f"--claa-num-layers: must be >= 1, got {args.claa_num_layers}")
     cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile,
                               measure=args.measure)
-    return cfg, lens
+    ccfg = None
+    if args.claa == "on":
+        ccfg = ClaaSettings(keep_ratios=ratios, recall=args.claa_recall, quantile=args.quantile,
+                            num_layers=args.claa_num_layers)
+    return cfg, lens, ccfg
 
 
 def _model_name(path: str) -> str:
@@ -501,7 +601,7 @@ def _progress(iterable, disable: bool, **kw):
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    cfg, lens = _validate(args)
+    cfg, lens, ccfg = _validate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     created_by = " ".join([PROG] + [shlex.quote(a) for a in argv])
     t0 = time.time()
@@ -518,11 +618,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     shifts = max_shift([n + args.answer_tokens for n in lens], cfg)
     curves: Dict[str, Tuple[List[List[Tensor]], List[List[Tensor]]]] = {
         c: ([[] for _ in range(num_layers)], [[] for _ in range(num_layers)]) for c in CURVES}
-    prompts = []
+    prompts, claa_rows = [], []
     for j, (target, i) in enumerate(jobs):
         t1 = time.time()
         ids, key, value = kv_retrieval_prompt(tokenizer, target, seed=args.seed * 1_000_003 + target * 101 + i)
-        answer, col = generate_and_capture(model, tokenizer, ids, args.answer_tokens, device)
+        answer, col = generate_and_capture(model, tokenizer, ids, args.answer_tokens, device, ccfg)
         text = tokenizer.decode(answer[: args.answer_tokens], skip_special_tokens=True)
         t_gen = time.time() - t1
         steps = len(col.queries.get(0, []))
@@ -535,6 +635,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             for c in CURVES:
                 for side in (0, 1):
                     curves[c][side][layer].append(torch.stack([g[c][side] for g in got]).cpu())
+        if ccfg is not None:
+            claa_rows.append(claa_recalls([col.window_scores[l] for l in range(num_layers)], col.oracle(), ccfg))
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "decode_samples": steps,
                         "key": key, "value": value, "answer": text, "correct": value in text,
                         "generate_s": round(t_gen, 1), "measure_s": round(time.time() - t1 - t_gen, 1)})
@@ -551,9 +653,20 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     stats = {c: summarise([torch.cat(x) for x in curves[c][0]], [torch.cat(x) for x in curves[c][1]], cfg)
              for c in CURVES}
     samples_per_layer = int(torch.cat(curves["mass"][0][0]).shape[0])
+    claa_choice, claa_results = None, None
+    if ccfg is not None:
+        recalls = torch.tensor(claa_rows, dtype=torch.float64)               # [prompts, L - 1, ratios]
+        claa_choice, table = choose_claa(recalls, ccfg)
+        claa_results = {"settings": {"keep_ratios": list(ccfg.keep_ratios), "recall": ccfg.recall,
+                                     "quantile": ccfg.quantile, "window": ccfg.window,
+                                     "num_layers": ccfg.num_layers, "pool_kernel": ccfg.pool_kernel},
+                        "filter_layers": list(range(1, num_layers)), "recall_quantile": table,
+                        "recall_mean": recalls.mean(dim=0).tolist(), "recall_per_prompt": recalls.tolist(),
+                        "choice": claa_choice}
+        _log(f"CLAA: {claa_choice if claa_choice else 'no filter layer and keep ratio reach the recall'}")
     profile = build_profile(model=_model_name(args.model_path), num_layers=num_layers, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, cfg=cfg, created_by=created_by, device=device, prompt_lens=lens,
-                            num_prompts=args.num_prompts, stats=stats)
+                            num_prompts=args.num_prompts, stats=stats, claa=claa_choice)
     wall = time.time() - t0
     out = args.out or f"{_model_name(args.model_path)}.json"
     _write(out, profile)
@@ -566,7 +679,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                                 "recent_pages": cfg.recent_pages, "max_shift": shifts,
                                 "answer_tokens": args.answer_tokens, "seed": args.seed},
                    "samples_per_layer": samples_per_layer, "prompts": prompts,
-                   "per_layer": stats[cfg.measure], "measures": stats, "profile": profile}
+                   "per_layer": stats[cfg.measure], "measures": stats, "claa": claa_results, "profile": profile}
         _write(args.results, results)
         _log(f"results: {args.results}")
     _log(f"done in {wall:.0f}s")

@@ -263,6 +263,53 @@ def test_output_error_picks_a_smaller_shift_than_mass_when_values_agree():
     assert float(cal.sample_measures(q, k, v2, 1.0, CFG, 2)["output-error"][0][0]) > 0.1
 
 
+def test_recall_quantile_by_hand():
+    vals = [1.0] * 8 + [0.5, 0.2]
+    assert cal.recall_quantile(vals, 0.8) == 1.0
+    assert cal.recall_quantile(vals, 0.9) == 0.5
+    assert cal.recall_quantile(vals, 1.0) == 0.2
+    assert cal.recall_quantile(list(reversed(vals)), 0.85) == 0.5
+
+
+def test_claa_recalls_by_hand():
+    """S = 20, window 2, one layer aggregated: layer 0 ranks like the oracle, layer 1 in reverse. Keep ratio 0.2
+    keeps 4 tokens, 2 of the prefix: the oracle's best two hold 18 + 17, the reversed ranking's 1 + 2."""
+    oracle = torch.cat([torch.arange(1, 19, dtype=F64), torch.tensor([100.0, 100.0], dtype=F64)])
+    scores = [oracle[None].clone(), -oracle[None].clone(), oracle[None].clone()]
+    ccfg = cal.ClaaSettings(keep_ratios=(0.2, 1.0), window=2, num_layers=1)
+    table = cal.claa_recalls(scores, oracle, ccfg)
+    assert len(table) == 2                                     # filter layers 1 and 2
+    assert table[0] == pytest.approx([1.0, 1.0])
+    assert table[1] == pytest.approx([3 / 35, 1.0])
+    # two layers aggregated (max): filter layer 2 reads layers 0 and 1, max(o, -o) = o
+    table2 = cal.claa_recalls(scores, oracle, cal.ClaaSettings(keep_ratios=(0.2,), window=2, num_layers=2))
+    assert table2 == [pytest.approx([1.0]), pytest.approx([1.0])]
+
+
+def test_choose_claa_rule():
+    """Filter layers 1..5 (rows 0..4), keep ratios 0.1, 0.2, 0.4, 10 prompts."""
+    ccfg = cal.ClaaSettings(keep_ratios=(0.1, 0.2, 0.4), recall=0.9, quantile=0.9, num_layers=2)
+    rec = torch.zeros(10, 5, 3, dtype=F64)
+    rec[:, 0] = 1.0                                            # layer 1: below num_layers, never chosen
+    rec[:, 1, 2] = 0.95                                        # layer 2, ratio 0.4: 9 of 10 prompts reach 0.9
+    rec[0, 1, 2] = 0.5
+    rec[:, 1, 1] = 0.92                                        # layer 2, ratio 0.2: 8 of 10
+    rec[:2, 1, 1] = 0.3
+    rec[:, 3, 0] = 0.99                                        # layer 4, ratio 0.1: every prompt
+    choice, table = cal.choose_claa(rec, ccfg)
+    assert choice == {"filter_layer": 2, "keep_ratio": 0.4, "recall": pytest.approx(0.95)}
+    assert len(table) == 5 and table[1] == pytest.approx([0.0, 0.3, 0.95])
+    loose = cal.ClaaSettings(**{**ccfg.__dict__, "quantile": 0.8})
+    assert cal.choose_claa(rec, loose)[0] == {"filter_layer": 2, "keep_ratio": 0.2, "recall": pytest.approx(0.92)}
+    rec[0, 1, 2] = 0.1
+    rec[1, 1, 2] = 0.1                                         # layer 2 fails now: the next layer that passes
+    assert cal.choose_claa(rec, ccfg)[0] == {"filter_layer": 4, "keep_ratio": 0.1, "recall": pytest.approx(0.99)}
+    strict = cal.ClaaSettings(**{**ccfg.__dict__, "recall": 0.999})
+    assert cal.choose_claa(rec, strict)[0] is None
+    # every layer allowed: layer 1 reaches it with the smallest ratio
+    assert cal.choose_claa(rec, cal.ClaaSettings(**{**ccfg.__dict__, "num_layers": 1}))[0]["filter_layer"] == 1
+
+
 def test_kv_retrieval_prompt(tiny_model):
     from transformers import AutoTokenizer
 
@@ -279,9 +326,13 @@ def test_kv_retrieval_prompt(tiny_model):
 def test_decode_capture_equals_teacher_forced_pass(tiny_model):
     from sglang_sparse.capture import capture_qk
 
+    from sglang_sparse.answer_oracle import oracle_importance
+    from sglang_sparse.claa import window_scores
+
     model, tok = cal._load(tiny_model, "cpu")
     ids, _, _ = cal.kv_retrieval_prompt(tok, 150, seed=1)
-    answer, col = cal.generate_and_capture(model, tok, ids, 4, "cpu")
+    ccfg = cal.ClaaSettings(window=4, pool_kernel=3)
+    answer, col = cal.generate_and_capture(model, tok, ids, 4, "cpu", ccfg)
     assert len(answer) == 5
     full = capture_qk(model, torch.tensor([ids + answer[:4]]), values=True)
     s = len(ids)
@@ -294,6 +345,13 @@ def test_decode_capture_equals_teacher_forced_pass(tiny_model):
             torch.testing.assert_close(qq, q[s + i], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(kk, k[: s + i + 1], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(vv, v[: s + i + 1], atol=1e-4, rtol=1e-4)
+        # CLAA's window scores of the prompt, from the prefill
+        torch.testing.assert_close(col.window_scores[layer], window_scores(q[:s], k[:s], 4, 3, sm_scale=scale),
+                                   atol=1e-4, rtol=1e-4)
+    # the oracle: the 4 answer tokens' attention over the prompt
+    ref = oracle_importance([(q[s:], k[:s]) for q, k, _, _ in full], full[0][2])
+    assert ref.shape == (s,)
+    torch.testing.assert_close(col.oracle(), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("measure", [None, "output-error"])
@@ -302,7 +360,9 @@ def test_cli_profile_schema(tiny_model, tmp_path, measure):
     cmd = [sys.executable, "-m", "sglang_sparse.calibrate", "--model-path", tiny_model, "--device", "cpu",
            "--prompt-lens", "200,260", "--num-prompts", "2", "--answer-tokens", "3", "--page-size", "16",
            "--budget", "1/8", "--delta", "0.1", "--quantile", "0.75", "--out", str(prof), "--results", str(res)]
-    cmd += ["--measure", measure] if measure else []
+    # the default measure without CLAA; output error with CLAA (every filter layer allowed, a recall any reaches)
+    cmd += ["--measure", measure, "--claa-num-layers", "1", "--claa-recall", "0.01"] if measure else ["--claa", "off"]
+    claa = measure is not None
     measure = measure or "mass"
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -312,7 +372,7 @@ def test_cli_profile_schema(tiny_model, tmp_path, measure):
                        "device", "prompt_lens", "num_prompts", "prhs", "claa", "measurements"]
     assert (p["format"], p["num_layers"], p["num_kv_heads"], p["head_dim"], p["page_size"]) == (1, 2, 2, 16, 16)
     assert p["model"] == os.path.basename(tiny_model) and p["device"] == "cpu"
-    assert p["prompt_lens"] == [200, 260] and p["num_prompts"] == 2 and p["claa"] is None
+    assert p["prompt_lens"] == [200, 260] and p["num_prompts"] == 2
     assert p["created_by"].startswith("python -m sglang_sparse.calibrate --model-path ")
     assert list(p["prhs"]) == ["budget", "delta", "quantile", "measure", "layer_budget_shift"]
     assert p["prhs"]["measure"] == measure
@@ -344,6 +404,19 @@ def test_cli_profile_schema(tiny_model, tmp_path, measure):
         assert len(rows) == 2 and all(len(row) == shifts + 1 and row[-1] <= 1e-6 for row in rows)
     for a, b in zip(r["measures"]["mass-mean"]["bound_mean"], r["measures"]["mass"]["bound_mean"]):
         assert all(x <= y + 1e-9 for x, y in zip(a, b))
+    if not claa:
+        assert p["claa"] is None and r["claa"] is None
+        return
+    c = r["claa"]
+    assert c["filter_layers"] == [1] and c["settings"]["keep_ratios"] == [0.1, 0.2, 0.4]
+    assert len(c["recall_per_prompt"]) == 4 and len(c["recall_quantile"]) == 1 and len(c["recall_quantile"][0]) == 3
+    assert all(0.0 < x <= 1.0 + 1e-9 for x in c["recall_quantile"][0])
+    assert p["claa"] == c["choice"] == {"filter_layer": 1, "keep_ratio": 0.1, "recall": c["recall_quantile"][0][0]}
+    # the server's profile check accepts it
+    from sglang_sparse.config import check_profile
+
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        check_profile(p, str(prof), json.load(f), None)
 
 
 @pytest.mark.parametrize("path_kind", ["missing", "no_config"])
