@@ -3,7 +3,8 @@
 
     python -m sglang_sparse.calibrate --model-path DIR [--device cpu|cuda] [--prompt-lens 8192,16384]
         [--num-prompts N] [--page-size 64] [--budget 1/16] [--delta 0.05] [--quantile 0.9]
-        [--measure mass|mass-mean|output-error] [--answer-tokens 16] [--seed 0]
+        [--measure mass|mass-mean|output-error] [--claa on|off] [--claa-recall 0.9]
+        [--claa-keep-ratios 0.1,0.2,0.4] [--claa-num-layers 4] [--answer-tokens 16] [--seed 0]
         [--out PROFILE.json] [--results RESULTS.json]
 
 Method. For each prompt length, N synthetic key-value retrieval prompts (lines ``key <id>: value <number>``
@@ -41,16 +42,29 @@ smallest value v with at least ``ceil(quantile * samples)`` samples <= v. The ch
 the smallest s whose quantile value of the ``--measure`` curve (bound ranking) is <= delta, i.e. that
 measure <= delta on at least ``quantile`` of the samples (S_max, every page, when no smaller shift does).
 
-By construction the oracle keeps at least as much group-summed mass as any selection of the same size
-that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
+By construction the oracle ranking keeps at least as much group-summed mass as any selection of the same
+size that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
 above the bound ranking's. That does not hold per query head, nor for the max over heads.
+
+CLAA (``--claa on``, the default). During each prompt's prefill the capture also computes every layer's
+:func:`~sglang_sparse.claa.window_scores` (the server's window and pooling, :class:`ClaaConfig`); the
+answer-informed oracle is :func:`~sglang_sparse.answer_oracle.oracle_importance` of the decode samples'
+queries over the prompt keys (mean over the answer tokens of the max over layers and heads of the
+attention, softmax over the prompt only). For each filter layer f = 1 .. L-1 and keep ratio r the prompt's
+mass recall of CLAA's ranking (:func:`~sglang_sparse.claa.aggregate_max` over the ``--claa-num-layers``
+layers before f) is :func:`~sglang_sparse.answer_oracle.ranking_metrics`' ``recall@r``
+(:func:`claa_recalls`). The choice (:func:`choose_claa`): the earliest f >= ``--claa-num-layers`` (the server
+needs that many layers before the filter layer) at which some r reaches ``--claa-recall`` on at least
+``--quantile`` of the prompts, then the smallest such r; the profile's ``claa`` is
+``{"filter_layer", "keep_ratio", "recall"}`` (the quantile recall), or null when no pair reaches it.
 
 Writes the profile (``--out``; schema in :func:`build_profile`; ``prhs.measure`` names the measure the
 shifts were chosen by) and, with ``--results``, the full measurement with the command line and the wall
 time: ``measures`` holds every curve's per-layer statistics (:func:`summarise`), ``per_layer`` those of
-``--measure``. A missing or invalid ``--model-path`` (or another
-bad flag value) exits with status 2 and one line ``python -m sglang_sparse.calibrate: error: ...``
-before anything is loaded. Never downloads: the model is loaded with ``local_files_only=True``.
+``--measure``, ``claa`` the recall tables (quantile, mean and per prompt, ``[f - 1][r]``) and the choice.
+A missing or invalid ``--model-path`` (or another bad flag value) exits with status 2 and one line
+``python -m sglang_sparse.calibrate: error: ...`` before anything is loaded. Never downloads: the model is
+loaded with ``local_files_only=True``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ receives them.
 
 An attention function registered with transformers' ``AttentionInterface`` hands each call's
 ``(layer, query, key, scale)`` (``(layer, query, key, scale, value)`` when values are asked for) to a
-callback and then runs SDPA, so the model's outputs are unchanged. During ``model.generate`` with a KV cache, a decode step's ``key`` is the whole cache
-(every earlier token and the new one), exactly what the step's query attends over.
+callback and then runs SDPA, so the model's outputs are unchanged. During ``model.generate`` with a KV
+cache, a decode step's ``key`` (and ``value``) is the whole cache (every earlier token and the new one),
+exactly what the step's query attends over.
 :func:`verify_capture` checks the captured tensors against the eager attention's probabilities.
 """
 
