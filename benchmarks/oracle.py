@@ -22,6 +22,8 @@ left out of both):
 
   (:func:`mass_recall`).
 
+The oracle and the metrics are :mod:`sglang_sparse.answer_oracle`'s (imported here).
+
 Heuristics per layer l (the table's ``layer`` is the last layer whose scores are used, so a filter
 layer f corresponds to the row l = f - 1):
 
@@ -62,12 +64,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from sglang_sparse.answer_oracle import (
+    answer_attention_max,
+    mass_recall,
+    oracle_importance,
+    ranking_metrics,
+    spearman,
+)
 from sglang_sparse.claa import (
     aggregate_max,
-    average_ranks,
     default_filter_layer,
     default_gemfilter_layer,
-    num_kept_tokens,
     pool_scores,
     rank_fastkv,
     rank_gemfilter,
@@ -96,74 +103,6 @@ __all__ = [
 METHODS = ("claa", "fastkv", "gemfilter", "ranksum")
 
 
-# --------------------------------------------------------------------------- metrics
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (average ranks for ties), in float64.
-
-    NaN when either input is constant or has fewer than 2 elements.
-    """
-    if x.numel() != y.numel():
-        raise ValueError(f"lengths differ: {x.numel()} vs {y.numel()}")
-    if x.numel() < 2:
-        return float("nan")
-    rx = average_ranks(x.double().flatten())
-    ry = average_ranks(y.double().flatten())
-    rx = rx - rx.mean()
-    ry = ry - ry.mean()
-    den = torch.sqrt((rx * rx).sum() * (ry * ry).sum())
-    if den == 0:
-        return float("nan")
-    return float((rx * ry).sum() / den)
-
-
-def _top_k(x: Tensor, k: int) -> Tensor:
-    # ties: lower index first, as in claa.select_tokens
-    return torch.sort(x, descending=True, stable=True).indices[:k]
-
-
-def mass_recall(oracle: Tensor, heuristic: Tensor, k: int) -> float:
-    """``sum_{j in topK(heuristic)} oracle[j] / sum_{j in topK(oracle)} oracle[j]``; NaN if k < 1
-    or the oracle's top-K mass is 0."""
-    if k < 1:
-        return float("nan")
-    o = oracle.double()
-    best = o[_top_k(o, k)].sum()
-    if best <= 0:
-        return float("nan")
-    return float(o[_top_k(heuristic, k)].sum() / best)
-
-
-# --------------------------------------------------------------------------- oracle
-def answer_attention_max(q_answer: Tensor, k_prompt: Tensor, sm_scale: float, chunk: int = 64) -> Tensor:
-    """``max_h softmax_{j<S}(sm_scale * q[a, h] . k[j, h//G])`` for one layer: ``[A, S]``.
-
-    q_answer ``[A, H_q, D]``, k_prompt ``[S, H_kv, D]``; computed in the inputs' dtype, ``chunk``
-    answer tokens at a time.
-    """
-    a_len, h_q, _ = q_answer.shape
-    group = h_q // k_prompt.shape[1]
-    k_rep = k_prompt.repeat_interleave(group, dim=1)                     # [S, H_q, D]
-    out = []
-    for a0 in range(0, a_len, chunk):
-        logits = torch.einsum("ahd,jhd->haj", q_answer[a0: a0 + chunk], k_rep) * sm_scale
-        out.append(torch.softmax(logits, dim=-1).amax(dim=0))
-    return torch.cat(out, dim=0) if out else q_answer.new_zeros(0, k_prompt.shape[0])
-
-
-def oracle_importance(layer_qk: Sequence[Tuple[Tensor, Tensor]], sm_scale: float, first_k: Optional[int] = None,
-                      pool_kernel: int = 1, pool: str = "max") -> Tensor:
-    """Answer-Informed Oracle importance ``[S]`` (module docstring) from per-layer
-    ``(q_answer [A, H_q, D], k_prompt [S, H_kv, D])`` pairs."""
-    m = None
-    for q_ans, k_pr in layer_qk:
-        if first_k is not None:
-            q_ans = q_ans[:first_k]
-        layer_max = answer_attention_max(q_ans, k_pr, sm_scale)
-        m = layer_max if m is None else torch.maximum(m, layer_max)
-    imp = m.mean(dim=0)
-    return pool_scores(imp, pool_kernel, pool) if pool_kernel > 1 else imp
-
-
 def heuristic_importances(window_layer_scores: Sequence[Tensor], last_query_scores: Sequence[Tensor], layer: int,
                           num_agg_layers: int) -> Dict[str, Tensor]:
     """Importance ``[S]`` of each method in :data:`METHODS` at ``layer`` (module docstring).
@@ -178,17 +117,6 @@ def heuristic_importances(window_layer_scores: Sequence[Tensor], last_query_scor
         "gemfilter": rank_gemfilter(last_query_scores[layer]),
         "ranksum": rank_weighted_ranksum(span),
     }
-
-
-def ranking_metrics(importance: Tensor, oracle: Tensor, window: int, keep_ratios: Sequence[float]) -> Dict[str, float]:
-    """``{"spearman": ..., "recall@r": ...}`` over the prefix ``[0, S - w)`` (module docstring)."""
-    s_len = oracle.numel()
-    w = min(window, s_len)
-    x, o = importance[: s_len - w], oracle[: s_len - w]
-    out = {"spearman": spearman(x, o)}
-    for r in keep_ratios:
-        out[f"recall@{r:g}"] = mass_recall(o, x, num_kept_tokens(s_len, r, window) - w)
-    return out
 
 
 # --------------------------------------------------------------------------- one sample

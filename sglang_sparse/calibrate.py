@@ -1,16 +1,18 @@
-"""Per-layer PrHS budget calibration: how many pages the key-bound ranking needs to keep the dropped
-attention mass under delta, measured on a model's own decode queries.
+"""Per-layer PrHS budget calibration: how many pages the key-bound ranking needs to keep a quality measure
+(by default the dropped attention mass) under delta, measured on a model's own decode queries.
 
     python -m sglang_sparse.calibrate --model-path DIR [--device cpu|cuda] [--prompt-lens 8192,16384]
         [--num-prompts N] [--page-size 64] [--budget 1/16] [--delta 0.05] [--quantile 0.9]
-        [--answer-tokens 16] [--seed 0] [--out PROFILE.json] [--results RESULTS.json]
+        [--measure mass|mass-mean|output-error] [--claa on|off] [--claa-recall 0.9]
+        [--claa-keep-ratios 0.1,0.2,0.4] [--claa-num-layers 4] [--answer-tokens 16] [--seed 0]
+        [--out PROFILE.json] [--results RESULTS.json]
 
 Method. For each prompt length, N synthetic key-value retrieval prompts (lines ``key <id>: value <number>``
 from a seeded RNG, then a question about one key, in the model's chat template when it has one) are
 answered greedily by ``model.generate``. The generation runs with the capturing attention of
 :mod:`sglang_sparse.capture`: at each decode step it records every layer's post-RoPE query of the token
-being fed (an answer token at position ``pos``) and the KV cache it attends over, keys ``[0, pos]``. The
-first ``--answer-tokens`` answer tokens are the decode samples.
+being fed (an answer token at position ``pos``) and the KV cache it attends over, keys and values
+``[0, pos]``. The first ``--answer-tokens`` answer tokens are the decode samples.
 
 For each sample and layer (``n`` keys, pages of P tokens, ``N = ceil(n / P)`` pages), with the server's
 sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
@@ -24,22 +26,45 @@ sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
   then drops at most delta);
 * oracle ranking: the same forced sink/recent pages, then the other pages by their true attention mass
   summed over the KV group's query heads, filling the budget;
-* dropped mass: :func:`~sglang_sparse.prhs.exact_dropped_mass` per query head; a sample's value is the
-  max over the layer's query heads (as the server's audit reports it).
+* measures of each selection (:func:`sample_measures`), per query head h:
 
-Per layer and shift the ``--quantile`` order statistic of the samples' dropped mass is reported: the
+  - dropped mass ``delta_h``: :func:`~sglang_sparse.prhs.exact_dropped_mass`;
+  - output error ``e_h = ||o_sparse[h] - o_dense[h]|| / ||o_dense[h]||`` (:func:`output_error`), o_sparse the
+    softmax attention over the selected pages' tokens only, renormalised over them
+    (:func:`~sglang_sparse.prhs.sparse_attention`), o_dense over all the keys
+    (:func:`~sglang_sparse.prhs.dense_attention`);
+
+  a sample's ``mass`` is ``max_h delta_h`` (as the server's audit reports it), ``mass-mean`` is
+  ``mean_h delta_h``, ``output-error`` is ``max_h e_h`` and ``output-error-mean`` is ``mean_h e_h``.
+
+Per layer, shift and curve the ``--quantile`` order statistic of the samples' values is reported: the
 smallest value v with at least ``ceil(quantile * samples)`` samples <= v. The chosen shift of a layer is
-the smallest s whose quantile value is <= delta, i.e. dropped mass <= delta on at least ``quantile`` of
-the samples (S_max, every page, when no smaller shift does).
+the smallest s whose quantile value of the ``--measure`` curve (bound ranking) is <= delta, i.e. that
+measure <= delta on at least ``quantile`` of the samples (S_max, every page, when no smaller shift does).
 
-By construction the oracle keeps at least as much group-summed mass as any selection of the same size
-that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
+By construction the oracle ranking keeps at least as much group-summed mass as any selection of the same
+size that holds the forced pages, so its dropped mass summed (or averaged) over a group's query heads is never
 above the bound ranking's. That does not hold per query head, nor for the max over heads.
 
-Writes the profile (``--out``; schema in :func:`build_profile`) and, with ``--results``, the full
-measurement with the command line and the wall time. A missing or invalid ``--model-path`` (or another
-bad flag value) exits with status 2 and one line ``python -m sglang_sparse.calibrate: error: ...``
-before anything is loaded. Never downloads: the model is loaded with ``local_files_only=True``.
+CLAA (``--claa on``, the default). During each prompt's prefill the capture also computes every layer's
+:func:`~sglang_sparse.claa.window_scores` (the server's window and pooling, :class:`ClaaConfig`); the
+answer-informed oracle is :func:`~sglang_sparse.answer_oracle.oracle_importance` of the decode samples'
+queries over the prompt keys (mean over the answer tokens of the max over layers and heads of the
+attention, softmax over the prompt only). For each filter layer f = 1 .. L-1 and keep ratio r the prompt's
+mass recall of CLAA's ranking (:func:`~sglang_sparse.claa.aggregate_max` over the ``--claa-num-layers``
+layers before f) is :func:`~sglang_sparse.answer_oracle.ranking_metrics`' ``recall@r``
+(:func:`claa_recalls`). The choice (:func:`choose_claa`): the earliest f >= ``--claa-num-layers`` (the server
+needs that many layers before the filter layer) at which some r reaches ``--claa-recall`` on at least
+``--quantile`` of the prompts, then the smallest such r; the profile's ``claa`` is
+``{"filter_layer", "keep_ratio", "recall"}`` (the quantile recall), or null when no pair reaches it.
+
+Writes the profile (``--out``; schema in :func:`build_profile`; ``prhs.measure`` names the measure the
+shifts were chosen by) and, with ``--results``, the full measurement with the command line and the wall
+time: ``measures`` holds every curve's per-layer statistics (:func:`summarise`), ``per_layer`` those of
+``--measure``, ``claa`` the recall tables (quantile, mean and per prompt, ``[f - 1][r]``) and the choice.
+A missing or invalid ``--model-path`` (or another bad flag value) exits with status 2 and one line
+``python -m sglang_sparse.calibrate: error: ...`` before anything is loaded. Never downloads: the model is
+loaded with ``local_files_only=True``.
 """
 
 from __future__ import annotations
@@ -60,15 +85,19 @@ import torch
 from torch import Tensor
 
 from flashinfer_ext.params import page_budget
+from sglang_sparse.answer_oracle import oracle_importance, ranking_metrics
 from sglang_sparse.capture import Capturing
-from sglang_sparse.config import PrhsConfig
+from sglang_sparse.claa import aggregate_max, default_claa_layers, window_scores
+from sglang_sparse.config import ClaaConfig, PrhsConfig
 from sglang_sparse.prhs import (
+    dense_attention,
     exact_dropped_mass,
     page_bounds,
     page_lengths,
     page_summaries,
     scaled_budget,
     select_pages,
+    sparse_attention,
 )
 
 __all__ = [
@@ -76,9 +105,17 @@ __all__ = [
     "CalibrationSettings",
     "max_shift",
     "sample_dropped",
+    "output_error",
+    "sample_measures",
+    "MEASURES",
+    "CURVES",
     "quantile_value",
     "choose_shift",
     "build_profile",
+    "ClaaSettings",
+    "claa_recalls",
+    "recall_quantile",
+    "choose_claa",
     "kv_retrieval_prompt",
     "main",
 ]
@@ -86,6 +123,10 @@ __all__ = [
 PROG = "python -m sglang_sparse.calibrate"
 FORMAT = 1
 DEFAULT_PAGE_SIZE = 64
+# what the per-layer shift choice compares with delta (--measure)
+MEASURES = ("mass", "mass-mean", "output-error")
+# every per-sample curve measured: the measures, and the output error averaged over the query heads
+CURVES = ("mass", "mass-mean", "output-error", "output-error-mean")
 
 
 @dataclass(frozen=True)
@@ -98,6 +139,19 @@ class CalibrationSettings:
     quantile: float = 0.9
     sink_pages: int = PrhsConfig.sink_pages
     recent_pages: int = PrhsConfig.recent_pages
+    measure: str = "mass"
+
+
+@dataclass(frozen=True)
+class ClaaSettings:
+    """What the CLAA calibration measures; the scoring defaults are the server's (:class:`ClaaConfig`)."""
+
+    keep_ratios: Tuple[float, ...] = (0.1, 0.2, 0.4)
+    recall: float = 0.9
+    quantile: float = 0.9
+    window: int = ClaaConfig.window
+    num_layers: int = ClaaConfig.num_layers
+    pool_kernel: int = ClaaConfig.pool_kernel
 
 
 # --------------------------------------------------------------------------- measurement
@@ -132,13 +186,8 @@ def _group_page_mass(q: Tensor, k: Tensor, page_size: int, sm_scale: float) -> T
     return per_head.reshape(h_kv, h_q // h_kv, num_pages).sum(dim=1)
 
 
-def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int,
-                   per_head: bool = False) -> Tuple[Tensor, Tensor]:
-    """Dropped mass of one decode query at budget shifts ``0..shifts``: ``(bound, oracle)``, each
-    ``[shifts + 1]`` (the max over query heads), or ``[shifts + 1, H_q]`` with ``per_head``.
-
-    q ``[H_q, D]`` post-RoPE, k ``[n, H_kv, D]`` the keys it attends over (itself included).
-    """
+def _selections(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int):
+    """``(bound, oracle)`` page selections of one decode query at budget shifts ``0..shifts`` (see the module)."""
     n = k.shape[0]
     lens = page_lengths(n, cfg.page_size, device=k.device)
     num_pages = lens.numel()
@@ -146,17 +195,69 @@ def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettin
     kmin, kmax = page_summaries(k, cfg.page_size)
     ub, lb = page_bounds(q, kmin, kmax, sm_scale)
     mass = _group_page_mass(q, k, cfg.page_size, sm_scale)
-    bound, oracle = [], []
+    out = []
     for s in range(shifts + 1):
         b = scaled_budget(base, s, num_pages)
         sel = select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages)
-        bound.append(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale))
         osel = select_pages(mass, mass, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages)
+        out.append((sel, osel))
+    return out
+
+
+def sample_dropped(q: Tensor, k: Tensor, sm_scale: float, cfg: CalibrationSettings, shifts: int,
+                   per_head: bool = False) -> Tuple[Tensor, Tensor]:
+    """Dropped mass of one decode query at budget shifts ``0..shifts``: ``(bound, oracle)``, each
+    ``[shifts + 1]`` (the max over query heads), or ``[shifts + 1, H_q]`` with ``per_head``.
+
+    q ``[H_q, D]`` post-RoPE, k ``[n, H_kv, D]`` the keys it attends over (itself included).
+    """
+    bound, oracle = [], []
+    for sel, osel in _selections(q, k, sm_scale, cfg, shifts):
+        bound.append(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale))
         oracle.append(exact_dropped_mass(q, k, cfg.page_size, osel.pages, osel.num_selected, sm_scale))
     bound_t, oracle_t = torch.stack(bound), torch.stack(oracle)            # [S + 1, H_q]
     if per_head:
         return bound_t, oracle_t
     return bound_t.amax(dim=1), oracle_t.amax(dim=1)
+
+
+def output_error(q: Tensor, k: Tensor, v: Tensor, page_size: int, pages: Tensor, num_selected: Tensor,
+                 sm_scale: float, dense: Optional[Tensor] = None) -> Tensor:
+    """Relative attention-output error of a page selection, per query head: ``[H_q]``,
+    ``||o_sparse - o_dense|| / ||o_dense||`` with o_sparse the softmax attention over the selected pages'
+    tokens only (renormalised over them, :func:`~sglang_sparse.prhs.sparse_attention`) and o_dense over all
+    n keys (:func:`~sglang_sparse.prhs.dense_attention`, or ``dense`` when given). A head whose dense output
+    is 0 gets 0 if its sparse output is 0 too, else inf."""
+    if dense is None:
+        dense = dense_attention(q, k, v, sm_scale)
+    sparse = sparse_attention(q, k, v, page_size, pages, num_selected, sm_scale)
+    diff = (sparse - dense).norm(dim=-1)
+    ref = dense.norm(dim=-1)
+    return torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny),
+                       torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
+
+
+def sample_measures(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: CalibrationSettings,
+                    shifts: int) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Every curve of :data:`CURVES` for one decode query at budget shifts ``0..shifts``:
+    ``{curve: (bound [shifts + 1], oracle [shifts + 1])}``, for the same selections as :func:`sample_dropped`.
+
+    ``mass``: dropped mass, max over query heads; ``mass-mean``: its mean over query heads; ``output-error``:
+    :func:`output_error`, max over query heads; ``output-error-mean``: its mean over query heads.
+    q ``[H_q, D]``, k ``[n, H_kv, D]``, v ``[n, H_kv, Dv]``.
+    """
+    dense = dense_attention(q, k, v, sm_scale)
+    rows = {"mass": ([], []), "error": ([], [])}
+    for sel, osel in _selections(q, k, sm_scale, cfg, shifts):
+        for i, x in enumerate((sel, osel)):
+            rows["mass"][i].append(exact_dropped_mass(q, k, cfg.page_size, x.pages, x.num_selected, sm_scale))
+            rows["error"][i].append(output_error(q, k, v, cfg.page_size, x.pages, x.num_selected, sm_scale, dense))
+    mass = [torch.stack(x) for x in rows["mass"]]                          # [S + 1, H_q] each
+    err = [torch.stack(x) for x in rows["error"]]
+    return {"mass": (mass[0].amax(dim=1), mass[1].amax(dim=1)),
+            "mass-mean": (mass[0].mean(dim=1), mass[1].mean(dim=1)),
+            "output-error": (err[0].amax(dim=1), err[1].amax(dim=1)),
+            "output-error-mean": (err[0].mean(dim=1), err[1].mean(dim=1))}
 
 
 def quantile_value(values: Sequence[float], quantile: float) -> float:
@@ -177,7 +278,8 @@ def choose_shift(quantile_by_shift: Sequence[float], delta: float) -> int:
 
 
 def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSettings) -> dict:
-    """Per-layer statistics from per-layer ``[samples, S + 1]`` dropped masses (max over heads)."""
+    """Per-layer statistics from per-layer ``[samples, S + 1]`` values of one curve (e.g. the dropped mass, max
+    over heads); ``shift`` is each layer's :func:`choose_shift` of the bound ranking's quantile values."""
     out = {"bound_quantile": [], "oracle_quantile": [], "bound_mean": [], "oracle_mean": [],
            "bound_over_delta": [], "oracle_over_delta": [], "shift": []}
     for b, o in zip(bound, oracle):
@@ -193,9 +295,55 @@ def summarise(bound: List[Tensor], oracle: List[Tensor], cfg: CalibrationSetting
     return out
 
 
+def claa_recalls(layer_window_scores: Sequence[Tensor], oracle: Tensor, ccfg: ClaaSettings) -> List[List[float]]:
+    """Mass recall of CLAA's ranking against the answer-informed oracle for one prompt:
+    ``[filter layer f - 1][keep ratio]`` for f = 1 .. L - 1 (NaN read as 0).
+
+    ``layer_window_scores[l]``: :func:`~sglang_sparse.claa.window_scores` of layer l's prompt ``[H_kv, S]``; the
+    ranking at filter layer f is :func:`~sglang_sparse.claa.aggregate_max` over
+    :func:`~sglang_sparse.claa.default_claa_layers` ``(L, f, num_layers)``; the recall is
+    :func:`~sglang_sparse.answer_oracle.ranking_metrics`' ``recall@r`` (window tokens left out of both)."""
+    num_layers = len(layer_window_scores)
+    table = []
+    for f in range(1, num_layers):
+        span = [layer_window_scores[l] for l in default_claa_layers(num_layers, f, ccfg.num_layers)]
+        got = ranking_metrics(aggregate_max(span), oracle, ccfg.window, ccfg.keep_ratios)
+        row = [got[f"recall@{r:g}"] for r in ccfg.keep_ratios]
+        table.append([0.0 if math.isnan(x) else float(x) for x in row])
+    return table
+
+
+def recall_quantile(values: Sequence[float], quantile: float) -> float:
+    """The largest v with at least ``ceil(quantile * len(values))`` of ``values`` >= v."""
+    return -quantile_value([-float(x) for x in values], quantile)
+
+
+def choose_claa(recalls: Tensor, ccfg: ClaaSettings) -> Tuple[Optional[dict], List[List[float]]]:
+    """CLAA's filter layer and keep ratio from per-prompt recalls ``[prompts, L - 1, len(keep_ratios)]`` (row i is
+    filter layer i + 1): the earliest filter layer f >= ``ccfg.num_layers`` (the server needs that many layers
+    before it) at which some keep ratio reaches ``ccfg.recall`` on at least ``ccfg.quantile`` of the prompts
+    (:func:`recall_quantile`), then the smallest such keep ratio. Returns (``{"filter_layer", "keep_ratio",
+    "recall"}`` or None when no pair reaches it, the quantile table ``[L - 1][len(keep_ratios)]``)."""
+    table = [[recall_quantile(recalls[:, i, j].tolist(), ccfg.quantile) for j in range(recalls.shape[2])]
+             for i in range(recalls.shape[1])]
+    order = sorted(range(len(ccfg.keep_ratios)), key=lambda j: ccfg.keep_ratios[j])
+    for i, row in enumerate(table):
+        f = i + 1
+        if f < ccfg.num_layers:
+            continue
+        for j in order:
+            if row[j] >= ccfg.recall:
+                return {"filter_layer": f, "keep_ratio": float(ccfg.keep_ratios[j]), "recall": row[j]}, table
+    return None, table
+
+
 def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: int, cfg: CalibrationSettings,
-                  created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict) -> dict:
-    """The profile JSON (format 1); ``stats`` from :func:`summarise`."""
+                  created_by: str, device: str, prompt_lens: Sequence[int], num_prompts: int, stats: dict,
+                  claa: Optional[dict] = None) -> dict:
+    """The profile JSON (format 1); ``stats``: ``{curve: summarise(...)}`` for every curve of :data:`CURVES`.
+    The shifts are those of ``cfg.measure``; the measurements are the dropped mass (max over heads). ``claa``:
+    :func:`choose_claa`'s choice, or None."""
+    chosen, mass = stats[cfg.measure], stats["mass"]
     return {
         "format": FORMAT,
         "model": model,
@@ -208,11 +356,11 @@ def build_profile(*, model: str, num_layers: int, num_kv_heads: int, head_dim: i
         "prompt_lens": list(prompt_lens),
         "num_prompts": num_prompts,
         "prhs": {"budget": float(cfg.budget), "delta": float(cfg.delta), "quantile": float(cfg.quantile),
-                 "layer_budget_shift": list(stats["shift"])},
-        "claa": None,
+                 "measure": cfg.measure, "layer_budget_shift": list(chosen["shift"])},
+        "claa": claa,
         "measurements": {
-            "prhs_dropped_by_shift": {"bound": stats["bound_quantile"], "oracle": stats["oracle_quantile"]},
-            "mean_bound_dropped": [row[0] for row in stats["bound_mean"]],
+            "prhs_dropped_by_shift": {"bound": mass["bound_quantile"], "oracle": mass["oracle_quantile"]},
+            "mean_bound_dropped": [row[0] for row in mass["bound_mean"]],
         },
     }
 
@@ -283,17 +431,26 @@ def kv_retrieval_prompt(tokenizer, target_tokens: int, seed: int) -> Tuple[List[
 
 # --------------------------------------------------------------------------- capture during decode
 class DecodeCollector:
-    """Callback of :class:`~sglang_sparse.capture.Capturing` during ``generate``: per layer the decode
-    queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys."""
+    """Callback of :class:`~sglang_sparse.capture.Capturing` (with values) during ``generate``: per layer the
+    decode queries ``[H_q, D]`` of the first ``max_steps`` decode steps and the latest KV cache keys and values;
+    with ``claa``, also each layer's CLAA window scores of the prompt (:func:`~sglang_sparse.claa.window_scores`,
+    ``[H_kv, S]``) from the prefill."""
 
-    def __init__(self, prompt_len: int, max_steps: int):
-        self.prompt_len, self.max_steps = prompt_len, max_steps
+    def __init__(self, prompt_len: int, max_steps: int, claa: Optional[ClaaSettings] = None):
+        self.prompt_len, self.max_steps, self.claa = prompt_len, max_steps, claa
+        self.window_scores: Dict[int, Tensor] = {}
         self.queries: Dict[int, List[Tensor]] = {}
         self.keys: Dict[int, Tensor] = {}
+        self.values: Dict[int, Tensor] = {}
         self.scale: Optional[float] = None
 
-    def __call__(self, layer, query, key, scale):
+    def __call__(self, layer, query, key, scale, value=None):
         if query.shape[2] != 1:                          # the prefill
+            if self.claa is not None:
+                c = self.claa
+                self.window_scores[layer] = window_scores(
+                    query[0].transpose(0, 1).float(), key[0, :, : self.prompt_len].transpose(0, 1).float(),
+                    c.window, c.pool_kernel, "avg", sm_scale=scale).cpu()
             return
         got = self.queries.setdefault(layer, [])
         if len(got) >= self.max_steps:
@@ -303,23 +460,37 @@ class DecodeCollector:
         if key.shape[2] < need:
             raise RuntimeError(f"layer {layer}: the cache holds {key.shape[2]} keys, expected at least {need}")
         self.keys[layer] = key[0, :, :need].transpose(0, 1)           # [n, H_kv, D], a view of the cache
+        if value is not None:
+            self.values[layer] = value[0, :, :need].transpose(0, 1)   # [n, H_kv, Dv], a view of the cache
         self.scale = scale
 
-    def samples(self, layer: int) -> List[Tuple[Tensor, Tensor]]:
-        """``(q [H_q, D], k [n, H_kv, D])`` per decode step: step i attends keys ``[0, prompt_len + i]``."""
+    def samples(self, layer: int) -> List[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """``(q [H_q, D], k [n, H_kv, D], v [n, H_kv, Dv] or None)`` per decode step: step i attends keys
+        ``[0, prompt_len + i]``."""
         k = self.keys[layer].float()
-        return [(q.float(), k[: self.prompt_len + i + 1]) for i, q in enumerate(self.queries[layer])]
+        v = self.values[layer].float() if layer in self.values else None
+        n = self.prompt_len
+        return [(q.float(), k[: n + i + 1], None if v is None else v[: n + i + 1])
+                for i, q in enumerate(self.queries[layer])]
+
+    def oracle(self) -> Tensor:
+        """The answer-informed oracle importance of the prompt tokens ``[S]`` from the captured answer queries
+        (:func:`~sglang_sparse.answer_oracle.oracle_importance`)."""
+        pairs = [(torch.stack(self.queries[l]).float(), self.keys[l][: self.prompt_len].float())
+                 for l in sorted(self.queries)]
+        return oracle_importance(pairs, self.scale).cpu()
 
 
 @torch.no_grad()
-def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device) -> Tuple[List[int], DecodeCollector]:
+def generate_and_capture(model, tokenizer, ids: List[int], answer_tokens: int, device,
+                         claa: Optional[ClaaSettings] = None) -> Tuple[List[int], DecodeCollector]:
     """Greedy answer (one token more than ``answer_tokens``, so that each answer token is fed as a decode query)
-    and the captured decode queries and keys."""
-    col = DecodeCollector(len(ids), answer_tokens)
+    and the captured decode queries, keys and values (and CLAA's window scores with ``claa``)."""
+    col = DecodeCollector(len(ids), answer_tokens, claa)
     inp = torch.tensor([ids], device=device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    with Capturing(model, col):
+    with Capturing(model, col, values=True):
         gen = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=answer_tokens + 1,
                              do_sample=False, pad_token_id=pad)
     return gen[0, len(ids):].tolist(), col
@@ -342,6 +513,18 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--budget", default="1/16", help="base page budget: a fraction like 1/16 or a page count")
     p.add_argument("--delta", type=float, default=PrhsConfig.delta)
     p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument("--measure", default="mass", choices=MEASURES,
+                   help="what each layer's shift choice compares with --delta: the dropped mass of the worst query "
+                        "head (mass), the dropped mass averaged over query heads (mass-mean), or the relative "
+                        "attention-output error of the worst query head (output-error)")
+    p.add_argument("--claa", default="on", choices=("on", "off"),
+                   help="also choose CLAA's filter layer and keep ratio (off: the profile's claa is null)")
+    p.add_argument("--claa-recall", type=float, default=0.9,
+                   help="mass recall against the answer-informed oracle CLAA must reach on --quantile of the prompts")
+    p.add_argument("--claa-keep-ratios", default="0.1,0.2,0.4", help="comma-separated candidate keep ratios")
+    p.add_argument("--claa-num-layers", type=int, default=ClaaConfig.num_layers,
+                   help="layers aggregated before the filter layer (the server's --claa-num-layers); the filter "
+                        "layer is chosen from this layer on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="profile JSON (default: <model dir name>.json here)")
     p.add_argument("--results", default=None, help="also write the full measurement here")
@@ -349,7 +532,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]:
+def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int], Optional[ClaaSettings]]:
     path = args.model_path
     if not os.path.isdir(path):
         _fail(f"--model-path: {path!r} is not a directory")
@@ -379,8 +562,23 @@ def _validate(args: argparse.Namespace) -> Tuple[CalibrationSettings, List[int]]
         _fail(f"--quantile: must be in (0, 1], got {args.quantile}")
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device: cuda requested but no CUDA device is available")
-    cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile)
-    return cfg, lens
+    try:
+        ratios = tuple(sorted(float(x) for x in args.claa_keep_ratios.split(",") if x.strip()))
+    except ValueError:
+        _fail(f"--claa-keep-ratios: expected comma-separated fractions, got {args.claa_keep_ratios!r}")
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        _fail(f"--claa-keep-ratios: each must be in (0, 1], got {args.claa_keep_ratios!r}")
+    if not 0 < args.claa_recall <= 1:
+        _fail(f"--claa-recall: must be in (0, 1], got {args.claa_recall}")
+    if args.claa_num_layers < 1:
+        _fail(f"--claa-num-layers: must be >= 1, got {args.claa_num_layers}")
+    cfg = CalibrationSettings(page_size=args.page_size, budget=budget, delta=args.delta, quantile=args.quantile,
+                              measure=args.measure)
+    ccfg = None
+    if args.claa == "on":
+        ccfg = ClaaSettings(keep_ratios=ratios, recall=args.claa_recall, quantile=args.quantile,
+                            num_layers=args.claa_num_layers)
+    return cfg, lens, ccfg
 
 
 def _model_name(path: str) -> str:
@@ -417,7 +615,7 @@ def _progress(iterable, disable: bool, **kw):
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    cfg, lens = _validate(args)
+    cfg, lens, ccfg = _validate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     created_by = " ".join([PROG] + [shlex.quote(a) for a in argv])
     t0 = time.time()
@@ -432,13 +630,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     jobs = [(n, i) for n in lens for i in range(args.num_prompts)]
     # the longest context: prompt + answer tokens, so every sample's budget grid reaches all its pages
     shifts = max_shift([n + args.answer_tokens for n in lens], cfg)
-    bound: List[List[Tensor]] = [[] for _ in range(num_layers)]
-    oracle: List[List[Tensor]] = [[] for _ in range(num_layers)]
-    prompts = []
+    curves: Dict[str, Tuple[List[List[Tensor]], List[List[Tensor]]]] = {
+        c: ([[] for _ in range(num_layers)], [[] for _ in range(num_layers)]) for c in CURVES}
+    prompts, claa_rows = [], []
     for j, (target, i) in enumerate(jobs):
         t1 = time.time()
         ids, key, value = kv_retrieval_prompt(tokenizer, target, seed=args.seed * 1_000_003 + target * 101 + i)
-        answer, col = generate_and_capture(model, tokenizer, ids, args.answer_tokens, device)
+        answer, col = generate_and_capture(model, tokenizer, ids, args.answer_tokens, device, ccfg)
         text = tokenizer.decode(answer[: args.answer_tokens], skip_special_tokens=True)
         t_gen = time.time() - t1
         steps = len(col.queries.get(0, []))
@@ -447,38 +645,55 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             continue
         for layer in _progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1} layers", unit="layer",
                                leave=False):
-            b, o = zip(*(sample_dropped(q, k, col.scale, cfg, shifts) for q, k in col.samples(layer)))
-            bound[layer].append(torch.stack(b).cpu())
-            oracle[layer].append(torch.stack(o).cpu())
+            got = [sample_measures(q, k, v, col.scale, cfg, shifts) for q, k, v in col.samples(layer)]
+            for c in CURVES:
+                for side in (0, 1):
+                    curves[c][side][layer].append(torch.stack([g[c][side] for g in got]).cpu())
+        if ccfg is not None:
+            claa_rows.append(claa_recalls([col.window_scores[l] for l in range(num_layers)], col.oracle(), ccfg))
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "decode_samples": steps,
                         "key": key, "value": value, "answer": text, "correct": value in text,
                         "generate_s": round(t_gen, 1), "measure_s": round(time.time() - t1 - t_gen, 1)})
-        s0 = [float(bound[layer][-1][:, 0].mean()) for layer in range(num_layers)]
+        s0 = {c: sum(float(curves[c][0][layer][-1][:, 0].mean()) for layer in range(num_layers)) / num_layers
+              for c in CURVES}
         _log(f"prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, {steps} decode samples, answer {text!r} "
              f"({'correct' if value in text else 'expected ' + value}); generate {t_gen:.0f}s, measure "
-             f"{time.time() - t1 - t_gen:.0f}s; mean bound dropped at s=0 over layers {sum(s0) / len(s0):.3f}")
+             f"{time.time() - t1 - t_gen:.0f}s; bound ranking at s=0, mean over layers: dropped mass "
+             f"{s0['mass']:.3f} (max over heads), {s0['mass-mean']:.3f} (mean), output error "
+             f"{s0['output-error']:.3f} (max), {s0['output-error-mean']:.3f} (mean)")
         del col
     if not prompts:
         raise SystemExit(f"{PROG}: no prompt produced a decode step: nothing to calibrate")
-    bound_t = [torch.cat(x) for x in bound]
-    oracle_t = [torch.cat(x) for x in oracle]
-    stats = summarise(bound_t, oracle_t, cfg)
+    stats = {c: summarise([torch.cat(x) for x in curves[c][0]], [torch.cat(x) for x in curves[c][1]], cfg)
+             for c in CURVES}
+    samples_per_layer = int(torch.cat(curves["mass"][0][0]).shape[0])
+    claa_choice, claa_results = None, None
+    if ccfg is not None:
+        recalls = torch.tensor(claa_rows, dtype=torch.float64)               # [prompts, L - 1, ratios]
+        claa_choice, table = choose_claa(recalls, ccfg)
+        claa_results = {"settings": {"keep_ratios": list(ccfg.keep_ratios), "recall": ccfg.recall,
+                                     "quantile": ccfg.quantile, "window": ccfg.window,
+                                     "num_layers": ccfg.num_layers, "pool_kernel": ccfg.pool_kernel},
+                        "filter_layers": list(range(1, num_layers)), "recall_quantile": table,
+                        "recall_mean": recalls.mean(dim=0).tolist(), "recall_per_prompt": recalls.tolist(),
+                        "choice": claa_choice}
+        _log(f"CLAA: {claa_choice if claa_choice else 'no filter layer and keep ratio reach the recall'}")
     profile = build_profile(model=_model_name(args.model_path), num_layers=num_layers, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, cfg=cfg, created_by=created_by, device=device, prompt_lens=lens,
-                            num_prompts=args.num_prompts, stats=stats)
+                            num_prompts=args.num_prompts, stats=stats, claa=claa_choice)
     wall = time.time() - t0
     out = args.out or f"{_model_name(args.model_path)}.json"
     _write(out, profile)
-    _log(f"profile: {out} (layer budget shifts {stats['shift']})")
+    _log(f"profile: {out} (layer budget shifts by {cfg.measure}: {stats[cfg.measure]['shift']})")
     if args.results:
         results = {"command": created_by, "wall_s": round(wall, 1), "device": device,
                    "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
                    "settings": {"page_size": cfg.page_size, "budget": cfg.budget, "delta": cfg.delta,
-                                "quantile": cfg.quantile, "sink_pages": cfg.sink_pages,
+                                "quantile": cfg.quantile, "measure": cfg.measure, "sink_pages": cfg.sink_pages,
                                 "recent_pages": cfg.recent_pages, "max_shift": shifts,
                                 "answer_tokens": args.answer_tokens, "seed": args.seed},
-                   "samples_per_layer": int(bound_t[0].shape[0]), "prompts": prompts,
-                   "per_layer": stats, "profile": profile}
+                   "samples_per_layer": samples_per_layer, "prompts": prompts,
+                   "per_layer": stats[cfg.measure], "measures": stats, "claa": claa_results, "profile": profile}
         _write(args.results, results)
         _log(f"results: {args.results}")
     _log(f"done in {wall:.0f}s")
