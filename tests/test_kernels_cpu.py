@@ -99,7 +99,10 @@ def test_art_prhs_structured():
                  [dict(pages=sel(1.0, 0.0), art=a),                                            # sequential
                   dict(pages=sel(1.0, 0.0), art=a, tuning=tune(art_head_pages=5, num_splits=3)),
                   dict(pages=sel(0.8, 0.01), art=art_p(0.03, 1e-3, 2, 2, eps_cert=0.05)),      # certified
-                  dict(pages=sel(1.0, 0.0), art=a, tuning=tune(art_head_pages=4, art_tail_pages=2))],
+                  dict(pages=sel(1.0, 0.0), art=a, tuning=tune(art_head_pages=4, art_tail_pages=2)),
+                  # a list longer than the head with no tail program (a reused list widened by dilation, or a
+                  # scaled budget, beyond the planned length): the head must read it to the end
+                  dict(pages=sel(1.0, 0.0), art=art_p(0.0, 0.0, 2, 2), tuning=tune(art_head_pages=4, num_splits=1))],
                  structured=True)
 
 

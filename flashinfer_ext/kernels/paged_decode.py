@@ -164,7 +164,9 @@ def _decode_split_kernel(Q, KCache, VCache, PageTable, NumPages, LastLen, ListPh
                     loaded += c_end - c
             tl.atomic_add(ArtLoaded + b64 * (H_Q // G) + h, loaded)
         else:
-            end = tl.minimum(head_len, n_list)
+            # the head reads [0, H); with no tail program it reads the whole list, which can be longer than the
+            # planned length (a reused list widened by dilation)
+            end = tl.where(num_splits > 1, tl.minimum(head_len, n_list), n_list)
             o_prev = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
             streak = b * 0
             read = b * 0
