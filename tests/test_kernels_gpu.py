@@ -115,7 +115,9 @@ def test_art_decode_structured():
                  [dict(pages=sel(1 / 4, 0.0), art=a),
                   dict(pages=sel(1 / 4, 0.0), art=a, tuning=tune(art_head_pages=12)),
                   dict(pages=sel(1 / 8, 0.05), art=art_p(0.02, 5e-4, 2, 4, eps_cert=0.05)),
-                  dict(pages=every_page(), art=a)],
+                  dict(pages=every_page(), art=a),
+                  # one split, a head shorter than the list: the head reads the list to its end
+                  dict(pages=sel(1 / 4, 0.0), art=art_p(0.0, 0.0, 2, 4), tuning=tune(art_head_pages=12, num_splits=1))],
                  structured=True)
 
 
