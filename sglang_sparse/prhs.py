@@ -503,9 +503,9 @@ def layer_error(err: Tensor, norm: Tensor) -> Tensor:
     """Relative error of a layer's whole attention output (all its query heads concatenated, what the output
     projection sees) from its heads' relative errors ``err`` and output norms ``norm`` ``[..., H_q]``:
     ``sqrt(sum_h (err_h * norm_h)^2) / sqrt(sum_h norm_h^2)``, over the last dim. Between the norm-weighted
-    mean and the max of ``err``."""
-    err, norm = err.double(), norm.double()
-    return ((err * norm).square().sum(dim=-1) / norm.square().sum(dim=-1).clamp_min(1e-300)).sqrt()
+    mean and the max of ``err``. In the inputs' dtype; NaN where any head's value is NaN. Device ops only."""
+    tiny = torch.finfo(norm.dtype).tiny
+    return ((err * norm).square().sum(dim=-1) / norm.square().sum(dim=-1).clamp_min(tiny)).sqrt()
 
 
 def layer_output_error(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, o_read: Tensor) -> Tensor:
