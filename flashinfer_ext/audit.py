@@ -24,7 +24,11 @@ output itself (reference :func:`sglang_sparse.prhs.output_error`)::
 
 with ``o_all`` the exact attention over every token and ``o_read`` the wrapper's output of that layer
 (``audit.run(wrapper, q, k_cache, v_cache, out)``): about one dense decode of the audited request per layer instead
-of half of one. ``out_err`` holds it (NaN for requests not audited); ``dropped`` is measured as well.
+of half of one. ``out_err`` holds it (NaN for requests not audited); ``dropped`` is measured as well. ``o_norm``
+holds ``||o_all[b, hq]||`` and ``layer_err`` the relative error of the layer's whole attention output, all its
+query heads concatenated (what the output projection sees; reference :func:`sglang_sparse.prhs.layer_error`)::
+
+    layer_err[b] = sqrt(sum_hq (err[b, hq] * ||o_all[b, hq]||)^2) / sqrt(sum_hq ||o_all[b, hq]||^2)
 """
 
 from __future__ import annotations
@@ -77,12 +81,13 @@ class DroppedMassAudit:
         self.mid_m = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.mid_l = torch.empty(max_batch_size, num_qo_heads, max_num_splits, **f32)
         self.dropped_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
-        self.mid_o_buf = self.out_err_buf = None
+        self.mid_o_buf = self.out_err_buf = self.o_norm_buf = None
         if measure == "output-error":
             # [bs, H_q, num_splits, Dv] per plan, in one flat buffer as large as the largest bs x num_splits
             rows = max(bs * self._splits(bs) for bs in range(1, max_batch_size + 1))
             self.mid_o_buf = torch.empty(rows * num_qo_heads * self.dv, **f32)
             self.out_err_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
+            self.o_norm_buf = torch.full((max_batch_size, num_qo_heads), float("nan"), **f32)
         self.bs = 0
 
     def _splits(self, bs: int) -> int:
@@ -106,6 +111,7 @@ class DroppedMassAudit:
         self.pages_per_split = triton.cdiv(self.max_pages, self.num_splits)
         if self.out_err_buf is not None:
             self.out_err_buf[:bs].fill_(float("nan"))
+            self.o_norm_buf[:bs].fill_(float("nan"))
             n = bs * self.h_q * self.num_splits * self.dv
             self.mid_o = self.mid_o_buf[:n].view(bs, self.h_q, self.num_splits, self.dv)
 
@@ -124,10 +130,11 @@ class DroppedMassAudit:
         if with_v:
             if v_cache is None or out is None:
                 raise ValueError("measure='output-error' needs the values (v_cache) and the wrapper's output (out)")
-            out, mo, err, dv = out.view(bs, self.h_q, self.dv), self.mid_o, self.out_err_buf, self.dv
+            out, mo, err, norm, dv = out.view(bs, self.h_q, self.dv), self.mid_o, self.out_err_buf, \
+                self.o_norm_buf, self.dv
         else:       # keys only: the value / output arguments are never read (WITH_V=False)
-            v_cache, out, mo, err, dv = k_cache, wrapper.lse_buf[:, :, None], self.mid_m[:, :, :, None], \
-                self.dropped_buf, 1
+            v_cache, out, mo, err, norm, dv = k_cache, wrapper.lse_buf[:, :, None], self.mid_m[:, :, :, None], \
+                self.dropped_buf, self.dropped_buf, 1
         _kv_split_kernel[(bs, self.h_kv, self.num_splits)](
             self.audited, q, k_cache, v_cache, wrapper.page_table, wrapper.num_pages, wrapper.last_len, self.mid_m,
             self.mid_l, mo, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
@@ -136,7 +143,7 @@ class DroppedMassAudit:
             G=self.group, G_PAD=self.g_pad, D=self.d, DV=dv, BLOCK_D=triton.next_power_of_2(self.d),
             BLOCK_DV=triton.next_power_of_2(dv), P=self.page_size, PPI=ppi, WITH_V=with_v, num_warps=4)
         _audit_merge_kernel[(bs, self.h_q)](
-            self.audited, self.mid_m, self.mid_l, mo, wrapper.lse_buf, out, self.dropped_buf, err,
+            self.audited, self.mid_m, self.mid_l, mo, wrapper.lse_buf, out, self.dropped_buf, err, norm,
             self.mid_m.stride(0), self.mid_m.stride(1), mo.stride(0), mo.stride(1), mo.stride(2),
             wrapper.lse_buf.stride(0), out.stride(0), out.stride(1), self.dropped_buf.stride(0),
             self.num_splits, DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
@@ -148,6 +155,23 @@ class DroppedMassAudit:
         """``[bs, H_q]`` fp32 relative error of the attention output of this step's audited requests at the layer
         last run (NaN for the requests not audited); None with ``measure="mass"``."""
         return None if self.out_err_buf is None else self.out_err_buf[: self.bs]
+
+    @property
+    def o_norm(self) -> Optional[torch.Tensor]:
+        """``[bs, H_q]`` fp32 norm of the exact attention output over every token of this step's audited requests
+        at the layer last run (NaN for the requests not audited); None with ``measure="mass"``."""
+        return None if self.o_norm_buf is None else self.o_norm_buf[: self.bs]
+
+    @property
+    def layer_err(self) -> Optional[torch.Tensor]:
+        """``[bs]`` fp32 relative error of the whole attention output (all query heads) of this step's audited
+        requests at the layer last run, from ``out_err`` and ``o_norm`` (device ops, no host sync; NaN for the
+        requests not audited); None with ``measure="mass"``."""
+        if self.out_err_buf is None:
+            return None
+        from sglang_sparse.prhs import layer_error
+
+        return layer_error(self.out_err, self.o_norm)
 
     @property
     def dropped(self) -> torch.Tensor:

@@ -3,7 +3,7 @@
 
     python -m sglang_sparse.calibrate --model-path DIR [--device cpu|cuda] [--prompt-lens 8192,16384]
         [--num-prompts N] [--page-size 64] [--budget 1/16] [--delta 0.05] [--quantile 0.9]
-        [--measure mass|mass-mean|output-error] [--claa on|off] [--claa-recall 0.9]
+        [--measure mass|mass-mean|output-error|output-error-layer] [--claa on|off] [--claa-recall 0.9]
         [--claa-keep-ratios 0.1,0.2,0.4] [--claa-num-layers 4] [--answer-tokens 16] [--seed 0]
         [--out PROFILE.json] [--results RESULTS.json]
 
@@ -35,7 +35,11 @@ sink and recent pages (:class:`sglang_sparse.config.PrhsConfig`):
     (:func:`~sglang_sparse.prhs.dense_attention`);
 
   a sample's ``mass`` is ``max_h delta_h`` (as the server's audit reports it), ``mass-mean`` is
-  ``mean_h delta_h``, ``output-error`` is ``max_h e_h`` and ``output-error-mean`` is ``mean_h e_h``.
+  ``mean_h delta_h``, ``output-error`` is ``max_h e_h``, ``output-error-mean`` is ``mean_h e_h``, and
+  ``output-error-layer`` is the relative error of the layer's whole attention output, all its query heads
+  concatenated (what the output projection sees):
+  ``sqrt(sum_h ||o_sparse[h] - o_dense[h]||^2) / sqrt(sum_h ||o_dense[h]||^2)``
+  (:func:`~sglang_sparse.prhs.layer_error`; between the norm-weighted mean and the max of ``e_h``).
 
 Per layer, shift and curve the ``--quantile`` order statistic of the samples' values is reported: the
 smallest value v with at least ``ceil(quantile * samples)`` samples <= v. The chosen shift of a layer is
@@ -124,9 +128,9 @@ PROG = "python -m sglang_sparse.calibrate"
 FORMAT = 1
 DEFAULT_PAGE_SIZE = 64
 # what the per-layer shift choice compares with delta (--measure)
-MEASURES = ("mass", "mass-mean", "output-error")
+MEASURES = ("mass", "mass-mean", "output-error", "output-error-layer")
 # every per-sample curve measured: the measures, and the output error averaged over the query heads
-CURVES = ("mass", "mass-mean", "output-error", "output-error-mean")
+CURVES = ("mass", "mass-mean", "output-error", "output-error-mean", "output-error-layer")
 
 
 @dataclass(frozen=True)
@@ -231,8 +235,11 @@ def output_error(q: Tensor, k: Tensor, v: Tensor, page_size: int, pages: Tensor,
     if dense is None:
         dense = dense_attention(q, k, v, sm_scale)
     sparse = sparse_attention(q, k, v, page_size, pages, num_selected, sm_scale)
-    diff = (sparse - dense).norm(dim=-1)
-    ref = dense.norm(dim=-1)
+    return _relative((sparse - dense).norm(dim=-1), dense.norm(dim=-1))
+
+
+def _relative(diff: Tensor, ref: Tensor) -> Tensor:
+    """``diff / ref``; 0 where both are 0, inf where only ref is."""
     return torch.where(ref > 0, diff / ref.clamp_min(torch.finfo(ref.dtype).tiny),
                        torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
 
@@ -243,21 +250,28 @@ def sample_measures(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: Calib
     ``{curve: (bound [shifts + 1], oracle [shifts + 1])}``, for the same selections as :func:`sample_dropped`.
 
     ``mass``: dropped mass, max over query heads; ``mass-mean``: its mean over query heads; ``output-error``:
-    :func:`output_error`, max over query heads; ``output-error-mean``: its mean over query heads.
+    :func:`output_error`, max over query heads; ``output-error-mean``: its mean over query heads;
+    ``output-error-layer``: the relative error of all the query heads' outputs together
+    (``||o_sparse - o_dense|| / ||o_dense||`` over ``[H_q, Dv]``).
     q ``[H_q, D]``, k ``[n, H_kv, D]``, v ``[n, H_kv, Dv]``.
     """
     dense = dense_attention(q, k, v, sm_scale)
-    rows = {"mass": ([], []), "error": ([], [])}
+    ref = dense.norm(dim=-1)                                                # [H_q]
+    rows = {"mass": ([], []), "error": ([], []), "layer": ([], [])}
     for sel, osel in _selections(q, k, sm_scale, cfg, shifts):
         for i, x in enumerate((sel, osel)):
             rows["mass"][i].append(exact_dropped_mass(q, k, cfg.page_size, x.pages, x.num_selected, sm_scale))
-            rows["error"][i].append(output_error(q, k, v, cfg.page_size, x.pages, x.num_selected, sm_scale, dense))
+            diff = (sparse_attention(q, k, v, cfg.page_size, x.pages, x.num_selected, sm_scale) - dense).norm(dim=-1)
+            rows["error"][i].append(_relative(diff, ref))
+            rows["layer"][i].append(_relative(diff.square().sum().sqrt(), ref.square().sum().sqrt()))
     mass = [torch.stack(x) for x in rows["mass"]]                          # [S + 1, H_q] each
     err = [torch.stack(x) for x in rows["error"]]
+    layer = [torch.stack(x) for x in rows["layer"]]                        # [S + 1] each
     return {"mass": (mass[0].amax(dim=1), mass[1].amax(dim=1)),
             "mass-mean": (mass[0].mean(dim=1), mass[1].mean(dim=1)),
             "output-error": (err[0].amax(dim=1), err[1].amax(dim=1)),
-            "output-error-mean": (err[0].mean(dim=1), err[1].mean(dim=1))}
+            "output-error-mean": (err[0].mean(dim=1), err[1].mean(dim=1)),
+            "output-error-layer": (layer[0], layer[1])}
 
 
 def quantile_value(values: Sequence[float], quantile: float) -> float:
@@ -516,7 +530,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--measure", default="mass", choices=MEASURES,
                    help="what each layer's shift choice compares with --delta: the dropped mass of the worst query "
                         "head (mass), the dropped mass averaged over query heads (mass-mean), or the relative "
-                        "attention-output error of the worst query head (output-error)")
+                        "attention-output error of the worst query head (output-error), or the relative error of "
+                        "the layer's attention output over all its query heads (output-error-layer)")
     p.add_argument("--claa", default="on", choices=("on", "off"),
                    help="also choose CLAA's filter layer and keep ratio (off: the profile's claa is null)")
     p.add_argument("--claa-recall", type=float, default=0.9,
@@ -660,7 +675,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
              f"({'correct' if value in text else 'expected ' + value}); generate {t_gen:.0f}s, measure "
              f"{time.time() - t1 - t_gen:.0f}s; bound ranking at s=0, mean over layers: dropped mass "
              f"{s0['mass']:.3f} (max over heads), {s0['mass-mean']:.3f} (mean), output error "
-             f"{s0['output-error']:.3f} (max), {s0['output-error-mean']:.3f} (mean)")
+             f"{s0['output-error']:.3f} (max), {s0['output-error-mean']:.3f} (mean), "
+             f"{s0['output-error-layer']:.3f} (layer)")
         del col
     if not prompts:
         raise SystemExit(f"{PROG}: no prompt produced a decode step: nothing to calibrate")

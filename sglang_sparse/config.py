@@ -186,9 +186,9 @@ class PrhsConfig:
                      (PrHS's pages and ART's stop together), by reading the request's keys of every page once
                      (``flashinfer_ext.audit``); 0 = off.
     audit_measure    what the audit compares with ``delta`` (feedback, over-delta counters): ``mass``, the dropped
-                     attention mass of the worst query head; ``output-error``, the worst head's relative error of
-                     the attention output, ``||o_read - o_all|| / ||o_all||`` against the exact output over every
-                     token (reads the values too: about one dense decode of the audited request per audited step
+                     attention mass of the worst query head; ``output-error``, the relative error of the layer's
+                     attention output over all its query heads, ``||o_read - o_all|| / ||o_all||`` with the heads'
+                     outputs concatenated, against the exact output over every token (reads the values too: about one dense decode of the audited request per audited step
                      instead of half of one). The dropped mass is measured and reported either way.
     audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
                      reports): a (request, selection group) whose audited measure exceeds ``delta`` at any
@@ -437,7 +437,8 @@ _FLAGS = (
      "PrHS / ART dropped (logged and on /metrics; 0 = off)."),
     ("--prhs-audit-measure", "prhs_audit_measure", str, "prhs", "audit_measure",
      "What the audit compares with --prhs-delta: 'mass' (the dropped attention mass, keys only) or 'output-error' "
-     "(the relative error of the attention output against the exact one over every token; reads the values too)."),
+     "(the relative error of the layer's attention output over all its query heads against the exact one over every "
+     "token; reads the values too)."),
     ("--prhs-audit-max-scale", "prhs_audit_max_scale", int, "prhs", "audit_max_scale",
      "Audit feedback: a request whose audited dropped mass (or output error, see --prhs-audit-measure) exceeds "
      "--prhs-delta in a selection group gets that group's page budget doubled, up to this factor (a power of two, "

@@ -65,6 +65,8 @@ __all__ = [
     "dense_attention",
     "dropped_mass",
     "output_error",
+    "layer_error",
+    "layer_output_error",
     "scaled_budget",
     "budget_shift_update",
 ]
@@ -495,6 +497,23 @@ def output_error(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, o_read: Tenso
     o_all = dense_attention(q, k, v, sm_scale)
     diff = (o_read.to(o_all.dtype) - o_all).norm(dim=-1)
     return diff / o_all.norm(dim=-1).clamp_min(1e-30)
+
+
+def layer_error(err: Tensor, norm: Tensor) -> Tensor:
+    """Relative error of a layer's whole attention output (all its query heads concatenated, what the output
+    projection sees) from its heads' relative errors ``err`` and output norms ``norm`` ``[..., H_q]``:
+    ``sqrt(sum_h (err_h * norm_h)^2) / sqrt(sum_h norm_h^2)``, over the last dim. Between the norm-weighted
+    mean and the max of ``err``. In the inputs' dtype; NaN where any head's value is NaN. Device ops only."""
+    tiny = torch.finfo(norm.dtype).tiny
+    return ((err * norm).square().sum(dim=-1) / norm.square().sum(dim=-1).clamp_min(tiny)).sqrt()
+
+
+def layer_output_error(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, o_read: Tensor) -> Tensor:
+    """Relative error of a decode step's attention output over all its query heads (a scalar):
+    ``sqrt(sum_h ||o_read[h] - o_all[h]||^2) / sqrt(sum_h ||o_all[h]||^2)``, with ``o_all`` and ``o_read`` as in
+    :func:`output_error` (:func:`layer_error` of its per-head errors and ``||o_all[h]||``)."""
+    o_all = dense_attention(q, k, v, sm_scale)
+    return (o_read.to(o_all.dtype) - o_all).norm() / o_all.norm().clamp_min(1e-30)
 
 
 # --------------------------------------------------------------------------- audit feedback

@@ -25,8 +25,8 @@ logged; see :meth:`SparseDecoder.decode_stats` for what each covers.
 The dropped-mass audit (``--prhs-audit-interval N``): a request is audited on its first decode step after each
 (re)start and whenever its length is a multiple of N; an audited step measures, at every layer, the exact
 attention mass the decode left out (``flashinfer_ext.audit``); with ``--prhs-audit-measure output-error`` also the
-relative error of the attention output against the exact output over every token, and that error, not the dropped
-mass, is what is compared with ``--prhs-delta``. With ``--prhs-audit-max-scale`` > 1 the
+relative error of the layer's attention output over all its query heads (this rank's) against the exact output over
+every token, and that error, not the dropped mass, is what is compared with ``--prhs-delta``. With ``--prhs-audit-max-scale`` > 1 the
 measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a (request, selection group) whose audited
 measure exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
 selections (``budget_shift``, reference :func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
@@ -224,7 +224,7 @@ class SparseDecoder:
         self._audit_rows = 0
         # the last AUDIT_RING audits, plus one spare slot that takes the rows not audited (see _fold_audit)
         self._audit_ring = torch.full((AUDIT_RING + 1,), float("nan"), dtype=torch.float32, device=device)
-        # output-error: the same audits' output errors, slot for slot
+        # output-error: the same audits' layer output errors, slot for slot
         self._audit_err_ring = self._audit_ring.clone() if self._audit_err else None
         self._audit_pos = torch.zeros((), dtype=torch.int64, device=device)
         # since start: audits, audits over delta, audits after a request's first decode step, those over delta
@@ -295,8 +295,10 @@ class SparseDecoder:
         host sync); count them; with feedback, at the last layer of a selection group, raise by one (up to the
         maximum) the budget shift of the audited rows that dropped more than delta at any layer of the group
         (:func:`sglang_sparse.prhs.budget_shift_update`): one doubling per (request, group) and audited step.
-        With the output-error measure, the largest output error over the query heads goes to a second ring (same
-        slots), and it, not the dropped mass, is compared with delta by the counters and the feedback."""
+        With the output-error measure, the relative error of the layer's whole attention output (its query heads
+        concatenated: ``sqrt(sum_h (err_h * n_h)^2) / sqrt(sum_h n_h^2)`` from the heads' errors ``err_h`` and
+        exact output norms ``n_h``, :func:`sglang_sparse.prhs.layer_error`) goes to a second ring (same slots),
+        and it, not the dropped mass, is compared with delta by the counters and the feedback."""
         bs = self.audit.bs
         vals = self.audit.dropped.amax(dim=1)          # NaN for requests not audited
         audited = ~torch.isnan(vals)
@@ -305,7 +307,7 @@ class SparseDecoder:
         self._audit_ring[idx] = vals
         measured = vals
         if self._audit_err_ring is not None:
-            measured = self.audit.out_err.amax(dim=1)
+            measured = self.audit.layer_err             # NaN for requests not audited
             self._audit_err_ring[idx] = measured
         self._audit_pos += audited.sum()
         over = audited & (measured > self.sparse_config.prhs.delta)
@@ -410,8 +412,8 @@ class SparseDecoder:
         delta ``dropped_over_delta_later``. ``budget_shift_mean``: the mean log2 budget scale over the last
         batch's requests and selection groups (0 without feedback or profile).
 
-        With ``--prhs-audit-measure output-error`` also ``err_mean`` and ``err_p99``, the output error of the same
-        audits, and every "above delta" (``dropped_over_delta``, the ``*_over`` counters, ``*_later``) is the output
+        With ``--prhs-audit-measure output-error`` also ``err_mean`` and ``err_p99``, the relative error of the
+        layer's attention output over all its query heads on the same audits, and every "above delta" (``dropped_over_delta``, the ``*_over`` counters, ``*_later``) is the output
         error's, the measure the feedback compares with delta; ``dropped_mean`` / ``dropped_p99`` stay the mass."""
         total, total_over, later, later_over = (int(x) for x in self._audit_counts.tolist())
         shift = self.budget_shift
@@ -473,9 +475,9 @@ class SparseDecoder:
                 ("dropped_p99", "99th percentile of the audited dropped attention mass."),
                 ("dropped_over_delta", "Share of audits whose dropped attention mass (with --prhs-audit-measure "
                                        "output-error: output error) exceeded --prhs-delta."),
-                ("err_mean", "Mean audited relative error of the attention output "
+                ("err_mean", "Mean audited relative error of the layer's attention output over all its query heads "
                              "(--prhs-audit-measure output-error)."),
-                ("err_p99", "99th percentile of the audited relative error of the attention output."),
+                ("err_p99", "99th percentile of the audited relative error of the layer's attention output."),
                 ("audits_total", "Audits (request, layer) since start."),
                 ("audits_total_over", "Audits since start whose dropped attention mass exceeded --prhs-delta."),
                 ("audits_later", "Audits since start after a request's first decode step."),

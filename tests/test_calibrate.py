@@ -197,9 +197,11 @@ def test_output_error_two_pages_by_hand():
     # shift 0 keeps page 1 only (the recent page; the budget is 1 page). Head 0: dense (1/3, 2/3), sparse (0, 1):
     # error sqrt(2)/3 / (sqrt(5)/3) = sqrt(2/5), dropped 1/3. Head 1: dense (1/2, 1/2), sparse (0, 1): error 1,
     # dropped 1/2. Shift 1 keeps both pages: nothing dropped, no error.
+    # The layer error: squared diffs 2/9 + 1/2 over squared norms 5/9 + 1/2, sqrt(13/19).
     e0 = math.sqrt(0.4)
     expect = {"mass": [0.5, 0.0], "mass-mean": [(1 / 3 + 0.5) / 2, 0.0],
-              "output-error": [1.0, 0.0], "output-error-mean": [(e0 + 1.0) / 2, 0.0]}
+              "output-error": [1.0, 0.0], "output-error-mean": [(e0 + 1.0) / 2, 0.0],
+              "output-error-layer": [math.sqrt(13 / 19), 0.0]}
     for curve, want in expect.items():
         for side in (0, 1):
             torch.testing.assert_close(got[curve][side], torch.tensor(want, dtype=F64), atol=1e-12, rtol=0,
@@ -229,6 +231,9 @@ def test_output_error_zero_at_every_page_and_mean_below_max(seed):
             assert float(got["mass"][side][-1]) < 1e-12
             assert (got["mass-mean"][side] <= got["mass"][side] + 1e-15).all()
             assert (got["output-error-mean"][side] <= got["output-error"][side] + 1e-15).all()
+            assert (got["output-error-layer"][side] <= got["output-error"][side] + 1e-12).all()
+            assert float(got["output-error-layer"][side][-1]) < 1e-12
+            assert (got["output-error-layer"][side][:-1] > 0).all()
             assert (got["output-error"][side][:-1] > 0).all()
             strict += int((got["mass-mean"][side][0] < got["mass"][side][0] - 1e-9).item())
         # the mass curves are those of sample_dropped
@@ -354,7 +359,7 @@ def test_decode_capture_equals_teacher_forced_pass(tiny_model):
     torch.testing.assert_close(col.oracle(), ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("measure", [None, "output-error"])
+@pytest.mark.parametrize("measure", [None, "output-error-layer"])
 def test_cli_profile_schema(tiny_model, tmp_path, measure):
     prof, res = tmp_path / "p.json", tmp_path / "r.json"
     cmd = [sys.executable, "-m", "sglang_sparse.calibrate", "--model-path", tiny_model, "--device", "cpu",

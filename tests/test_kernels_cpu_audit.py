@@ -164,14 +164,22 @@ def test_output_error_audit_equals_reference(page_size):
             audit.mid_o_buf.fill_(float("nan"))
             audit.run(w, pool.q, pool.kc, pool.vc, out)
             err, dropped = audit.out_err.clone(), audit.dropped.clone()
+            norm, layer = audit.o_norm.clone(), audit.layer_err.clone()
             assert bool(torch.isnan(err[1]).all()) and bool(torch.isnan(dropped[1]).all()), \
                 f"{tag}: request 1 was not audited but got {err[1].tolist()} {dropped[1].tolist()}"
+            assert bool(torch.isnan(norm[1]).all()) and bool(torch.isnan(layer[1])), f"{tag}: {norm[1].tolist()}"
             for b in (0, 2):
                 q, k, v = pool.logical(b)
                 ref = prhs.output_error(q, k, v, sm, out[b].double())
                 assert bool(torch.isfinite(err[b]).all()), f"{tag} b={b}: {err[b].tolist()}"
                 gap = ((err[b].double() - ref).abs() - 1e-2 * ref).max().item()
                 assert gap <= 1e-2, f"{tag} b={b}: err {err[b].tolist()} vs reference {ref.tolist()}"
+                # ||o_all|| per head, and the whole layer's relative error
+                ref_n = prhs.dense_attention(q, k, v, sm).norm(dim=-1)
+                torch.testing.assert_close(norm[b].double(), ref_n, atol=1e-3, rtol=1e-2, msg=f"{tag} b={b}")
+                ref_l = float(prhs.layer_output_error(q, k, v, sm, out[b].double()))
+                assert abs(float(layer[b]) - ref_l) <= 1e-2 * ref_l + 1e-2, f"{tag} b={b}: {float(layer[b])} {ref_l}"
+                assert float(layer[b]) <= float(err[b].max()) + 1e-6, f"{tag} b={b}: {float(layer[b])}"
                 if name == "prhs":
                     lst, num = w.pages[b].tolist(), w.num_selected[b].tolist()
                     ref_d = _reference_dropped(pool, w, b, lambda hq: lst[hq // group][: num[hq // group]])
@@ -189,5 +197,6 @@ def test_output_error_audit_equals_reference(page_size):
     audit.plan(len(lens), False)
     audit.run(w, pool.q, pool.kc, pool.vc, out)
     assert bool(torch.isnan(audit.out_err).all()) and bool(torch.isnan(audit.dropped).all()), f"seed={seed}"
+    assert bool(torch.isnan(audit.o_norm).all()) and bool(torch.isnan(audit.layer_err).all()), f"seed={seed}"
     with pytest.raises(ValueError):
         audit.run(w, pool.q, pool.kc)

@@ -354,12 +354,16 @@ def test_output_error_feedback_raises_only_the_request_whose_output_changed():
             assert shifts == [[1] * layers, [1] * layers], f"{tag}: shifts {shifts}"
             assert "err_mean" not in stats and stats["audits_total_over"] == 2 * layers, (tag, stats)
             continue
-        err = dec.audit.out_err.amax(dim=1)          # the last layer's
+        # the last layer's: the relative error of the whole output, from the heads' errors and exact output norms
+        err_h, norm_h = dec.audit.out_err.double(), dec.audit.o_norm.double()
+        err = (err_h * norm_h).square().sum(dim=1).sqrt() / norm_h.square().sum(dim=1).sqrt()
+        assert bool((norm_h > 0).all()), f"{tag}: output norms {norm_h.tolist()}"
         assert float(err[0]) <= 1e-2 and float(err[1]) > delta, f"{tag}: output error {err.tolist()}"
         assert shifts == [[0] * layers, [1] * layers], f"{tag}: shifts {shifts} (output error {err.tolist()})"
         assert stats["audits_total"] == 2 * layers and stats["audits_total_over"] == layers, (tag, stats)
         assert stats["dropped_over_delta"] == 0.5 and stats["dropped_mean"] > 0.3, (tag, stats)
         e = dec._audit_err_ring[: 2 * layers].double()
+        torch.testing.assert_close(e[2 * (layers - 1):], err, atol=1e-6, rtol=1e-5, msg=tag)
         assert not bool(torch.isnan(e).any()) and abs(stats["err_mean"] - float(e.mean())) < 1e-6, (tag, stats)
         assert abs(stats["err_p99"] - float(torch.quantile(e, 0.99))) < 1e-6, (tag, stats)
         records = []
@@ -385,3 +389,41 @@ def test_output_error_feedback_raises_only_the_request_whose_output_changed():
         assert au["measure"] == "output-error" and au["total"] == stats["audits_total"], (tag, au)
         assert au["later_over"] == stats["audits_later_over"] and abs(au["err_p99"] - stats["err_p99"]) < 1e-4, (tag, au)
         assert abs(au["dropped_mean"] - stats["dropped_mean"]) < 1e-4, (tag, au)
+
+
+def test_output_error_feedback_compares_the_layer_error_not_the_worst_head():
+    """The per-request value _fold_audit compares with delta is the relative error of the layer's whole output,
+    ``sqrt(sum_h (err_h * n_h)^2) / sqrt(sum_h n_h^2)``, set here by hand in the audit's buffers. Request 0: one
+    head off by 0.08 of its output, the other heads exact, all norms 1: layer error 0.04, under delta 0.05 although
+    the worst head is over it. Request 1: every head off by 0.06 with norms 1, 2, 3, 4: layer error 0.06, over."""
+    import torch
+
+    from sglang_sparse.sparse_decode import AUDIT_RING
+
+    seed = fresh_seed()
+    layers, delta = 1, 0.05
+    lens = [700, 900]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(seed))
+    dec = _decoder(pool, layers, 1, max_scale=4, delta=delta, measure="output-error")
+    _step(dec, pool, layers, lens)
+    assert dec.audit.bs == 2 and not bool(torch.isnan(dec.audit.dropped).any()), f"seed={seed}"
+    dec.audit.out_err_buf[:2] = torch.tensor([[0.08, 0.0, 0.0, 0.0], [0.06] * 4])
+    dec.audit.o_norm_buf[:2] = torch.tensor([[1.0] * 4, [1.0, 2.0, 3.0, 4.0]])
+    rows = pool.rows.tolist()
+    dec._audit_counts.zero_()
+    dec.budget_shift[rows] = 0
+    pos = int(dec._audit_pos)
+    dec._fold_audit(0, pool.rows)
+    got = dec._audit_err_ring[torch.tensor([pos, pos + 1]) % AUDIT_RING].double()
+    torch.testing.assert_close(got, torch.tensor([0.04, 0.06], dtype=torch.float64), atol=1e-6, rtol=0,
+                               msg=f"seed={seed}")
+    assert dec._audit_counts.tolist()[:2] == [2, 1], f"seed={seed}: {dec._audit_counts.tolist()}"
+    assert dec.budget_shift[rows].tolist() == [[0], [1]], f"seed={seed}: {dec.budget_shift[rows].tolist()}"
+    # a request not audited (NaN) stays out of the ring and the counters
+    dec.audit.out_err_buf[0] = float("nan")
+    dec.audit.o_norm_buf[0] = float("nan")
+    dec.audit.dropped_buf[0] = float("nan")
+    assert bool(torch.isnan(dec.audit.layer_err[0])) and float(dec.audit.layer_err[1]) > delta, f"seed={seed}"
+    dec._audit_counts.zero_()
+    dec._fold_audit(0, pool.rows)
+    assert dec._audit_counts.tolist()[:2] == [1, 1], f"seed={seed}: {dec._audit_counts.tolist()}"

@@ -310,3 +310,33 @@ def test_selection_schedule():
     assert sch.leader(5) == 3 and sch.leader(2) == 0
     with pytest.raises(ValueError):
         prhs.SelectionSchedule(reselect_interval=0)
+
+
+def test_layer_output_error_two_heads_by_hand():
+    """One head with an error, one without: the layer error weighs the heads' errors by their output norms, so it
+    lies between the norm-weighted mean and the max of the per-head errors."""
+    F64 = torch.float64
+    # keys all equal: each head's output is the mean of the values, (3, 4) for head 0 (kv head 0, norm 5) and
+    # (0, 12) for head 1 (kv head 1, norm 12)
+    q = torch.randn(2, 4, dtype=F64)
+    k = torch.ones(3, 2, 4, dtype=F64)
+    v = torch.zeros(3, 2, 2, dtype=F64)
+    v[:, 0] = torch.tensor([[3.0, 4.0], [1.0, 2.0], [5.0, 6.0]], dtype=F64)
+    v[:, 1] = torch.tensor([[0.0, 12.0], [0.0, 10.0], [0.0, 14.0]], dtype=F64)
+    o_all = prhs.dense_attention(q, k, v, 0.5)
+    torch.testing.assert_close(o_all, torch.tensor([[3.0, 4.0], [0.0, 12.0]], dtype=F64))
+    o_read = o_all.clone()
+    o_read[0] += torch.tensor([0.0, 2.5], dtype=F64)  # head 0 off by 2.5: error 0.5; head 1 exact
+    err = prhs.output_error(q, k, v, 0.5, o_read)
+    torch.testing.assert_close(err, torch.tensor([0.5, 0.0], dtype=F64))
+    # sqrt(2.5^2) / sqrt(5^2 + 12^2) = 2.5 / 13
+    want = 2.5 / 13
+    assert float(prhs.layer_output_error(q, k, v, 0.5, o_read)) == pytest.approx(want, rel=1e-12)
+    norms = torch.tensor([5.0, 12.0], dtype=F64)
+    assert float(prhs.layer_error(err, norms)) == pytest.approx(want, rel=1e-12)
+    weighted_mean = float((err * norms).sum() / norms.sum())            # 2.5 / 17
+    assert weighted_mean < want < float(err.max())
+    # batched over leading dims; the heads swapped give the same layer error, unequal norms a different one
+    got = prhs.layer_error(torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=F64), torch.tensor([[5.0, 12.0]] * 2,
+                                                                                        dtype=F64))
+    torch.testing.assert_close(got, torch.tensor([2.5 / 13, 6.0 / 13], dtype=F64))

@@ -13,8 +13,9 @@ normaliser ``lse_read`` of what it read (``SparseDecodeWrapper.lse``). The mass 
   reads the values and keeps ``acc += p V`` (one more ``tl.dot``), stored per split as the unnormalised output
   ``MidO[b, hq, s, :Dv]`` relative to the split's running maximum;
 * ``_audit_merge_kernel``, grid ``(bs, H_q)``: merges the splits and writes ``Dropped[b, hq]``; with ``WITH_V``
-  also the exact output over every token ``o_all`` and ``OutErr[b, hq] = ||o_read - o_all|| / ||o_all||``
-  against the output the decode returned (``ORead``).
+  also the exact output over every token ``o_all``, ``OutErr[b, hq] = ||o_read - o_all|| / ||o_all||`` against
+  the output the decode returned (``ORead``) and ``ONorm[b, hq] = ||o_all||`` (from which the caller forms the
+  relative error of the layer's output over all its query heads).
 
 Without ``WITH_V`` the values are never read (keys only: about half the bytes of a dense decode of the request).
 Only requests whose flag ``Audit[b]`` is set are scored (the others cost one load and leave the outputs alone),
@@ -93,7 +94,7 @@ def _kv_split_kernel(Audit, Q, KCache, VCache, PageTable, NumPages, LastLen, Mid
 
 
 @triton.jit
-def _audit_merge_kernel(Audit, MidM, MidL, MidO, LseRead, ORead, Dropped, OutErr,
+def _audit_merge_kernel(Audit, MidM, MidL, MidO, LseRead, ORead, Dropped, OutErr, ONorm,
                         stride_mb, stride_mh, stride_ob, stride_oh, stride_os, stride_lb, stride_rb, stride_rh,
                         stride_db, num_splits, DV: tl.constexpr, BLOCK_DV: tl.constexpr, S_PAD: tl.constexpr,
                         WITH_V: tl.constexpr):
@@ -123,5 +124,7 @@ def _audit_merge_kernel(Audit, MidM, MidL, MidO, LseRead, ORead, Dropped, OutErr
         o_all = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         o_read = tl.load(ORead + b64 * stride_rb + hq * stride_rh + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
         diff = o_read - o_all
-        err = tl.sqrt(tl.sum(diff * diff, axis=0)) / tl.maximum(tl.sqrt(tl.sum(o_all * o_all, axis=0)), 1e-30)
+        norm = tl.sqrt(tl.sum(o_all * o_all, axis=0))
+        err = tl.sqrt(tl.sum(diff * diff, axis=0)) / tl.maximum(norm, 1e-30)
         tl.store(OutErr + b64 * stride_db + hq, err)
+        tl.store(ONorm + b64 * stride_db + hq, norm)
