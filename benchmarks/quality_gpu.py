@@ -113,9 +113,10 @@ SETTINGS: Dict[str, Setting] = {
     "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-audit-interval", "4", "--prhs-audit-max-scale", "1"),
     # the delta sweep: PrHS 1/16 with the audit's budget feedback (every 8 steps and the first, up to 8x the budget)
     **{f"prhs-d{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8") for d in ("0.2", "0.1", "0.05", "0.02")},
-    # the same feedback on the attention output's relative error instead of the dropped mass
+    # the same feedback on the relative error of the layer's attention output instead of the dropped mass, up to
+    # every page (16x the 1/16 budget: the calibration found layers that need every page)
     **{f"prhs-e{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8", "--prhs-audit-measure",
-                              "output-error") for d in ("0.2", "0.1", "0.05")},
+                              "output-error", "--prhs-audit-max-scale", "16") for d in ("0.2", "0.1", "0.05")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
