@@ -94,6 +94,7 @@ from sglang_sparse.capture import Capturing
 from sglang_sparse.claa import aggregate_max, default_claa_layers, window_scores
 from sglang_sparse.config import ClaaConfig, PrhsConfig
 from sglang_sparse.prhs import (
+    _logits,
     dense_attention,
     exact_dropped_mass,
     page_bounds,
@@ -179,8 +180,7 @@ def max_shift(num_keys: Sequence[int], cfg: CalibrationSettings) -> int:
 def _group_page_mass(q: Tensor, k: Tensor, page_size: int, sm_scale: float) -> Tensor:
     """True attention mass of every page summed over each KV group's query heads: ``[H_kv, N]``."""
     h_q, h_kv = q.shape[0], k.shape[1]
-    logits = torch.einsum("hd,thd->ht", q, k.repeat_interleave(h_q // h_kv, dim=1)) * sm_scale
-    probs = torch.softmax(logits, dim=-1)                                   # [H_q, n]
+    probs = torch.softmax(_logits(q, k, sm_scale), dim=-1)                  # [H_q, n]
     n = k.shape[0]
     num_pages = -(-n // page_size)
     pad = num_pages * page_size - n

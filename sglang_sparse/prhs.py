@@ -483,9 +483,7 @@ def dropped_mass(q: Tensor, k: Tensor, sm_scale: float, lse_read: Tensor) -> Ten
     tokens (GQA), where ``lse_read`` is the natural-log normaliser of what the step read (e.g. the ``lse`` of
     :func:`sparse_attention`). Clamped to ``[0, 1]``. The quantity PrHS's ``delta`` is about, measured rather
     than bounded (``flashinfer_ext.audit.DroppedMassAudit``)."""
-    group = q.shape[0] // k.shape[1]
-    s = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(group, dim=1)) * sm_scale
-    lse_all = torch.logsumexp(s, dim=-1)
+    lse_all = torch.logsumexp(_logits(q, k, sm_scale), dim=-1)
     return (1.0 - torch.exp(lse_read.to(lse_all.dtype) - lse_all)).clamp(0.0, 1.0)
 
 

@@ -184,6 +184,22 @@ def test_decode_stats_shared_last_layer():
     assert stats["delta_hat_layer"] == 28
 
 
+def _create_decoder(cfg, P, *, start_layer, layers, max_ctx):
+    """``SparseDecoder.create`` on stand-ins for SGLang's model runner and KV pool (4 requests, 2 KV heads of 16
+    dims, a stage holding layers ``start_layer .. start_layer + layers - 1``)."""
+    from types import SimpleNamespace
+
+    pool = SimpleNamespace(start_layer=start_layer, layer_num=layers,
+                           get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
+    mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
+                         model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
+                         req_to_token_pool=SimpleNamespace(size=4, req_to_token=torch.zeros(5, max_ctx,
+                                                                                            dtype=torch.int32)),
+                         server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
+                                                     enable_metrics=False))
+    return SparseDecoder.create(mr, cfg, pool)
+
+
 def test_decode_stats_layer_is_the_last_leader(monkeypatch):
     """The layer named with the delta-hat: the group leader of the model's last layer."""
     from types import SimpleNamespace
@@ -196,14 +212,7 @@ def test_decode_stats_layer_is_the_last_leader(monkeypatch):
     P = 32
     for layers, g, leader in ((12, 4, 8), (13, 4, 12), (30, 1, 29), (30, 4, 28)):
         cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": g}})
-        pool = SimpleNamespace(start_layer=0, layer_num=layers, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
-        mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
-                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
-                             req_to_token_pool=SimpleNamespace(size=4, req_to_token=torch.zeros(5, 1024,
-                                                                                                dtype=torch.int32)),
-                             server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
-                                                         enable_metrics=False))
-        assert SparseDecoder.create(mr, cfg, pool)._stats_leader == leader, (layers, g)
+        assert _create_decoder(cfg, P, start_layer=0, layers=layers, max_ctx=1024)._stats_leader == leader, (layers, g)
 
 
 def test_profile_shifts_of_a_pipeline_stage_and_the_plan_width(monkeypatch):
@@ -223,14 +232,7 @@ def test_profile_shifts_of_a_pipeline_stage_and_the_plan_width(monkeypatch):
 
     def build(**prhs):
         cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 2, **prhs}})
-        pool = SimpleNamespace(start_layer=4, layer_num=8, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
-        mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
-                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4),
-                             req_to_token_pool=SimpleNamespace(size=4, req_to_token=torch.zeros(5, 4096,
-                                                                                                dtype=torch.int32)),
-                             server_args=SimpleNamespace(max_running_requests=4, decode_log_interval=40,
-                                                         enable_metrics=False))
-        return SparseDecoder.create(mr, cfg, pool)
+        return _create_decoder(cfg, P, start_layer=4, layers=8, max_ctx=4096)
 
     dec = build(layer_budget_shift=shifts, reselect_interval=4, budget=1 / 16)
     assert dec.budget_shift.tolist() == [[1, 0, 2, 3]] * 5

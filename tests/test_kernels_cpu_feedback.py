@@ -119,9 +119,9 @@ def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), aud
     return dec
 
 
-def _step(dec, pool, layers, lens):
-    """One decode step through the decoder (plan + every layer's forward_decode); per layer, the audited
-    per-request dropped mass (largest over query heads)."""
+def _decode_step(dec, pool, layers, lens, collect):
+    """One decode step through the decoder (plan + every layer's forward_decode); ``collect(lid)`` after each layer
+    returns a value to keep (None: nothing). Returns the kept values in layer order."""
     import torch
 
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -129,12 +129,22 @@ def _step(dec, pool, layers, lens):
     fb = types.SimpleNamespace(req_pool_indices=pool.rows, seq_lens=torch.tensor(lens, device=DEVICE),
                                num_padding=0, forward_mode=ForwardMode.DECODE, batch_size=len(lens))
     dec.plan(fb)
-    measured = []
+    out = []
     for lid in range(layers):
         layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=H_Q, head_dim=D, v_head_dim=D)
         dec.forward_decode(pool.q.reshape(len(lens), H_Q * D), None, None, layer, fb, save_kv_cache=False)
-        if dec.audit is not None:
-            measured.append(dec.audit.dropped.amax(dim=1).clone())
+        value = collect(lid)
+        if value is not None:
+            out.append(value)
+    return out
+
+
+def _step(dec, pool, layers, lens):
+    """One decode step; per layer, the audited per-request dropped mass (largest over query heads)."""
+    import torch
+
+    measured = _decode_step(dec, pool, layers, lens,
+                            lambda lid: dec.audit.dropped.amax(dim=1).clone() if dec.audit is not None else None)
     return torch.stack(measured) if measured else None                 # [layers, bs]
 
 
@@ -261,20 +271,9 @@ def _extend(dec, pool):
 
 def _selected_per_group(dec, pool, layers, lens):
     """One decode step (plan + every layer); per selecting layer (group leader), the pages each request selected."""
-    import torch
-
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
-    fb = types.SimpleNamespace(req_pool_indices=pool.rows, seq_lens=torch.tensor(lens, device=DEVICE),
-                               num_padding=0, forward_mode=ForwardMode.DECODE, batch_size=len(lens))
-    dec.plan(fb)
-    out = []
-    for lid in range(layers):
-        layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=H_Q, head_dim=D, v_head_dim=D)
-        dec.forward_decode(pool.q.reshape(len(lens), H_Q * D), None, None, layer, fb, save_kv_cache=False)
-        if lid % dec._group == 0:
-            out.append(dec.decode_wrapper.num_selected[:len(lens)].clone())
-    return out
+    return _decode_step(dec, pool, layers, lens,
+                        lambda lid: dec.decode_wrapper.num_selected[:len(lens)].clone()
+                        if lid % dec._group == 0 else None)
 
 
 def test_profile_shifts_start_every_fresh_row_and_scale_its_groups_selection():

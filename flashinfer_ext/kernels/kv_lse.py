@@ -26,6 +26,8 @@ requests are audited by writing ``Audit`` outside the graph.
 import triton
 import triton.language as tl
 
+from flashinfer_ext.kernels.paged_decode import _online_update
+
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -73,18 +75,17 @@ def _kv_split_kernel(Audit, Q, KCache, VCache, PageTable, NumPages, LastLen, Mid
         row_ok = tl.reshape(j_ok[:, None] & (r[None, :] < plen[:, None]), [ROWS])
         k = tl.load(KCache + slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale                  # [G_PAD, ROWS], base-2 logits
-        qk = tl.where(row_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_ref)
-        p = tl.exp2(qk - m_ref[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if WITH_V:
+        if WITH_V:      # the decode kernel's online-softmax step
             v = tl.load(VCache + slot[:, None] * stride_vs + h * stride_vh + offs_dv[None, :],
                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+            m, l, acc = _online_update(q, k, v, row_ok, m, l, acc, qk_scale)
+        else:           # the same step for the normaliser alone
+            qk = tl.dot(q, tl.trans(k)) * qk_scale              # [G_PAD, ROWS], base-2 logits
+            qk = tl.where(row_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(qk - m_ref[:, None]), axis=1)
+            m = m_new
     out = b64 * stride_mb + hq * stride_mh + s
     tl.store(MidM + out, m, mask=g_ok)
     tl.store(MidL + out, l, mask=g_ok)
