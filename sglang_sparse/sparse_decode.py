@@ -47,6 +47,7 @@ import torch
 
 from sglang_sparse.config import (CHECK_ENV, DEFAULT_MAX_RUNNING_REQUESTS, ConfigError, SparseConfig,
                                   interpreted_decode)
+from sglang_sparse.prhs import budget_shift_update
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -317,8 +318,6 @@ class SparseDecoder:
             return
         self._audit_over[:bs] |= over
         if (lid + 1) % self._group == 0 or lid == self._num_layers - 1:
-            from sglang_sparse.prhs import budget_shift_update
-
             budget_shift_update(self.budget_shift[:, lid // self._group], rows, self._audit_over[:bs], self._max_shift)
             self._audit_over[:bs] = False
 
