@@ -89,16 +89,20 @@ def _ours(*flags: str) -> Setting:
 
 
 _F23, _F45 = Fraction(2, 3), Fraction(4, 5)
-# The settings of the long-context quality runs, dense first. PrHS defaults: delta 0.05, budget 1/16.
+# The settings of the long-context quality runs, dense first. Every PrHS setting names its budget (the server's
+# default was 1/16 when the first rows were measured and is 1/2 now); delta is the default 0.05.
 SETTINGS: Dict[str, Setting] = {
     "dense": Setting(PLAIN_MODULE, ("--attention-backend", "flashinfer")),
     "ours-off": _ours(),
-    "prhs-b1/16": _ours(*_PRHS),
+    "prhs-b1/16": _ours(*_PRHS, "--prhs-budget", "1/16"),
     "prhs-b1/8": _ours(*_PRHS, "--prhs-budget", "1/8"),
     "prhs-b1/32": _ours(*_PRHS, "--prhs-budget", "1/32"),
-    "prhs-b1/16-g4": _ours(*_PRHS, "--prhs-layers-per-selection", "4"),
+    "prhs-b1/4": _ours(*_PRHS, "--prhs-budget", "1/4"),
+    "prhs-b1/2": _ours(*_PRHS, "--prhs-budget", "1/2"),
+    "prhs-b1/16-g4": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4"),
     "art": _ours(*_ART),
-    "prhs-b1/16+art": _ours(*_PRHS, *_ART),
+    "prhs-b1/16+art": _ours(*_PRHS, "--prhs-budget", "1/16", *_ART),
+    "prhs-b1/2+art": _ours(*_PRHS, "--prhs-budget", "1/2", *_ART),
     "claa-keep0.1": _claa("0.1"),
     "claa-keep0.2": _claa("0.2"),
     "claa-keep0.4": _claa("0.4"),
@@ -108,14 +112,21 @@ SETTINGS: Dict[str, Setting] = {
     "claa-keep0.1-F4/5": _claa("0.1", _F45),
     "claa-keep0.2-F4/5": _claa("0.2", _F45),
     "claa-keep0.4-F4/5": _claa("0.4", _F45),
-    "claa0.2+prhs-b1/16+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS + _ART)),
-    # PrHS defaults with the dropped-mass audit reporting only (no budget feedback)
-    "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-audit-interval", "4", "--prhs-audit-max-scale", "1"),
+    "claa0.2+prhs-b1/16+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS
+                                                          + ["--prhs-budget", "1/16"] + _ART)),
+    # the three mechanisms at their defaults (CLAA keep 0.2 at the default filter layer, PrHS 1/2, ART)
+    "claa0.2+prhs-b1/2+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS
+                                                         + ["--prhs-budget", "1/2"] + _ART)),
+    # PrHS 1/16 with the dropped-mass audit reporting only (no budget feedback)
+    "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-audit-interval", "4",
+                              "--prhs-audit-max-scale", "1"),
     # the delta sweep: PrHS 1/16 with the audit's budget feedback (every 8 steps and the first, up to 8x the budget)
-    **{f"prhs-d{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8") for d in ("0.2", "0.1", "0.05", "0.02")},
+    **{f"prhs-d{d}-fb": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-delta", d, "--prhs-audit-interval", "8")
+       for d in ("0.2", "0.1", "0.05", "0.02")},
     # the same feedback on the relative error of the layer's attention output instead of the dropped mass, up to
     # every page (16x the 1/16 budget: the calibration found layers that need every page)
-    **{f"prhs-e{d}-fb": _ours(*_PRHS, "--prhs-delta", d, "--prhs-audit-interval", "8", "--prhs-audit-measure",
+    **{f"prhs-e{d}-fb": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-delta", d, "--prhs-audit-interval", "8",
+                              "--prhs-audit-measure",
                               "output-error", "--prhs-audit-max-scale", "16") for d in ("0.2", "0.1", "0.05")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
@@ -539,7 +550,11 @@ def merge(files, json_path: Optional[Path] = None, png: Optional[Path] = None) -
         model = meta.get("model", "smollm2")
         jp = json_path or results_paths(model)[0]
         pp = png or (results_paths(model)[1] if json_path is None else json_path.with_suffix(".png"))
-        merge_rows(jp, data["rows"], f"sglang-gpu/{meta.get('config')}", meta)
+        # a setting measured in two runs (e.g. 16K/32K, later 4K/8K in ``<setting>-4k8k.json``) keeps both metas
+        key = f"sglang-gpu/{meta.get('config')}"
+        if Path(f).stem != safe_name(str(meta.get("config"))):
+            key += f" [{Path(f).stem}]"
+        merge_rows(jp, data["rows"], key, meta)
         targets.add((jp, pp, model))
         print(f"merged {f}: {len(data['rows'])} rows into {jp}")
     for jp, pp, model in sorted(targets, key=str):
@@ -553,18 +568,18 @@ def _length_label(L: int) -> str:
 
 def loss_table(rows: Sequence[dict], where: str = "sglang-gpu") -> str:
     """Markdown table: per setting and nominal length, the accuracy lost against dense (percentage points,
-    averaged over the tasks both were measured on; negative = above dense), with the samples per cell. The dense
-    row gives its accuracy averaged over the same tasks."""
+    averaged over the tasks both were measured on; negative = above dense), the worst single (task, length) cell
+    and the samples per cell. The dense row gives its accuracy averaged over the same tasks."""
     rows = [r for r in rows if r.get("where", where) == where]
     lengths = sorted({r["length"] for r in rows})
     cell = {(r["config"], r["task"], r["length"]): r for r in rows}
     dense = "dense"
     order = [c for c in ALL_SETTINGS if any(r["config"] == c for r in rows)]
     order += sorted({r["config"] for r in rows} - set(order))
-    head = "| setting | " + " | ".join(_length_label(L) for L in lengths) + " | samples per cell |"
-    lines = [head, "|" + "---|" * (len(lengths) + 2)]
+    head = "| setting | " + " | ".join(_length_label(L) for L in lengths) + " | worst cell | samples per cell |"
+    lines = [head, "|" + "---|" * (len(lengths) + 3)]
     for c in order:
-        vals, ns = [], set()
+        vals, ns, worst = [], set(), None
         for L in lengths:
             tasks = [t for (cc, t, LL) in cell if cc == c and LL == L and (dense, t, L) in cell]
             if not tasks:
@@ -575,16 +590,19 @@ def loss_table(rows: Sequence[dict], where: str = "sglang-gpu") -> str:
                 acc = sum(cell[(c, t, L)]["accuracy"] for t in tasks) / len(tasks)
                 vals.append(f"{100 * acc:.1f}")
             else:
-                loss = sum(cell[(dense, t, L)]["accuracy"] - cell[(c, t, L)]["accuracy"] for t in tasks) / len(tasks)
-                vals.append(f"{100 * loss:+.1f}")
+                losses = [cell[(dense, t, L)]["accuracy"] - cell[(c, t, L)]["accuracy"] for t in tasks]
+                vals.append(f"{100 * sum(losses) / len(losses):+.1f}")
+                worst = max([worst, *losses] if worst is not None else losses)
         if all(v == "-" for v in vals):
             continue
         n = "-" if not ns else (str(min(ns)) if len(ns) == 1 else f"{min(ns)}-{max(ns)}")
         label = f"{c} (accuracy %)" if c == dense else c
-        lines.append(f"| {label} | " + " | ".join(vals) + f" | {n} |")
+        w = "-" if worst is None else f"{100 * worst:+.0f}"
+        lines.append(f"| {label} | " + " | ".join(vals) + f" | {w} | {n} |")
     lines.append("")
     lines.append("Dense: exact-match accuracy (%) averaged over the tasks; other settings: accuracy lost against "
-                 "dense in percentage points, averaged over the same tasks (negative = above dense).")
+                 "dense in percentage points, averaged over the same tasks (negative = above dense); worst cell: the "
+                 "largest loss of one task at one length.")
     return "\n".join(lines)
 
 

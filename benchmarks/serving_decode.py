@@ -37,6 +37,9 @@ CONFIGS = {
     "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                 "4", "--art", "on"]),
     "ours_dense_art": (OURS, ["--art", "on"]),
+    # PrHS at its default budget (1/2: the budget whose answers the quality runs kept), alone and with ART
+    "ours_prhs_b2": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2"]),
+    "ours_prhs_b2_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2", "--art", "on"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
     # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
     # instead of 6.3 % and was slower, 6.82 ms median TPOT on an H200), plus ART

@@ -139,7 +139,7 @@ class CalibrationSettings:
     """What one calibration measures; defaults are the server's (:class:`PrhsConfig`)."""
 
     page_size: int = DEFAULT_PAGE_SIZE
-    budget: float = PrhsConfig.budget
+    budget: float = 1 / 16
     delta: float = PrhsConfig.delta
     quantile: float = 0.9
     sink_pages: int = PrhsConfig.sink_pages

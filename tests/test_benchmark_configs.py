@@ -266,6 +266,28 @@ def test_quality_merge_leaves_out_runs_with_unanswered_requests(tmp_path):
     assert configs == {"claa-keep0.1"}
 
 
+def test_quality_merge_keeps_the_meta_of_each_run_of_a_setting(tmp_path):
+    """One setting measured in two runs at different lengths: the rows of both enter the table and the meta of
+    each run is kept (the second run must not overwrite the first one's server flags and statistics)."""
+    import json
+
+    def result(lengths, stats):
+        rows = [{"config": "art", "task": "single_needle", "length": L, "accuracy": 0.5, "correct": 5,
+                 "samples": 10, "errors": 0, "where": "sglang-gpu"} for L in lengths]
+        return {"meta": {"config": "art", "where": "sglang-gpu", "lengths": list(lengths), "stats": stats},
+                "rows": rows, "records": []}
+
+    first, second = tmp_path / "art.json", tmp_path / "art-4k8k.json"
+    first.write_text(json.dumps(result((16384, 32768), "a")))
+    second.write_text(json.dumps(result((4096, 8192), "b")))
+    table = tmp_path / "quality.json"
+    quality_gpu.merge([str(first), str(second)], table, tmp_path / "quality.png")
+    data = json.loads(table.read_text())
+    assert sorted(r["length"] for r in data["rows"]) == [4096, 8192, 16384, 32768]
+    runs = data["runs"]
+    assert runs["sglang-gpu/art"]["stats"] == "a" and runs["sglang-gpu/art [art-4k8k]"]["stats"] == "b", runs
+
+
 def test_quality_gpu_retries_a_server_that_found_no_kv_memory(monkeypatch):
     """A server that started while others were loading on the same GPU can find no room for its KV pool;
     quality_gpu tries it again (and only then), with the phrase SGLang 0.5.17 actually logs."""
@@ -557,9 +579,9 @@ def test_quality_loss_table_and_merge_per_model(tmp_path, monkeypatch):
                  "where": "sglang-gpu"})                               # no dense cell: left out of the mean
     table = quality_gpu.loss_table(rows)
     lines = table.splitlines()
-    assert lines[0] == "| setting | 4K | 32K | samples per cell |"
-    assert lines[2] == "| dense (accuracy %) | 80.0 | 60.0 | 20 |"
-    assert lines[3] == "| art | +5.0 | +20.0 | 20 |"
+    assert lines[0] == "| setting | 4K | 32K | worst cell | samples per cell |"
+    assert lines[2] == "| dense (accuracy %) | 80.0 | 60.0 | - | 20 |"
+    assert lines[3] == "| art | +5.0 | +20.0 | +40 | 20 |"
 
     monkeypatch.setattr(quality_gpu, "results_paths", lambda m: (tmp_path / f"quality_{m}.json",
                                                                  tmp_path / f"quality_{m}.png"))

@@ -57,10 +57,12 @@ def _flat():
 def test_max_shift_reaches_every_page():
     assert cal.max_shift([N_KEYS], CFG) == 2
     assert cal.max_shift([N_KEYS, 8 * 4], CFG) == 2                  # 8 pages: budget 2 -> 4 -> 8
-    # the server's defaults: 1/16 of N pages with 1 sink + 2 recents reaches N = 129 pages at 16x
+    # the calibration's base budget is 1/16 (it measures the curves from there up to every page; a profile carries
+    # its budget to the server), its delta and floors are the server's: 1/16 of N pages with 1 sink + 2 recents
+    # reaches N = 129 pages at 16x
     d = cal.CalibrationSettings()
     assert (d.budget, d.delta, d.sink_pages, d.recent_pages) == \
-        (PrhsConfig.budget, PrhsConfig.delta, PrhsConfig.sink_pages, PrhsConfig.recent_pages)
+        (1 / 16, PrhsConfig.delta, PrhsConfig.sink_pages, PrhsConfig.recent_pages)
     assert cal.max_shift([8192 + 16], d) == 4
 
 

@@ -21,6 +21,15 @@ def test_defaults_are_all_off_and_sglang_flags_pass_through():
     assert rest == ["--model-path", "/m", "--page-size", "16", "--tp", "2"]
 
 
+def test_prhs_default_budget_is_the_one_the_quality_runs_kept():
+    """`--sparse-decode prhs` alone reads half of each request's pages: budget 1/2 is the largest cut whose served
+    answers stayed within about 2 points of dense on average on Qwen2.5-Coder 0.5B/1.5B (rows ``prhs-b1/2`` of
+    benchmarks/results/quality_qwen2.5-coder-*.json); 1/16, the earlier default, lost 9-38 points."""
+    cfg, _ = C.parse_known_args(["--sparse-decode", "prhs"])
+    assert cfg.prhs.budget == 0.5 and cfg.prhs.budget_pages(512) == 256
+    assert cfg.prhs.delta == 0.05
+
+
 def test_every_flag_reaches_its_field():
     argv = ["--sparse-prefill", "claa", "--claa-keep-ratio", "0.1", "--claa-filter-layer", "12",
             "--claa-window", "16", "--claa-num-layers", "3", "--claa-pool-kernel", "5",
