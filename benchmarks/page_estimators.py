@@ -1,0 +1,277 @@
+"""How well cheap per-page estimates of the attention mass rank PrHS's pages, measured on a real model's decode
+queries (CPU or GPU, offline: no server).
+
+PrHS ranks pages by an upper bound on their logits from the pages' per-channel key min/max; on Qwen2.5-Coder the
+bound is loose and the ranking leaves attention out that an oracle ranking (pages by their true mass) keeps. This
+script measures, per layer and page budget, what each candidate ranking costs in answer-relevant error, to decide
+whether a finer estimate is worth a kernel. Candidates (each scores every page of a KV head by an estimate of the
+attention mass its tokens get from the group's query heads; sink and recent pages are always kept, as in PrHS):
+
+* ``minmax``: PrHS's selection (:func:`sglang_sparse.prhs.select_pages` on the min/max logit bounds);
+* ``oracle``: the true page mass (the best any ranking can do at a budget);
+* ``mean``: ``log n_p + q . mean(k)`` per page (one summary vector per page, half of min/max's storage);
+* ``kminmax-qN``: every key quantised to N bits per channel inside its page's own ``[kmin, kmax]`` range (the
+  min/max summaries PrHS already keeps are the quantisation scales, so the codes add N bits per key element,
+  N/16 of the bf16 keys), logits from the dequantised keys;
+* ``sparq-rR``: each query head's R largest ``|q|`` channels only (SparQ-style; R/D of the keys read, gathered),
+  logits rescaled by ``||q||_1 / ||q_R||_1``.
+
+For each (layer, decode sample, ranking, budget 1/16 .. 1) it computes the relative error of the layer's attention
+output (all query heads together, the quantity ``--prhs-audit-measure output-error`` audits) and the worst query
+head's dropped mass, and reports per ranking: the mean over layers, the worst layer's ``--quantile``, and the
+budget each layer needs for its error to stay within ``--error`` on that quantile of the samples (the mean page
+fraction over layers). Estimation cost (a fraction of the keys and values a dense decode reads) is listed next to
+it: a ranking pays off only where its cost plus the pages it needs is below min/max's.
+
+    python -m benchmarks.page_estimators --model-path .models/qwen2.5-coder-0.5b --lengths 8192 --num-prompts 3 \\
+        --out benchmarks/results/page_estimators_qwen2.5-coder-0.5b_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from sglang_sparse import calibrate as cal
+from sglang_sparse.prhs import (
+    _logits,
+    _paged,
+    dense_attention,
+    exact_dropped_mass,
+    page_bounds,
+    page_lengths,
+    page_means,
+    page_summaries,
+    scaled_budget,
+    select_pages,
+    sparse_attention,
+)
+
+__all__ = ["group_page_mass_from_logits", "quantised_keys", "sparq_logits", "mean_page_scores", "RANKINGS",
+           "ranking_scores", "sample_errors", "main"]
+
+
+# ------------------------------------------------------------------------------------------------ estimators
+def group_page_mass_from_logits(logits: Tensor, h_kv: int, page_size: int) -> Tensor:
+    """``[H_q, n]`` (estimated) logits -> each page's softmax mass summed over its KV group's query heads,
+    ``[H_kv, N]``."""
+    probs = torch.softmax(logits, dim=-1)
+    per_page = _paged(probs.transpose(0, 1), page_size, 0.0).sum(dim=1).transpose(0, 1)     # [H_q, N]
+    return per_page.reshape(h_kv, -1, per_page.shape[1]).sum(dim=1)
+
+
+def quantised_keys(k: Tensor, page_size: int, bits: int) -> Tensor:
+    """Keys ``[n, H_kv, D]`` rounded to ``bits`` bits per channel inside their page's ``[kmin, kmax]`` (the
+    page summaries): ``kmin + round((k - kmin) / step) * step``, ``step = (kmax - kmin) / (2^bits - 1)``; a
+    channel constant over its page is returned exactly."""
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    n = k.shape[0]
+    kmin, kmax = page_summaries(k, page_size)                                # [N, H_kv, D]
+    paged = _paged(k, page_size, 0.0)                                        # [N, P, H_kv, D]
+    levels = (1 << bits) - 1
+    step = ((kmax - kmin) / levels)[:, None]
+    lo = kmin[:, None]
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((paged - lo) / safe).clamp(0, levels)
+    out = torch.where(step > 0, lo + codes * step, lo.expand_as(paged))
+    return out.reshape((-1,) + tuple(k.shape[1:]))[:n]
+
+
+def sparq_logits(q: Tensor, k: Tensor, sm_scale: float, r: int) -> Tensor:
+    """Approximate logits ``[H_q, n]`` from each query head's ``r`` largest-``|q|`` channels, scaled by
+    ``||q||_1 / ||q_r||_1`` (with ``r = D`` the exact logits)."""
+    h_q, d = q.shape
+    r = max(1, min(d, r))
+    idx = q.abs().topk(r, dim=-1).indices                                    # [H_q, r]
+    mask = torch.zeros_like(q).scatter_(1, idx, 1.0)
+    q_r = q * mask
+    scale = q.abs().sum(dim=-1, keepdim=True) / q_r.abs().sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return _logits(q_r * scale, k, sm_scale)
+
+
+def mean_page_scores(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """``log n_p + sm_scale q . mean_p(k)`` per query head and page, as logits of a page-level softmax,
+    turned into each page's estimated mass summed over the KV group: ``[H_kv, N]``."""
+    h_kv = k.shape[1]
+    means = page_means(k, page_size)                                         # [N, H_kv, D]
+    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
+    scores = _logits(q, means, sm_scale) + lens.log()[None]                  # [H_q, N]
+    probs = torch.softmax(scores, dim=-1)
+    return probs.reshape(h_kv, -1, probs.shape[1]).sum(dim=1)
+
+
+# (name, estimated fraction of a dense decode's K+V bytes the estimate reads, per head dim D and page size P,
+#  scorer q, k, sm_scale, P -> [H_kv, N] page scores; None for min/max, which selects with its bounds)
+Scorer = Callable[[Tensor, Tensor, float, int], Tensor]
+
+
+def _oracle(q, k, s, p):
+    return group_page_mass_from_logits(_logits(q, k, s), k.shape[1], p)
+
+
+def _quant(bits: int) -> Scorer:
+    return lambda q, k, s, p: group_page_mass_from_logits(_logits(q, quantised_keys(k, p, bits), s), k.shape[1], p)
+
+
+def _sparq(frac: int) -> Scorer:
+    return lambda q, k, s, p: group_page_mass_from_logits(sparq_logits(q, k, s, q.shape[1] // frac), k.shape[1], p)
+
+
+RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
+    "minmax": (lambda d, p: 2 / p / 2, None),                      # kmin + kmax per page: 2/P of K, K is half
+    "oracle": (lambda d, p: 0.5, _oracle),                         # every key (the exact logits)
+    "mean": (lambda d, p: 1 / p / 2, mean_page_scores),
+    "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
+    "kminmax-q4": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _quant(4)),
+    "sparq-r1/8": (lambda d, p: 1 / 8 / 2, _sparq(8)),
+    "sparq-r1/4": (lambda d, p: 1 / 4 / 2, _sparq(4)),
+}
+
+
+def ranking_scores(name: str, q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """The page scores ``[H_kv, N]`` of ranking ``name`` (not for ``minmax``)."""
+    scorer = RANKINGS[name][1]
+    if scorer is None:
+        raise ValueError("minmax selects with its bounds, it has no scores")
+    return scorer(q, k, sm_scale, page_size)
+
+
+def sample_errors(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings, shifts: int,
+                  names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Per ranking: ``(layer output error [shifts + 1], worst head's dropped mass [shifts + 1])`` of one decode
+    query at budgets ``base << s`` (``base`` = ``cfg.budget`` of the pages, at least sink + recent)."""
+    lens = page_lengths(k.shape[0], cfg.page_size, device=k.device)
+    num_pages = lens.numel()
+    base = cal._base_budget(num_pages, cfg)
+    dense = dense_attention(q, k, v, sm_scale)
+    ref = dense.norm()
+    kmin, kmax = page_summaries(k, cfg.page_size)
+    ub, lb = page_bounds(q, kmin, kmax, sm_scale)
+    out = {}
+    for name in names:
+        scores = None if RANKINGS[name][1] is None else ranking_scores(name, q, k, sm_scale, cfg.page_size)
+        err, mass = [], []
+        for s in range(shifts + 1):
+            b = scaled_budget(base, s, num_pages)
+            if scores is None:
+                sel = select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages)
+            else:
+                sel = select_pages(scores, scores, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages)
+            o = sparse_attention(q, k, v, cfg.page_size, sel.pages, sel.num_selected, sm_scale)
+            err.append(float((o - dense).norm() / ref) if ref > 0 else 0.0)
+            mass.append(float(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale).max()))
+        out[name] = (torch.tensor(err, dtype=torch.float64), torch.tensor(mass, dtype=torch.float64))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _needed_fraction(per_layer_q: List[List[float]], error: float, fractions: Sequence[float]) -> float:
+    """Mean over layers of the smallest budget fraction whose error quantile is within ``error``."""
+    need = []
+    for row in per_layer_q:
+        s = next((i for i, x in enumerate(row) if x <= error), len(row) - 1)
+        need.append(fractions[s])
+    return sum(need) / len(need)
+
+
+def run(args) -> dict:
+    cfg = cal.CalibrationSettings(page_size=args.page_size, budget=1 / 16, delta=0.05)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    model, tokenizer = cal._load(args.model_path, device)
+    num_layers = model.config.num_hidden_layers
+    shifts = cal.max_shift([n + args.answer_tokens for n in args.lengths], cfg)
+    names = list(RANKINGS)
+    errs = {n: [[] for _ in range(num_layers)] for n in names}
+    masses = {n: [[] for _ in range(num_layers)] for n in names}
+    prompts = []
+    jobs = [(n, i) for n in args.lengths for i in range(args.num_prompts)]
+    for j, (target, i) in enumerate(jobs):
+        t1 = time.time()
+        ids, key, value = cal.kv_retrieval_prompt(tokenizer, target, seed=target * 101 + i)
+        answer, col = cal.generate_and_capture(model, tokenizer, ids, args.answer_tokens, device)
+        text = tokenizer.decode(answer[: args.answer_tokens], skip_special_tokens=True)
+        for layer in cal._progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1}/{len(jobs)}",
+                                   unit="layer", leave=False):
+            for q, k, v in col.samples(layer):
+                got = sample_errors(q, k, v, col.scale, cfg, shifts, names)
+                for n in names:
+                    errs[n][layer].append(got[n][0])
+                    masses[n][layer].append(got[n][1])
+        prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "answer": text,
+                        "correct": value in text, "seconds": round(time.time() - t1, 1)})
+        print(f"[page_estimators] prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, answer {text!r} "
+              f"({'correct' if value in text else 'expected ' + value}), {time.time() - t1:.0f}s",
+              file=sys.stderr, flush=True)
+        del col
+    fractions = [min(1.0, cfg.budget * (1 << s)) for s in range(shifts + 1)]
+    summary = {}
+    for n in names:
+        e = [torch.stack(x) for x in errs[n]]                                # per layer [samples, S + 1]
+        m = [torch.stack(x) for x in masses[n]]
+        q_layer = [[float(torch.quantile(x[:, s], args.quantile)) for s in range(shifts + 1)] for x in e]
+        summary[n] = {
+            "cost_kv_fraction": RANKINGS[n][0](model.config.hidden_size // model.config.num_attention_heads,
+                                               cfg.page_size),
+            "error_mean": [float(torch.stack([x[:, s].mean() for x in e]).mean()) for s in range(shifts + 1)],
+            "error_quantile_worst_layer": [max(r[s] for r in q_layer) for s in range(shifts + 1)],
+            "mass_mean": [float(torch.stack([x[:, s].mean() for x in m]).mean()) for s in range(shifts + 1)],
+            "needed_fraction": _needed_fraction(q_layer, args.error, fractions),
+            "error_quantile_per_layer": q_layer,
+        }
+    return {"command": " ".join(["python -m benchmarks.page_estimators"] + sys.argv[1:]),
+            "device": device, "wall_s": round(time.time() - t0, 1), "model": cal._model_name(args.model_path),
+            "page_size": cfg.page_size, "budget_fractions": fractions, "quantile": args.quantile,
+            "error": args.error, "samples_per_layer": len(errs[names[0]][0]), "prompts": prompts,
+            "rankings": summary}
+
+
+def table(res: dict) -> str:
+    fr = res["budget_fractions"]
+    head = ("| ranking | estimate reads (of K+V) | " + " | ".join(f"error @ {f:g}" for f in fr)
+            + f" | worst layer q{res['quantile']:g} @ 1/4 | pages for error <= {res['error']:g} | total read |")
+    lines = [head, "|" + "---|" * (len(fr) + 5)]
+    i4 = fr.index(0.25) if 0.25 in fr else 0
+    for n, s in res["rankings"].items():
+        total = s["cost_kv_fraction"] + s["needed_fraction"]
+        lines.append(f"| {n} | {100 * s['cost_kv_fraction']:.1f} % | "
+                     + " | ".join(f"{x:.3f}" for x in s["error_mean"])
+                     + f" | {s['error_quantile_worst_layer'][i4]:.3f} | {100 * s['needed_fraction']:.1f} % "
+                     + f"| {'-' if n == 'oracle' else f'{100 * total:.1f} %'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[8192])
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--answer-tokens", type=int, default=8, help="decode samples per prompt and layer")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument("--error", type=float, default=0.1, help="layer output error a layer's budget must keep")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not (0 < args.quantile <= 1) or args.error <= 0 or args.num_prompts < 1 or args.answer_tokens < 1:
+        p.error("--quantile in (0, 1], --error > 0, --num-prompts >= 1, --answer-tokens >= 1")
+    res = run(args)
+    print(table(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

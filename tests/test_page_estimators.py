@@ -1,0 +1,78 @@
+"""The page-mass estimators of ``benchmarks/page_estimators.py`` against exact attention on random inputs."""
+
+import math
+
+import torch
+
+from benchmarks import page_estimators as pe
+from sglang_sparse import calibrate as cal
+from sglang_sparse.prhs import _logits, page_summaries
+
+F64 = torch.float64
+
+
+def _qkv(n=300, h_q=6, h_kv=2, d=16):
+    return (torch.randn(h_q, d, dtype=F64), torch.randn(n, h_kv, d, dtype=F64) * 2,
+            torch.randn(n, h_kv, d, dtype=F64))
+
+
+def test_exact_logits_give_the_true_group_page_mass(seed):
+    q, k, _ = _qkv()
+    got = pe.group_page_mass_from_logits(_logits(q, k, 0.3), k.shape[1], 32)
+    want = cal._group_page_mass(q, k, 32, 0.3)
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    torch.testing.assert_close(pe.ranking_scores("oracle", q, k, 0.3, 32), want, msg=f"seed {seed}")
+
+
+def test_quantised_keys_stay_within_half_a_step_of_their_page_range(seed):
+    q, k, _ = _qkv(n=277)
+    k[64:128, 0, 3] = 1.25                                       # a channel constant over a page: kept exact
+    for bits in (2, 4, 8):
+        kq = pe.quantised_keys(k, 64, bits)
+        kmin, kmax = page_summaries(k, 64)
+        step = (kmax - kmin) / ((1 << bits) - 1)                 # [N, H_kv, D]
+        per_token = step.repeat_interleave(64, dim=0)[: k.shape[0]]
+        assert ((kq - k).abs() <= per_token / 2 + 1e-12).all(), f"seed {seed}, bits {bits}"
+        lo, hi = kmin.repeat_interleave(64, dim=0)[:277], kmax.repeat_interleave(64, dim=0)[:277]
+        assert ((kq >= lo - 1e-12) & (kq <= hi + 1e-12)).all(), f"seed {seed}, bits {bits}"
+        assert (kq[64:128, 0, 3] == 1.25).all()
+    # with enough bits the estimated page mass is the true one
+    est = pe.group_page_mass_from_logits(_logits(q, pe.quantised_keys(k, 64, 24), 0.3), 2, 64)
+    torch.testing.assert_close(est, cal._group_page_mass(q, k, 64, 0.3), atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
+def test_sparq_logits_exact_with_every_channel_or_a_query_on_r_channels(seed):
+    q, k, _ = _qkv()
+    torch.testing.assert_close(pe.sparq_logits(q, k, 0.3, q.shape[1]), _logits(q, k, 0.3), msg=f"seed {seed}")
+    q4 = q.clone()
+    q4[:, 4:] = 0.0                                             # 4 non-zero channels: r = 4 reads all of them
+    torch.testing.assert_close(pe.sparq_logits(q4, k, 0.3, 4), _logits(q4, k, 0.3), msg=f"seed {seed}")
+    # fewer channels than the query uses: an approximation, rescaled by ||q||_1 / ||q_r||_1
+    q2 = torch.tensor([[3.0, 1.0, 0.0, 0.0]], dtype=F64)
+    k2 = torch.tensor([[[1.0, 1.0, 5.0, 5.0]]], dtype=F64)
+    assert math.isclose(float(pe.sparq_logits(q2, k2, 1.0, 1)[0, 0]), 3.0 * (4.0 / 3.0), rel_tol=1e-12)
+
+
+def test_mean_scores_are_exact_for_pages_of_equal_keys(seed):
+    q = torch.randn(4, 8, dtype=F64)
+    page_keys = torch.randn(5, 2, 8, dtype=F64)
+    k = page_keys.repeat_interleave(32, dim=0)[:150]           # 5 pages of equal keys, the last one 22 long
+    torch.testing.assert_close(pe.mean_page_scores(q, k, 0.5, 32), cal._group_page_mass(q, k, 32, 0.5),
+                               msg=f"seed {seed}")
+
+
+def test_every_ranking_reads_everything_at_the_full_budget_and_the_oracle_finds_a_needle(seed):
+    q, k, v = _qkv(n=640, d=16)
+    q = q[:1].expand_as(q) + 0.1 * torch.randn_like(q)          # every query head points the same way ...
+    k[300, :, :] = q[0] * 3.0                                   # ... at one key, on page 9
+    cfg = cal.CalibrationSettings(page_size=32, budget=1 / 16, delta=0.05)
+    shifts = cal.max_shift([640], cfg)
+    got = pe.sample_errors(q, k, v, 0.4, cfg, shifts, list(pe.RANKINGS))
+    for name, (err, mass) in got.items():
+        assert err.shape == (shifts + 1,) and mass.shape == (shifts + 1,), name
+        assert err[-1] < 1e-12 and mass[-1] < 1e-12, f"seed {seed}: {name} at every page: {err}, {mass}"
+        assert (mass >= -1e-12).all() and (mass <= 1 + 1e-12).all(), f"seed {seed}: {name} {mass}"
+    # the needle's page dominates every head's attention: at the smallest budget with a free page (20 pages:
+    # 1/16 is the 3 forced pages, 1/8 has 6) the oracle and the fine estimates keep it
+    for name in ("oracle", "kminmax-q4", "sparq-r1/4"):
+        assert got[name][1][1] < 0.5, f"seed {seed}: {name} {got[name]}"
