@@ -35,11 +35,11 @@ CONFIGS = {
     "prhs_delta0.01": (OURS, _PRHS + ["--prhs-budget", "1", "--prhs-delta", "0.01"]),
     "prhs_delta0.05": (OURS, _PRHS + ["--prhs-budget", "1", "--prhs-delta", "0.05"]),
     # the server's defaults (budget 1/2, delta 0.05), and with ART; the rows of serving_logits_h200.json under
-    # these names ran when the default budget was 1/16
+    # these names ran when the default budget was 1/16 (prhs_b16 and prhs_b16_art now)
     "prhs_default": (OURS, _PRHS),
     "prhs_default_art": (OURS, _PRHS + ["--art", "on"]),
-    "prhs_b1/16": (OURS, _PRHS + ["--prhs-budget", "1/16"]),
-    "prhs_b1/16_art": (OURS, _PRHS + ["--prhs-budget", "1/16", "--art", "on"]),
+    "prhs_b16": (OURS, _PRHS + ["--prhs-budget", "1/16"]),
+    "prhs_b16_art": (OURS, _PRHS + ["--prhs-budget", "1/16", "--art", "on"]),
 }
 
 
