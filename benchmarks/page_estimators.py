@@ -23,6 +23,12 @@ budget each layer needs for its error to stay within ``--error`` on that quantil
 fraction over layers). Estimation cost (a fraction of the keys and values a dense decode reads) is listed next to
 it: a ranking pays off only where its cost plus the pages it needs is below min/max's.
 
+It also measures whether ``--prhs-delta`` could bind with an estimate: selection by estimated mass
+(:func:`estimated_mass_selection`, no budget: each KV group takes pages in descending estimated mass until every
+query head of the group keeps an estimated ``1 - delta`` of its attention), reporting per delta the share of
+samples whose *true* worst-head dropped mass is within delta, the pages read and the layer error. For ``minmax``
+the same is PrHS's own delta rule on its bounds with the budget at every page.
+
     python -m benchmarks.page_estimators --model-path .models/qwen2.5-coder-0.5b --lengths 8192 --num-prompts 3 \\
         --out benchmarks/results/page_estimators_qwen2.5-coder-0.5b_cpu.json
 """
@@ -54,17 +60,26 @@ from sglang_sparse.prhs import (
     sparse_attention,
 )
 
-__all__ = ["group_page_mass_from_logits", "quantised_keys", "sparq_logits", "mean_page_scores", "RANKINGS",
-           "ranking_scores", "sample_errors", "main"]
+__all__ = ["head_page_mass_from_logits", "group_page_mass_from_logits", "quantised_keys", "sparq_logits",
+           "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
+           "estimated_mass_selection", "sample_errors", "sample_delta_rule", "main"]
 
 
 # ------------------------------------------------------------------------------------------------ estimators
+def head_page_mass_from_logits(logits: Tensor, page_size: int) -> Tensor:
+    """``[H_q, n]`` (estimated) logits -> each page's softmax mass per query head, ``[H_q, N]``."""
+    probs = torch.softmax(logits, dim=-1)
+    return _paged(probs.transpose(0, 1), page_size, 0.0).sum(dim=1).transpose(0, 1)
+
+
+def _group_sum(per_head: Tensor, h_kv: int) -> Tensor:
+    return per_head.reshape(h_kv, -1, per_head.shape[1]).sum(dim=1)
+
+
 def group_page_mass_from_logits(logits: Tensor, h_kv: int, page_size: int) -> Tensor:
     """``[H_q, n]`` (estimated) logits -> each page's softmax mass summed over its KV group's query heads,
     ``[H_kv, N]``."""
-    probs = torch.softmax(logits, dim=-1)
-    per_page = _paged(probs.transpose(0, 1), page_size, 0.0).sum(dim=1).transpose(0, 1)     # [H_q, N]
-    return per_page.reshape(h_kv, -1, per_page.shape[1]).sum(dim=1)
+    return _group_sum(head_page_mass_from_logits(logits, page_size), h_kv)
 
 
 def quantised_keys(k: Tensor, page_size: int, bits: int) -> Tensor:
@@ -97,38 +112,41 @@ def sparq_logits(q: Tensor, k: Tensor, sm_scale: float, r: int) -> Tensor:
     return _logits(q_r * scale, k, sm_scale)
 
 
-def mean_page_scores(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
-    """``log n_p + sm_scale q . mean_p(k)`` per query head and page, as logits of a page-level softmax,
-    turned into each page's estimated mass summed over the KV group: ``[H_kv, N]``."""
-    h_kv = k.shape[1]
+def mean_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """Each page's estimated mass per query head, ``[H_q, N]``: a softmax over pages of
+    ``log n_p + sm_scale q . mean_p(k)``."""
     means = page_means(k, page_size)                                         # [N, H_kv, D]
     lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
-    scores = _logits(q, means, sm_scale) + lens.log()[None]                  # [H_q, N]
-    probs = torch.softmax(scores, dim=-1)
-    return probs.reshape(h_kv, -1, probs.shape[1]).sum(dim=1)
+    return torch.softmax(_logits(q, means, sm_scale) + lens.log()[None], dim=-1)
 
 
-# (name, estimated fraction of a dense decode's K+V bytes the estimate reads, per head dim D and page size P,
-#  scorer q, k, sm_scale, P -> [H_kv, N] page scores; None for min/max, which selects with its bounds)
+def mean_page_scores(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """:func:`mean_page_mass` summed over each KV group: ``[H_kv, N]``."""
+    return _group_sum(mean_page_mass(q, k, sm_scale, page_size), k.shape[1])
+
+
+# scorer q, k, sm_scale, P -> each page's estimated mass per query head [H_q, N] (None for min/max, which selects
+# with its bounds)
 Scorer = Callable[[Tensor, Tensor, float, int], Tensor]
 
 
 def _oracle(q, k, s, p):
-    return group_page_mass_from_logits(_logits(q, k, s), k.shape[1], p)
+    return head_page_mass_from_logits(_logits(q, k, s), p)
 
 
 def _quant(bits: int) -> Scorer:
-    return lambda q, k, s, p: group_page_mass_from_logits(_logits(q, quantised_keys(k, p, bits), s), k.shape[1], p)
+    return lambda q, k, s, p: head_page_mass_from_logits(_logits(q, quantised_keys(k, p, bits), s), p)
 
 
 def _sparq(frac: int) -> Scorer:
-    return lambda q, k, s, p: group_page_mass_from_logits(sparq_logits(q, k, s, q.shape[1] // frac), k.shape[1], p)
+    return lambda q, k, s, p: head_page_mass_from_logits(sparq_logits(q, k, s, q.shape[1] // frac), p)
 
 
+# name -> (fraction of a dense decode's K+V bytes the estimate reads, from head dim D and page size P; scorer)
 RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
     "minmax": (lambda d, p: 2 / p / 2, None),                      # kmin + kmax per page: 2/P of K, K is half
     "oracle": (lambda d, p: 0.5, _oracle),                         # every key (the exact logits)
-    "mean": (lambda d, p: 1 / p / 2, mean_page_scores),
+    "mean": (lambda d, p: 1 / p / 2, mean_page_mass),
     "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
     "kminmax-q4": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _quant(4)),
     "sparq-r1/8": (lambda d, p: 1 / 8 / 2, _sparq(8)),
@@ -136,12 +154,41 @@ RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
 }
 
 
-def ranking_scores(name: str, q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
-    """The page scores ``[H_kv, N]`` of ranking ``name`` (not for ``minmax``)."""
+def head_scores(name: str, q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """Each page's estimated mass per query head ``[H_q, N]`` under ranking ``name`` (not for ``minmax``)."""
     scorer = RANKINGS[name][1]
     if scorer is None:
         raise ValueError("minmax selects with its bounds, it has no scores")
     return scorer(q, k, sm_scale, page_size)
+
+
+def ranking_scores(name: str, q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """The page scores ``[H_kv, N]`` of ranking ``name``: its estimated mass summed over each KV group."""
+    return _group_sum(head_scores(name, q, k, sm_scale, page_size), k.shape[1])
+
+
+def estimated_mass_selection(head_mass: Tensor, h_kv: int, delta: float, sink_pages: int,
+                             recent_pages: int) -> Tuple[Tensor, Tensor]:
+    """Pages per KV group chosen by estimated mass alone: the sink and recent pages, then the others in descending
+    group-summed estimate, until every query head of the group has an estimated dropped mass ``<= delta`` (its
+    estimates normalised to sum to 1). Returns ``(pages [H_kv, N]`` in selection order, ``num_selected [H_kv])``.
+    """
+    h_q, num_pages = head_mass.shape
+    per = head_mass / head_mass.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    group = _group_sum(per, h_kv)                                            # [H_kv, N]
+    forced = torch.zeros(num_pages, dtype=torch.bool, device=head_mass.device)
+    forced[: min(sink_pages, num_pages)] = True
+    if recent_pages:
+        forced[max(0, num_pages - recent_pages):] = True
+    key = group + forced[None].to(group.dtype) * 1e30                        # forced pages first
+    order = key.argsort(dim=1, descending=True)                              # [H_kv, N]
+    g = h_q // h_kv
+    kept = per.reshape(h_kv, g, num_pages).gather(2, order[:, None].expand(h_kv, g, num_pages)).cumsum(dim=2)
+    ok = (1.0 - kept <= delta).all(dim=1)                                    # [H_kv, N]: prefix k+1 suffices
+    first = torch.where(ok.any(dim=1), ok.float().argmax(dim=1), torch.full_like(ok[:, 0], num_pages - 1,
+                                                                                  dtype=torch.long))
+    num = torch.maximum(first + 1, torch.full_like(first, int(forced.sum())))
+    return order, num
 
 
 def sample_errors(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings, shifts: int,
@@ -172,6 +219,38 @@ def sample_errors(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.Cal
     return out
 
 
+DELTAS = (0.2, 0.1, 0.05, 0.02)
+
+
+def sample_delta_rule(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings,
+                      names: Sequence[str], deltas: Sequence[float] = DELTAS) -> Dict[str, Tensor]:
+    """Per ranking, per delta: ``[len(deltas), 3]`` = (true worst-head dropped mass, fraction of the pages read,
+    layer output error) of selecting by the ranking's estimated mass until the estimate is within delta
+    (:func:`estimated_mass_selection`; ``minmax``: PrHS's delta rule on its bounds, every page as the budget)."""
+    lens = page_lengths(k.shape[0], cfg.page_size, device=k.device)
+    num_pages = lens.numel()
+    dense = dense_attention(q, k, v, sm_scale)
+    ref = dense.norm()
+    out = {}
+    for name in names:
+        rows = []
+        if RANKINGS[name][1] is None:
+            kmin, kmax = page_summaries(k, cfg.page_size)
+            ub, lb = page_bounds(q, kmin, kmax, sm_scale)
+            sels = [select_pages(ub, lb, lens, d, num_pages, cfg.sink_pages, cfg.recent_pages) for d in deltas]
+            sels = [(x.pages, x.num_selected) for x in sels]
+        else:
+            hm = head_scores(name, q, k, sm_scale, cfg.page_size)
+            sels = [estimated_mass_selection(hm, k.shape[1], d, cfg.sink_pages, cfg.recent_pages) for d in deltas]
+        for pages, num in sels:
+            o = sparse_attention(q, k, v, cfg.page_size, pages, num, sm_scale)
+            dropped = float(exact_dropped_mass(q, k, cfg.page_size, pages, num, sm_scale).max())
+            rows.append([dropped, float(num.double().mean()) / num_pages,
+                         float((o - dense).norm() / ref) if ref > 0 else 0.0])
+        out[name] = torch.tensor(rows, dtype=torch.float64)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def _needed_fraction(per_layer_q: List[List[float]], error: float, fractions: Sequence[float]) -> float:
     """Mean over layers of the smallest budget fraction whose error quantile is within ``error``."""
@@ -191,6 +270,7 @@ def run(args) -> dict:
     shifts = cal.max_shift([n + args.answer_tokens for n in args.lengths], cfg)
     names = list(RANKINGS)
     errs = {n: [[] for _ in range(num_layers)] for n in names}
+    rule = {n: [] for n in names}
     masses = {n: [[] for _ in range(num_layers)] for n in names}
     prompts = []
     jobs = [(n, i) for n in args.lengths for i in range(args.num_prompts)]
@@ -206,6 +286,8 @@ def run(args) -> dict:
                 for n in names:
                     errs[n][layer].append(got[n][0])
                     masses[n][layer].append(got[n][1])
+                for n, x in sample_delta_rule(q, k, v, col.scale, cfg, names).items():
+                    rule[n].append(x)
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "answer": text,
                         "correct": value in text, "seconds": round(time.time() - t1, 1)})
         print(f"[page_estimators] prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, answer {text!r} "
@@ -227,6 +309,13 @@ def run(args) -> dict:
             "needed_fraction": _needed_fraction(q_layer, args.error, fractions),
             "error_quantile_per_layer": q_layer,
         }
+        r = torch.stack(rule[n])                                             # [samples x layers, deltas, 3]
+        summary[n]["delta_rule"] = [
+            {"delta": d, "within_delta": float((r[:, i, 0] <= d).double().mean()),
+             "dropped_mean": float(r[:, i, 0].mean()), "pages_read": float(r[:, i, 1].mean()),
+             "error_mean": float(r[:, i, 2].mean()),
+             "error_quantile": float(torch.quantile(r[:, i, 2], args.quantile))}
+            for i, d in enumerate(DELTAS)]
     return {"command": " ".join(["python -m benchmarks.page_estimators"] + sys.argv[1:]),
             "device": device, "wall_s": round(time.time() - t0, 1), "model": cal._model_name(args.model_path),
             "page_size": cfg.page_size, "budget_fractions": fractions, "quantile": args.quantile,
@@ -246,6 +335,12 @@ def table(res: dict) -> str:
                      + " | ".join(f"{x:.3f}" for x in s["error_mean"])
                      + f" | {s['error_quantile_worst_layer'][i4]:.3f} | {100 * s['needed_fraction']:.1f} % "
                      + f"| {'-' if n == 'oracle' else f'{100 * total:.1f} %'} |")
+    lines += ["", "Selection by estimated mass until it is within delta (no budget): share of samples whose true "
+              "worst-head dropped mass is within delta / pages read / mean layer error", "",
+              "| ranking | " + " | ".join(f"delta {d:g}" for d in DELTAS) + " |", "|" + "---|" * (len(DELTAS) + 1)]
+    for n, s in res["rankings"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{100 * x['within_delta']:.0f} % / {100 * x['pages_read']:.0f} % / "
+                                              f"{x['error_mean']:.3f}" for x in s["delta_rule"]) + " |")
     return "\n".join(lines)
 
 

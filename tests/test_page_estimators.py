@@ -76,3 +76,34 @@ def test_every_ranking_reads_everything_at_the_full_budget_and_the_oracle_finds_
     # 1/16 is the 3 forced pages, 1/8 has 6) the oracle and the fine estimates keep it
     for name in ("oracle", "kminmax-q4", "sparq-r1/4"):
         assert got[name][1][1] < 0.5, f"seed {seed}: {name} {got[name]}"
+
+
+def test_selection_by_exact_mass_keeps_every_head_within_delta_with_the_fewest_pages(seed):
+    """With the true per-head page masses as the estimate, selecting until the estimate is within delta must keep
+    every query head's true dropped mass within delta, and one page fewer (of the ones not forced) must not."""
+    from sglang_sparse.prhs import exact_dropped_mass
+
+    q, k, v = _qkv(n=1000, h_q=6, h_kv=2, d=16)
+    cfg = cal.CalibrationSettings(page_size=32, budget=1 / 16, delta=0.05)
+    head_mass = pe.head_scores("oracle", q, k, 0.3, 32)                  # [H_q, N]
+    num_pages = head_mass.shape[1]
+    for delta in (0.5, 0.2, 0.05, 0.0):
+        pages, num = pe.estimated_mass_selection(head_mass, 2, delta, 1, 2)
+        dropped = exact_dropped_mass(q, k, 32, pages, num, 0.3)            # [H_q]
+        assert (dropped <= delta + 1e-9).all(), f"seed {seed}, delta {delta}: {dropped}"
+        if delta == 0.0:
+            assert (num == num_pages).all(), f"seed {seed}: {num}"
+        for g in range(2):
+            n = int(num[g])
+            assert sorted(pages[g, :3].tolist()) == [0, num_pages - 2, num_pages - 1], f"seed {seed}"
+            if n > 3:                                                      # one page fewer drops too much
+                fewer = num.clone()
+                fewer[g] = n - 1
+                d2 = exact_dropped_mass(q, k, 32, pages, fewer, 0.3)[g * 3:(g + 1) * 3]
+                assert (d2 > delta - 1e-9).any(), f"seed {seed}, delta {delta}, group {g}: {d2}"
+    rule = pe.sample_delta_rule(q, k, v, 0.3, cfg, ["oracle", "minmax"])
+    for i, d in enumerate(pe.DELTAS):
+        assert rule["oracle"][i, 0] <= d + 1e-9, f"seed {seed}: {rule['oracle']}"
+        assert 0 < rule["oracle"][i, 1] <= 1 and rule["minmax"][i, 1] <= 1, f"seed {seed}"
+    # the min/max rule with every page as the budget is PrHS's certified rule: its dropped mass is within delta too
+    assert (rule["minmax"][:, 0] <= torch.tensor(pe.DELTAS, dtype=F64) + 1e-9).all(), f"seed {seed}: {rule['minmax']}"
