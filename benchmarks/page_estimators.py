@@ -9,6 +9,8 @@ attention mass its tokens get from the group's query heads; sink and recent page
 
 * ``minmax``: PrHS's selection (:func:`sglang_sparse.prhs.select_pages` on the min/max logit bounds);
 * ``oracle``: the true page mass (the best any ranking can do at a budget);
+* ``midrange``: ``log n_p + q . (kmin + kmax) / 2`` per page, i.e. the middle of PrHS's own logit bounds
+  (nothing read beyond min/max: only the ranking changes);
 * ``mean``: ``log n_p + q . mean(k)`` per page (one summary vector per page, half of min/max's storage);
 * ``kminmax-qN``: every key quantised to N bits per channel inside its page's own ``[kmin, kmax]`` range (the
   min/max summaries PrHS already keeps are the quantisation scales, so the codes add N bits per key element,
@@ -61,7 +63,7 @@ from sglang_sparse.prhs import (
 )
 
 __all__ = ["head_page_mass_from_logits", "group_page_mass_from_logits", "quantised_keys", "sparq_logits",
-           "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
+           "midrange_page_mass", "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
            "estimated_mass_selection", "sample_errors", "sample_delta_rule", "main"]
 
 
@@ -120,6 +122,14 @@ def mean_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Ten
     return torch.softmax(_logits(q, means, sm_scale) + lens.log()[None], dim=-1)
 
 
+def midrange_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """:func:`mean_page_mass` with the midpoint ``(kmin + kmax) / 2`` of PrHS's own summaries in place of the mean
+    key: the logit is ``(ub + lb) / 2`` of :func:`~sglang_sparse.prhs.page_bounds` (no summary beyond min/max)."""
+    kmin, kmax = page_summaries(k, page_size)
+    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
+    return torch.softmax(_logits(q, (kmin + kmax) / 2, sm_scale) + lens.log()[None], dim=-1)
+
+
 def mean_page_scores(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
     """:func:`mean_page_mass` summed over each KV group: ``[H_kv, N]``."""
     return _group_sum(mean_page_mass(q, k, sm_scale, page_size), k.shape[1])
@@ -146,6 +156,7 @@ def _sparq(frac: int) -> Scorer:
 RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
     "minmax": (lambda d, p: 2 / p / 2, None),                      # kmin + kmax per page: 2/P of K, K is half
     "oracle": (lambda d, p: 0.5, _oracle),                         # every key (the exact logits)
+    "midrange": (lambda d, p: 2 / p / 2, midrange_page_mass),         # the min/max summaries, ranked otherwise
     "mean": (lambda d, p: 1 / p / 2, mean_page_mass),
     "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
     "kminmax-q4": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _quant(4)),

@@ -107,3 +107,16 @@ def test_selection_by_exact_mass_keeps_every_head_within_delta_with_the_fewest_p
         assert 0 < rule["oracle"][i, 1] <= 1 and rule["minmax"][i, 1] <= 1, f"seed {seed}"
     # the min/max rule with every page as the budget is PrHS's certified rule: its dropped mass is within delta too
     assert (rule["minmax"][:, 0] <= torch.tensor(pe.DELTAS, dtype=F64) + 1e-9).all(), f"seed {seed}: {rule['minmax']}"
+
+
+def test_midrange_is_the_middle_of_prhs_bounds(seed):
+    """The midrange estimate ranks pages by (ub + lb) / 2 of PrHS's bounds (plus log n_p): per query head its page
+    logits equal the bounds' midpoint."""
+    from sglang_sparse.prhs import page_bounds, page_lengths
+
+    q, k, _ = _qkv(n=200, h_q=4, h_kv=2, d=8)
+    kmin, kmax = page_summaries(k, 32)
+    ub, lb = page_bounds(q, kmin, kmax, 0.3, per_query_head=True)           # [H_q, N]
+    logn = page_lengths(200, 32).to(F64).log()
+    want = torch.softmax((ub + lb) / 2 + logn[None], dim=-1)
+    torch.testing.assert_close(pe.midrange_page_mass(q, k, 0.3, 32), want, msg=f"seed {seed}")
