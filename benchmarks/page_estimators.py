@@ -10,7 +10,8 @@ attention mass its tokens get from the group's query heads; sink and recent page
 * ``minmax``: PrHS's selection (:func:`sglang_sparse.prhs.select_pages` on the min/max logit bounds);
 * ``oracle``: the true page mass (the best any ranking can do at a budget);
 * ``midrange``: ``log n_p + q . (kmin + kmax) / 2`` per page, i.e. the middle of PrHS's own logit bounds
-  (nothing read beyond min/max: only the ranking changes);
+  (nothing read beyond min/max: only the ranking changes); ``midrange-g`` the same from the group bounds the
+  selection kernel holds (max / min over the KV group's query heads);
 * ``mean``: ``log n_p + q . mean(k)`` per page (one summary vector per page, half of min/max's storage);
 * ``kminmax-qN``: every key quantised to N bits per channel inside its page's own ``[kmin, kmax]`` range (the
   min/max summaries PrHS already keeps are the quantisation scales, so the codes add N bits per key element,
@@ -63,7 +64,7 @@ from sglang_sparse.prhs import (
 )
 
 __all__ = ["head_page_mass_from_logits", "group_page_mass_from_logits", "quantised_keys", "sparq_logits",
-           "midrange_page_mass", "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
+           "midrange_page_mass", "group_midrange_page_mass", "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
            "estimated_mass_selection", "sample_errors", "sample_delta_rule", "main"]
 
 
@@ -114,6 +115,17 @@ def sparq_logits(q: Tensor, k: Tensor, sm_scale: float, r: int) -> Tensor:
     return _logits(q_r * scale, k, sm_scale)
 
 
+def group_midrange_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """The midrange of PrHS's *group* bounds, as the selection kernel holds them (``ub`` the max over the group's
+    query heads, ``lb`` the min): a softmax over pages of ``log n_p + (ub_g + lb_g) / 2``, the same for every query
+    head of the group, ``[H_q, N]``."""
+    kmin, kmax = page_summaries(k, page_size)
+    ub, lb = page_bounds(q, kmin, kmax, sm_scale)                            # [H_kv, N]
+    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
+    probs = torch.softmax((ub + lb) / 2 + lens.log()[None], dim=-1)
+    return probs.repeat_interleave(q.shape[0] // k.shape[1], dim=0)
+
+
 def mean_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
     """Each page's estimated mass per query head, ``[H_q, N]``: a softmax over pages of
     ``log n_p + sm_scale q . mean_p(k)``."""
@@ -157,6 +169,7 @@ RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
     "minmax": (lambda d, p: 2 / p / 2, None),                      # kmin + kmax per page: 2/P of K, K is half
     "oracle": (lambda d, p: 0.5, _oracle),                         # every key (the exact logits)
     "midrange": (lambda d, p: 2 / p / 2, midrange_page_mass),         # the min/max summaries, ranked otherwise
+    "midrange-g": (lambda d, p: 2 / p / 2, group_midrange_page_mass),
     "mean": (lambda d, p: 1 / p / 2, mean_page_mass),
     "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
     "kminmax-q4": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _quant(4)),

@@ -120,3 +120,16 @@ def test_midrange_is_the_middle_of_prhs_bounds(seed):
     logn = page_lengths(200, 32).to(F64).log()
     want = torch.softmax((ub + lb) / 2 + logn[None], dim=-1)
     torch.testing.assert_close(pe.midrange_page_mass(q, k, 0.3, 32), want, msg=f"seed {seed}")
+
+
+def test_group_midrange_uses_the_group_bounds(seed):
+    from sglang_sparse.prhs import page_bounds, page_lengths
+
+    q, k, _ = _qkv(n=200, h_q=4, h_kv=2, d=8)
+    kmin, kmax = page_summaries(k, 32)
+    ub, lb = page_bounds(q, kmin, kmax, 0.3)                                 # [H_kv, N]: max / min over the group
+    want = torch.softmax((ub + lb) / 2 + page_lengths(200, 32).to(F64).log()[None], dim=-1)
+    got = pe.group_midrange_page_mass(q, k, 0.3, 32)
+    torch.testing.assert_close(got[0], want[0], msg=f"seed {seed}")
+    torch.testing.assert_close(got[1], want[0], msg=f"seed {seed}")
+    torch.testing.assert_close(got[3], want[1], msg=f"seed {seed}")
