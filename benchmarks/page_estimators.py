@@ -292,7 +292,7 @@ def run(args) -> dict:
     model, tokenizer = cal._load(args.model_path, device)
     num_layers = model.config.num_hidden_layers
     shifts = cal.max_shift([n + args.answer_tokens for n in args.lengths], cfg)
-    names = list(RANKINGS)
+    names = list(args.rankings)
     errs = {n: [[] for _ in range(num_layers)] for n in names}
     rule = {n: [] for n in names}
     masses = {n: [[] for _ in range(num_layers)] for n in names}
@@ -377,10 +377,15 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--quantile", type=float, default=0.9)
     p.add_argument("--error", type=float, default=0.1, help="layer output error a layer's budget must keep")
+    p.add_argument("--rankings", type=lambda x: x.split(","), default=list(RANKINGS),
+                   help=f"comma-separated subset of {','.join(RANKINGS)}")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    unknown = [r for r in args.rankings if r not in RANKINGS]
+    if unknown or not args.rankings:
+        p.error(f"--rankings: unknown {unknown}; known: {list(RANKINGS)}")
     if not (0 < args.quantile <= 1) or args.error <= 0 or args.num_prompts < 1 or args.answer_tokens < 1:
         p.error("--quantile in (0, 1], --error > 0, --num-prompts >= 1, --answer-tokens >= 1")
     res = run(args)
