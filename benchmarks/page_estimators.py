@@ -64,8 +64,8 @@ from sglang_sparse.prhs import (
 )
 
 __all__ = ["head_page_mass_from_logits", "group_page_mass_from_logits", "quantised_keys", "sparq_logits",
-           "midrange_page_mass", "group_midrange_page_mass", "mean_page_mass", "mean_page_scores", "RANKINGS", "head_scores", "ranking_scores",
-           "estimated_mass_selection", "sample_errors", "sample_delta_rule", "main"]
+           "midrange_page_mass", "group_midrange_page_mass", "mean_page_mass", "RANKINGS", "head_scores",
+           "ranking_scores", "estimated_mass_selection", "DELTAS", "sample", "main"]
 
 
 # ------------------------------------------------------------------------------------------------ estimators
@@ -115,36 +115,31 @@ def sparq_logits(q: Tensor, k: Tensor, sm_scale: float, r: int) -> Tensor:
     return _logits(q_r * scale, k, sm_scale)
 
 
+def _page_softmax(page_logits: Tensor, n: int, page_size: int) -> Tensor:
+    """Per query head, a softmax over pages of ``log n_p + page_logits[h, p]``: each page's estimated mass when all
+    its ``n_p`` tokens are taken to score ``page_logits``, ``[H_q, N]``."""
+    lens = page_lengths(n, page_size, device=page_logits.device).to(page_logits.dtype)
+    return torch.softmax(page_logits + lens.log()[None], dim=-1)
+
+
+def midrange_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
+    """:func:`mean_page_mass` with the midpoint of PrHS's own logit bounds, ``(ub + lb) / 2`` per query head
+    (:func:`~sglang_sparse.prhs.page_bounds`; no summary beyond min/max), in place of the mean key's logit."""
+    ub, lb = page_bounds(q, *page_summaries(k, page_size), sm_scale, per_query_head=True)
+    return _page_softmax((ub + lb) / 2, k.shape[0], page_size)
+
+
 def group_midrange_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
-    """The midrange of PrHS's *group* bounds, as the selection kernel holds them (``ub`` the max over the group's
-    query heads, ``lb`` the min): a softmax over pages of ``log n_p + (ub_g + lb_g) / 2``, the same for every query
-    head of the group, ``[H_q, N]``."""
-    kmin, kmax = page_summaries(k, page_size)
-    ub, lb = page_bounds(q, kmin, kmax, sm_scale)                            # [H_kv, N]
-    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
-    probs = torch.softmax((ub + lb) / 2 + lens.log()[None], dim=-1)
-    return probs.repeat_interleave(q.shape[0] // k.shape[1], dim=0)
+    """The same from PrHS's *group* bounds, as the selection kernel holds them (``ub`` the max over the group's
+    query heads, ``lb`` the min): one estimate per KV group, repeated for its query heads, ``[H_q, N]``."""
+    ub, lb = page_bounds(q, *page_summaries(k, page_size), sm_scale)         # [H_kv, N]
+    return _page_softmax((ub + lb) / 2, k.shape[0], page_size).repeat_interleave(q.shape[0] // k.shape[1], dim=0)
 
 
 def mean_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
     """Each page's estimated mass per query head, ``[H_q, N]``: a softmax over pages of
     ``log n_p + sm_scale q . mean_p(k)``."""
-    means = page_means(k, page_size)                                         # [N, H_kv, D]
-    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
-    return torch.softmax(_logits(q, means, sm_scale) + lens.log()[None], dim=-1)
-
-
-def midrange_page_mass(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
-    """:func:`mean_page_mass` with the midpoint ``(kmin + kmax) / 2`` of PrHS's own summaries in place of the mean
-    key: the logit is ``(ub + lb) / 2`` of :func:`~sglang_sparse.prhs.page_bounds` (no summary beyond min/max)."""
-    kmin, kmax = page_summaries(k, page_size)
-    lens = page_lengths(k.shape[0], page_size, device=k.device).to(q.dtype)
-    return torch.softmax(_logits(q, (kmin + kmax) / 2, sm_scale) + lens.log()[None], dim=-1)
-
-
-def mean_page_scores(q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
-    """:func:`mean_page_mass` summed over each KV group: ``[H_kv, N]``."""
-    return _group_sum(mean_page_mass(q, k, sm_scale, page_size), k.shape[1])
+    return _page_softmax(_logits(q, page_means(k, page_size), sm_scale), k.shape[0], page_size)
 
 
 # scorer q, k, sm_scale, P -> each page's estimated mass per query head [H_q, N] (None for min/max, which selects
@@ -168,7 +163,7 @@ def _sparq(frac: int) -> Scorer:
 RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
     "minmax": (lambda d, p: 2 / p / 2, None),                      # kmin + kmax per page: 2/P of K, K is half
     "oracle": (lambda d, p: 0.5, _oracle),                         # every key (the exact logits)
-    "midrange": (lambda d, p: 2 / p / 2, midrange_page_mass),         # the min/max summaries, ranked otherwise
+    "midrange": (lambda d, p: 2 / p / 2, midrange_page_mass),      # the min/max summaries, ranked otherwise
     "midrange-g": (lambda d, p: 2 / p / 2, group_midrange_page_mass),
     "mean": (lambda d, p: 1 / p / 2, mean_page_mass),
     "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
@@ -215,63 +210,54 @@ def estimated_mass_selection(head_mass: Tensor, h_kv: int, delta: float, sink_pa
     return order, num
 
 
-def sample_errors(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings, shifts: int,
-                  names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """Per ranking: ``(layer output error [shifts + 1], worst head's dropped mass [shifts + 1])`` of one decode
-    query at budgets ``base << s`` (``base`` = ``cfg.budget`` of the pages, at least sink + recent)."""
+DELTAS = (0.2, 0.1, 0.05, 0.02)
+
+
+def sample(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings, shifts: int,
+           names: Sequence[str], deltas: Sequence[float] = DELTAS) -> Dict[str, Tuple[Tensor, Tensor, Tensor]]:
+    """Every measurement of one decode query, per ranking: ``(error [shifts + 1], mass [shifts + 1], rule
+    [len(deltas), 3])``.
+
+    ``error`` and ``mass``: the layer output error and the worst head's dropped mass at budgets ``base << s``
+    (``base`` = ``cfg.budget`` of the pages, at least sink + recent), the ranking filling the budget (``minmax``:
+    PrHS's selection with ``cfg.delta``). ``rule``: per delta, (true worst-head dropped mass, fraction of the pages
+    read, layer output error) of selecting by the ranking's estimated mass until the estimate is within delta
+    (:func:`estimated_mass_selection`; ``minmax``: PrHS's delta rule on its bounds, every page as the budget).
+    The dense output, the bounds and each ranking's estimate are computed once for both."""
     lens = page_lengths(k.shape[0], cfg.page_size, device=k.device)
     num_pages = lens.numel()
     base = cal._base_budget(num_pages, cfg)
     dense = dense_attention(q, k, v, sm_scale)
     ref = dense.norm()
-    kmin, kmax = page_summaries(k, cfg.page_size)
-    ub, lb = page_bounds(q, kmin, kmax, sm_scale)
+    ub, lb = page_bounds(q, *page_summaries(k, cfg.page_size), sm_scale)
+
+    def measure(pages: Tensor, num: Tensor) -> Tuple[float, float]:
+        o = sparse_attention(q, k, v, cfg.page_size, pages, num, sm_scale)
+        err = float((o - dense).norm() / ref) if ref > 0 else 0.0
+        return err, float(exact_dropped_mass(q, k, cfg.page_size, pages, num, sm_scale).max())
+
     out = {}
     for name in names:
-        scores = None if RANKINGS[name][1] is None else ranking_scores(name, q, k, sm_scale, cfg.page_size)
-        err, mass = [], []
+        bounds = RANKINGS[name][1] is None
+        hm = None if bounds else head_scores(name, q, k, sm_scale, cfg.page_size)
+        scores = None if bounds else _group_sum(hm, k.shape[1])
+        curve = []
         for s in range(shifts + 1):
             b = scaled_budget(base, s, num_pages)
-            if scores is None:
-                sel = select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages)
+            sel = (select_pages(ub, lb, lens, cfg.delta, b, cfg.sink_pages, cfg.recent_pages) if bounds
+                   else select_pages(scores, scores, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages))
+            curve.append(measure(sel.pages, sel.num_selected))
+        rule = []
+        for d in deltas:
+            if bounds:
+                sel = select_pages(ub, lb, lens, d, num_pages, cfg.sink_pages, cfg.recent_pages)
+                pages, num = sel.pages, sel.num_selected
             else:
-                sel = select_pages(scores, scores, lens, 0.0, b, cfg.sink_pages, cfg.recent_pages)
-            o = sparse_attention(q, k, v, cfg.page_size, sel.pages, sel.num_selected, sm_scale)
-            err.append(float((o - dense).norm() / ref) if ref > 0 else 0.0)
-            mass.append(float(exact_dropped_mass(q, k, cfg.page_size, sel.pages, sel.num_selected, sm_scale).max()))
-        out[name] = (torch.tensor(err, dtype=torch.float64), torch.tensor(mass, dtype=torch.float64))
-    return out
-
-
-DELTAS = (0.2, 0.1, 0.05, 0.02)
-
-
-def sample_delta_rule(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.CalibrationSettings,
-                      names: Sequence[str], deltas: Sequence[float] = DELTAS) -> Dict[str, Tensor]:
-    """Per ranking, per delta: ``[len(deltas), 3]`` = (true worst-head dropped mass, fraction of the pages read,
-    layer output error) of selecting by the ranking's estimated mass until the estimate is within delta
-    (:func:`estimated_mass_selection`; ``minmax``: PrHS's delta rule on its bounds, every page as the budget)."""
-    lens = page_lengths(k.shape[0], cfg.page_size, device=k.device)
-    num_pages = lens.numel()
-    dense = dense_attention(q, k, v, sm_scale)
-    ref = dense.norm()
-    out = {}
-    for name in names:
-        rows = []
-        if RANKINGS[name][1] is None:
-            kmin, kmax = page_summaries(k, cfg.page_size)
-            ub, lb = page_bounds(q, kmin, kmax, sm_scale)
-            sels = [select_pages(ub, lb, lens, d, num_pages, cfg.sink_pages, cfg.recent_pages) for d in deltas]
-            sels = [(x.pages, x.num_selected) for x in sels]
-        else:
-            hm = head_scores(name, q, k, sm_scale, cfg.page_size)
-            sels = [estimated_mass_selection(hm, k.shape[1], d, cfg.sink_pages, cfg.recent_pages) for d in deltas]
-        for pages, num in sels:
-            o = sparse_attention(q, k, v, cfg.page_size, pages, num, sm_scale)
-            dropped = float(exact_dropped_mass(q, k, cfg.page_size, pages, num, sm_scale).max())
-            rows.append([dropped, float(num.double().mean()) / num_pages,
-                         float((o - dense).norm() / ref) if ref > 0 else 0.0])
-        out[name] = torch.tensor(rows, dtype=torch.float64)
+                pages, num = estimated_mass_selection(hm, k.shape[1], d, cfg.sink_pages, cfg.recent_pages)
+            err, dropped = measure(pages, num)
+            rule.append([dropped, float(num.double().mean()) / num_pages, err])
+        c = torch.tensor(curve, dtype=torch.float64)                         # [S + 1, (error, mass)]
+        out[name] = (c[:, 0], c[:, 1], torch.tensor(rule, dtype=torch.float64))
     return out
 
 
@@ -306,12 +292,10 @@ def run(args) -> dict:
         for layer in cal._progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1}/{len(jobs)}",
                                    unit="layer", leave=False):
             for q, k, v in col.samples(layer):
-                got = sample_errors(q, k, v, col.scale, cfg, shifts, names)
-                for n in names:
-                    errs[n][layer].append(got[n][0])
-                    masses[n][layer].append(got[n][1])
-                for n, x in sample_delta_rule(q, k, v, col.scale, cfg, names).items():
-                    rule[n].append(x)
+                for n, (err, mass, rows) in sample(q, k, v, col.scale, cfg, shifts, names).items():
+                    errs[n][layer].append(err)
+                    masses[n][layer].append(mass)
+                    rule[n].append(rows)
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "answer": text,
                         "correct": value in text, "seconds": round(time.time() - t1, 1)})
         print(f"[page_estimators] prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, answer {text!r} "

@@ -57,7 +57,7 @@ def test_mean_scores_are_exact_for_pages_of_equal_keys(seed):
     q = torch.randn(4, 8, dtype=F64)
     page_keys = torch.randn(5, 2, 8, dtype=F64)
     k = page_keys.repeat_interleave(32, dim=0)[:150]           # 5 pages of equal keys, the last one 22 long
-    torch.testing.assert_close(pe.mean_page_scores(q, k, 0.5, 32), cal._group_page_mass(q, k, 32, 0.5),
+    torch.testing.assert_close(pe.ranking_scores("mean", q, k, 0.5, 32), cal._group_page_mass(q, k, 32, 0.5),
                                msg=f"seed {seed}")
 
 
@@ -67,8 +67,8 @@ def test_every_ranking_reads_everything_at_the_full_budget_and_the_oracle_finds_
     k[300, :, :] = q[0] * 3.0                                   # ... at one key, on page 9
     cfg = cal.CalibrationSettings(page_size=32, budget=1 / 16, delta=0.05)
     shifts = cal.max_shift([640], cfg)
-    got = pe.sample_errors(q, k, v, 0.4, cfg, shifts, list(pe.RANKINGS))
-    for name, (err, mass) in got.items():
+    got = pe.sample(q, k, v, 0.4, cfg, shifts, list(pe.RANKINGS))
+    for name, (err, mass, _) in got.items():
         assert err.shape == (shifts + 1,) and mass.shape == (shifts + 1,), name
         assert err[-1] < 1e-12 and mass[-1] < 1e-12, f"seed {seed}: {name} at every page: {err}, {mass}"
         assert (mass >= -1e-12).all() and (mass <= 1 + 1e-12).all(), f"seed {seed}: {name} {mass}"
@@ -101,7 +101,8 @@ def test_selection_by_exact_mass_keeps_every_head_within_delta_with_the_fewest_p
                 fewer[g] = n - 1
                 d2 = exact_dropped_mass(q, k, 32, pages, fewer, 0.3)[g * 3:(g + 1) * 3]
                 assert (d2 > delta - 1e-9).any(), f"seed {seed}, delta {delta}, group {g}: {d2}"
-    rule = pe.sample_delta_rule(q, k, v, 0.3, cfg, ["oracle", "minmax"])
+    rule = {name: got[2] for name, got in pe.sample(q, k, v, 0.3, cfg, cal.max_shift([1000], cfg),
+                                                    ["oracle", "minmax"]).items()}
     for i, d in enumerate(pe.DELTAS):
         assert rule["oracle"][i, 0] <= d + 1e-9, f"seed {seed}: {rule['oracle']}"
         assert 0 < rule["oracle"][i, 1] <= 1 and rule["minmax"][i, 1] <= 1, f"seed {seed}"
