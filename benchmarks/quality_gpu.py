@@ -88,21 +88,22 @@ def _ours(*flags: str) -> Setting:
     return Setting(OURS_MODULE, tuple(flags))
 
 
+def _prhs(budget: str, *flags: str) -> List[str]:
+    """PrHS's flags at page budget ``budget`` (named by every setting: the server's default changed), then ``flags``."""
+    return [*_PRHS, "--prhs-budget", budget, *flags]
+
+
 _F23, _F45 = Fraction(2, 3), Fraction(4, 5)
 # The settings of the long-context quality runs, dense first. Every PrHS setting names its budget (the server's
 # default was 1/16 when the first rows were measured and is 1/2 now); delta is the default 0.05.
 SETTINGS: Dict[str, Setting] = {
     "dense": Setting(PLAIN_MODULE, ("--attention-backend", "flashinfer")),
     "ours-off": _ours(),
-    "prhs-b1/16": _ours(*_PRHS, "--prhs-budget", "1/16"),
-    "prhs-b1/8": _ours(*_PRHS, "--prhs-budget", "1/8"),
-    "prhs-b1/32": _ours(*_PRHS, "--prhs-budget", "1/32"),
-    "prhs-b1/4": _ours(*_PRHS, "--prhs-budget", "1/4"),
-    "prhs-b1/2": _ours(*_PRHS, "--prhs-budget", "1/2"),
-    "prhs-b1/16-g4": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4"),
+    **{f"prhs-b{b}": _ours(*_prhs(b)) for b in ("1/16", "1/8", "1/32", "1/4", "1/2")},
+    "prhs-b1/16-g4": _ours(*_prhs("1/16", "--prhs-layers-per-selection", "4")),
     "art": _ours(*_ART),
-    "prhs-b1/16+art": _ours(*_PRHS, "--prhs-budget", "1/16", *_ART),
-    "prhs-b1/2+art": _ours(*_PRHS, "--prhs-budget", "1/2", *_ART),
+    "prhs-b1/16+art": _ours(*_prhs("1/16", *_ART)),
+    "prhs-b1/2+art": _ours(*_prhs("1/2", *_ART)),
     "claa-keep0.1": _claa("0.1"),
     "claa-keep0.2": _claa("0.2"),
     "claa-keep0.4": _claa("0.4"),
@@ -112,22 +113,19 @@ SETTINGS: Dict[str, Setting] = {
     "claa-keep0.1-F4/5": _claa("0.1", _F45),
     "claa-keep0.2-F4/5": _claa("0.2", _F45),
     "claa-keep0.4-F4/5": _claa("0.4", _F45),
-    "claa0.2+prhs-b1/16+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS
-                                                          + ["--prhs-budget", "1/16"] + _ART)),
+    "claa0.2+prhs-b1/16+art": _ours(*_CLAA, "--claa-keep-ratio", "0.2", *_prhs("1/16", *_ART)),
     # the three mechanisms at their defaults (CLAA keep 0.2 at the default filter layer, PrHS 1/2, ART)
-    "claa0.2+prhs-b1/2+art": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2"] + _PRHS
-                                                         + ["--prhs-budget", "1/2"] + _ART)),
+    "claa0.2+prhs-b1/2+art": _ours(*_CLAA, "--claa-keep-ratio", "0.2", *_prhs("1/2", *_ART)),
     # PrHS 1/16 with the dropped-mass audit reporting only (no budget feedback)
-    "prhs-b1/16+audit": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-audit-interval", "4",
-                              "--prhs-audit-max-scale", "1"),
+    "prhs-b1/16+audit": _ours(*_prhs("1/16", "--prhs-audit-interval", "4", "--prhs-audit-max-scale", "1")),
     # the delta sweep: PrHS 1/16 with the audit's budget feedback (every 8 steps and the first, up to 8x the budget)
-    **{f"prhs-d{d}-fb": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-delta", d, "--prhs-audit-interval", "8")
+    **{f"prhs-d{d}-fb": _ours(*_prhs("1/16", "--prhs-delta", d, "--prhs-audit-interval", "8"))
        for d in ("0.2", "0.1", "0.05", "0.02")},
     # the same feedback on the relative error of the layer's attention output instead of the dropped mass, up to
     # every page (16x the 1/16 budget: the calibration found layers that need every page)
-    **{f"prhs-e{d}-fb": _ours(*_PRHS, "--prhs-budget", "1/16", "--prhs-delta", d, "--prhs-audit-interval", "8",
-                              "--prhs-audit-measure",
-                              "output-error", "--prhs-audit-max-scale", "16") for d in ("0.2", "0.1", "0.05")},
+    **{f"prhs-e{d}-fb": _ours(*_prhs("1/16", "--prhs-delta", d, "--prhs-audit-interval", "8",
+                                     "--prhs-audit-measure", "output-error", "--prhs-audit-max-scale", "16"))
+       for d in ("0.2", "0.1", "0.05")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
