@@ -188,8 +188,9 @@ class PrhsConfig:
     audit_measure    what the audit compares with ``delta`` (feedback, over-delta counters): ``mass``, the dropped
                      attention mass of the worst query head; ``output-error``, the relative error of the layer's
                      attention output over all its query heads, ``||o_read - o_all|| / ||o_all||`` with the heads'
-                     outputs concatenated, against the exact output over every token (reads the values too: about one dense decode of the audited request per audited step
-                     instead of half of one). The dropped mass is measured and reported either way.
+                     outputs concatenated, against the exact output over every token (reads the values too: about
+                     one dense decode of the audited request per audited step instead of half of one). The
+                     dropped mass is measured and reported either way.
     audit_max_scale  feedback of the audit into PrHS's budget (a power of two, 1..64; 1 = the audit only
                      reports): a (request, selection group) whose audited measure exceeds ``delta`` at any
                      of the group's layers has its page budget doubled for its later fresh selections, up to

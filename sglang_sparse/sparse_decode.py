@@ -26,10 +26,11 @@ The dropped-mass audit (``--prhs-audit-interval N``): a request is audited on it
 (re)start and whenever its length is a multiple of N; an audited step measures, at every layer, the exact
 attention mass the decode left out (``flashinfer_ext.audit``); with ``--prhs-audit-measure output-error`` also the
 relative error of the layer's attention output over all its query heads (this rank's) against the exact output over
-every token, and that error, not the dropped mass, is what is compared with ``--prhs-delta``. With ``--prhs-audit-max-scale`` > 1 the
-measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a (request, selection group) whose audited
-measure exceeds ``--prhs-delta`` at any layer of the group has its page budget doubled for its later fresh
-selections (``budget_shift``, reference :func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
+every token, and that error, not the dropped mass, is what is compared with ``--prhs-delta``. With
+``--prhs-audit-max-scale`` > 1 the measurement feeds back into PrHS (:meth:`SparseDecoder._fold_audit`): a
+(request, selection group) whose audited measure exceeds ``--prhs-delta`` at any layer of the group has its page
+budget doubled for its later fresh selections (``budget_shift``, reference
+:func:`sglang_sparse.prhs.budget_shift_update`), up to the maximum scale;
 it is reset when the request (re)starts. All of it is device ops, inside the captured decode graph.
 
 A calibration profile (``--sparse-profile``) gives per-layer budget shifts: a (request, selection group) then starts,
@@ -412,8 +413,9 @@ class SparseDecoder:
         batch's requests and selection groups (0 without feedback or profile).
 
         With ``--prhs-audit-measure output-error`` also ``err_mean`` and ``err_p99``, the relative error of the
-        layer's attention output over all its query heads on the same audits, and every "above delta" (``dropped_over_delta``, the ``*_over`` counters, ``*_later``) is the output
-        error's, the measure the feedback compares with delta; ``dropped_mean`` / ``dropped_p99`` stay the mass."""
+        layer's attention output over all its query heads on the same audits, and every "above delta"
+        (``dropped_over_delta``, the ``*_over`` counters, ``*_later``) is the output error's, the measure the
+        feedback compares with delta; ``dropped_mean`` / ``dropped_p99`` stay the mass."""
         total, total_over, later, later_over = (int(x) for x in self._audit_counts.tolist())
         shift = self.budget_shift
         rows = self.decode_wrapper.req_idx[: self._audit_rows].long() if self._audit_rows else None
