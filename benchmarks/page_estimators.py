@@ -53,13 +53,17 @@ from sglang_sparse.prhs import (
     _logits,
     _paged,
     dense_attention,
+    dequantise_page_keys,
+    estimated_page_log_mass,
     exact_dropped_mass,
     page_bounds,
     page_lengths,
     page_means,
     page_summaries,
+    quantise_page_keys,
     scaled_budget,
     select_pages,
+    select_pages_estimated,
     sparse_attention,
 )
 
@@ -155,6 +159,15 @@ def _quant(bits: int) -> Scorer:
     return lambda q, k, s, p: head_page_mass_from_logits(_logits(q, quantised_keys(k, p, bits), s), p)
 
 
+def _key4_served(q, k, s, p):
+    """The served estimate (``--prhs-select estimate``): 4-bit codes in the page's bf16 min/max range, the partial
+    last page exact; masses normalised per head."""
+    kmin, kmax = page_summaries(k, p)
+    kmin, kmax = kmin.to(torch.bfloat16), kmax.to(torch.bfloat16)
+    k_est = dequantise_page_keys(quantise_page_keys(k, kmin, kmax, p), kmin, kmax, p)
+    return torch.softmax(estimated_page_log_mass(q, k_est, k, p, s), dim=-1).to(q.dtype)
+
+
 def _sparq(frac: int) -> Scorer:
     return lambda q, k, s, p: head_page_mass_from_logits(sparq_logits(q, k, s, q.shape[1] // frac), p)
 
@@ -168,9 +181,15 @@ RANKINGS: Dict[str, Tuple[Callable[[int, int], float], object]] = {
     "mean": (lambda d, p: 1 / p / 2, mean_page_mass),
     "kminmax-q2": (lambda d, p: 2 / 16 / 2 + 2 / p / 2, _quant(2)),
     "kminmax-q4": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _quant(4)),
+    "key4-served": (lambda d, p: 4 / 16 / 2 + 2 / p / 2, _key4_served),
     "sparq-r1/8": (lambda d, p: 1 / 8 / 2, _sparq(8)),
     "sparq-r1/4": (lambda d, p: 1 / 4 / 2, _sparq(4)),
 }
+
+
+# rankings whose delta rule is the server's (``sglang_sparse.prhs.select_pages_estimated``: the dropped sum of the
+# group's largest per-head masses), not the per-head rule of ``estimated_mass_selection``
+SERVED_RULE = ("key4-served",)
 
 
 def head_scores(name: str, q: Tensor, k: Tensor, sm_scale: float, page_size: int) -> Tensor:
@@ -251,6 +270,10 @@ def sample(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.Calibratio
         for d in deltas:
             if bounds:
                 sel = select_pages(ub, lb, lens, d, num_pages, cfg.sink_pages, cfg.recent_pages)
+                pages, num = sel.pages, sel.num_selected
+            elif name in SERVED_RULE:
+                sel = select_pages_estimated(hm.log(), lens, k.shape[1], d, num_pages, cfg.sink_pages,
+                                             cfg.recent_pages)
                 pages, num = sel.pages, sel.num_selected
             else:
                 pages, num = estimated_mass_selection(hm, k.shape[1], d, cfg.sink_pages, cfg.recent_pages)

@@ -126,6 +126,12 @@ SETTINGS: Dict[str, Setting] = {
     **{f"prhs-e{d}-fb": _ours(*_prhs("1/16", "--prhs-delta", d, "--prhs-audit-interval", "8",
                                      "--prhs-audit-measure", "output-error", "--prhs-audit-max-scale", "16"))
        for d in ("0.2", "0.1", "0.05")},
+    # the delta sweep of --prhs-select estimate: pages ranked by their mass estimated from 4-bit key codes, delta on
+    # the estimated dropped mass, no budget cut (every page allowed); the audit measures the real dropped mass
+    # (every 8 steps and the first) and only reports
+    **{f"prhs-est-d{d}": _ours(*_prhs("1", "--prhs-select", "estimate", "--prhs-delta", d, "--prhs-audit-interval",
+                                      "8", "--prhs-audit-max-scale", "1"))
+       for d in ("0.2", "0.1", "0.05", "0.02")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).

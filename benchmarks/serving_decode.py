@@ -40,6 +40,12 @@ CONFIGS = {
     # PrHS at its default budget (1/2: the budget whose answers the quality runs kept), alone and with ART
     "ours_prhs_b2": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2"]),
     "ours_prhs_b2_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2", "--art", "on"]),
+    # PrHS ranking pages by their mass estimated from 4-bit key codes, delta on the estimated dropped mass and no
+    # budget cut (quality_gpu's prhs-est-d0.1 / d0.05 without the audit)
+    "ours_prhs_est_d0.1": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
+                                  "--prhs-delta", "0.1"]),
+    "ours_prhs_est_d0.05": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
+                                   "--prhs-delta", "0.05"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
     # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
     # instead of 6.3 % and was slower, 6.82 ms median TPOT on an H200), plus ART

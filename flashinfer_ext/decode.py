@@ -10,6 +10,7 @@ Kernels and their references (``sglang_sparse``)::
 
     plan  kernels.page_table     req_to_token -> page table, page counts   prhs.page_lengths, params.page_budget
     run   kernels.page_bounds    Quest ub/lb per page and KV head         prhs.page_bounds
+          kernels.page_estimate  page masses from 4-bit key codes         prhs.estimated_page_log_mass
           kernels.page_select    certified selection, ordered list        prhs.select_pages
           kernels.page_dilate    reuse of the last selection (+-r pages)  prhs.reuse_with_dilation
           kernels.paged_decode   split-KV decode (+ ART) and merge        prhs.sparse_attention / dense_attention,
@@ -23,6 +24,10 @@ What a plan reads (``plan(pages=..., art=...)``, parameter objects of :mod:`flas
   ``delta_hat <= delta`` or the budget; ART (optional) walks that list in order.
   ``pages.every_page()`` (budget = every page, delta 0) orders the whole list by descending upper bound,
   so that dense + ART walks the important pages first.
+* ``pages=PageSelectParams(..., estimate=True)`` (wrapper built with ``estimate=True``): the same list built from
+  each page's attention mass estimated from 4-bit key codes (``run(codes=...)``), until the *estimated* dropped mass
+  is ``<= delta`` or the budget (``prhs.select_pages_estimated``); ``delta_hat`` is then that estimate. ART's
+  certified test needs bounds and is refused.
 
 Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run(..., select=False)``
 on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
@@ -68,6 +73,7 @@ import triton
 
 from flashinfer_ext.kernels.page_bounds import _page_bounds_kernel
 from flashinfer_ext.kernels.page_dilate import _page_dilate_kernel
+from flashinfer_ext.kernels.page_estimate import _page_estimate_kernel
 from flashinfer_ext.kernels.page_select import _page_select_kernel
 from flashinfer_ext.kernels.page_table import _page_table_kernel
 from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
@@ -173,13 +179,15 @@ class SparseDecodeWrapper:
         check: every eager ``run`` synchronises and validates the page lists it is about to read and the output
             it wrote (``validate_lists``, ``validate_output``); a violation raises with the offending rows.
             Slow (a host round trip per call), for debugging.
+        estimate: keep the buffer of per-query-head page estimates that ``PageSelectParams(estimate=True)`` plans
+            need (``max_batch_size * H_q * next_pow2(max pages)`` fp32).
     """
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  max_batch_size: int, max_seq_len: int, head_dim_v: Optional[int] = None,
                  max_budget_pages: Optional[int] = None, max_num_splits: int = 64, device="cuda",
                  reuse_slots: int = 0, max_reqs: Optional[int] = None, reuse_width: Optional[int] = None,
-                 check: bool = False):
+                 check: bool = False, estimate: bool = False):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         if page_size < 16 or page_size & (page_size - 1):
@@ -212,6 +220,7 @@ class SparseDecodeWrapper:
         self.dense_req = torch.zeros(bs, **i32)      # 1: context below pages.dense_below_len, every page read
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
+        self.est = torch.empty(bs, hq, self.block_pg, **f32) if estimate else None
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.num_sel = torch.zeros(bs, hk, **i32)
@@ -296,13 +305,21 @@ class SparseDecodeWrapper:
         if art is not None and art.eps_cert is not None and pages is None:
             raise ValueError("ART's certified test needs page bounds: plan with pages (pages.every_page() for "
                              "every page in bound order)")
+        if pages is not None and pages.estimate:
+            if self.est is None:
+                raise ValueError("plan(pages=PageSelectParams(estimate=True)) needs a wrapper built with estimate=True")
+            if self.d & (self.d - 1) or self.d < 32:
+                raise ValueError(f"the key-code estimate needs a power-of-two head_dim >= 32, got {self.d}")
+            if art is not None and art.eps_cert is not None:
+                raise ValueError("ART's certified test needs page bounds; estimated page masses bound nothing")
         if reselect is not None and self.reuse_slots == 0:
             raise ValueError("plan(reselect=...) needs a wrapper built with reuse_slots >= 1")
         P = self.page_size
         self.bs = bs
         self.pages_params, self.art_params = pages, art
         self.select = pages is not None
-        self.mode = "prhs" if self.select else "dense"
+        self.estimate = self.select and pages.estimate
+        self.mode = ("prhs-estimate" if self.estimate else "prhs") if self.select else "dense"
         self.art = art is not None
         self.sm_scale = 1.0 / math.sqrt(self.d) if sm_scale is None else float(sm_scale)
         self.delta = pages.delta if self.select else 0.0
@@ -366,7 +383,7 @@ class SparseDecodeWrapper:
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             kmin: Optional[torch.Tensor] = None, kmax: Optional[torch.Tensor] = None,
             out: Optional[torch.Tensor] = None, select: bool = True, reuse_slot: int = 0,
-            budget_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+            budget_shift: Optional[torch.Tensor] = None, codes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode attention for the planned batch (graph-capturable).
 
         Args:
@@ -383,6 +400,8 @@ class SparseDecodeWrapper:
                 stride, e.g. a column of a ``[max_reqs + 1, groups]`` table): a fresh selection of that row
                 takes ``min(pages, list width, budget << shift)`` pages (plan with ``budget_max_shift``, which
                 sizes the lists). Read on the device by the selector; selecting runs only.
+            codes: ``[num_slots, H_kv, D / 2]`` uint8 this layer's 4-bit key codes (``PageSummaries.layer_codes``),
+                required when the plan estimates page masses (``PageSelectParams(estimate=True)``).
         Returns ``out``.
         """
         if not self._planned:
@@ -400,7 +419,13 @@ class SparseDecodeWrapper:
             if budget_shift is not None and (budget_shift.dim() != 1 or budget_shift.dtype != torch.int32):
                 raise ValueError(f"budget_shift must be a 1-D int32 tensor, got {budget_shift.dtype} "
                                  f"{tuple(budget_shift.shape)}")
-            self._launch_bounds(q, kmin, kmax)
+            if self.estimate:
+                if codes is None or codes.dtype != torch.uint8 or tuple(codes.shape[1:]) != (self.h_kv, self.d // 2):
+                    raise ValueError(f"this plan estimates page masses: pass the layer's uint8 key codes "
+                                     f"[slots, {self.h_kv}, {self.d // 2}]")
+                self._launch_estimate(q, kmin, kmax, codes, k_cache)
+            else:
+                self._launch_bounds(q, kmin, kmax)
             self._launch_select(reuse_slot, budget_shift)
         elif self.select:
             # a layer sharing the leader's list (its own queries and keys, no bounds): no certificate
@@ -475,6 +500,16 @@ class SparseDecodeWrapper:
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), self.page_table.stride(0),
             self.ub.stride(0), self.ub.stride(1), self.sm_scale, **meta, num_warps=self.launch.bounds_warps)
 
+    def _launch_estimate(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor,
+                         k_cache: torch.Tensor) -> None:
+        pages = 4
+        _page_estimate_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, pages))](
+            self.reselect_flag, q, kmin, kmax, codes, k_cache, self.page_table, self.num_pages, self.last_len,
+            self.est, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), codes.stride(0), codes.stride(1),
+            k_cache.stride(0), k_cache.stride(1), self.page_table.stride(0), self.est.stride(0), self.est.stride(1),
+            self.sm_scale, G=self.group, G_PAD=self.g_pad, D=self.d, HALF_D=self.d // 2, P=self.page_size,
+            PAGES=pages, num_warps=4)
+
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""
         slot = reuse_slot if self.reuse else 0
@@ -486,7 +521,11 @@ class SparseDecodeWrapper:
                     DELTA_ZERO=self.delta <= 0.0, WRITE_REST=self.art, WRITE_STATE=self.reuse)
 
     def _log_ratio(self) -> float:
-        return 0.0 if self.delta <= 0.0 else math.log(self.delta / (1.0 - self.delta))
+        """What the selector compares with: ``log(delta / (1 - delta))`` for the bound ratio ``U / Z_lb``; in estimate
+        mode ``log delta`` for the estimated dropped mass itself."""
+        if self.delta <= 0.0:
+            return 0.0
+        return math.log(self.delta) if self.estimate else math.log(self.delta / (1.0 - self.delta))
 
     def _launch_select(self, reuse_slot: int = 0, budget_shift: Optional[torch.Tensor] = None) -> None:
         bs = self.bs
@@ -501,7 +540,10 @@ class SparseDecodeWrapper:
             self.sink_pages, self.recent_pages, self._log_ratio(), self.list_max,
             budget_shift if budget_shift is not None else self.budget,
             budget_shift.stride(0) if budget_shift is not None else 0,
-            **self._select_meta(), HAS_SHIFT=budget_shift is not None, num_warps=self.launch.select_warps)
+            self.est if self.estimate else self.ub, self.est.stride(0) if self.estimate else 0,
+            self.est.stride(1) if self.estimate else 0,
+            **self._select_meta(), HAS_SHIFT=budget_shift is not None, EST_G=self.group if self.estimate else 0,
+            num_warps=self.launch.select_warps)
         self._launch_reuse(reuse_slot)
 
     def _launch_reuse(self, reuse_slot: int) -> None:

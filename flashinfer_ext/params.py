@@ -36,6 +36,10 @@ class PageSelectParams:
                        no delta cut (the selector orders them as with delta 0), so its delta_hat is 0.
     dilation           r of the reuse across decode steps (``plan(reselect=...)``): a reused list is the
                        last fresh one widened by +-r pages (``sglang_sparse.prhs.reuse_with_dilation``).
+    estimate           False: rank by the min/max upper bounds, delta on the bounded dropped mass
+                       (``select_pages``); True: rank by the pages' masses estimated from 4-bit key codes, delta on
+                       the estimated dropped mass (``select_pages_estimated``; the wrapper must be built with
+                       ``estimate=True`` and ``run`` given the codes).
     """
 
     budget: float
@@ -44,6 +48,7 @@ class PageSelectParams:
     recent_pages: int
     dense_below_len: int
     dilation: int
+    estimate: bool = False
 
     def __post_init__(self):
         if not self.budget > 0:

@@ -172,8 +172,14 @@ class PrhsConfig:
 
     page_size        tokens per page; equals SGLang's --page-size (the physical KV page), >= 16.
                      None = take SGLang's --page-size, or 32 if that was not given.
-    delta            target on the upper bound of the dropped attention mass that the selector computes from the
-                     pages' key min/max (0 = fill the budget); loose on real models, where the budget decides.
+    delta            target on the dropped attention mass per (request, KV head) (0 = fill the budget). With
+                     ``select="bounds"`` on the upper bound the selector computes from the pages' key min/max (loose
+                     on real models, where the budget decides); with ``select="estimate"`` on the mass estimated
+                     from 4-bit key codes (an estimate: ``audit_interval`` measures the real one).
+    select           how pages are ranked and delta applied: ``bounds`` (Quest min/max upper bounds, a bound on the
+                     dropped mass) or ``estimate`` (each page's attention mass estimated from its keys quantised to
+                     4 bits inside the page's min/max, D / 2 bytes per key and KV head beside the KV cache;
+                     ``sglang_sparse.prhs.select_pages_estimated``).
     budget           at most this many pages per (request, KV head): a fraction of the request's
                      pages when <= 1, else an absolute page count.
     reselect_interval  R: select every R decode steps, reuse the selection in between.
@@ -219,6 +225,7 @@ class PrhsConfig:
     audit_max_scale: int = 8
     layer_budget_shift: Tuple[int, ...] = ()
     audit_measure: str = "mass"
+    select: str = "bounds"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_budget_shift", tuple(self.layer_budget_shift))   # a list from JSON
@@ -254,7 +261,8 @@ class PrhsConfig:
         (``--prhs-min-context-len``: shorter contexts read every page)."""
         return PageSelectParams(budget=self.budget, delta=self.delta, sink_pages=self.sink_pages,
                                 recent_pages=self.recent_pages,
-                                dense_below_len=self.min_context_len, dilation=self.dilation)
+                                dense_below_len=self.min_context_len, dilation=self.dilation,
+                                estimate=self.select == "estimate")
 
 
 @dataclass(frozen=True)
@@ -416,9 +424,14 @@ _FLAGS = (
     ("--prhs-page-size", "prhs_page_size", _optional_int, "prhs", "page_size",
      "Tokens per PrHS page; equals SGLang's --page-size (>= 16; 'auto' = --page-size, or 32)."),
     ("--prhs-delta", "prhs_delta", float, "prhs", "delta",
-     "Target on the key-min/max upper bound of the dropped attention mass per (request, KV head), in [0, 1): "
-     "pages are added until the bound is <= delta or the budget is spent (the bound is loose on real models; "
-     "--prhs-audit-interval measures the real dropped mass)."),
+     "Target on the dropped attention mass per (request, KV head), in [0, 1): pages are added until it is <= delta "
+     "or the budget is spent. With --prhs-select bounds the key-min/max upper bound (loose on real models: the "
+     "budget decides); with --prhs-select estimate the mass estimated from 4-bit key codes (--prhs-audit-interval "
+     "measures the real dropped mass)."),
+    ("--prhs-select", "prhs_select", str, "prhs", "select",
+     "How pages are ranked and --prhs-delta applied: 'bounds' (per-page key min/max upper bounds) or 'estimate' "
+     "(each page's attention mass estimated from its keys quantised to 4 bits, D/2 bytes per key and KV head kept "
+     "beside the KV cache, about 1/8 of it)."),
     ("--prhs-budget", "prhs_budget", _budget, "prhs", "budget",
      "Page budget: a fraction of the request's pages (e.g. 1/2) or, if > 1, a page count. The default 1/2 is the "
      "largest measured budget cut that kept the answers of the Qwen2.5-Coder 0.5B/1.5B runs within about 2 points "
@@ -460,7 +473,7 @@ _FLAGS = (
      "Never stop before this many KV blocks have been read."),
 )
 _CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prhs"), "--art": ("off", "on"),
-            "--prhs-audit-measure": ("mass", "output-error")}
+            "--prhs-audit-measure": ("mass", "output-error"), "--prhs-select": ("bounds", "estimate")}
 _SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
 # How --help shows a default of None: the word the flag itself accepts for it.
 _NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off", _profile_arg: "none"}
@@ -544,6 +557,10 @@ def validate_values(cfg: SparseConfig) -> None:
     _check(p.audit_interval >= 0, "--prhs-audit-interval", f"must be >= 0, got {p.audit_interval}")
     _check(p.audit_measure in _CHOICES["--prhs-audit-measure"], "--prhs-audit-measure",
            f"must be mass or output-error, got {p.audit_measure!r}")
+    _check(p.select in _CHOICES["--prhs-select"], "--prhs-select", f"must be bounds or estimate, got {p.select!r}")
+    _check(not (p.enabled and p.select == "estimate" and a.eps_cert is not None), "--art-eps-cert",
+           "ART's certified stop needs page bounds; with --prhs-select estimate the page masses are estimates "
+           "(leave --art-eps-cert off)")
     _check(1 <= p.audit_max_scale <= 64 and p.audit_max_scale & (p.audit_max_scale - 1) == 0,
            "--prhs-audit-max-scale", f"must be a power of two in [1, 64], got {p.audit_max_scale}")
     _check(all(_is_int(x) and 0 <= x <= MAX_PROFILE_SHIFT for x in p.layer_budget_shift), "--sparse-profile",

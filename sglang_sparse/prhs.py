@@ -55,6 +55,10 @@ __all__ = [
     "page_mean_lower_bounds",
     "page_log_mean_exp",
     "select_pages",
+    "quantise_page_keys",
+    "dequantise_page_keys",
+    "estimated_page_log_mass",
+    "select_pages_estimated",
     "prehoc_delta_hat",
     "posthoc_delta_hat",
     "selection_mask",
@@ -338,6 +342,88 @@ def select_pages(ub: Tensor, lb: Tensor, page_lens: Tensor, delta: float, budget
     else:
         delta_hat = prehoc_delta_hat(ub, lb, page_lens, pages, num_selected)
     return PageSelection(pages, num_selected, delta_hat)
+
+
+# --------------------------------------------------------------------------- estimated page mass
+KEY_CODE_BITS = 4
+
+
+def quantise_page_keys(k: Tensor, kmin: Tensor, kmax: Tensor, page_size: int) -> Tensor:
+    """4-bit codes of the keys inside their page's own ``[kmin, kmax]`` (the Quest summaries, as stored):
+    ``code = clamp(floor((k - kmin) / step + 1/2), 0, 15)`` with ``step = (kmax - kmin) / 15`` per page, KV head and
+    channel (0 where the channel is constant over the page). ``k [n, H_kv, D]`` -> uint8 ``[n, H_kv, D]``, one code
+    per element (the kernel packs two per byte). Computed in float32 from the summaries' own dtype."""
+    levels = (1 << KEY_CODE_BITS) - 1
+    n = k.shape[0]
+    lo = kmin.float().repeat_interleave(page_size, dim=0)[:n]
+    step = (kmax.float() - kmin.float()).repeat_interleave(page_size, dim=0)[:n] / levels
+    x = torch.where(step > 0, (k.float() - lo) / torch.where(step > 0, step, torch.ones_like(step)),
+                    torch.zeros_like(step))
+    return torch.floor(x + 0.5).clamp(0, levels).to(torch.uint8)
+
+
+def dequantise_page_keys(codes: Tensor, kmin: Tensor, kmax: Tensor, page_size: int) -> Tensor:
+    """The keys the codes stand for, float32 ``[n, H_kv, D]``: ``kmin + code * step``."""
+    levels = (1 << KEY_CODE_BITS) - 1
+    n = codes.shape[0]
+    lo = kmin.float().repeat_interleave(page_size, dim=0)[:n]
+    step = (kmax.float() - kmin.float()).repeat_interleave(page_size, dim=0)[:n] / levels
+    return lo + codes.float() * step
+
+
+def estimated_page_log_mass(q: Tensor, k_est: Tensor, k: Tensor, page_size: int, sm_scale: float) -> Tensor:
+    """Each page's estimated log attention mass per query head, ``[H_q, N]``: ``log sum_{t in p} exp(s~_t)`` with
+    the logits ``s~`` of the estimated keys ``k_est`` (:func:`dequantise_page_keys`), except on a partial last page,
+    whose codes do not exist yet (a page is quantised when it fills): its exact keys ``k`` are used. Unnormalised
+    (the selector normalises per head)."""
+    n = k.shape[0]
+    k_mix = k_est.to(k.dtype).clone()
+    tail = n % page_size
+    if tail:
+        k_mix[n - tail:] = k[n - tail:]
+    logits = _logits(q.float(), k_mix.float(), sm_scale)                     # [H_q, n]
+    return torch.logsumexp(_paged(logits.T, page_size, _NEG_INF), dim=1).T   # [H_q, N]
+
+
+def select_pages_estimated(est: Tensor, page_lens: Tensor, h_kv: int, delta: float, budget: int, sink_pages: int,
+                           recent_pages: int) -> PageSelection:
+    """Page selection by estimated mass, per KV head, with delta on the *estimated* dropped mass.
+
+    ``est [H_q, N]`` (:func:`estimated_page_log_mass`) is normalised per query head to masses ``m[h, p]`` summing
+    to 1; a group's page score is ``M[g, p] = max_{h in g} m[h, p]``. The selection is :func:`select_pages`'s (forced
+    pages, then candidates in descending M (per token, ``M / n_p``, the kernel's order; the same for full pages), ties
+    to the lower id, at most ``budget`` pages) stopping at the shortest
+    prefix whose dropped ``U = sum_{p dropped} M[g, p] <= delta``. U bounds every head's estimated dropped mass
+    (``sum_{p dropped} m[h, p] <= U``); it is what ``delta_hat`` reports, capped at 1. Only an estimate of the true
+    dropped mass: keys off their codes, and a page whose estimate is low can hold a needle.
+    """
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    h_q, num_pages = est.shape
+    m = torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True))           # [H_q, N]
+    score = _group_reduce(m, h_kv, "max")                                    # [H_kv, N]
+    log_w = score.log()
+    # select_pages with ub = lb = log(M / n_p) orders by M; its own delta rule is replaced below
+    base = select_pages(log_w - page_lens.to(log_w.dtype).log()[None], log_w - page_lens.to(log_w.dtype).log()[None],
+                        page_lens, 0.0, budget, sink_pages, recent_pages)
+    pages = base.pages.clone()
+    num = base.num_selected.clone()
+    dhat = torch.zeros(h_kv, dtype=score.dtype, device=est.device)
+    for g in range(h_kv):
+        lst = base.pages[g, : int(base.num_selected[g])]
+        n_forced = min(len(_forced_pages(num_pages, sink_pages, recent_pages)), budget)
+        kept = torch.zeros(num_pages, dtype=torch.bool, device=est.device)
+        kept[lst[:n_forced]] = True
+        take = n_forced
+        dropped = score[g][~kept].sum()
+        while take < lst.numel() and (delta == 0 or dropped > delta):
+            kept[lst[take]] = True
+            dropped = score[g][~kept].sum()
+            take += 1
+        pages[g, take:] = -1
+        num[g] = take
+        dhat[g] = dropped.clamp(max=1.0)
+    return PageSelection(pages, num, dhat)
 
 
 # --------------------------------------------------------------------------- pre-hoc axes

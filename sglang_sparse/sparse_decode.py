@@ -61,9 +61,11 @@ AUDIT_RING = 4096
 
 
 def summary_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, elem_size: int,
-                            page_size: int) -> int:
-    """HBM cost of the page summaries per KV-cache token (min and max keys per page, every layer)."""
-    return -(-2 * num_layers * num_kv_heads * head_dim * elem_size // page_size)
+                            page_size: int, key_codes: bool = False) -> int:
+    """HBM cost of the page summaries per KV-cache token (min and max keys per page, every layer), plus with
+    ``key_codes`` (``--prhs-select estimate``) the 4-bit codes of each key (D / 2 bytes per layer and KV head)."""
+    codes = num_layers * num_kv_heads * (head_dim // 2) if key_codes else 0
+    return -(-2 * num_layers * num_kv_heads * head_dim * elem_size // page_size) + codes
 
 
 def _selects(p) -> bool:
@@ -120,8 +122,13 @@ class SparseDecoder:
                               f"must divide the CLAA filter layer ({self._claa_from}) so that no selection "
                               f"group spans it, got {self._group}")
         self._need_summaries = cfg.prhs.enabled or cfg.art.enabled
+        self._estimate = cfg.prhs.enabled and cfg.prhs.select == "estimate"
+        if self._estimate and (self.head_dim & (self.head_dim - 1) or self.head_dim < 32):
+            raise ConfigError("--prhs-select", f"estimate needs a power-of-two head_dim >= 32, this model has "
+                                               f"{self.head_dim}")
         self.summaries = (PageSummaries(-(-pool.layer_num // self._group), k0.shape[0], self.num_kv_heads_local,
-                                        self.head_dim, self.page_size, dtype=k0.dtype, device=k0.device)
+                                        self.head_dim, self.page_size, dtype=k0.dtype, device=k0.device,
+                                        key_codes=self._estimate)
                           if self._need_summaries else None)
         max_bs = min(model_runner.req_to_token_pool.size, model_runner.server_args.max_running_requests
                      or DEFAULT_MAX_RUNNING_REQUESTS)
@@ -153,7 +160,7 @@ class SparseDecoder:
         def wrapper():
             return SparseDecodeWrapper(self.num_q_heads_local, self.num_kv_heads_local, self.head_dim,
                                        self.page_size, max_batch_size=max_bs, max_seq_len=self.max_ctx,
-                                       device=k0.device, check=check, **reuse)
+                                       device=k0.device, check=check, estimate=self._estimate, **reuse)
 
         self.decode_wrapper = wrapper()
         self.decode_wrapper_kept = wrapper() if self._claa_from is not None else None
@@ -186,7 +193,11 @@ class SparseDecoder:
         if self.budget_shift is not None and any(self._initial_shift):
             what += (f", budgets of the selection groups start scaled by the profile's "
                      f"x{[1 << s for s in self._initial_shift]}")
-        if cfg.prhs.enabled:
+        if self._estimate:
+            what += (f"; pages ranked by their attention mass estimated from 4-bit key codes; the logged delta_hat "
+                     f"is the estimated dropped attention mass of layer {self._stats_leader}'s selection (an "
+                     f"estimate, not a bound; the layers sharing it have none)")
+        elif cfg.prhs.enabled:
             what += (f"; the logged delta_hat is the min/max-bound upper bound on the dropped attention mass of "
                      f"layer {self._stats_leader}'s selection (the layers sharing it have none)")
         logger.info("sglang_sparse decode: %s%s, page summaries %.1f MiB, wrapper for %d requests x %d tokens",
@@ -336,15 +347,19 @@ class SparseDecoder:
             self.budget_shift[rows] = self._shift_init
 
     # ------------------------------------------------------------------ forward
-    def _update_summaries(self, lid: int, k, loc) -> None:
-        """Fold the keys just written into the page summaries (leader layers only)."""
+    def _update_summaries(self, layer, k, loc) -> None:
+        """Fold the keys just written into the page summaries (leader layers only; with key codes, the pages this
+        write fills are quantised from the layer's K buffer)."""
+        lid = layer.layer_id - self.layer_offset
         if self.summaries is not None and lid % self._group == 0:
-            self.summaries.update(lid // self._group, k.view(-1, self.num_kv_heads_local, self.head_dim), loc)
+            k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id) if self._estimate else None
+            self.summaries.update(lid // self._group, k.view(-1, self.num_kv_heads_local, self.head_dim), loc,
+                                  k_cache=k_buf)
 
     def after_extend(self, k, layer, fb: "ForwardBatch", save_kv_cache: bool) -> None:
         """After SGLang's extend attention wrote K/V: fold the keys into the page summaries."""
         if save_kv_cache and k is not None:
-            self._update_summaries(layer.layer_id - self.layer_offset, k, fb.out_cache_loc)
+            self._update_summaries(layer, k, fb.out_cache_loc)
 
     def forward_decode(self, q, k, v, layer, fb: "ForwardBatch", save_kv_cache: bool = True):
         """Write K/V, update the summaries, then the planned wrapper's run (graph-capturable)."""
@@ -354,7 +369,7 @@ class SparseDecoder:
         if k is not None and save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v,
                                                 *self._kv_write_scales(layer))
-            self._update_summaries(lid, k, fb.out_cache_loc)
+            self._update_summaries(layer, k, fb.out_cache_loc)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         leader = lid % self._group == 0
         kmin, kmax = (self.summaries.layer(lid // self._group) if leader and self.summaries is not None
@@ -363,6 +378,8 @@ class SparseDecoder:
         reuse = {"reuse_slot": lid // self._group} if self._reselect_every > 1 else {}
         if self.budget_shift is not None and leader:
             reuse["budget_shift"] = self.budget_shift[:, lid // self._group]
+        if self._estimate and leader:
+            reuse["codes"] = self.summaries.layer_codes(lid // self._group)
         qv = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         o = w.run(qv, k_buf, v_buf, kmin, kmax, select=leader, **reuse)
         if self.audit is not None:

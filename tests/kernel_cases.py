@@ -23,11 +23,11 @@ SENTINEL = -777
 
 
 def sel(budget: float, delta: float, sink: int = 1, recent: int = 2, dilation: int = 0,
-        dense_below: int = 0) -> PageSelectParams:
+        dense_below: int = 0, estimate: bool = False) -> PageSelectParams:
     """PrHS page selection of a test plan (every request selects unless its context is shorter than
-    ``dense_below`` tokens)."""
+    ``dense_below`` tokens; ``estimate``: by the pages' masses estimated from key codes)."""
     return PageSelectParams(budget=budget, delta=delta, sink_pages=sink, recent_pages=recent,
-                            dense_below_len=dense_below, dilation=dilation)
+                            dense_below_len=dense_below, dilation=dilation, estimate=estimate)
 
 
 def every_page() -> PageSelectParams:
@@ -666,3 +666,142 @@ def check_selection_ties(page_size, h_q, h_kv, d, device, seed, n=400, patterns=
         e = rel_err(out[0], prhs.sparse_attention(q, k, v, P, w.pages[0, :, :bud].long(),
                                                    w.num_selected[0].long(), sm_scale))
         assert e <= 1e-2, f"{tag}: out rel err {e:.3e}"
+
+
+# ----------------------------------------------------------------------------- estimate mode (key codes)
+def _unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """``[n, H_kv, D / 2]`` uint8 -> ``[n, H_kv, D]`` codes (low nibble: channels < D/2, high: the others)."""
+    p = packed.long()
+    return torch.cat([p & 15, p >> 4], dim=-1)
+
+
+def reference_codes(pool: Pool, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Packed codes of every full page of the pool's requests from the reference (independent of the summary
+    kernel); partial pages and unused slots hold random bytes."""
+    P = pool.page_size
+    n_slots, h_kv, d = pool.kc.shape
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, (n_slots, h_kv, d // 2), generator=gen, dtype=torch.uint8).to(pool.kc.device)
+    for s in pool.slots:
+        n_full = (s.numel() // P) * P
+        if n_full == 0:
+            continue
+        phys = s[:n_full:P] // P
+        c = prhs.quantise_page_keys(pool.kc[s[:n_full]], kmin[phys], kmax[phys], P).long()
+        codes[s[:n_full]] = (c[..., : d // 2] | (c[..., d // 2:] << 4)).to(torch.uint8)
+    return codes
+
+
+def check_key_codes(lens, page_size, h_kv, d, device, seed, max_mismatch: float = 0.0):
+    """Write requests through the summary kernel with key codes, as SGLang writes KV (extend chunks of random
+    sizes, then decode tokens), over codes and summaries holding garbage; every full page's codes must be
+    :func:`sglang_sparse.prhs.quantise_page_keys` of its keys in its final bf16 summary. ``max_mismatch``: share of
+    codes allowed to differ by one (a compiled fp32 division may round a value sitting on a half step the other
+    way), none by more."""
+    from flashinfer_ext.summaries import update_page_summaries
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_kv, h_kv, d, d, device, gen)
+    kmin = (torch.randn(pool.num_pages, h_kv, d, generator=gen) - 5).to(device, torch.bfloat16)
+    kmax = (torch.randn(pool.num_pages, h_kv, d, generator=gen) + 5).to(device, torch.bfloat16)
+    codes = torch.randint(0, 256, (pool.kc.shape[0], h_kv, d // 2), generator=gen, dtype=torch.uint8).to(device)
+    stale = codes.clone()
+    prompt = [max(1, n - P - 3) for n in lens]
+    rng = random.Random(seed)
+    pos = [0] * len(lens)
+    while any(pos[b] < prompt[b] for b in range(len(lens))):
+        locs = []
+        for b in range(len(lens)):
+            if pos[b] < prompt[b]:
+                e = min(prompt[b], pos[b] + rng.randint(1, 3 * P))
+                locs.append(pool.slots[b][pos[b]:e])
+                pos[b] = e
+        loc = torch.cat(locs)
+        update_page_summaries(kmin, kmax, pool.kc[loc], loc, P, k_cache=pool.kc, codes=codes)
+    while any(pos[b] < lens[b] for b in range(len(lens))):
+        idx = [b for b in range(len(lens)) if pos[b] < lens[b]]
+        loc = torch.stack([pool.slots[b][pos[b]] for b in idx])
+        for b in idx:
+            pos[b] += 1
+        update_page_summaries(kmin, kmax, pool.kc[loc], loc, P, k_cache=pool.kc, codes=codes)
+    for b, s in enumerate(pool.slots):
+        n_full = (s.numel() // P) * P
+        lo, hi = prhs.page_summaries(pool.kc[s], P)
+        ref = prhs.quantise_page_keys(pool.kc[s[:n_full]], lo, hi, P).long()
+        got = _unpack_codes(codes[s[:n_full]])
+        diff = (got - ref).abs()
+        assert int(diff.max()) <= 1 if diff.numel() else True, f"seed={seed} request {b}: a code off by {int(diff.max())}"
+        share = float((diff > 0).double().mean()) if diff.numel() else 0.0
+        assert share <= max_mismatch, f"seed={seed} request {b}: {share:.2e} of the codes differ"
+        # a partial page is not quantised yet: its slots keep what they held
+        assert torch.equal(codes[s[n_full:]], stale[s[n_full:]]), f"seed={seed} request {b}: partial page coded"
+
+
+def check_estimate_decode(lens, page_size, h_q, h_kv, d, device, seed, settings, tol=1e-2, est_tol=0.05):
+    """Estimate mode (``PageSelectParams(estimate=True)``) on a structured pool, codes from the reference:
+
+    * the kernel's page log-masses match :func:`sglang_sparse.prhs.estimated_page_log_mass` (to ``est_tol`` nats:
+      bf16 operands of the score product);
+    * the forced prefix is the reference's; the appended pages come in non-increasing estimated mass;
+    * the selection stops where the rule says: its estimated dropped mass (reference, on the kernel's list) is
+      within delta (or the budget is full), the list one page shorter is not (to est_tol), and the reported
+      ``delta_hat`` is that estimate;
+    * the output is exact attention over the kernel's list."""
+    from flashinfer_ext.decode import SparseDecodeWrapper
+
+    gen = torch.Generator().manual_seed(seed)
+    P = page_size
+    pool = make_pool(lens, P, h_q, h_kv, d, d, device, gen, structured=True)
+    kmin, kmax = reference_summaries(pool)
+    codes = reference_codes(pool, kmin, kmax)
+    sm_scale = 1.0 / math.sqrt(d)
+    w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens) + 1, max_seq_len=max(lens) + P,
+                            device=device, estimate=True)
+    for cfg in settings:
+        pages = cfg["pages"]
+        assert pages.estimate
+        poison_wrapper(w)
+        w.est.fill_(float("nan"))
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, **cfg)
+        out = w.run(pool.q, pool.kc, pool.vc, kmin, kmax, codes=codes)
+        for b, n in enumerate(lens):
+            tag = f"seed={seed} {cfg} b={b}"
+            q, k, v = pool.logical(b)
+            s = pool.slots[b]
+            npg = -(-n // P)
+            page_lens = prhs.page_lengths(n, P, device=k.device)
+            lo, hi = prhs.page_summaries(pool.kc[s], P)
+            k_est = prhs.dequantise_page_keys(_unpack_codes(codes[s]), lo, hi, P)
+            est = prhs.estimated_page_log_mass(q, k_est.double(), k, P, sm_scale)           # [H_q, N]
+            got = w.est[b, :, :npg].double()
+            assert float((got - est).abs().max()) <= est_tol, f"{tag}: estimates differ by {(got - est).abs().max()}"
+            m = torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True))
+            score = m.reshape(h_kv, h_q // h_kv, npg).amax(dim=1)                            # [H_kv, N]
+            bud = _budget_pages(npg, pages.budget, pages.sink_pages, pages.recent_pages)
+            ref = prhs.select_pages_estimated(est, page_lens, h_kv, pages.delta, bud, pages.sink_pages,
+                                              pages.recent_pages)
+            forced = prhs._forced_pages(npg, pages.sink_pages, pages.recent_pages)[:bud]
+            for g in range(h_kv):
+                num = int(w.num_selected[b, g])
+                lst = w.pages[b, g, :num].long()
+                assert lst[: len(forced)].tolist() == forced, f"{tag} g={g}: forced pages {lst.tolist()}"
+                assert int((w.pages[b, g, num:bud] != -1).sum()) == 0, f"{tag} g={g}: list not -1 padded"
+                app = score[g, lst[len(forced):]]
+                assert bool((app[1:] <= app[:-1] + est_tol * app[:-1]).all()), f"{tag} g={g}: not in mass order"
+                kept = torch.zeros(npg, dtype=torch.bool)
+                kept[lst.cpu()] = True
+                dropped = float(score[g].cpu()[~kept].sum())
+                if pages.delta > 0 and num < bud:
+                    assert dropped <= pages.delta * (1 + 4 * est_tol) + 1e-6, f"{tag} g={g}: stopped at {dropped}"
+                if pages.delta > 0 and num > len(forced):
+                    kept[int(lst[-1])] = False
+                    shorter = float(score[g].cpu()[~kept].sum())
+                    assert shorter > pages.delta * (1 - 4 * est_tol), f"{tag} g={g}: one page too many ({shorter})"
+                assert abs(float(w.delta_hat[b, g]) - min(dropped, 1.0)) <= est_tol * max(dropped, 1e-3) + 1e-5, \
+                    f"{tag} g={g}: delta_hat {float(w.delta_hat[b, g])} vs {dropped}"
+                assert abs(num - int(ref.num_selected[g])) <= 1, f"{tag} g={g}: {num} pages, reference {ref.num_selected[g]}"
+            order = w.pages[b, :, :bud].long()
+            want = prhs.sparse_attention(q, k, v, P, order, w.num_selected[b].long(), sm_scale)
+            e = rel_err(out[b], want)
+            assert e <= tol, f"{tag}: out rel err {e:.3e}"

@@ -38,7 +38,8 @@ def test_every_flag_reaches_its_field():
             "--prhs-budget", "1/32", "--prhs-reselect-interval", "4", "--prhs-dilation", "1",
             "--prhs-layers-per-selection", "2", "--prhs-sink-pages", "2", "--prhs-recent-pages", "3",
             "--prhs-min-context-len", "8192", "--prhs-audit-interval", "16",
-            "--prhs-audit-measure", "output-error", "--prhs-audit-max-scale", "4", "--art", "on", "--art-tau-mag", "0.02", "--art-tau-dir", "0.001",
+            "--prhs-audit-measure", "output-error", "--prhs-audit-max-scale", "4", "--prhs-select", "bounds",
+            "--art", "on", "--art-tau-mag", "0.02", "--art-tau-dir", "0.001",
             "--art-patience", "5", "--art-eps-cert", "0.05", "--art-min-blocks", "2", "--tp", "1"]
     cfg, rest = C.parse_known_args(argv)
     assert rest == ["--tp", "1"]
@@ -46,7 +47,10 @@ def test_every_flag_reaches_its_field():
     assert cfg.prhs == C.PrhsConfig("prhs", 64, 0.01, 1 / 32, 4, 1, 2, 2, 3, 8192, 16, 4,
                                       audit_measure="output-error")
     assert cfg.art == C.ArtConfig("on", 0.02, 0.001, 5, 0.05, 2)
-    assert len(C.FLAG_NAMES) == len(set(C.FLAG_NAMES)) == 28
+    assert len(C.FLAG_NAMES) == len(set(C.FLAG_NAMES)) == 29
+    est, _ = C.parse_known_args(["--sparse-decode", "prhs", "--prhs-select", "estimate"])
+    assert est.prhs.select == "estimate" and est.prhs.select_params(64).estimate
+    assert not cfg.prhs.select_params(64).estimate
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -70,6 +74,9 @@ def test_every_flag_reaches_its_field():
     (["--prhs-budget", "abc"], "--prhs-budget"),
     (["--prhs-audit-interval", "-1"], "--prhs-audit-interval"),
     (["--prhs-audit-measure", "output"], "--prhs-audit-measure"),
+    (["--prhs-select", "quest"], "--prhs-select"),
+    (["--sparse-decode", "prhs", "--prhs-select", "estimate", "--art", "on", "--art-eps-cert", "0.01"],
+     "--art-eps-cert"),
     (["--prhs-audit-max-scale", "3"], "--prhs-audit-max-scale"),
     (["--prhs-audit-max-scale", "0"], "--prhs-audit-max-scale"),
     (["--prhs-audit-max-scale", "128"], "--prhs-audit-max-scale"),

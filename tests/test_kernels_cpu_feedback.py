@@ -10,7 +10,7 @@ import types
 import pytest
 
 from kernel_cases import (_assert_selection, _budget_pages, art_p, fresh_seed, interpreter_device, make_pool,
-                          poison_wrapper, pool_from_kv, reference_summaries, rel_err, sel)
+                          poison_wrapper, pool_from_kv, reference_codes, reference_summaries, rel_err, sel)
 
 DEVICE = interpreter_device("tests/test_kernels_cpu_feedback.py")   # before flashinfer_ext's kernels are defined
 
@@ -84,9 +84,11 @@ def _peaked_and_flat(seed, lens=(700, 900)):
                         P, DEVICE, torch.Generator().manual_seed(seed + 2))
 
 
-def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), audit=True, measure="mass"):
+def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), audit=True, measure="mass",
+             estimate=False):
     """A SparseDecoder over ``pool`` (every layer reads the same KV), built around its real wrapper and audit
-    (``audit``, comparing ``measure`` with delta); ``shifts``: a profile's per-layer budget shifts."""
+    (``audit``, comparing ``measure`` with delta); ``shifts``: a profile's per-layer budget shifts; ``estimate``:
+    ``--prhs-select estimate``, with the reference's key codes."""
     import torch
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -97,7 +99,8 @@ def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), aud
     dec = SparseDecoder.__new__(SparseDecoder)
     p = PrhsConfig(mode="prhs", delta=delta, budget=budget, audit_interval=1000 if audit else 0,
                    layers_per_selection=group, audit_max_scale=max_scale, min_context_len=0,
-                   layer_budget_shift=tuple(shifts), audit_measure=measure)
+                   layer_budget_shift=tuple(shifts), audit_measure=measure,
+                   select="estimate" if estimate else "bounds")
     dec.sparse_config = SparseConfig(prhs=p)
     dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = p.audit_interval, layers, group, 1
     dec._claa_from, dec.layer_offset = None, 0
@@ -107,12 +110,14 @@ def _decoder(pool, layers, group, max_scale, delta, budget=1 / 8, shifts=(), aud
     dec._plan_kwargs = dict(dict(pages=p.select_params(P), art=None),
                             **({"budget_max_shift": plan_shift} if plan_shift else {}))
     dec.decode_wrapper = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=4, max_seq_len=dec.max_ctx,
-                                             device=DEVICE)
+                                             device=DEVICE, estimate=estimate)
+    dec._estimate = estimate
+    codes = reference_codes(pool, kmin, kmax) if estimate else None
     dec.decode_wrapper_kept = None
     if audit:
         dec._init_audit(4, pool.req_to_token.shape[0], DEVICE)
     dec.token_to_kv_pool = types.SimpleNamespace(get_kv_buffer=lambda layer_id: (pool.kc, pool.vc))
-    dec.summaries = types.SimpleNamespace(layer=lambda i: (kmin, kmax))
+    dec.summaries = types.SimpleNamespace(layer=lambda i: (kmin, kmax), layer_codes=lambda i: codes)
     dec.req_to_token_pool = types.SimpleNamespace(req_to_token=pool.req_to_token)
     dec._q_dtype = pool.q.dtype
     dec._log_every, dec._decode_batches = 10 ** 9, 0
@@ -427,3 +432,31 @@ def test_output_error_feedback_compares_the_layer_error_not_the_worst_head():
     dec._audit_counts.zero_()
     dec._fold_audit(0, pool.rows)
     assert dec._audit_counts.tolist()[:2] == [1, 1], f"seed={seed}: {dec._audit_counts.tolist()}"
+
+
+def test_estimate_mode_decoder_audits_what_it_dropped():
+    """``--prhs-select estimate`` through SparseDecoder: every selecting layer scores pages from the key codes (the
+    run refuses to select without them) and stops at its estimated dropped mass; the audit then measures, per
+    request, exactly the mass the lists left out (``prhs.exact_dropped_mass`` of the wrapper's lists)."""
+    import torch
+
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    lens = [400, 330]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, gen, structured=True)
+    dec = _decoder(pool, 2, 1, 1, delta=0.1, budget=1.0, estimate=True)
+    dropped = _step(dec, pool, 2, lens)                                     # [layers, bs]
+    w = dec.decode_wrapper
+    for b in range(len(lens)):
+        q, k, _ = pool.logical(b)
+        npg = -(-lens[b] // P)
+        assert int(w.num_selected[b].max()) < npg, f"seed={seed} b={b}: delta 0.1 never bound"
+        want = prhs.exact_dropped_mass(q, k, P, w.pages[b].long(), w.num_selected[b].long(), 1 / math.sqrt(D))
+        assert abs(float(dropped[-1, b]) - float(want.max())) <= 1e-3, \
+            f"seed={seed} b={b}: audited {float(dropped[-1, b])} vs {float(want.max())}"
+    dec.summaries.layer_codes = lambda i: None
+    with pytest.raises(ValueError, match="key codes"):
+        _step(dec, pool, 2, lens)
+

@@ -50,6 +50,8 @@ from kernel_cases import (  # noqa: E402
     art_p,
     check_claa,
     check_decode,
+    check_estimate_decode,
+    check_key_codes,
     check_page_summaries,
     check_reuse,
     check_selection_ties,
@@ -107,6 +109,18 @@ def test_prhs_decode_structured():
 
 def test_prhs_selection_ties():
     check_selection_ties(32, H_Q, H_KV, D, DEV, fresh_seed(), n=20000, patterns=5)
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_key_codes(page_size):
+    check_key_codes([5000, 2 * page_size + 3, 777, 3 * page_size - 1], page_size, H_KV, D, DEV, fresh_seed(),
+                    max_mismatch=1e-3)
+
+
+def test_prhs_estimate_decode():
+    check_estimate_decode([32768, 8192, 5000], 64, H_Q, H_KV, D, DEV, fresh_seed(),
+                          [dict(pages=sel(1.0, 0.05, estimate=True)), dict(pages=sel(1 / 2, 0.1, estimate=True)),
+                           dict(pages=sel(1.0, 0.0, estimate=True))])
 
 
 def test_art_decode_structured():

@@ -340,3 +340,48 @@ def test_layer_output_error_two_heads_by_hand():
     got = prhs.layer_error(torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=F64), torch.tensor([[5.0, 12.0]] * 2,
                                                                                         dtype=F64))
     torch.testing.assert_close(got, torch.tensor([2.5 / 13, 6.0 / 13], dtype=F64))
+
+
+# --------------------------------------------------------------------------- estimate mode
+def test_key_codes_round_to_the_nearest_level(seed):
+    """Codes are the nearest of 16 levels spanning each page's [kmin, kmax]: the dequantised key is within half a
+    step of the key, a channel constant over its page comes back exactly, and the page's extremes are levels."""
+    torch.manual_seed(seed)
+    for n, p in ((100, 16), (64, 32), (33, 16)):
+        k = torch.randn(n, 2, 8, dtype=F64)
+        k[:, 1, 3] = 0.7                                                    # constant channel
+        kmin, kmax = prhs.page_summaries(k, p)
+        codes = prhs.quantise_page_keys(k, kmin, kmax, p)
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+        back = prhs.dequantise_page_keys(codes, kmin, kmax, p).double()
+        step = ((kmax - kmin) / 15).repeat_interleave(p, dim=0)[:n]
+        assert bool(((back - k).abs() <= step / 2 + 1e-6).all()), f"seed={seed} n={n}: beyond half a step"
+        assert bool((back[:, 1, 3] == torch.tensor(0.7).float().double()).all()), f"seed={seed}: constant channel"
+        first = k[:p].argmin(dim=0)                                         # page 0's minimum per channel
+        assert bool((codes[:p].gather(0, first[None]) == 0).all()), f"seed={seed}: the page minimum is not code 0"
+
+
+def test_estimated_selection_with_exact_keys_keeps_delta(seed):
+    """With exact keys in place of the codes the estimate is each head's real page mass, so the selection's real
+    dropped mass (against dense attention) is at most its reported U <= delta for every query head, unless the
+    budget ran out; delta 0 fills the budget, in descending group score after the forced pages."""
+    torch.manual_seed(seed)
+    for n, p, h_kv, group, delta in ((700, 16, 2, 3, 0.1), (1000, 32, 1, 4, 0.05), (520, 16, 2, 2, 0.3)):
+        q, k, v = _case(n, h_kv, group, 16, needle=True, scale_range=(0.3, 1.0))
+        lens = prhs.page_lengths(n, p)
+        npg = lens.numel()
+        est = prhs.estimated_page_log_mass(q, k, k, p, 0.25)
+        sel = prhs.select_pages_estimated(est, lens, h_kv, delta, npg, 1, 2)
+        true = prhs.exact_dropped_mass(q, k, p, sel.pages, sel.num_selected, 0.25).reshape(h_kv, group)
+        for g in range(h_kv):
+            # (the estimate is computed in float32: 1e-5 relative slack)
+            assert float(true[g].max()) <= float(sel.delta_hat[g]) * (1 + 1e-5) + REL, \
+                f"seed={seed} n={n} g={g}: U below truth"
+            assert float(sel.delta_hat[g]) <= delta + REL, f"seed={seed} n={n} g={g}: stopped above delta"
+            assert int(sel.num_selected[g]) < npg or delta == 0, f"seed={seed} n={n}: delta never bound"
+        full = prhs.select_pages_estimated(est, lens, h_kv, 0.0, npg // 2, 1, 2)
+        assert bool((full.num_selected == npg // 2).all()), f"seed={seed} n={n}: delta 0 must fill the budget"
+        m = torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True)).reshape(h_kv, group, npg).amax(dim=1)
+        for g in range(h_kv):
+            app = m[g, full.pages[g, 3: int(full.num_selected[g])]]
+            assert bool((app[1:] <= app[:-1]).all()), f"seed={seed} n={n}: not in descending score"

@@ -52,6 +52,13 @@ in ``StatePages[req, h]`` (``req`` = the request's
 selection time ``StateNpg[req]``, for the reuse kernel; int32; and, with
 ``WRITE_REST``, ``SelRest`` fp32 ``rest[j] = log sum_{i >= j} n_{p_i} exp(ub_{p_i})`` over the
 list (the unread-mass bound ART's certified test needs, :func:`sglang_sparse.art.art_attention`).
+
+Estimate mode (``EST_G = G > 0``, ``--prhs-select estimate``): the scores are not bounds but the estimated page
+log-masses ``Est [bs, H_q, >= npg]`` of :mod:`flashinfer_ext.kernels.page_estimate`. The program normalises each of
+its G query heads' rows over the request's pages, takes the group's largest normalised mass ``M_p`` per page and
+writes ``ub = lb = log(M_p / n_p)`` into its UB/LB rows, then selects as above with one change: the prefix stops once
+the estimated dropped mass ``U = sum_{p dropped} M_p <= delta`` (``log_ratio = log delta``), and ``SelDhat`` reports
+that U (capped at 1): an estimate (:func:`sglang_sparse.prhs.select_pages_estimated`), with no certificate.
 """
 
 import triton
@@ -117,10 +124,10 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
                         stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
                         stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
-                        Shift, stride_shift,
+                        Shift, stride_shift, Est, stride_eb, stride_eh,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
-                        HAS_SHIFT: tl.constexpr):
+                        HAS_SHIFT: tl.constexpr, EST_G: tl.constexpr):
     """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
     if tl.load(Flag + tl.program_id(0)) != 0:
         _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
@@ -129,7 +136,8 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                     stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                     stride_st_h,
                     state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
-                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT)
+                    Est, stride_eb, stride_eh,
+                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT, EST_G)
 
 
 @triton.jit
@@ -138,9 +146,10 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
                 stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                 stride_st_h,
                 state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
+                Est, stride_eb, stride_eh,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                 DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
-                HAS_SHIFT: tl.constexpr):
+                HAS_SHIFT: tl.constexpr, EST_G: tl.constexpr):
     """Selection of request b, KV head h (of ``n_heads``)."""
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
@@ -158,10 +167,27 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
 
     idx = tl.arange(0, BLOCK_PG)
     valid = idx < npg
-    ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"))
-    lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"))
     n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
     log_n = tl.log(tl.where(valid, n_p, 1.0))
+    if EST_G > 0:
+        # estimate mode: each query head's page log-masses normalised to masses m[g, p] (summing to 1); the page's
+        # score is the group's largest, M_p = max_g m[g, p], written as ub = lb = log(M_p / n_p) for the rest
+        m_best = tl.full([BLOCK_PG], float("-inf"), tl.float32)
+        for gg in tl.static_range(EST_G):
+            row = tl.load(Est + b.to(tl.int64) * stride_eb + (h * EST_G + gg) * stride_eh + idx, mask=valid,
+                          other=float("-inf"))
+            r_max = tl.max(row, axis=0)
+            r_max = tl.where(r_max == float("-inf"), 0.0, r_max)
+            lse = r_max + tl.log(tl.sum(tl.exp(row - r_max), axis=0))
+            m_best = tl.maximum(m_best, row - lse)
+        ub = tl.where(valid, m_best - log_n, float("-inf"))
+        lb = ub
+        tl.store(ub_base + idx, ub, mask=valid)
+        tl.store(lb_base + idx, lb, mask=valid)
+        tl.debug_barrier()
+    else:
+        ub = tl.load(ub_base + idx, mask=valid, other=float("-inf"))
+        lb = tl.load(lb_base + idx, mask=valid, other=float("-inf"))
     wu = tl.where(valid, log_n + ub, float("-inf"))
     wl = tl.where(valid, log_n + lb, float("-inf"))
 
@@ -224,8 +250,12 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
         k = k_max
     else:
         s_j = s_forced + tl.cumsum(el_s, axis=0) - el_s
-        lhs = log_u_j - tl.log(s_j) - ml
-        ok = ((log_u_j == float("-inf")) | ((s_j > 0.0) & (lhs <= log_ratio))) & in_top
+        if EST_G > 0:
+            # estimate mode: the estimated dropped mass U itself against delta (log_ratio = log delta)
+            ok = ((log_u_j == float("-inf")) | (log_u_j <= log_ratio)) & in_top
+        else:
+            lhs = log_u_j - tl.log(s_j) - ml
+            ok = ((log_u_j == float("-inf")) | ((s_j > 0.0) & (lhs <= log_ratio))) & in_top
         k = tl.min(tl.where(ok, pos, k_max), axis=0)
         k = tl.where(tl.load(DenseReq + b) != 0, k_max, k)   # short context: its budget is every page
     n_sel = n_taken_f + k
@@ -237,6 +267,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     log_z = tl.log(s_fin) + ml
     dhat = 1.0 / (1.0 + tl.exp(log_z - log_u))
     dhat = tl.where(log_u == float("-inf"), 0.0, tl.where(s_fin <= 0.0, 1.0, dhat))
+    if EST_G > 0:
+        dhat = tl.minimum(tl.exp(log_u), 1.0)       # the estimated dropped mass, not a bound
 
     # the list: forced pages, the first k of the sorted top, -1 after
     tl.store(sel_base + fpos, idx, mask=taken_f)

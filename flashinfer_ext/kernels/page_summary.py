@@ -17,6 +17,13 @@ Grid ``(n_tok,)``: the program of the first token of each run (a "leader") finds
 (at most P) from the slots, reads its tokens and writes the page's summary once; the other programs
 exit. No atomics, no races.
 Min/max are taken in fp32 and stored in the summary dtype (exact for bf16 keys into bf16 summaries).
+
+Key codes (``HAS_CODES``, ``--prhs-select estimate``): when a run writes a page's last slot (offset P - 1) the page
+is full and its summary final, so the leader quantises the page's P keys, read back from the layer's K buffer
+``KCache [num_slots, H_KV, D]``, to 4 bits per element inside the page's stored ``[kmin, kmax]``
+(:func:`sglang_sparse.prhs.quantise_page_keys`) and writes them to ``Codes [num_slots, H_KV, D / 2]`` uint8: channel
+``d < D / 2`` in the low nibble of byte d, channel ``d + D / 2`` in its high nibble. A partial page has no codes (the
+estimate reads its exact keys); a full page's codes never change, because its summary no longer does.
 """
 
 import triton
@@ -25,7 +32,9 @@ import triton.language as tl
 
 @triton.jit
 def _page_summary_kernel(K, Loc, KMin, KMax, n_tok, stride_kt, stride_kh, stride_sp, stride_sh,
-                         H_KV, D, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                         H_KV, D, KCache, Codes, stride_ct, stride_ch, stride_ot, stride_oh,
+                         P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_CODES: tl.constexpr, HALF_D: tl.constexpr):
     i = tl.program_id(0)
     loc = tl.load(Loc + i).to(tl.int64)
     page = loc // P
@@ -60,3 +69,38 @@ def _page_summary_kernel(K, Loc, KMin, KMax, n_tok, stride_kt, stride_kh, stride
             mx = tl.maximum(mx, old_mx)
         tl.store(KMin + s_off, mn.to(KMin.dtype.element_ty), mask=hd_ok)
         tl.store(KMax + s_off, mx.to(KMax.dtype.element_ty), mask=hd_ok)
+        if HAS_CODES:
+            last = tl.max(tl.where(alive, loc_t, -1), axis=0)
+            if last % P == P - 1:
+                tl.debug_barrier()      # the summary just stored is the quantisation range
+                _quantise_page(KCache, Codes, KMin, KMax, page, stride_ct, stride_ch, stride_ot, stride_oh,
+                               stride_sp, stride_sh, H_KV, P, HALF_D)
+
+
+@triton.jit
+def _quantise_page(KCache, Codes, KMin, KMax, page, stride_ct, stride_ch, stride_ot, stride_oh, stride_sp, stride_sh,
+                   H_KV, P: tl.constexpr, HALF_D: tl.constexpr):
+    """4-bit codes of the P keys of a full page, every KV head (low nibble: channel e, high: channel e + D/2)."""
+    t = tl.arange(0, P)
+    e = tl.arange(0, HALF_D)
+    slot = page * P + t
+    for h in range(0, H_KV):
+        s_off = page * stride_sp + h * stride_sh
+        lo_min = tl.load(KMin + s_off + e).to(tl.float32)
+        hi_min = tl.load(KMin + s_off + HALF_D + e).to(tl.float32)
+        lo_step = (tl.load(KMax + s_off + e).to(tl.float32) - lo_min) / 15.0
+        hi_step = (tl.load(KMax + s_off + HALF_D + e).to(tl.float32) - hi_min) / 15.0
+        k_off = slot[:, None] * stride_ct + h * stride_ch + e[None, :]
+        k_lo = tl.load(KCache + k_off).to(tl.float32)
+        k_hi = tl.load(KCache + k_off + HALF_D).to(tl.float32)
+        c_lo = _code(k_lo, lo_min[None, :], lo_step[None, :])
+        c_hi = _code(k_hi, hi_min[None, :], hi_step[None, :])
+        tl.store(Codes + slot[:, None] * stride_ot + h * stride_oh + e[None, :], (c_lo | (c_hi << 4)).to(tl.uint8))
+
+
+@triton.jit
+def _code(k, lo, step):
+    """``clamp(floor((k - lo) / step + 1/2), 0, 15)`` (0 where step is 0), int32."""
+    x = tl.where(step > 0, (k - lo) / tl.where(step > 0, step, 1.0), 0.0)
+    return tl.minimum(tl.maximum(tl.floor(x + 0.5), 0.0), 15.0).to(tl.int32)
+
