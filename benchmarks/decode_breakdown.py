@@ -11,7 +11,10 @@ each (batch, context, page size), PrHS at budget 1/16 and delta 0.05:
 * ``select``: the selection kernel alone, per warp count;
 * ``full+art``: ``run`` with ART, per length of ART's sequential head (random KV: no stop);
 * ``decode``: decode + merge over the selected pages (``run(select=False)``);
-* ``dense``: ours over every page (the bandwidth reference of this machine).
+* ``dense``: ours over every page (the bandwidth reference of this machine);
+* with ``--estimate-deltas``, ``--prhs-select estimate`` (every page allowed, delta on the estimated dropped mass;
+  random key codes): ``estimate`` the page-mass estimate kernel alone (reads every page's 4-bit key codes),
+  ``select-est`` the selection alone (normalisation, sort of every page, delta cut), ``full-est`` the whole run.
 
 Output: ``benchmarks/results/decode_breakdown.json`` (and ``$OUT``), a table printed last.
 """
@@ -31,7 +34,8 @@ from benchmarks.serving import save_rows
 H_Q, H_KV, D = 32, 8, 128
 
 
-def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,)) -> list:
+def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
+            estimate_deltas=()) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -78,6 +82,23 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
         la = w.launch
         row("decode", time_calls(lambda i: w.run(batch.q, *batch.copies[i], out=out, select=False), batch.n_copies)[0],
             splits=la.num_splits, decode_warps=la.num_warps, ppi=la.pages_per_iter, stages=la.num_stages)
+    if estimate_deltas:
+        from dataclasses import replace as _replace
+
+        we = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device=DEV, estimate=True)
+        codes = torch.randint(0, 256, (batch.kc.shape[0], H_KV, D // 2), dtype=torch.uint8, device=DEV)
+        for delta in estimate_deltas:
+            pages = _replace(prhs_pages(1.0, delta), estimate=True)
+            we.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=pages), ctx))
+            row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3], codes,
+                                                                      batch.copies[i][0]), batch.n_copies)[0],
+                delta=delta)
+            row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta,
+                warps=we.launch.select_warps)
+            row("full-est", time_calls(lambda i: we.run(batch.q, *batch.copies[i], out=out, codes=codes),
+                                       batch.n_copies)[0], delta=delta,
+                pages_read=float(we.num_selected.float().mean()) / -(-ctx // P))
+        del we
     batch.free()
     del w
     torch.cuda.empty_cache()
@@ -97,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--decode-shapes", default="auto",
                     help="sparse-decode launches: 'auto' (the plan's default) or splits x warps x pages per "
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
+    ap.add_argument("--estimate-deltas", default="",
+                    help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
@@ -117,7 +140,8 @@ def main(argv=None):
         for cfg in args.configs.split(","):
             bs, ctx = (int(x) for x in cfg.split("x"))
             try:
-                rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes)
+                rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes,
+                                [float(x) for x in args.estimate_deltas.split(",") if x])
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
