@@ -49,3 +49,42 @@ def test_estimate_refuses_certified_art_and_missing_codes():
     kmin = torch.zeros(pool.num_pages, H_KV, D, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="key codes"):
         w.run(pool.q, pool.kc, pool.vc, kmin, kmin)
+
+
+def test_decoder_quantises_each_layers_pages_from_its_own_key_buffer():
+    """SparseDecoder's KV-write hook in estimate mode: after an extend that fills pages and a decode step that fills
+    one more, every full page of each layer holds the codes of that layer's keys (read back from that layer's K
+    buffer), and a partial page none; two layers with different keys catch a hook that reads another layer's buffer."""
+    import types
+
+    import torch
+
+    from flashinfer_ext.summaries import PageSummaries
+    from kernel_cases import _unpack_codes, make_pool
+    from sglang_sparse import prhs
+    from sglang_sparse.sparse_decode import SparseDecoder
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    P, layers, n = 16, 2, 3 * 16 - 1                   # the prompt leaves its last page one token short
+    pools = [make_pool([n + 1], P, H_Q, H_KV, D, D, DEVICE, gen) for _ in range(layers)]
+    slots = pools[0].slots[0]
+    for p in pools[1:]:                                # one request, the same slots in every layer
+        p.kc[slots] = (2.0 * torch.randn(n + 1, H_KV, D, generator=gen)).to(p.kc.dtype)
+    dec = SparseDecoder.__new__(SparseDecoder)
+    dec.summaries = PageSummaries(layers, pools[0].kc.shape[0], H_KV, D, P, device=DEVICE, key_codes=True)
+    dec.summaries.codes.fill_(0xAB)
+    dec._group, dec.layer_offset, dec._estimate = 1, 0, True
+    dec.num_kv_heads_local, dec.head_dim = H_KV, D
+    dec.token_to_kv_pool = types.SimpleNamespace(get_key_buffer=lambda layer_id: pools[layer_id].kc)
+    for lid in range(layers):
+        layer = types.SimpleNamespace(layer_id=lid)
+        kc = pools[lid].kc
+        dec.after_extend(kc[slots[:n]].reshape(n, H_KV * D), layer, types.SimpleNamespace(out_cache_loc=slots[:n]),
+                         True)
+        assert bool((dec.summaries.codes[lid][slots[2 * P:n]] == 0xAB).all()), f"seed={seed}: a partial page coded"
+        dec._update_summaries(layer, kc[slots[n:]].reshape(1, H_KV * D), slots[n:])     # the decode token fills it
+        lo, hi = prhs.page_summaries(kc[slots], P)
+        want = prhs.quantise_page_keys(kc[slots], lo, hi, P).long()
+        got = _unpack_codes(dec.summaries.codes[lid][slots])
+        assert torch.equal(got, want), f"seed={seed} layer {lid}: codes differ from the layer's own keys"
