@@ -507,8 +507,8 @@ class SparseDecodeWrapper:
             self.reselect_flag, q, kmin, kmax, codes, k_cache, self.page_table, self.num_pages, self.last_len,
             self.est, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), codes.stride(0), codes.stride(1),
             k_cache.stride(0), k_cache.stride(1), self.page_table.stride(0), self.est.stride(0), self.est.stride(1),
-            self.sm_scale, G=self.group, G_PAD=self.g_pad, D=self.d, HALF_D=self.d // 2, P=self.page_size,
-            PAGES=pages, num_warps=4)
+            self.sm_scale, G=self.group, G_PAD=self.g_pad, HALF_D=self.d // 2, P=self.page_size,
+            PAGES=pages, NUM_STAGES=2, num_warps=4)
 
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""

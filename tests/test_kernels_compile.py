@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 
 H_Q, H_KV, D = 32, 8, 128
 _DT = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
-       torch.float16: "fp16"}
+       torch.float16: "fp16", torch.uint8: "u8"}
 
 
 def _record_launches(drive):
@@ -110,6 +110,23 @@ def _drive_wrappers():
         audit.plan(n, True)
         audit.run(w, q[:n], kc, vc, out)
     update_page_summaries(kmin, kmax, kc[:100], torch.arange(100), P)
+    # estimate mode (--prhs-select estimate): key codes written with the summaries, the page-mass estimate, the
+    # selector's estimate path, with and without ART (a head_dim of 64 too, SmolLM2 / Qwen 0.5B)
+    codes = torch.empty(num_pages * P, H_KV, D // 2, dtype=torch.uint8)
+    update_page_summaries(kmin, kmax, kc[:100], torch.arange(100), P, k_cache=kc, codes=codes)
+    we = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device="cpu", estimate=True)
+    for cfg in (dict(pages=sel(1.0, 0.05, estimate=True)), dict(pages=sel(1 / 2, 0.1, estimate=True), art=a)):
+        we.plan(r2t, rows, lens, **cfg)
+        we.run(q, kc, vc, kmin, kmax, codes=codes)
+    d64 = 64
+    w64 = SparseDecodeWrapper(14, 2, d64, 64, max_batch_size=2, max_seq_len=4096, device="cpu", estimate=True)
+    kc64 = torch.empty(64 * 64, 2, d64, dtype=torch.bfloat16)
+    km64 = torch.empty(64, 2, d64, dtype=torch.bfloat16)
+    cd64 = torch.empty(64 * 64, 2, d64 // 2, dtype=torch.uint8)
+    w64.plan(torch.zeros(3, 4096, dtype=torch.int32), torch.arange(1, 3), torch.full((2,), 4000),
+             pages=sel(1.0, 0.05, estimate=True))
+    w64.run(torch.empty(2, 14, d64, dtype=torch.bfloat16), kc64, torch.empty_like(kc64), km64, km64, codes=cd64)
+    update_page_summaries(km64, km64.clone(), kc64[:100], torch.arange(100), 64, k_cache=kc64, codes=cd64)
     n = 4096
     for pool in ("avg", "max"):
         sc = ClaaWindowScorer(H_Q, H_KV, D, 8, max_len=n, pool=pool, device="cpu")
@@ -130,7 +147,7 @@ def test_all_launches_compile_for_sm90():
     assert {"_page_table_kernel", "_page_bounds_kernel", "_page_select_kernel", "_page_dilate_kernel",
             "_decode_split_kernel", "_merge_splits_kernel", "_page_summary_kernel", "_claa_tile_stats_kernel",
             "_claa_row_stats_kernel", "_claa_colsum_kernel", "_claa_pool_max_kernel", "_kv_split_kernel",
-            "_audit_merge_kernel"} <= names, names
+            "_audit_merge_kernel", "_page_estimate_kernel"} <= names, names
     failures = []
     for key, (fn, sig, consts, opts, attrs) in launches.items():
         try:

@@ -5,7 +5,8 @@ Reference: :func:`sglang_sparse.prhs.estimated_page_log_mass` on the keys
 
 For request b, KV head h and page p (physical page ``phys``) the program rebuilds each key of the page from its
 code, ``k~ = kmin + code * (kmax - kmin) / 15`` (the summaries as stored, fp32), and scores it against the GQA
-group's queries with one ``tl.dot`` (rows padded to 16, operands in the query's dtype, fp32 accumulation)::
+group's queries (two ``tl.dot`` over the two channel halves the nibbles hold, rows padded to 16, operands in the
+query's dtype, fp32 accumulation)::
 
     Est[b, h * G + g, p] = log sum_{t in p} exp(sm_scale * q[g] . k~_t)
 
@@ -13,8 +14,9 @@ A partial last page (``LastLen[b] < P``) has no codes yet (a page is quantised w
 are read from the K buffer instead. Codes: ``[num_slots, H_kv, D / 2]`` uint8, channel ``d < D / 2`` in the low
 nibble of byte d, channel ``d + D / 2`` in the high nibble (:mod:`flashinfer_ext.kernels.page_summary`).
 
-Grid ``(bs, H_kv, cdiv(max_pages, PAGES))``: a program scores ``PAGES`` consecutive pages; programs past the
-request's page count exit, and so do requests whose reselection flag ``Flag[b]`` is 0. Reads D / 2 bytes per
+Grid ``(bs, H_kv, cdiv(max_pages, PAGES))``: a program scores ``PAGES`` consecutive pages in a pipelined loop (pages
+past the request's count are masked); programs past the count exit, and so do requests whose reselection flag
+``Flag[b]`` is 0. Reads D / 2 bytes per
 key and KV head: 1/8 of the bf16 K+V bytes a dense step reads, plus the summaries.
 """
 
@@ -26,8 +28,8 @@ import triton.language as tl
 def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPages, LastLen, Est,
                           stride_qb, stride_qh, stride_sp, stride_sh, stride_ct, stride_ch, stride_kt, stride_kh,
                           stride_pt, stride_eb, stride_eh, sm_scale,
-                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, HALF_D: tl.constexpr,
-                          P: tl.constexpr, PAGES: tl.constexpr):
+                          G: tl.constexpr, G_PAD: tl.constexpr, HALF_D: tl.constexpr, P: tl.constexpr,
+                          PAGES: tl.constexpr, NUM_STAGES: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     first = tl.program_id(2) * PAGES
@@ -36,31 +38,38 @@ def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPage
         last_len = tl.load(LastLen + b)
         g = tl.arange(0, G_PAD)
         g_ok = g < G
-        d = tl.arange(0, D)
-        byte = d % HALF_D
-        shift = (d // HALF_D) * 4
+        e = tl.arange(0, HALF_D)
         t = tl.arange(0, P)
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None], other=0.0)
+        # the group's queries, split in the two channel halves the nibbles hold
+        q_off = Q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + e[None, :]
+        q_lo = tl.load(q_off, mask=g_ok[:, None], other=0.0)
+        q_hi = tl.load(q_off + HALF_D, mask=g_ok[:, None], other=0.0)
         e_base = Est + b.to(tl.int64) * stride_eb + (h * G + g) * stride_eh
-        for i in range(0, PAGES):
+        # PAGES pages, software-pipelined (masked past the page count, no branch)
+        for i in tl.range(0, PAGES, num_stages=NUM_STAGES):
             lp = first + i
-            if lp < npg:
-                phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp).to(tl.int64)
-                s_off = phys * stride_sp + h * stride_sh + d
-                kmin = tl.load(KMin + s_off).to(tl.float32)
-                step = (tl.load(KMax + s_off).to(tl.float32) - kmin) / 15.0
-                slot = phys * P + t
-                n_p = tl.where(lp == npg - 1, last_len, P)
-                partial = n_p < P
-                raw = tl.load(Codes + slot[:, None] * stride_ct + h * stride_ch + byte[None, :])
-                code = ((raw.to(tl.int32) >> shift[None, :]) & 15).to(tl.float32)
-                k_est = kmin[None, :] + code * step[None, :]
-                k_exact = tl.load(KCache + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
-                                  mask=partial & (t < n_p)[:, None], other=0.0).to(tl.float32)
-                k_use = tl.where(partial, k_exact, k_est).to(Q.dtype.element_ty)
-                s = tl.dot(q, tl.trans(k_use)) * sm_scale                   # [G_PAD, P]
-                s = tl.where((t < n_p)[None, :], s, float("-inf"))
-                m = tl.max(s, axis=1)
-                est = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
-                tl.store(e_base + lp, est, mask=g_ok)
+            ok = lp < npg
+            phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp, mask=ok, other=0).to(tl.int64)
+            s_off = phys * stride_sp + h * stride_sh + e
+            lo_min = tl.load(KMin + s_off, mask=ok, other=0.0).to(tl.float32)
+            hi_min = tl.load(KMin + s_off + HALF_D, mask=ok, other=0.0).to(tl.float32)
+            lo_step = (tl.load(KMax + s_off, mask=ok, other=0.0).to(tl.float32) - lo_min) / 15.0
+            hi_step = (tl.load(KMax + s_off + HALF_D, mask=ok, other=0.0).to(tl.float32) - hi_min) / 15.0
+            slot = phys * P + t
+            n_p = tl.where(lp == npg - 1, last_len, P)
+            partial = n_p < P
+            raw = tl.load(Codes + slot[:, None] * stride_ct + h * stride_ch + e[None, :],
+                          mask=ok & (n_p == P), other=0).to(tl.int32)
+            k_lo = lo_min[None, :] + (raw & 15).to(tl.float32) * lo_step[None, :]
+            k_hi = hi_min[None, :] + (raw >> 4).to(tl.float32) * hi_step[None, :]
+            # a partial last page has no codes yet: its exact keys
+            x_off = KCache + slot[:, None] * stride_kt + h * stride_kh + e[None, :]
+            x_ok = ok & partial & (t < n_p)[:, None]
+            k_lo = tl.where(partial, tl.load(x_off, mask=x_ok, other=0.0).to(tl.float32), k_lo)
+            k_hi = tl.where(partial, tl.load(x_off + HALF_D, mask=x_ok, other=0.0).to(tl.float32), k_hi)
+            s = tl.dot(q_lo, tl.trans(k_lo.to(Q.dtype.element_ty)))
+            s = tl.dot(q_hi, tl.trans(k_hi.to(Q.dtype.element_ty)), acc=s) * sm_scale     # [G_PAD, P]
+            s = tl.where((t < n_p)[None, :], s, float("-inf"))
+            m = tl.max(s, axis=1)
+            est = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+            tl.store(e_base + lp, est, mask=g_ok & ok)
