@@ -80,6 +80,7 @@ class SparseDecoder:
 
     audit = None            # the dropped-mass audit (--prhs-audit-interval), when on
     budget_shift = None     # [req_to_token rows, selection groups] int32 log2 budget scales (profile, audit feedback)
+    _estimate = False       # --prhs-select estimate: key codes kept with the summaries, pages ranked by estimated mass
 
     @classmethod
     def create(cls, model_runner, cfg: SparseConfig, pool, claa=None,
