@@ -266,6 +266,27 @@ def check_claa(n_list, h_q, h_kv, d, window, device, seed, pool_kinds=("avg", "m
 
 
 # ----------------------------------------------------------------------------- summaries
+def kv_write_batches(pool: Pool, lens, P: int, rng: random.Random):
+    """The slots of each KV write, as SGLang batches them: the prompts (all but the last P + 3 tokens) prefilled in
+    extend chunks of 1..3P tokens per request (all requests in one batch), then one decode token per request per
+    step. Yields ``loc`` (int64 slots; a page's tokens contiguous and ascending)."""
+    prompt = [max(1, n - P - 3) for n in lens]
+    pos = [0] * len(lens)
+    while any(pos[b] < prompt[b] for b in range(len(lens))):
+        locs = []
+        for b in range(len(lens)):
+            if pos[b] < prompt[b]:
+                e = min(prompt[b], pos[b] + rng.randint(1, 3 * P))
+                locs.append(pool.slots[b][pos[b]:e])
+                pos[b] = e
+        yield torch.cat(locs)
+    while any(pos[b] < lens[b] for b in range(len(lens))):
+        idx = [b for b in range(len(lens)) if pos[b] < lens[b]]
+        for b in idx:
+            pos[b] += 1
+        yield torch.stack([pool.slots[b][pos[b] - 1] for b in idx])
+
+
 def check_page_summaries(lens, page_size, h_kv, d, device, seed, chunk_sizes=(None,)):
     """Write requests through the summary kernel the way SGLang writes KV (extend chunks, then
     decode tokens, several requests per batch) into pages holding stale garbage; compare with
@@ -278,27 +299,9 @@ def check_page_summaries(lens, page_size, h_kv, d, device, seed, chunk_sizes=(No
     # stale summaries everywhere (a reused page must be reset on its first write)
     kmin = (torch.randn(pool.num_pages, h_kv, d, generator=gen) - 5).to(device, torch.bfloat16)
     kmax = (torch.randn(pool.num_pages, h_kv, d, generator=gen) + 5).to(device, torch.bfloat16)
-    # batches: prefill of a prompt split in chunks (all requests in one batch), then decode steps
-    prompt = [max(1, n - P - 3) for n in lens]
     rng = random.Random(seed)
-    pos = [0] * len(lens)
-    while any(pos[b] < prompt[b] for b in range(len(lens))):
-        locs = []
-        for b in range(len(lens)):
-            if pos[b] >= prompt[b]:
-                continue
-            step = rng.randint(1, 3 * P)
-            e = min(prompt[b], pos[b] + step)
-            locs.append(pool.slots[b][pos[b]:e])
-            pos[b] = e
-        loc = torch.cat(locs)
+    for loc in kv_write_batches(pool, lens, P, rng):
         update_page_summaries(kmin, kmax, pool.kc[loc], loc.to(torch.int32 if rng.random() < 0.5 else torch.int64), P)
-    while any(pos[b] < lens[b] for b in range(len(lens))):
-        idx = [b for b in range(len(lens)) if pos[b] < lens[b]]
-        loc = torch.stack([pool.slots[b][pos[b]] for b in idx])
-        for b in idx:
-            pos[b] += 1
-        update_page_summaries(kmin, kmax, pool.kc[loc], loc, P)
     for b, s in enumerate(pool.slots):
         lo, hi = prhs.page_summaries(pool.kc[s].double(), P)
         phys = s[::P] // P
@@ -707,23 +710,7 @@ def check_key_codes(lens, page_size, h_kv, d, device, seed, max_mismatch: float 
     kmax = (torch.randn(pool.num_pages, h_kv, d, generator=gen) + 5).to(device, torch.bfloat16)
     codes = torch.randint(0, 256, (pool.kc.shape[0], h_kv, d // 2), generator=gen, dtype=torch.uint8).to(device)
     stale = codes.clone()
-    prompt = [max(1, n - P - 3) for n in lens]
-    rng = random.Random(seed)
-    pos = [0] * len(lens)
-    while any(pos[b] < prompt[b] for b in range(len(lens))):
-        locs = []
-        for b in range(len(lens)):
-            if pos[b] < prompt[b]:
-                e = min(prompt[b], pos[b] + rng.randint(1, 3 * P))
-                locs.append(pool.slots[b][pos[b]:e])
-                pos[b] = e
-        loc = torch.cat(locs)
-        update_page_summaries(kmin, kmax, pool.kc[loc], loc, P, k_cache=pool.kc, codes=codes)
-    while any(pos[b] < lens[b] for b in range(len(lens))):
-        idx = [b for b in range(len(lens)) if pos[b] < lens[b]]
-        loc = torch.stack([pool.slots[b][pos[b]] for b in idx])
-        for b in idx:
-            pos[b] += 1
+    for loc in kv_write_batches(pool, lens, P, random.Random(seed)):
         update_page_summaries(kmin, kmax, pool.kc[loc], loc, P, k_cache=pool.kc, codes=codes)
     for b, s in enumerate(pool.slots):
         n_full = (s.numel() // P) * P
