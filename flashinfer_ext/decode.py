@@ -78,6 +78,7 @@ from flashinfer_ext.kernels.page_select import _page_select_kernel
 from flashinfer_ext.kernels.page_table import _page_table_kernel
 from flashinfer_ext.kernels.paged_decode import _decode_split_kernel, _merge_splits_kernel
 from flashinfer_ext.params import ArtParams, LaunchTuning, PageSelectParams
+from flashinfer_ext.summaries import key_codes_supported
 
 _LOG2E = 1.4426950408889634
 
@@ -308,7 +309,7 @@ class SparseDecodeWrapper:
         if pages is not None and pages.estimate:
             if self.est is None:
                 raise ValueError("plan(pages=PageSelectParams(estimate=True)) needs a wrapper built with estimate=True")
-            if self.d & (self.d - 1) or self.d < 32:
+            if not key_codes_supported(self.d):
                 raise ValueError(f"the key-code estimate needs a power-of-two head_dim >= 32, got {self.d}")
             if art is not None and art.eps_cert is not None:
                 raise ValueError("ART's certified test needs page bounds; estimated page masses bound nothing")

@@ -25,6 +25,12 @@ from flashinfer_ext.kernels.page_summary import _page_summary_kernel
 
 
 
+def key_codes_supported(head_dim: int) -> bool:
+    """Whether keys of ``head_dim`` channels can have 4-bit codes and be scored from them: two halves of a power of
+    two channels, at least 16 each (the estimate's ``tl.dot``), i.e. a power-of-two head_dim >= 32."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
 def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, loc: torch.Tensor,
                           page_size: int, k_cache: Optional[torch.Tensor] = None,
                           codes: Optional[torch.Tensor] = None) -> None:
@@ -50,11 +56,11 @@ def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tenso
     h_kv, d = k.shape[1], k.shape[2]
     has_codes = codes is not None
     if has_codes:
-        if k_cache is None or d % 2 or (d // 2) & (d // 2 - 1) or codes.dtype != torch.uint8 \
+        if k_cache is None or not key_codes_supported(d) or codes.dtype != torch.uint8 \
                 or tuple(codes.shape[1:]) != (h_kv, d // 2) or tuple(k_cache.shape[1:]) != (h_kv, d) \
                 or codes.stride(-1) != 1 or k_cache.stride(-1) != 1:
             raise ValueError(f"key codes need k_cache [slots, {h_kv}, {d}] and uint8 codes [slots, {h_kv}, {d // 2}] "
-                             f"(D / 2 a power of two), got {None if k_cache is None else tuple(k_cache.shape)} and "
+                             f"(D a power of two >= 32), got {None if k_cache is None else tuple(k_cache.shape)} and "
                              f"{codes.dtype} {tuple(codes.shape)}")
     kc = k_cache if has_codes else k
     cd = codes if has_codes else loc
@@ -104,4 +110,4 @@ class PageSummaries:
         return n + (self.codes.numel() if self.codes is not None else 0)
 
 
-__all__ = ["PageSummaries", "update_page_summaries"]
+__all__ = ["PageSummaries", "key_codes_supported", "update_page_summaries"]

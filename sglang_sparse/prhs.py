@@ -58,6 +58,7 @@ __all__ = [
     "quantise_page_keys",
     "dequantise_page_keys",
     "estimated_page_log_mass",
+    "estimated_page_scores",
     "select_pages_estimated",
     "prehoc_delta_hat",
     "posthoc_delta_hat",
@@ -348,26 +349,27 @@ def select_pages(ub: Tensor, lb: Tensor, page_lens: Tensor, delta: float, budget
 KEY_CODE_BITS = 4
 
 
+def _page_levels(kmin: Tensor, kmax: Tensor, page_size: int, n: int) -> Tuple[Tensor, Tensor]:
+    """Per token, its page's lowest level ``kmin`` and level step ``(kmax - kmin) / 15``, float32 ``[n, H_kv, D]``."""
+    lo = kmin.float().repeat_interleave(page_size, dim=0)[:n]
+    step = (kmax.float() - kmin.float()).repeat_interleave(page_size, dim=0)[:n] / ((1 << KEY_CODE_BITS) - 1)
+    return lo, step
+
+
 def quantise_page_keys(k: Tensor, kmin: Tensor, kmax: Tensor, page_size: int) -> Tensor:
     """4-bit codes of the keys inside their page's own ``[kmin, kmax]`` (the Quest summaries, as stored):
     ``code = clamp(floor((k - kmin) / step + 1/2), 0, 15)`` with ``step = (kmax - kmin) / 15`` per page, KV head and
     channel (0 where the channel is constant over the page). ``k [n, H_kv, D]`` -> uint8 ``[n, H_kv, D]``, one code
     per element (the kernel packs two per byte). Computed in float32 from the summaries' own dtype."""
-    levels = (1 << KEY_CODE_BITS) - 1
-    n = k.shape[0]
-    lo = kmin.float().repeat_interleave(page_size, dim=0)[:n]
-    step = (kmax.float() - kmin.float()).repeat_interleave(page_size, dim=0)[:n] / levels
+    lo, step = _page_levels(kmin, kmax, page_size, k.shape[0])
     x = torch.where(step > 0, (k.float() - lo) / torch.where(step > 0, step, torch.ones_like(step)),
                     torch.zeros_like(step))
-    return torch.floor(x + 0.5).clamp(0, levels).to(torch.uint8)
+    return torch.floor(x + 0.5).clamp(0, (1 << KEY_CODE_BITS) - 1).to(torch.uint8)
 
 
 def dequantise_page_keys(codes: Tensor, kmin: Tensor, kmax: Tensor, page_size: int) -> Tensor:
     """The keys the codes stand for, float32 ``[n, H_kv, D]``: ``kmin + code * step``."""
-    levels = (1 << KEY_CODE_BITS) - 1
-    n = codes.shape[0]
-    lo = kmin.float().repeat_interleave(page_size, dim=0)[:n]
-    step = (kmax.float() - kmin.float()).repeat_interleave(page_size, dim=0)[:n] / levels
+    lo, step = _page_levels(kmin, kmax, page_size, codes.shape[0])
     return lo + codes.float() * step
 
 
@@ -385,44 +387,48 @@ def estimated_page_log_mass(q: Tensor, k_est: Tensor, k: Tensor, page_size: int,
     return torch.logsumexp(_paged(logits.T, page_size, _NEG_INF), dim=1).T   # [H_q, N]
 
 
+def estimated_page_scores(est: Tensor, h_kv: int) -> Tensor:
+    """A KV group's page scores from estimated page log-masses ``est [H_q, N]``: each query head's masses normalised
+    to sum to 1, ``m[h, p]``, then the group's largest, ``M[g, p] = max_{h in g} m[h, p]``, ``[H_kv, N]``."""
+    return _group_reduce(torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True)), h_kv, "max")
+
+
 def select_pages_estimated(est: Tensor, page_lens: Tensor, h_kv: int, delta: float, budget: int, sink_pages: int,
                            recent_pages: int) -> PageSelection:
     """Page selection by estimated mass, per KV head, with delta on the *estimated* dropped mass.
 
-    ``est [H_q, N]`` (:func:`estimated_page_log_mass`) is normalised per query head to masses ``m[h, p]`` summing
-    to 1; a group's page score is ``M[g, p] = max_{h in g} m[h, p]``. The selection is :func:`select_pages`'s (forced
-    pages, then candidates in descending M (per token, ``M / n_p``, the kernel's order; the same for full pages), ties
-    to the lower id, at most ``budget`` pages) stopping at the shortest
-    prefix whose dropped ``U = sum_{p dropped} M[g, p] <= delta``. U bounds every head's estimated dropped mass
-    (``sum_{p dropped} m[h, p] <= U``); it is what ``delta_hat`` reports, capped at 1. Only an estimate of the true
-    dropped mass: keys off their codes, and a page whose estimate is low can hold a needle.
+    ``est [H_q, N]`` (:func:`estimated_page_log_mass`) gives each KV group the page scores ``M[g, p]``
+    (:func:`estimated_page_scores`). The selection is :func:`select_pages`'s (forced pages, then candidates in
+    descending M (per token, ``M / n_p``, the kernel's order; the same for full pages), ties to the lower id, at most
+    ``budget`` pages) stopping at the shortest prefix whose dropped ``U = sum_{p dropped} M[g, p] <= delta``. U bounds
+    every head's estimated dropped mass (``sum_{p dropped} m[h, p] <= U``); it is what ``delta_hat`` reports, capped at
+    1. Only an estimate of the true dropped mass: keys off their codes, and a page whose estimate is low can hold a
+    needle.
     """
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
-    h_q, num_pages = est.shape
-    m = torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True))           # [H_q, N]
-    score = _group_reduce(m, h_kv, "max")                                    # [H_kv, N]
-    log_w = score.log()
-    # select_pages with ub = lb = log(M / n_p) orders by M; its own delta rule is replaced below
-    base = select_pages(log_w - page_lens.to(log_w.dtype).log()[None], log_w - page_lens.to(log_w.dtype).log()[None],
-                        page_lens, 0.0, budget, sink_pages, recent_pages)
+    num_pages = est.shape[1]
+    score = estimated_page_scores(est, h_kv)                                 # [H_kv, N]
+    w = score.log() - page_lens.to(score.dtype).log()[None]
+    # select_pages with ub = lb = log(M / n_p) orders the pages by M; its own delta rule is replaced below
+    base = select_pages(w, w, page_lens, 0.0, budget, sink_pages, recent_pages)
+    n_forced = min(len(_forced_pages(num_pages, sink_pages, recent_pages)), budget)
     pages = base.pages.clone()
     num = base.num_selected.clone()
     dhat = torch.zeros(h_kv, dtype=score.dtype, device=est.device)
     for g in range(h_kv):
         lst = base.pages[g, : int(base.num_selected[g])]
-        n_forced = min(len(_forced_pages(num_pages, sink_pages, recent_pages)), budget)
-        kept = torch.zeros(num_pages, dtype=torch.bool, device=est.device)
-        kept[lst[:n_forced]] = True
-        take = n_forced
-        dropped = score[g][~kept].sum()
-        while take < lst.numel() and (delta == 0 or dropped > delta):
-            kept[lst[take]] = True
-            dropped = score[g][~kept].sum()
-            take += 1
+        listed = score[g][lst]
+        # dropped[j]: the pages outside the list plus the list's positions >= j (j = 0..len), summed as the kernel does
+        in_list = torch.zeros(num_pages, dtype=torch.bool, device=est.device)
+        in_list[lst] = True
+        outside = score[g][~in_list].sum()
+        dropped = outside + torch.cat([listed.flip(0).cumsum(0).flip(0), listed.new_zeros(1)])
+        ok = dropped[n_forced:] <= delta if delta > 0 else torch.zeros_like(dropped[n_forced:], dtype=torch.bool)
+        take = n_forced + int(ok.int().argmax()) if bool(ok.any()) else lst.numel()
         pages[g, take:] = -1
         num[g] = take
-        dhat[g] = dropped.clamp(max=1.0)
+        dhat[g] = dropped[take].clamp(max=1.0)
     return PageSelection(pages, num, dhat)
 
 

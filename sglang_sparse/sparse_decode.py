@@ -96,7 +96,7 @@ class SparseDecoder:
         :class:`sglang_sparse.claa_prefill.ClaaPrefill` (its filter layer and per-row drops), or None;
         ``kv_write_scales(layer)``: the backend's K/V scales for ``set_kv_buffer`` (None: no scales)."""
         from flashinfer_ext.decode import SparseDecodeWrapper
-        from flashinfer_ext.summaries import PageSummaries
+        from flashinfer_ext.summaries import PageSummaries, key_codes_supported
         from sglang.srt.runtime_context import get_parallel
 
         self.sparse_config = cfg
@@ -124,7 +124,7 @@ class SparseDecoder:
                               f"group spans it, got {self._group}")
         self._need_summaries = cfg.prhs.enabled or cfg.art.enabled
         self._estimate = cfg.prhs.enabled and cfg.prhs.select == "estimate"
-        if self._estimate and (self.head_dim & (self.head_dim - 1) or self.head_dim < 32):
+        if self._estimate and not key_codes_supported(self.head_dim):
             raise ConfigError("--prhs-select", f"estimate needs a power-of-two head_dim >= 32, this model has "
                                                f"{self.head_dim}")
         self.summaries = (PageSummaries(-(-pool.layer_num // self._group), k0.shape[0], self.num_kv_heads_local,

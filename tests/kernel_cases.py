@@ -763,8 +763,7 @@ def check_estimate_decode(lens, page_size, h_q, h_kv, d, device, seed, settings,
             est = prhs.estimated_page_log_mass(q, k_est.double(), k, P, sm_scale)           # [H_q, N]
             got = w.est[b, :, :npg].double()
             assert float((got - est).abs().max()) <= est_tol, f"{tag}: estimates differ by {(got - est).abs().max()}"
-            m = torch.exp(est - torch.logsumexp(est, dim=1, keepdim=True))
-            score = m.reshape(h_kv, h_q // h_kv, npg).amax(dim=1)                            # [H_kv, N]
+            score = prhs.estimated_page_scores(est, h_kv)                                   # [H_kv, N]
             bud = _budget_pages(npg, pages.budget, pages.sink_pages, pages.recent_pages)
             ref = prhs.select_pages_estimated(est, page_lens, h_kv, pages.delta, bud, pages.sink_pages,
                                               pages.recent_pages)

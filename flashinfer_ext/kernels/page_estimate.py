@@ -23,6 +23,8 @@ key and KV head: 1/8 of the bf16 K+V bytes a dense step reads, plus the summarie
 import triton
 import triton.language as tl
 
+from flashinfer_ext.kernels.page_summary import page_levels
+
 
 @triton.jit
 def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPages, LastLen, Est,
@@ -50,11 +52,8 @@ def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPage
             lp = first + i
             ok = lp < npg
             phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp, mask=ok, other=0).to(tl.int64)
-            s_off = phys * stride_sp + h * stride_sh + e
-            lo_min = tl.load(KMin + s_off, mask=ok, other=0.0).to(tl.float32)
-            hi_min = tl.load(KMin + s_off + HALF_D, mask=ok, other=0.0).to(tl.float32)
-            lo_step = (tl.load(KMax + s_off, mask=ok, other=0.0).to(tl.float32) - lo_min) / 15.0
-            hi_step = (tl.load(KMax + s_off + HALF_D, mask=ok, other=0.0).to(tl.float32) - hi_min) / 15.0
+            lo_min, lo_step, hi_min, hi_step = page_levels(KMin, KMax, phys * stride_sp + h * stride_sh + e, HALF_D,
+                                                           ok)
             slot = phys * P + t
             n_p = tl.where(lp == npg - 1, last_len, P)
             partial = n_p < P

@@ -85,17 +85,25 @@ def _quantise_page(KCache, Codes, KMin, KMax, page, stride_ct, stride_ch, stride
     e = tl.arange(0, HALF_D)
     slot = page * P + t
     for h in range(0, H_KV):
-        s_off = page * stride_sp + h * stride_sh
-        lo_min = tl.load(KMin + s_off + e).to(tl.float32)
-        hi_min = tl.load(KMin + s_off + HALF_D + e).to(tl.float32)
-        lo_step = (tl.load(KMax + s_off + e).to(tl.float32) - lo_min) / 15.0
-        hi_step = (tl.load(KMax + s_off + HALF_D + e).to(tl.float32) - hi_min) / 15.0
+        lo_min, lo_step, hi_min, hi_step = page_levels(KMin, KMax, page * stride_sp + h * stride_sh + e, HALF_D, True)
         k_off = slot[:, None] * stride_ct + h * stride_ch + e[None, :]
         k_lo = tl.load(KCache + k_off).to(tl.float32)
         k_hi = tl.load(KCache + k_off + HALF_D).to(tl.float32)
         c_lo = _code(k_lo, lo_min[None, :], lo_step[None, :])
         c_hi = _code(k_hi, hi_min[None, :], hi_step[None, :])
         tl.store(Codes + slot[:, None] * stride_ot + h * stride_oh + e[None, :], (c_lo | (c_hi << 4)).to(tl.uint8))
+
+
+@triton.jit
+def page_levels(KMin, KMax, s_off, HALF_D: tl.constexpr, mask):
+    """The 16 quantisation levels of a page's two channel halves at summary offsets ``s_off`` (channels ``e`` of the
+    low half; the high half is ``HALF_D`` further): ``(lo_min, lo_step, hi_min, hi_step)`` fp32, ``step = (kmax -
+    kmin) / 15``; 0 where ``mask`` is off. Shared by the quantisation here and the estimate that reads the codes."""
+    lo_min = tl.load(KMin + s_off, mask=mask, other=0.0).to(tl.float32)
+    hi_min = tl.load(KMin + s_off + HALF_D, mask=mask, other=0.0).to(tl.float32)
+    lo_step = (tl.load(KMax + s_off, mask=mask, other=0.0).to(tl.float32) - lo_min) / 15.0
+    hi_step = (tl.load(KMax + s_off + HALF_D, mask=mask, other=0.0).to(tl.float32) - hi_min) / 15.0
+    return lo_min, lo_step, hi_min, hi_step
 
 
 @triton.jit
