@@ -35,7 +35,7 @@ H_Q, H_KV, D = 32, 8, 128
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=()) -> list:
+            estimate_deltas=(), estimate_shapes=((1, 4),)) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -90,9 +90,12 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
         for delta in estimate_deltas:
             pages = _replace(prhs_pages(1.0, delta), estimate=True)
             we.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=pages), ctx))
-            row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3], codes,
-                                                                      batch.copies[i][0]), batch.n_copies)[0],
-                delta=delta)
+            for shape in estimate_shapes:
+                we.estimate_shape = shape
+                row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3],
+                                                                          codes, batch.copies[i][0]),
+                                           batch.n_copies)[0], delta=delta, est_pages=shape[0], est_warps=shape[1])
+            we.estimate_shape = estimate_shapes[0]
             row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta,
                 warps=we.launch.select_warps)
             row("full-est", time_calls(lambda i: we.run(batch.q, *batch.copies[i], out=out, codes=codes),
@@ -120,6 +123,9 @@ def main(argv=None):
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
     ap.add_argument("--estimate-deltas", default="",
                     help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
+    ap.add_argument("--estimate-shapes", default="1x4",
+                    help="estimate-kernel launches to time: pages per program x warps (the first is used for the "
+                         "other estimate rows), e.g. 1x4,2x4,2x8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
@@ -141,7 +147,8 @@ def main(argv=None):
             bs, ctx = (int(x) for x in cfg.split("x"))
             try:
                 rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes,
-                                [float(x) for x in args.estimate_deltas.split(",") if x])
+                                [float(x) for x in args.estimate_deltas.split(",") if x],
+                                [tuple(int(y) for y in x.split("x")) for x in args.estimate_shapes.split(",")])
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
@@ -153,7 +160,7 @@ def main(argv=None):
         shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
             f"ART head {r['art_head']}, {r['splits']} splits (tails >= {r.get('art_tail_pages', 8)} pages)" if "art_head" in r else
             f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
-            if "decode_warps" in r else "")
+            if "decode_warps" in r else f"{r['est_pages']} pages x {r['est_warps']} warps" if "est_pages" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
               f"{shape} | {r['time_us']:.1f} |")
 

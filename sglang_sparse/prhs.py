@@ -379,11 +379,12 @@ def estimated_page_log_mass(q: Tensor, k_est: Tensor, k: Tensor, page_size: int,
     whose codes do not exist yet (a page is quantised when it fills): its exact keys ``k`` are used. Unnormalised
     (the selector normalises per head)."""
     n = k.shape[0]
-    k_mix = k_est.to(k.dtype).clone()
+    dt = torch.promote_types(k_est.dtype, torch.float32)      # the rebuilt keys as computed, never rounded to k's dtype
+    k_mix = k_est.to(dt).clone()
     tail = n % page_size
     if tail:
-        k_mix[n - tail:] = k[n - tail:]
-    logits = _logits(q.float(), k_mix.float(), sm_scale)                     # [H_q, n]
+        k_mix[n - tail:] = k[n - tail:].to(dt)
+    logits = _logits(q.to(dt), k_mix, sm_scale)                              # [H_q, n]
     return torch.logsumexp(_paged(logits.T, page_size, _NEG_INF), dim=1).T   # [H_q, N]
 
 

@@ -22,12 +22,15 @@ def test_key_codes_written_when_pages_fill(page_size):
                     DEVICE, fresh_seed())
 
 
-def test_estimate_select_and_decode():
+@pytest.mark.parametrize("pages_per_program", [1, 2])
+def test_estimate_select_and_decode(pages_per_program):
+    # 17 and 10 pages with a partial last one (first / second page of a 2-page program), and 6 full pages
     check_estimate_decode([260, 150, 96], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
                           [dict(pages=sel(1.0, 0.05, estimate=True)),            # delta binds
                            dict(pages=sel(1.0, 0.3, sink=0, recent=1, estimate=True)),
                            dict(pages=sel(0.25, 0.01, estimate=True)),           # budget binds
-                           dict(pages=sel(1.0, 0.0, estimate=True))])            # every page, in mass order
+                           dict(pages=sel(1.0, 0.0, estimate=True))],            # every page, in mass order
+                          estimate_shape=(pages_per_program, 4))
 
 
 def test_estimate_refuses_certified_art_and_missing_codes():
