@@ -35,7 +35,7 @@ H_Q, H_KV, D = 32, 8, 128
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=(), estimate_shapes=((1, 4),)) -> list:
+            estimate_deltas=(), estimate_shapes=((8, 4, 2),)) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -94,7 +94,8 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
                 we.estimate_shape = shape
                 row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3],
                                                                           codes, batch.copies[i][0]),
-                                           batch.n_copies)[0], delta=delta, est_pages=shape[0], est_warps=shape[1])
+                                           batch.n_copies)[0], delta=delta, est_pages=shape[0], est_warps=shape[1],
+                    est_stages=shape[2])
             we.estimate_shape = estimate_shapes[0]
             row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta,
                 warps=we.launch.select_warps)
@@ -123,9 +124,9 @@ def main(argv=None):
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
     ap.add_argument("--estimate-deltas", default="",
                     help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
-    ap.add_argument("--estimate-shapes", default="1x4",
-                    help="estimate-kernel launches to time: pages per program x warps (the first is used for the "
-                         "other estimate rows), e.g. 1x4,2x4,2x8")
+    ap.add_argument("--estimate-shapes", default="8x4x2",
+                    help="estimate-kernel launches to time: pages per program x warps x pipeline stages (the first "
+                         "is used for the other estimate rows), e.g. 8x4x2,16x4x3,4x8x2")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
@@ -140,6 +141,9 @@ def main(argv=None):
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
+    estimate_shapes = [tuple(int(y) for y in x.split("x")) for x in args.estimate_shapes.split(",")]
+    if any(len(s) != 3 for s in estimate_shapes):
+        ap.error("--estimate-shapes entries are PAGESxWARPSxSTAGES")
     gbps = copy_bandwidth_gbps()
     log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     for P in (int(x) for x in args.page_sizes.split(",")):
@@ -148,7 +152,7 @@ def main(argv=None):
             try:
                 rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes,
                                 [float(x) for x in args.estimate_deltas.split(",") if x],
-                                [tuple(int(y) for y in x.split("x")) for x in args.estimate_shapes.split(",")])
+                                estimate_shapes)
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "

@@ -30,7 +30,7 @@ def test_estimate_select_and_decode(pages_per_program):
                            dict(pages=sel(1.0, 0.3, sink=0, recent=1, estimate=True)),
                            dict(pages=sel(0.25, 0.01, estimate=True)),           # budget binds
                            dict(pages=sel(1.0, 0.0, estimate=True))],            # every page, in mass order
-                          estimate_shape=(pages_per_program, 4))
+                          estimate_shape=(pages_per_program, 4, 2))
 
 
 def test_estimate_refuses_certified_art_and_missing_codes():
