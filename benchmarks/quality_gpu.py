@@ -94,9 +94,14 @@ def _prhs(budget: str, *flags: str) -> List[str]:
 
 
 _F23, _F45 = Fraction(2, 3), Fraction(4, 5)
-# estimate mode at delta 0.05, the audit reporting only (every 8 steps and the first)
-_EST_05 = ["--prhs-select", "estimate", "--prhs-delta", "0.05", "--prhs-audit-interval", "8", "--prhs-audit-max-scale",
-           "1"]
+
+
+def _est(delta: str) -> List[str]:
+    """Estimate mode at ``delta``, the audit reporting only (every 8 steps and the first)."""
+    return ["--prhs-select", "estimate", "--prhs-delta", delta, "--prhs-audit-interval", "8",
+            "--prhs-audit-max-scale", "1"]
+
+
 # The settings of the long-context quality runs, dense first. Every PrHS setting names its budget (the server's
 # default was 1/16 when the first rows were measured and is 1/2 now); delta is the default 0.05.
 SETTINGS: Dict[str, Setting] = {
@@ -132,12 +137,11 @@ SETTINGS: Dict[str, Setting] = {
     # the delta sweep of --prhs-select estimate: pages ranked by their mass estimated from 4-bit key codes, delta on
     # the estimated dropped mass, no budget cut (every page allowed); the audit measures the real dropped mass
     # (every 8 steps and the first) and only reports
-    **{f"prhs-est-d{d}": _ours(*_prhs("1", "--prhs-select", "estimate", "--prhs-delta", d, "--prhs-audit-interval",
-                                      "8", "--prhs-audit-max-scale", "1"))
-       for d in ("0.2", "0.1", "0.05", "0.02")},
-    # estimate mode at delta 0.05 (the server's default delta) with ART, and with CLAA keep 0.2 and ART
-    "prhs-est-d0.05+art": _ours(*_prhs("1", *_EST_05, *_ART)),
-    "claa0.2+prhs-est-d0.05+art": _ours(*_CLAA, "--claa-keep-ratio", "0.2", *_prhs("1", *_EST_05, *_ART)),
+    **{f"prhs-est-d{d}": _ours(*_prhs("1", *_est(d))) for d in ("0.2", "0.1", "0.05", "0.02")},
+    # estimate mode with ART, and with CLAA keep 0.2 and ART
+    **{f"prhs-est-d{d}+art": _ours(*_prhs("1", *_est(d), *_ART)) for d in ("0.1", "0.05")},
+    **{f"claa0.2+prhs-est-d{d}+art": _ours(*_CLAA, "--claa-keep-ratio", "0.2", *_prhs("1", *_est(d), *_ART))
+       for d in ("0.1", "0.05")},
 }
 DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
