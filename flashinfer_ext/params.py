@@ -118,4 +118,10 @@ class LaunchTuning:
     art_tail_pages: Optional[int] = None
 
 
-__all__ = ["ArtParams", "LaunchTuning", "PageSelectParams", "page_budget"]
+def key_codes_supported(head_dim: int) -> bool:
+    """Whether keys of ``head_dim`` channels can have 4-bit codes and be scored from them: two halves of a power of
+    two channels, at least 16 each (the estimate's ``tl.dot``), i.e. a power-of-two head_dim >= 32."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
+__all__ = ["ArtParams", "LaunchTuning", "PageSelectParams", "key_codes_supported", "page_budget"]

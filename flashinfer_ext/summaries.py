@@ -22,13 +22,7 @@ import torch
 import triton
 
 from flashinfer_ext.kernels.page_summary import _page_summary_kernel
-
-
-
-def key_codes_supported(head_dim: int) -> bool:
-    """Whether keys of ``head_dim`` channels can have 4-bit codes and be scored from them: two halves of a power of
-    two channels, at least 16 each (the estimate's ``tl.dot``), i.e. a power-of-two head_dim >= 32."""
-    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+from flashinfer_ext.params import key_codes_supported
 
 
 def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, loc: torch.Tensor,

@@ -33,7 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
-from flashinfer_ext.params import ArtParams, PageSelectParams, page_budget
+from flashinfer_ext.params import ArtParams, PageSelectParams, key_codes_supported, page_budget
 
 SERVER_ARGS_ATTR = "_sglang_sparse"
 BACKEND_NAME = "sparse"
@@ -166,6 +166,11 @@ class ClaaConfig:
 
 
 
+# --prhs-budget when --prhs-select bounds is given without it: the bound does not stop the selection on real models,
+# so the budget must (1/2: the largest measured cut that kept the Qwen2.5-Coder 0.5B/1.5B answers within ~2 points)
+BOUNDS_DEFAULT_BUDGET = 1 / 2
+
+
 @dataclass(frozen=True)
 class PrhsConfig:
     """PrHS pre-hoc page selection for decode (see :mod:`sglang_sparse.prhs`).
@@ -181,7 +186,10 @@ class PrhsConfig:
                      4 bits inside the page's min/max, D / 2 bytes per key and KV head beside the KV cache;
                      ``sglang_sparse.prhs.select_pages_estimated``).
     budget           at most this many pages per (request, KV head): a fraction of the request's
-                     pages when <= 1, else an absolute page count.
+                     pages when <= 1, else an absolute page count. None (the default) follows ``select``: every
+                     page for ``estimate`` (delta decides; with delta 0.1 the setting that kept the answers of
+                     Qwen2.5-Coder 0.5B/1.5B), ``BOUNDS_DEFAULT_BUDGET`` for ``bounds`` (the bound does not stop
+                     the selection on real models, so the budget must).
     reselect_interval  R: select every R decode steps, reuse the selection in between.
     dilation         r: a reused selection is widened by +-r pages around each kept page.
     layers_per_selection  g: consecutive layers that share one selection.
@@ -213,8 +221,8 @@ class PrhsConfig:
 
     mode: str = "off"
     page_size: Optional[int] = None
-    delta: float = 0.05
-    budget: float = 1 / 2
+    delta: float = 0.1
+    budget: Optional[float] = None
     reselect_interval: int = 1
     dilation: int = 0
     layers_per_selection: int = 1
@@ -225,10 +233,12 @@ class PrhsConfig:
     audit_max_scale: int = 8
     layer_budget_shift: Tuple[int, ...] = ()
     audit_measure: str = "mass"
-    select: str = "bounds"
+    select: str = "estimate"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_budget_shift", tuple(self.layer_budget_shift))   # a list from JSON
+        if self.budget is None:         # the default follows the ranking
+            object.__setattr__(self, "budget", 1.0 if self.select == "estimate" else BOUNDS_DEFAULT_BUDGET)
 
     @property
     def enabled(self) -> bool:
@@ -431,11 +441,12 @@ _FLAGS = (
     ("--prhs-select", "prhs_select", str, "prhs", "select",
      "How pages are ranked and --prhs-delta applied: 'bounds' (per-page key min/max upper bounds) or 'estimate' "
      "(each page's attention mass estimated from its keys quantised to 4 bits, D/2 bytes per key and KV head kept "
-     "beside the KV cache, about 1/8 of it)."),
+     "beside the KV cache, about 1/8 of it; needs a power-of-two head_dim >= 32)."),
     ("--prhs-budget", "prhs_budget", _budget, "prhs", "budget",
-     "Page budget: a fraction of the request's pages (e.g. 1/2) or, if > 1, a page count. The default 1/2 is the "
-     "largest measured budget cut that kept the answers of the Qwen2.5-Coder 0.5B/1.5B runs within about 2 points "
-     "on average; smaller budgets decode faster and lose more (benchmarks/eval/README.md)."),
+     "Page budget: a fraction of the request's pages (e.g. 1/2) or, if > 1, a page count. With --prhs-select "
+     "bounds the bound does not stop the selection on real models, so the budget decides: 1/2 was the largest "
+     "measured cut that kept the answers of the Qwen2.5-Coder 0.5B/1.5B runs within about 2 points on average "
+     "(benchmarks/eval/README.md)."),
     ("--prhs-reselect-interval", "prhs_reselect_interval", int, "prhs", "reselect_interval",
      "Select pages every R decode steps and reuse the selection in between."),
     ("--prhs-dilation", "prhs_dilation", int, "prhs", "dilation",
@@ -476,7 +487,8 @@ _CHOICES = {"--sparse-prefill": ("off", "claa"), "--sparse-decode": ("off", "prh
             "--prhs-audit-measure": ("mass", "output-error"), "--prhs-select": ("bounds", "estimate")}
 _SECTIONS = {"claa": ClaaConfig, "prhs": PrhsConfig, "art": ArtConfig}
 # How --help shows a default of None: the word the flag itself accepts for it.
-_NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off", _profile_arg: "none"}
+_NONE_SHOWN_AS = {_optional_int: "auto", _optional_float: "off", _profile_arg: "none",
+                  _budget: "every page with --prhs-select estimate, 1/2 with bounds"}
 FLAG_NAMES = tuple(f[0] for f in _FLAGS)
 
 
@@ -485,7 +497,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group(
         "sglang_sparse", "Sparse attention (CLAA prefill, PrHS decode, ART). Everything is off by default.")
     for flag, dest, typ, section, name, text in _FLAGS:
-        default = getattr(_SECTIONS[section]() if section else SparseConfig(), name)
+        cls = _SECTIONS[section] if section else SparseConfig
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)    # as declared (None = auto)
         shown = _NONE_SHOWN_AS[typ] if default is None else default
         kwargs = dict(dest=dest, type=typ, default=default, help=f"{text} (default: {shown})")
         if flag in _CHOICES:
@@ -559,8 +572,8 @@ def validate_values(cfg: SparseConfig) -> None:
            f"must be mass or output-error, got {p.audit_measure!r}")
     _check(p.select in _CHOICES["--prhs-select"], "--prhs-select", f"must be bounds or estimate, got {p.select!r}")
     _check(not (p.enabled and p.select == "estimate" and a.eps_cert is not None), "--art-eps-cert",
-           "ART's certified stop needs page bounds; with --prhs-select estimate the page masses are estimates "
-           "(leave --art-eps-cert off)")
+           "ART's certified stop needs page bounds; with --prhs-select estimate (the default) the page masses are "
+           "estimates (pass --prhs-select bounds, or leave --art-eps-cert off)")
     _check(1 <= p.audit_max_scale <= 64 and p.audit_max_scale & (p.audit_max_scale - 1) == 0,
            "--prhs-audit-max-scale", f"must be a power of two in [1, 64], got {p.audit_max_scale}")
     _check(all(_is_int(x) and 0 <= x <= MAX_PROFILE_SHIFT for x in p.layer_budget_shift), "--sparse-profile",
@@ -716,6 +729,11 @@ def validate_model(cfg: SparseConfig, model_config: Optional[Mapping[str, Any]],
     feature = _unsupported_feature(model_config, kv_cache_dtype)
     _check(feature is None, flag, f"{names} cannot serve this model: {feature}")
     layers = model_num_layers(model_config)
+    if cfg.prhs.enabled and cfg.prhs.select == "estimate":
+        head_dim = model_shape(model_config)["head_dim"]
+        _check(head_dim is None or key_codes_supported(head_dim), "--prhs-select",
+               f"estimate (the default) needs a power-of-two head_dim >= 32, this model has {head_dim}; "
+               f"pass --prhs-select bounds")
     if cfg.claa.enabled:
         archs = model_field(model_config, "architectures") or []
         arch = archs[0] if archs else None

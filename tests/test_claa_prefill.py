@@ -279,7 +279,7 @@ def test_decode_routes_post_filter_layers_to_the_kept_view(seed, monkeypatch):
     assert len(m.decode_wrapper.runs) == F and len(m.decode_wrapper_kept.runs) == 16 - F
 
     # layer sharing across the filter layer is refused at start-up
-    cfg2 = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 8}})
+    cfg2 = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "layers_per_selection": 8}})
     pool2 = SimpleNamespace(start_layer=0, get_key_buffer=lambda lid: torch.zeros(4, 2, 8))
     mr = SimpleNamespace(device="cuda", page_size=32, dtype=torch.bfloat16, req_to_token_pool=None,
                          model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 4))
@@ -313,7 +313,7 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
     gen = torch.Generator().manual_seed(seed)
     R, G = 4, 2
     m = SparseDecoder.__new__(SparseDecoder)
-    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "reselect_interval": R, "dilation": 1,
+    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "reselect_interval": R, "dilation": 1,
                                                        "layers_per_selection": G}})
     m._claa_from, m._group, m.summaries, m.layer_offset = None, G, None, 0
     m._reselect_every = R
@@ -367,7 +367,7 @@ def test_decode_time_axis_state_sizes(monkeypatch):
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     L, G, P, ctx = 12, 4, 32, 32768
     for min_ctx, expect_width in ((0, 64), (4096, 128)):
-        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16, "reselect_interval": 4,
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16, "reselect_interval": 4,
                                                "layers_per_selection": G, "min_context_len": min_ctx}})
         pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
         r2t = torch.zeros(9, ctx, dtype=torch.int32)
@@ -393,7 +393,7 @@ def test_decode_wrapper_uses_the_local_heads_under_tensor_parallelism(tp, monkey
 
     H_Q, H_KV, D, P, L = 32, 8, 16, 32, 4
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=tp))
-    cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "budget": 1 / 16}, "art": {"mode": "on"}})
+    cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16}, "art": {"mode": "on"}})
     pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, H_KV // tp, D))
     mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=tp - 1,
                          model_config=SimpleNamespace(get_max_num_attention_heads=lambda: H_Q),

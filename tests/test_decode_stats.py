@@ -63,7 +63,8 @@ def _audit_decoder(n, layers, group, max_scale, delta=0.05, h_q=8, max_rows=10):
     from sglang_sparse.config import PrhsConfig, SparseConfig
 
     dec = SparseDecoder.__new__(SparseDecoder)
-    p = PrhsConfig(mode="prhs", delta=delta, audit_interval=n, layers_per_selection=group, audit_max_scale=max_scale)
+    p = PrhsConfig(mode="prhs", delta=delta, budget=1 / 2, audit_interval=n, layers_per_selection=group,
+                   audit_max_scale=max_scale)
     dec.sparse_config = SparseConfig(prhs=p)
     dec._audit_every, dec._num_layers, dec._group, dec._reselect_every = n, layers, group, 1
     dec.layer_offset = 0
@@ -211,7 +212,7 @@ def test_decode_stats_layer_is_the_last_leader(monkeypatch):
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     P = 32
     for layers, g, leader in ((12, 4, 8), (13, 4, 12), (30, 1, 29), (30, 4, 28)):
-        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": g}})
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": g, "select": "bounds"}})
         assert _create_decoder(cfg, P, start_layer=0, layers=layers, max_ctx=1024)._stats_leader == leader, (layers, g)
 
 
@@ -231,7 +232,8 @@ def test_profile_shifts_of_a_pipeline_stage_and_the_plan_width(monkeypatch):
     shifts = [5, 5, 5, 5, 0, 1, 0, 0, 2, 0, 0, 3]
 
     def build(**prhs):
-        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 2, **prhs}})
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "layers_per_selection": 2, "select": "bounds",
+                                               "budget": 1 / 2, **prhs}})
         return _create_decoder(cfg, P, start_layer=4, layers=8, max_ctx=4096)
 
     dec = build(layer_budget_shift=shifts, reselect_interval=4, budget=1 / 16)

@@ -163,7 +163,7 @@ def test_without_a_profile_nothing_changes(tmp_path):
 
 
 def test_group_shifts_are_the_largest_of_each_group_of_the_stage():
-    p = C.PrhsConfig(mode="prhs", layers_per_selection=2, layer_budget_shift=tuple(SHIFTS))
+    p = C.PrhsConfig(mode="prhs", budget=1 / 2, layers_per_selection=2, layer_budget_shift=tuple(SHIFTS))
     assert p.group_budget_shifts(range(32))[:3] == [0, 1, 2] and p.group_budget_shifts(range(32))[10] == 3
     assert p.group_budget_shifts(range(16, 32)) == [0, 0, 3] + [0] * 5         # a later pipeline stage
     assert C.PrhsConfig(mode="prhs", budget=1.0, layer_budget_shift=tuple(SHIFTS)).group_budget_shifts(
