@@ -268,11 +268,12 @@ def plan_args(setting: dict, ctx: int) -> dict:
 
 
 def prhs_pages(budget: float, delta: float):
-    """PrHS at this budget and delta with the server's other defaults, every request selecting (no dense
-    threshold: the benchmark's contexts are all long)."""
+    """PrHS with the min/max ranking at this budget and delta and the server's other defaults, every request
+    selecting (no dense threshold: the benchmark's contexts are all long)."""
     from sglang_sparse.config import PrhsConfig
 
-    return PrhsConfig(mode="prhs", budget=budget, delta=delta, min_context_len=0).select_params(page_size=16)
+    return PrhsConfig(mode="prhs", budget=budget, delta=delta, min_context_len=0,
+                      select="bounds").select_params(page_size=16)
 
 
 def art_params(tau_mag: float, tau_dir: float):

@@ -48,7 +48,7 @@ def settings() -> List[RefConfig]:
     defaults are --claa-min-prompt-len 2048 and --prhs-min-context-len 4096: pass 16 and 0 there for the same
     rows; the CLAA floor must exceed its window)."""
     claa = lambda r, f=None: ClaaConfig(mode="claa", keep_ratio=r, min_prompt_len=0, filter_layer=f)  # noqa: E731
-    prhs = lambda d, b: PrhsConfig(mode="prhs", delta=d, budget=b, min_context_len=0)  # noqa: E731
+    prhs = lambda d, b: PrhsConfig(mode="prhs", delta=d, budget=b, min_context_len=0, select="bounds")  # noqa: E731
     art = ArtConfig(mode="on", tau_mag=0.01, tau_dir=1e-4)     # the former default thresholds
     return [
         RefConfig("dense"),
@@ -69,7 +69,7 @@ def settings() -> List[RefConfig]:
         RefConfig("prhs-d0.05-b1/4", prhs=prhs(0.05, 1 / 4)),
         # the same budget over 16-token pages (Quest's page size): twice as many, finer pages
         RefConfig("prhs-d0.05-b1/16-P16", prhs=PrhsConfig(mode="prhs", delta=0.05, budget=1 / 16, min_context_len=0,
-                                                         page_size=16)),
+                                                         page_size=16, select="bounds")),
         RefConfig("art-tau0.01", art=art),
         # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
         RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),

@@ -89,8 +89,11 @@ def _ours(*flags: str) -> Setting:
 
 
 def _prhs(budget: str, *flags: str) -> List[str]:
-    """PrHS's flags at page budget ``budget`` (named by every setting: the server's default changed), then ``flags``."""
-    return [*_PRHS, "--prhs-budget", budget, *flags]
+    """PrHS's flags at page budget ``budget`` (named by every setting: the server's default changed), then ``flags``;
+    the min/max ranking at delta 0.05 (the server's defaults when those rows ran) unless ``flags`` name a ranking."""
+    ranking = [] if "--prhs-select" in flags else ["--prhs-select", "bounds"]
+    delta = [] if "--prhs-delta" in flags else ["--prhs-delta", "0.05"]
+    return [*_PRHS, *ranking, *delta, "--prhs-budget", budget, *flags]
 
 
 _F23, _F45 = Fraction(2, 3), Fraction(4, 5)
@@ -103,7 +106,8 @@ def _est(delta: str) -> List[str]:
 
 
 # The settings of the long-context quality runs, dense first. Every PrHS setting names its budget (the server's
-# default was 1/16 when the first rows were measured and is 1/2 now); delta is the default 0.05.
+# default was 1/16 when the first rows were measured, then 1/2, and the ranking is the estimate now); the min/max
+# ranking and delta 0.05 unless a setting names its ranking.
 SETTINGS: Dict[str, Setting] = {
     "dense": Setting(PLAIN_MODULE, ("--attention-backend", "flashinfer")),
     "ours-off": _ours(),
@@ -147,9 +151,9 @@ DEFAULT_CONFIGS = list(SETTINGS)
 # The settings of the SmolLM2 rows already in quality_smollm2.json (kept so those rows can be rerun by name).
 LEGACY_SETTINGS: Dict[str, Setting] = {
     "dense(sparse-backend)": _ours(),
-    "prhs-d0.05-b1/16": _ours(*_PRHS, "--prhs-delta", "0.05", "--prhs-budget", "1/16"),
-    "prhs-d0.01-b1/16": _ours(*_PRHS, "--prhs-delta", "0.01", "--prhs-budget", "1/16"),
-    "prhs-d0.05-b1/4": _ours(*_PRHS, "--prhs-delta", "0.05", "--prhs-budget", "1/4"),
+    "prhs-d0.05-b1/16": _ours(*_PRHS, "--prhs-select", "bounds", "--prhs-delta", "0.05", "--prhs-budget", "1/16"),
+    "prhs-d0.01-b1/16": _ours(*_PRHS, "--prhs-select", "bounds", "--prhs-delta", "0.01", "--prhs-budget", "1/16"),
+    "prhs-d0.05-b1/4": _ours(*_PRHS, "--prhs-select", "bounds", "--prhs-delta", "0.05", "--prhs-budget", "1/4"),
     "claa-keep0.2-F24": Setting(OURS_MODULE, tuple(_CLAA + ["--claa-keep-ratio", "0.2", "--claa-filter-layer",
                                                              "24"])),
     "art-tau0.01": _ours(*_ART, "--art-tau-mag", "0.01", "--art-tau-dir", "1e-4"),

@@ -27,21 +27,24 @@ from benchmarks.profile_decode import print_summary, profile_running_decode
 from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, greedy_vs_reference, log, out_dir,
                                 problem_lines, save_rows, server)
 
+# PrHS with the min/max ranking at delta 0.05, the server's defaults when the rows under these names ran
+_BOUNDS = ["--sparse-decode", "prhs", "--prhs-select", "bounds", "--prhs-delta", "0.05"]
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
     "ours_off": (OURS, ["--attention-backend", "sparse"]),
-    "ours_dense_exact": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1", "--prhs-delta", "0"]),
-    "ours_prhs": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16"]),
-    "ours_prhs_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--art", "on"]),
-    "ours_prhs_g4": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4"]),
-    "ours_prhs_g4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
+    "ours_dense_exact": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "bounds", "--prhs-budget", "1",
+                                "--prhs-delta", "0"]),
+    "ours_prhs": (OURS, [*_BOUNDS, "--prhs-budget", "1/16"]),
+    "ours_prhs_art": (OURS, [*_BOUNDS, "--prhs-budget", "1/16", "--art", "on"]),
+    "ours_prhs_g4": (OURS, [*_BOUNDS, "--prhs-budget", "1/16", "--prhs-layers-per-selection", "4"]),
+    "ours_prhs_g4_art": (OURS, [*_BOUNDS, "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                 "4", "--art", "on"]),
     "ours_dense_art": (OURS, ["--art", "on"]),
-    # PrHS at its default budget (1/2: the budget whose answers the quality runs kept), alone and with ART
-    "ours_prhs_b2": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2"]),
-    "ours_prhs_b2_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/2", "--art", "on"]),
+    # the min/max ranking at budget 1/2 (the default of --prhs-select bounds), alone and with ART
+    "ours_prhs_b2": (OURS, [*_BOUNDS, "--prhs-budget", "1/2"]),
+    "ours_prhs_b2_art": (OURS, [*_BOUNDS, "--prhs-budget", "1/2", "--art", "on"]),
     # PrHS ranking pages by their mass estimated from 4-bit key codes, delta on the estimated dropped mass and no
-    # budget cut (quality_gpu's prhs-est-d0.1 / d0.05 without the audit)
+    # budget cut (quality_gpu's prhs-est-d0.1 / d0.05 without the audit; d0.1 is the server's default now)
     "ours_prhs_est_d0.1": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
                                   "--prhs-delta", "0.1"]),
     # the same at delta 0.1 with the page budget capped at 1/2: on dummy weights attention is nearly flat and
@@ -53,9 +56,9 @@ CONFIGS = {
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
     # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
     # instead of 6.3 % and was slower, 6.82 ms median TPOT on an H200), plus ART
-    "ours_prhs_g4_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16", "--prhs-layers-per-selection",
+    "ours_prhs_g4_r4": (OURS, [*_BOUNDS, "--prhs-budget", "1/16", "--prhs-layers-per-selection",
                                "4", "--prhs-reselect-interval", "4", "--prhs-dilation", "0"]),
-    "ours_prhs_g4_r4_art": (OURS, ["--sparse-decode", "prhs", "--prhs-budget", "1/16",
+    "ours_prhs_g4_r4_art": (OURS, [*_BOUNDS, "--prhs-budget", "1/16",
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
 }

@@ -27,19 +27,22 @@ import numpy as np
 from benchmarks.serving import OURS, PLAIN, gpu_name, log, out_dir, post_json, random_prompts, save_rows, server
 from benchmarks.serving_decode import common_flags
 
-_PRHS = ["--sparse-decode", "prhs"]
+_PRHS = ["--sparse-decode", "prhs", "--prhs-select", "bounds"]
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
-    # budget = all pages, so delta alone decides what is dropped (delta 0 is the dense path)
+    # the min/max ranking; budget = all pages, so delta alone decides what is dropped (delta 0 is the dense path)
     "prhs_delta0": (OURS, _PRHS + ["--prhs-budget", "1", "--prhs-delta", "0"]),
     "prhs_delta0.01": (OURS, _PRHS + ["--prhs-budget", "1", "--prhs-delta", "0.01"]),
     "prhs_delta0.05": (OURS, _PRHS + ["--prhs-budget", "1", "--prhs-delta", "0.05"]),
-    # the server's defaults (budget 1/2, delta 0.05), and with ART; the rows of serving_logits_h200.json under
-    # these names ran when the default budget was 1/16 (prhs_b16 and prhs_b16_art now)
-    "prhs_default": (OURS, _PRHS),
-    "prhs_default_art": (OURS, _PRHS + ["--art", "on"]),
-    "prhs_b16": (OURS, _PRHS + ["--prhs-budget", "1/16"]),
-    "prhs_b16_art": (OURS, _PRHS + ["--prhs-budget", "1/16", "--art", "on"]),
+    # the min/max ranking at the server's defaults when these rows ran (budget 1/2, delta 0.05), and with ART; the
+    # rows of serving_logits_h200.json under these names ran when the default budget was 1/16 (prhs_b16 and
+    # prhs_b16_art now)
+    "prhs_default": (OURS, _PRHS + ["--prhs-budget", "1/2", "--prhs-delta", "0.05"]),
+    "prhs_default_art": (OURS, _PRHS + ["--prhs-budget", "1/2", "--prhs-delta", "0.05", "--art", "on"]),
+    "prhs_b16": (OURS, _PRHS + ["--prhs-budget", "1/16", "--prhs-delta", "0.05"]),
+    "prhs_b16_art": (OURS, _PRHS + ["--prhs-budget", "1/16", "--prhs-delta", "0.05", "--art", "on"]),
+    # the estimate mode at the server's defaults now (delta 0.1, every page allowed)
+    "prhs_est_default": (OURS, ["--sparse-decode", "prhs"]),
 }
 
 

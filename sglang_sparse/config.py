@@ -970,6 +970,11 @@ def apply_profile(cfg: SparseConfig, argv: Sequence[str], model_path: Optional[s
             set_.append(f"{flag} {part[key]:g}")
     shifts = tuple(profile["prhs"]["layer_budget_shift"])
     values["prhs"]["layer_budget_shift"] = shifts
+    if _flag_given(argv, "--prhs-select"):
+        kept.append("--prhs-select")
+    else:               # the calibration measured the key-bound ranking: its budget and shifts are for that ranking
+        values["prhs"]["select"] = "bounds"
+        set_.append("--prhs-select bounds")
     if given_page is None:
         values["prhs"]["page_size"] = profile["page_size"]
         set_.append(f"--page-size {profile['page_size']}")

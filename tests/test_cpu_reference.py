@@ -103,3 +103,18 @@ def test_claa_later_layers_hold_kept_tokens(tiny_model_dir):
         assert torch.equal(st.k[i], dense_st.k[i])
     res = ref.generate_many(ids, [c], max_new_tokens=3)
     assert res["claa"].stats["claa_kept_tokens"] == kept
+
+
+def test_estimate_ranking_stops_at_its_delta(tiny_model_dir):
+    """``select="estimate"`` (the server's default) runs the estimate selection: pages taken in estimated-mass order
+    until the estimated dropped mass is within delta, which on this peaked model reads fewer pages than the min/max
+    ranking at the same delta (whose bound does not stop it) and reports an estimate within delta."""
+    ref = ReferenceLlama(tiny_model_dir, weight_dtype=torch.float32)
+    ids = _ids(400)
+    prhs = lambda sel: PrhsConfig(mode="prhs", page_size=16, delta=0.3, budget=1.0, min_context_len=0,  # noqa: E731
+                                  select=sel)
+    res = ref.generate_many(ids, [RefConfig("est", prhs=prhs("estimate")), RefConfig("bounds", prhs=prhs("bounds"))],
+                            max_new_tokens=4)
+    est, bounds = res["est"].stats, res["bounds"].stats
+    assert est["decode_read_fraction"] < bounds["decode_read_fraction"], (est, bounds)
+    assert 0 < est["mean_delta_hat"] <= 0.3, est

@@ -4,6 +4,7 @@ its per-layer budget shifts. Profiles here are small fixtures written to tmp_pat
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -45,11 +46,13 @@ def test_profile_supplies_the_defaults_and_is_logged(tmp_path):
                               "--prhs-layers-per-selection", "2", "--sparse-profile", prof)
     assert cfg.profile == prof
     assert (cfg.prhs.budget, cfg.prhs.delta, cfg.prhs.page_size) == (0.125, 0.1, 32)
+    assert cfg.prhs.select == "bounds"          # the ranking the calibration measured, not the server's default
     assert cfg.prhs.layer_budget_shift == tuple(SHIFTS)
     assert (cfg.claa.filter_layer, cfg.claa.keep_ratio) == (14, 0.25)
     assert argv[argv.index("--page-size") + 1] == "32"
     line = " ".join(text for level, text in notes if level == logging.INFO)
     assert f"profile {prof}" in line and "--prhs-budget 0.125" in line and "--prhs-delta 0.1" in line
+    assert "--prhs-select bounds" in line
     assert "--claa-filter-layer 14" in line and "--page-size 32" in line and "budget shifts" in line
     # the shifts reach the schedulers through the transport
     assert C.SparseConfig.from_json(cfg.to_json()) == cfg
@@ -62,6 +65,9 @@ def test_explicit_flags_win_over_the_profile(tmp_path):
                               "--claa-filter-layer", "16", "--claa-keep-ratio", "0.5", "--page-size", "32")
     assert (cfg.prhs.budget, cfg.prhs.delta) == (1 / 32, 0.02)
     assert (cfg.claa.filter_layer, cfg.claa.keep_ratio) == (16, 0.5)
+    model = os.path.join(str(tmp_path), "model")
+    est, _, _ = _check(model, "--sparse-decode", "prhs", "--sparse-profile", prof, "--prhs-select", "estimate")
+    assert est.prhs.select == "estimate" and est.prhs.budget == 0.125
     assert cfg.prhs.layer_budget_shift == tuple(SHIFTS)
     assert argv.count("--page-size") == 1
     text = " ".join(t for _, t in notes)

@@ -8,8 +8,9 @@ the project's reference functions:
   layers before the filter layer are aggregated (element-wise max), :func:`claa.select_tokens` picks the kept
   tokens, and the filter layer and every later layer process only the kept tokens (at their original positions),
   so their KV cache holds only those; earlier layers keep the whole prompt.
-* decode: dense attention, or PrHS (:mod:`sglang_sparse.prhs`: Quest page summaries, certified selection with
-  delta and a page budget, exact attention over the selected pages), or ART (:mod:`sglang_sparse.art`: blocks =
+* decode: dense attention, or PrHS (:mod:`sglang_sparse.prhs`: pages ranked by Quest page summaries
+  (``select="bounds"``) or by their mass estimated from 4-bit key codes (``select="estimate"``), delta and a page
+  budget, exact attention over the selected pages), or ART (:mod:`sglang_sparse.art`: blocks =
   pages, stopping rule) over every page in the selector's order (sink pages, recent pages, then descending upper
   bound: PrHS's selector with delta 0 and all pages as budget, as the GPU decode plans dense + ART), or PrHS with
   ART over the pages PrHS selected, in selection order.
@@ -306,8 +307,15 @@ class ReferenceLlama:
         n_pages = page_lens.numel()
         if use_prhs:
             budget = cfg.prhs.budget_pages(n_pages)
-            sel = prhs_ref.select_pages(ub, lb, page_lens, cfg.prhs.delta, budget, cfg.prhs.sink_pages,
-                                        cfg.prhs.recent_pages)
+            if cfg.prhs.select == "estimate":
+                # the served estimate: full pages scored from their 4-bit codes, the partial last page exactly
+                k_est = prhs_ref.dequantise_page_keys(prhs_ref.quantise_page_keys(k, kmin, kmax, P), kmin, kmax, P)
+                est = prhs_ref.estimated_page_log_mass(q, k_est, k, P, self.sm_scale)
+                sel = prhs_ref.select_pages_estimated(est, page_lens, self.h_kv, cfg.prhs.delta, budget,
+                                                      cfg.prhs.sink_pages, cfg.prhs.recent_pages)
+            else:
+                sel = prhs_ref.select_pages(ub, lb, page_lens, cfg.prhs.delta, budget, cfg.prhs.sink_pages,
+                                            cfg.prhs.recent_pages)
             stats["delta_hat_sum"] += float(sel.delta_hat.mean())
             stats["prhs_calls"] += 1
             order, num_sel = sel.pages, sel.num_selected
