@@ -35,7 +35,7 @@ H_Q, H_KV, D = 32, 8, 128
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=(), estimate_shapes=((8, 4, 2),)) -> list:
+            estimate_deltas=(), estimate_shapes=((8, 4, 2, 1),)) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -95,7 +95,7 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
                 row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3],
                                                                           codes, batch.copies[i][0]),
                                            batch.n_copies)[0], delta=delta, est_pages=shape[0], est_warps=shape[1],
-                    est_stages=shape[2])
+                    est_stages=shape[2], est_pages_per_dot=shape[3])
             we.estimate_shape = estimate_shapes[0]
             row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta,
                 warps=we.launch.select_warps)
@@ -125,8 +125,9 @@ def main(argv=None):
     ap.add_argument("--estimate-deltas", default="",
                     help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
     ap.add_argument("--estimate-shapes", default="8x4x2",
-                    help="estimate-kernel launches to time: pages per program x warps x pipeline stages (the first "
-                         "is used for the other estimate rows), e.g. 8x4x2,16x4x3,4x8x2")
+                    help="estimate-kernel launches to time: pages per program x warps x pipeline stages [x pages "
+                         "per tl.dot, default 1] (the first is used for the other estimate rows), e.g. "
+                         "8x4x2,8x4x2x4,16x4x3x2")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
@@ -141,9 +142,10 @@ def main(argv=None):
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
-    estimate_shapes = [tuple(int(y) for y in x.split("x")) for x in args.estimate_shapes.split(",")]
-    if any(len(s) != 3 for s in estimate_shapes):
-        ap.error("--estimate-shapes entries are PAGESxWARPSxSTAGES")
+    estimate_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:4]) for x in args.estimate_shapes.split(",")]
+    if any(len(x.split("x")) not in (3, 4) for x in args.estimate_shapes.split(",")) \
+            or any(s[0] % s[3] for s in estimate_shapes):
+        ap.error("--estimate-shapes entries are PAGESxWARPSxSTAGES[xPAGES_PER_DOT], PAGES a multiple of the last")
     gbps = copy_bandwidth_gbps()
     log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     for P in (int(x) for x in args.page_sizes.split(",")):

@@ -222,9 +222,9 @@ class SparseDecodeWrapper:
         self.ub = torch.empty(bs, hk, self.block_pg, **f32)
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         self.est = torch.empty(bs, hq, self.block_pg, **f32) if estimate else None
-        # the estimate kernel's launch: pages per program, warps, pipeline stages
+        # the estimate kernel's launch: pages per program, warps, pipeline stages, pages per tl.dot
         # (benchmarks.decode_breakdown --estimate-shapes)
-        self.estimate_shape = (8, 4, 2)
+        self.estimate_shape = (8, 4, 2, 1)
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.num_sel = torch.zeros(bs, hk, **i32)
@@ -506,13 +506,15 @@ class SparseDecodeWrapper:
 
     def _launch_estimate(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor,
                          k_cache: torch.Tensor) -> None:
-        pages, warps, stages = self.estimate_shape
+        pages, warps, stages, per_dot = self.estimate_shape
+        if pages % per_dot:
+            raise ValueError(f"estimate_shape: {pages} pages per program is not a multiple of {per_dot} per tl.dot")
         _page_estimate_kernel[(self.bs, self.h_kv, triton.cdiv(self.max_pages, pages))](
             self.reselect_flag, q, kmin, kmax, codes, k_cache, self.page_table, self.num_pages, self.last_len,
             self.est, q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), codes.stride(0), codes.stride(1),
             k_cache.stride(0), k_cache.stride(1), self.page_table.stride(0), self.est.stride(0), self.est.stride(1),
-            self.sm_scale, G=self.group, G_PAD=self.g_pad, HALF_D=self.d // 2, P=self.page_size, PAGES=pages,
-            NUM_STAGES=stages, num_warps=warps)
+            self.sm_scale, G=self.group, G_PAD=max(16, triton.next_power_of_2(self.group * per_dot)),
+            HALF_D=self.d // 2, P=self.page_size, PAGES=pages, KP=per_dot, NUM_STAGES=stages, num_warps=warps)
 
     def _select_state(self, reuse_slot: int):
         """The per-request selection state of ``reuse_slot`` (slot 0's, unused, when nothing is reused)."""

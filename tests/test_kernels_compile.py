@@ -118,8 +118,9 @@ def _drive_wrappers():
     for cfg in (dict(pages=sel(1.0, 0.05, estimate=True)), dict(pages=sel(1 / 2, 0.1, estimate=True), art=a)):
         we.plan(r2t, rows, lens, **cfg)
         we.run(q, kc, vc, kmin, kmax, codes=codes)
-    we.estimate_shape = (2, 8, 3)                           # another launch (benchmarks' --estimate-shapes)
-    we.run(q, kc, vc, kmin, kmax, codes=codes)
+    for shape in ((2, 8, 3, 1), (8, 4, 2, 4)):             # other launches (benchmarks' --estimate-shapes)
+        we.estimate_shape = shape
+        we.run(q, kc, vc, kmin, kmax, codes=codes)
     d64 = 64
     w64 = SparseDecodeWrapper(14, 2, d64, 64, max_batch_size=2, max_seq_len=4096, device="cpu", estimate=True)
     kc64 = torch.empty(64 * 64, 2, d64, dtype=torch.bfloat16)

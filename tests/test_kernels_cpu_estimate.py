@@ -22,15 +22,16 @@ def test_key_codes_written_when_pages_fill(page_size):
                     DEVICE, fresh_seed())
 
 
-@pytest.mark.parametrize("pages_per_program", [1, 2])
-def test_estimate_select_and_decode(pages_per_program):
-    # 17 and 10 pages with a partial last one (first / second page of a 2-page program), and 6 full pages
+@pytest.mark.parametrize("pages_per_program,pages_per_dot", [(1, 1), (2, 1), (4, 2), (8, 4)])
+def test_estimate_select_and_decode(pages_per_program, pages_per_dot):
+    # 17 and 10 pages with a partial last one (first / second page of a 2-page program, inside a 2- or 4-page
+    # tl.dot of the last program), and 6 full pages; 2 query heads per KV head, so 4 pages take 8 of the 16 columns
     check_estimate_decode([260, 150, 96], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
                           [dict(pages=sel(1.0, 0.05, estimate=True)),            # delta binds
                            dict(pages=sel(1.0, 0.3, sink=0, recent=1, estimate=True)),
                            dict(pages=sel(0.25, 0.01, estimate=True)),           # budget binds
                            dict(pages=sel(1.0, 0.0, estimate=True))],            # every page, in mass order
-                          estimate_shape=(pages_per_program, 4, 2))
+                          estimate_shape=(pages_per_program, 4, 2, pages_per_dot))
 
 
 def test_estimate_refuses_certified_art_and_missing_codes():

@@ -117,10 +117,12 @@ def test_key_codes(page_size):
                     max_mismatch=1e-3)
 
 
-def test_prhs_estimate_decode():
+@pytest.mark.parametrize("shape", ["default", "8x4x2x4"])      # the default launch; four pages per tl.dot
+def test_prhs_estimate_decode(shape):
     check_estimate_decode([32768, 8192, 5000], 64, H_Q, H_KV, D, DEV, fresh_seed(),
                           [dict(pages=sel(1.0, 0.05, estimate=True)), dict(pages=sel(1 / 2, 0.1, estimate=True)),
-                           dict(pages=sel(1.0, 0.0, estimate=True))])
+                           dict(pages=sel(1.0, 0.0, estimate=True))],
+                          estimate_shape=None if shape == "default" else tuple(int(x) for x in shape.split("x")))
 
 
 def test_art_decode_structured():

@@ -20,9 +20,13 @@ it scores its exact keys from the K buffer instead. Codes: ``[num_slots, H_kv, D
 in the low nibble of byte d, channel ``d + D / 2`` in the high nibble (:mod:`flashinfer_ext.kernels.page_summary`).
 
 Grid ``(bs, H_kv, cdiv(max_pages, PAGES))``: a program scores ``PAGES`` consecutive pages of one (request, KV head)
-in a software-pipelined loop (pages past the request's coded pages are masked); programs past the page count exit,
-and so do requests whose reselection flag ``Flag[b]`` is 0. Reads D / 2 bytes per key and KV head, 1/8 of the bf16
-K+V bytes a dense step reads, plus the summaries.
+in a software-pipelined loop, ``KP`` pages per ``tl.dot``: their codes stacked as one ``[KP * P, D / 2]`` tile against
+a ``[D / 2, G_PAD]`` tile whose column ``j * G + g`` holds query head g scaled by page j's steps (``G_PAD >= KP * G``),
+each page's log-sum-exp taken over its own rows of its own columns. KP = 1 is one page per ``tl.dot``; a larger KP
+shares the per-page scaling, reductions and barriers among KP pages (fewer instructions per page; its speed is
+measured by ``benchmarks.decode_breakdown --estimate-shapes``). Pages past the request's coded pages are masked;
+programs past the page count exit, and so do requests whose reselection flag ``Flag[b]`` is 0. Reads D / 2 bytes per
+key and KV head, 1/8 of the bf16 K+V bytes a dense step reads, plus the summaries.
 """
 
 import triton
@@ -49,7 +53,7 @@ def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPage
                           stride_qb, stride_qh, stride_sp, stride_sh, stride_ct, stride_ch, stride_kt, stride_kh,
                           stride_pt, stride_eb, stride_eh, sm_scale,
                           G: tl.constexpr, G_PAD: tl.constexpr, HALF_D: tl.constexpr, P: tl.constexpr,
-                          PAGES: tl.constexpr, NUM_STAGES: tl.constexpr):
+                          PAGES: tl.constexpr, KP: tl.constexpr, NUM_STAGES: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     first = tl.program_id(2) * PAGES
@@ -57,33 +61,46 @@ def _page_estimate_kernel(Flag, Q, KMin, KMax, Codes, KCache, PageTable, NumPage
     if (first < npg) & (tl.load(Flag + b) != 0):
         last_len = tl.load(LastLen + b)
         n_coded = tl.where(last_len < P, npg - 1, npg)            # full pages: they have codes
-        g = tl.arange(0, G_PAD)
-        g_ok = g < G
+        # columns of the score tile: c = j * G + g, page j (of the KP pages of one tl.dot) and query head g
+        c = tl.arange(0, G_PAD)
+        c_ok = c < KP * G
+        cj = c // G
+        cg = c % G
         e = tl.arange(0, HALF_D)
         t = tl.arange(0, P)
+        r = tl.arange(0, KP * P)
         q_base = Q + b.to(tl.int64) * stride_qb + h * G * stride_qh
-        e_base = Est + b.to(tl.int64) * stride_eb + (h * G + g) * stride_eh
-        # the group's queries, channels along rows: [HALF_D, G_PAD] per half, sm_scale folded in
-        q_off = q_base + g[None, :] * stride_qh + e[:, None]
-        q_lo = tl.load(q_off, mask=g_ok[None, :], other=0.0).to(tl.float32) * sm_scale
-        q_hi = tl.load(q_off + HALF_D, mask=g_ok[None, :], other=0.0).to(tl.float32) * sm_scale
-        for i in tl.range(0, PAGES, num_stages=NUM_STAGES):
-            lp = first + i
-            ok = lp < n_coded
-            phys = tl.load(PageTable + b.to(tl.int64) * stride_pt + lp, mask=ok, other=0).to(tl.int64)
-            lo_min, lo_step, hi_min, hi_step = page_levels(KMin, KMax, phys * stride_sp + h * stride_sh + e, HALF_D,
-                                                           ok)
-            raw = tl.load(Codes + (phys * P + t)[:, None] * stride_ct + h * stride_ch + e[None, :], mask=ok,
-                          other=0)                                                             # [P, HALF_D]
+        pt_base = PageTable + b.to(tl.int64) * stride_pt
+        e_base = Est + b.to(tl.int64) * stride_eb + (h * G + cg) * stride_eh
+        # the group's queries per column, channels along rows: [HALF_D, G_PAD] per half, sm_scale folded in
+        q_off = q_base + cg[None, :] * stride_qh + e[:, None]
+        q_lo = tl.load(q_off, mask=c_ok[None, :], other=0.0).to(tl.float32) * sm_scale
+        q_hi = tl.load(q_off + HALF_D, mask=c_ok[None, :], other=0.0).to(tl.float32) * sm_scale
+        own = (r // P)[:, None] == cj[None, :]                     # a row's page is its column's page
+        for i in tl.range(0, PAGES, KP, num_stages=NUM_STAGES):
+            # KP pages, their codes stacked as one [KP * P, HALF_D] tile (a page past the coded ones reads page 0
+            # and stores nothing)
+            lp = first + i + tl.arange(0, KP)
+            phys = tl.load(pt_base + lp, mask=lp < n_coded, other=0).to(tl.int64)
+            slot = tl.reshape(phys[:, None] * P + t[None, :], [KP * P])
+            raw = tl.load(Codes + slot[:, None] * stride_ct + h * stride_ch + e[None, :])          # [KP * P, HALF_D]
             c_lo, c_hi = _nibbles_fp16(raw)
-            w_lo = tl.minimum(tl.maximum(q_lo * lo_step[:, None], -_FP16_MAX), _FP16_MAX).to(tl.float16)
-            w_hi = tl.minimum(tl.maximum(q_hi * hi_step[:, None], -_FP16_MAX), _FP16_MAX).to(tl.float16)
-            base = tl.sum(q_lo * lo_min[:, None] + q_hi * hi_min[:, None], axis=0)            # [G_PAD]
+            # each column's page: its levels, the queries scaled by its steps
+            lp_c = first + i + cj
+            ok_c = c_ok & (lp_c < n_coded)
+            phys_c = tl.load(pt_base + lp_c, mask=ok_c, other=0).to(tl.int64)
+            lo_min, lo_step, hi_min, hi_step = page_levels(KMin, KMax, phys_c[None, :] * stride_sp + h * stride_sh
+                                                           + e[:, None], HALF_D, ok_c[None, :])   # [HALF_D, G_PAD]
+            w_lo = tl.minimum(tl.maximum(q_lo * lo_step, -_FP16_MAX), _FP16_MAX).to(tl.float16)
+            w_hi = tl.minimum(tl.maximum(q_hi * hi_step, -_FP16_MAX), _FP16_MAX).to(tl.float16)
+            base = tl.sum(q_lo * lo_min + q_hi * hi_min, axis=0)                                  # [G_PAD]
             s = tl.dot(c_lo, w_lo)
-            s = tl.dot(c_hi, w_hi, acc=s) + base[None, :]                                      # [P, G_PAD]
+            s = tl.dot(c_hi, w_hi, acc=s) + base[None, :]                                         # [KP * P, G_PAD]
+            s = tl.where(own, s, float("-inf"))
             m = tl.max(s, axis=0)
+            m = tl.where(c_ok, m, 0.0)
             est = m + tl.log(tl.sum(tl.exp(s - m[None, :]), axis=0))
-            tl.store(e_base + lp, est, mask=g_ok & ok)
+            tl.store(e_base + lp_c, est, mask=ok_c)
         # the partial last page, if this program holds it: its exact keys
         if (last_len < P) & (npg - 1 < first + PAGES):
             lp1 = npg - 1
