@@ -51,6 +51,12 @@ CONFIGS = {
     # delta alone reads ~90 % of the pages; real models read about half at delta 0.1 (quality rows)
     "ours_prhs_est_d0.1_b2": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget",
                                      "1/2", "--prhs-delta", "0.1"]),
+    # the same with a fresh selection every 4 steps (quality_gpu's prhs-est-d0.1-r4): the estimate runs on a
+    # quarter of the steps
+    "ours_prhs_est_d0.1_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
+                                     "--prhs-delta", "0.1", "--prhs-reselect-interval", "4"]),
+    "ours_prhs_est_d0.1_b2_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget",
+                                        "1/2", "--prhs-delta", "0.1", "--prhs-reselect-interval", "4"]),
     "ours_prhs_est_d0.05": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
                                    "--prhs-delta", "0.05"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
