@@ -70,6 +70,9 @@ def settings() -> List[RefConfig]:
         # the same budget over 16-token pages (Quest's page size): twice as many, finer pages
         RefConfig("prhs-d0.05-b1/16-P16", prhs=PrhsConfig(mode="prhs", delta=0.05, budget=1 / 16, min_context_len=0,
                                                          page_size=16, select="bounds")),
+        # the server's PrHS default now: pages ranked by their estimated mass, delta 0.1, every page allowed
+        RefConfig("prhs-est-d0.1", prhs=PrhsConfig(mode="prhs", delta=0.1, budget=1.0, min_context_len=0,
+                                                  select="estimate")),
         RefConfig("art-tau0.01", art=art),
         # ART with tighter convergence thresholds, and ART's certified rule alone (no convergence stop)
         RefConfig("art-tau0.001", art=ArtConfig(mode="on", tau_mag=1e-3, tau_dir=1e-6)),
