@@ -556,24 +556,27 @@ def check_shared_layer(lens, page_size, h_q, h_kv, d, device, seed, settings, sc
 
 # ----------------------------------------------------------------------------- reuse across steps
 def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilation=1, budget=0.25, delta=0.05,
-                sink=1, recent=2, tol=1e-2):
+                sink=1, recent=2, tol=1e-2, estimate=False):
     """Time axis: step 1 selects afresh on page-aligned prefixes; step 2 (``grow_pages`` more pages
     per request, batch order reversed) reuses that selection with dilation (prhs.reuse_with_dilation);
     step 3 (original order) mixes a fresh selection (request 0) with reuse (the others) through the
-    per-request flags. The state lives in slot 1 of 2, keyed by req_to_token row."""
+    per-request flags. The state lives in slot 1 of 2, keyed by req_to_token row. With ``estimate`` the fresh
+    selections rank pages by their estimated mass (checked by :func:`check_estimate_decode`; here the reuse of the
+    list the kernel chose, and the attention over every list)."""
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(seed)
     P = page_size
     pool = make_pool(lens, P, h_q, h_kv, d, d, device, gen, structured=True)
     kmin, kmax = reference_summaries(pool)
+    codes = reference_codes(pool, kmin, kmax) if estimate else None
     sm_scale = 1.0 / math.sqrt(d)
     prefix = [(-(-n // P) - grow_pages) * P for n in lens]
     assert min(prefix) > 0
     w = SparseDecodeWrapper(h_q, h_kv, d, P, max_batch_size=len(lens), max_seq_len=max(lens), device=device,
-                            reuse_slots=2, max_reqs=pool.req_to_token.shape[0])
+                            reuse_slots=2, max_reqs=pool.req_to_token.shape[0], estimate=estimate)
     slot = 1
-    cfg = dict(pages=sel(budget, delta, sink, recent, dilation))
+    cfg = dict(pages=sel(budget, delta, sink, recent, dilation, estimate=estimate))
     pre_lens = torch.tensor(prefix, dtype=torch.int64, device=device)
 
     def bounds(b, n):
@@ -586,15 +589,16 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
     # step 1: fresh selection on the prefixes
     poison_wrapper(w)
     w.plan(pool.req_to_token, pool.rows, pre_lens, reselect=True, **cfg)
-    w.run(pool.q, pool.kc, pool.vc, kmin, kmax, reuse_slot=slot)
+    w.run(pool.q, pool.kc, pool.vc, kmin, kmax, reuse_slot=slot, codes=codes)
     first = []
     for b, n in enumerate(prefix):
         q, k, v, ub, lb = bounds(b, n)
         npg = n // P
         bud = _budget_pages(npg, budget, sink, recent)
-        ref_sel = prhs.select_pages(ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink, recent)
-        _assert_selection(w, b, ref_sel, ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink,
-                          recent, seed, "reuse step 1")
+        if not estimate:
+            ref_sel = prhs.select_pages(ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink, recent)
+            _assert_selection(w, b, ref_sel, ub, lb, prhs.page_lengths(n, P, device=k.device), delta, bud, sink,
+                              recent, seed, "reuse step 1")
         first.append((w.pages[b, :, :bud].long().clone(), w.num_selected[b].long().clone(), npg))
 
     # step 2: every request reuses (dilated) on the grown contexts; step 3: request 0 selects afresh
@@ -604,7 +608,7 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
         poison_wrapper(w, keep_selection=True)
         perm = torch.tensor(order, device=device)
         w.plan(pool.req_to_token, pool.rows[perm], pool.seq_lens[perm], reselect=flags, **cfg)
-        out_perm = w.run(pool.q[perm], pool.kc, pool.vc, kmin, kmax, reuse_slot=slot)
+        out_perm = w.run(pool.q[perm], pool.kc, pool.vc, kmin, kmax, reuse_slot=slot, codes=codes)
         pos_of = {r: i for i, r in enumerate(order)}
         for b, n in enumerate(lens):
             i = pos_of[b]                                  # batch row of request b in this step
@@ -615,8 +619,9 @@ def check_reuse(lens, grow_pages, page_size, h_q, h_kv, d, device, seed, dilatio
             if fresh:
                 bud = _budget_pages(npg, budget, sink, recent)
                 page_lens = prhs.page_lengths(n, P, device=k.device)
-                ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
-                _assert_selection(w, i, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
+                if not estimate:
+                    ref_sel = prhs.select_pages(ub, lb, page_lens, delta, bud, sink, recent)
+                    _assert_selection(w, i, ref_sel, ub, lb, page_lens, delta, bud, sink, recent, seed, tag)
                 pages, num = w.sel_pages[i, :, :bud].long(), w.cur_num[i].long()
             else:
                 prev_pages, prev_num, prev_npg = first[b]

@@ -6,7 +6,7 @@ Run in its own process with ``TRITON_INTERPRET=1`` (ci/run_tests.sh does)."""
 
 import pytest
 
-from kernel_cases import check_estimate_decode, check_key_codes, fresh_seed, interpreter_device, sel
+from kernel_cases import check_estimate_decode, check_key_codes, check_reuse, fresh_seed, interpreter_device, sel
 
 DEVICE = interpreter_device("tests/test_kernels_cpu_estimate.py")   # before flashinfer_ext's kernels are defined
 
@@ -32,6 +32,14 @@ def test_estimate_select_and_decode(pages_per_program, pages_per_dot):
                            dict(pages=sel(0.25, 0.01, estimate=True)),           # budget binds
                            dict(pages=sel(1.0, 0.0, estimate=True))],            # every page, in mass order
                           estimate_shape=(pages_per_program, 4, 2, pages_per_dot))
+
+
+@pytest.mark.parametrize("dilation", [0, 1])
+def test_estimate_lists_reused_across_steps(dilation):
+    # --prhs-reselect-interval with the estimate: fresh lists from the codes, reused (dilated) lists on the steps
+    # between, and a batch mixing both (the estimate kernel skips the reusing requests)
+    check_reuse([300, 230], 2, 16, H_Q, H_KV, D, DEVICE, fresh_seed(), dilation=dilation, budget=1.0, delta=0.2,
+                estimate=True)
 
 
 def test_estimate_refuses_certified_art_and_missing_codes():

@@ -142,6 +142,11 @@ def test_prhs_reuse_across_steps(dilation):
     check_reuse([32768, 9000, 20000], 3, 32, H_Q, H_KV, D, DEV, fresh_seed(), dilation=dilation, budget=1 / 16)
 
 
+def test_prhs_estimate_reuse_across_steps():
+    check_reuse([32768, 9000, 20000], 3, 64, H_Q, H_KV, D, DEV, fresh_seed(), dilation=0, budget=1.0, delta=0.1,
+                estimate=True)
+
+
 def test_prhs_art_bounds_beyond_fp32_range():
     """Page bounds 115 nats apart (a wide page's box bound far above the pages holding the mass): the selector's
     dropped sum and ART's unread-mass suffix are log-space sums, so neither certifies after the wide page."""
