@@ -434,10 +434,12 @@ def test_output_error_feedback_compares_the_layer_error_not_the_worst_head():
     assert dec._audit_counts.tolist()[:2] == [1, 1], f"seed={seed}: {dec._audit_counts.tolist()}"
 
 
-def test_estimate_mode_decoder_audits_what_it_dropped():
+@pytest.mark.parametrize("group", [1, 2])
+def test_estimate_mode_decoder_audits_what_it_dropped(group):
     """``--prhs-select estimate`` through SparseDecoder: every selecting layer scores pages from the key codes (the
     run refuses to select without them) and stops at its estimated dropped mass; the audit then measures, per
-    request, exactly the mass the lists left out (``prhs.exact_dropped_mass`` of the wrapper's lists)."""
+    request, exactly the mass the lists left out (``prhs.exact_dropped_mass`` of the wrapper's lists). With two
+    layers per selection the second layer reads the first one's list (every layer reads the same KV here)."""
     import torch
 
     from sglang_sparse import prhs
@@ -446,7 +448,7 @@ def test_estimate_mode_decoder_audits_what_it_dropped():
     gen = torch.Generator().manual_seed(seed)
     lens = [400, 330]
     pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, gen, structured=True)
-    dec = _decoder(pool, 2, 1, 1, delta=0.1, budget=1.0, estimate=True)
+    dec = _decoder(pool, 2, group, 1, delta=0.1, budget=1.0, estimate=True)
     dropped = _step(dec, pool, 2, lens)                                     # [layers, bs]
     w = dec.decode_wrapper
     for b in range(len(lens)):
