@@ -146,6 +146,8 @@ SETTINGS: Dict[str, Setting] = {
     # pages), and shared by each pair of layers: the estimate's cost divided by 4 / by 2
     "prhs-est-d0.1-r4": _ours(*_prhs("1", *_est("0.1"), "--prhs-reselect-interval", "4")),
     "prhs-est-d0.1-g2": _ours(*_prhs("1", *_est("0.1"), "--prhs-layers-per-selection", "2")),
+    "prhs-est-d0.1-g2-r4": _ours(*_prhs("1", *_est("0.1"), "--prhs-layers-per-selection", "2",
+                                        "--prhs-reselect-interval", "4")),
     # estimate mode with ART, and with CLAA keep 0.2 and ART
     **{f"prhs-est-d{d}+art": _ours(*_prhs("1", *_est(d), *_ART)) for d in ("0.1", "0.05")},
     **{f"claa0.2+prhs-est-d{d}+art": _ours(*_CLAA, "--claa-keep-ratio", "0.2", *_prhs("1", *_est(d), *_ART))

@@ -9,6 +9,10 @@ flags for all: --page-size 32 or --page-size N, decode CUDA graphs on, prefill g
      --random-input-len L --random-output-len 256 --max-concurrency C`` for each L and C;
   3. the decode statistics the backend logged (pages read, certified delta-hat, ART stop rate).
 Rows are merged into benchmarks/results/serving_decode_h100.json (and $OUT).
+
+On a real checkpoint (``--model DIR --load-format auto --prompts-from <quality run>/samples-<model>.json
+--input-lens <its lengths>``) the prompts are a quality run's tasks, so the pages read and the speed are those
+of prompts whose answers that run measured.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from benchmarks.parity import fixed_prompts
 from benchmarks.profile_decode import print_summary, profile_running_decode
@@ -57,6 +61,10 @@ CONFIGS = {
                                      "--prhs-reselect-interval", "4"]),
     "ours_prhs_est_d0.1_b2_r4": (OURS, [*_ESTIMATE, "--prhs-budget", "1/2", "--prhs-delta", "0.1",
                                         "--prhs-reselect-interval", "4"]),
+    # and with one selection per 2 layers as well (quality_gpu's prhs-est-d0.1-g2-r4): the estimate runs once per
+    # 2 layers and 4 steps
+    "ours_prhs_est_d0.1_g2_r4": (OURS, [*_ESTIMATE, "--prhs-budget", "1", "--prhs-delta", "0.1",
+                                        "--prhs-layers-per-selection", "2", "--prhs-reselect-interval", "4"]),
     "ours_prhs_est_d0.05": (OURS, [*_ESTIMATE, "--prhs-budget", "1", "--prhs-delta", "0.05"]),
     # PrHS with its depth and time selectors: one selection per 4 layers, refreshed every 4 steps (reused
     # steps read the last selection plus the new pages, no dilation: dilation 1 read 17.5 % of the pages
@@ -72,10 +80,11 @@ STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} del
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
 
 
-def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32, mem_fraction: float = 0.8) -> list:
+def common_flags(model: str, ctx: int, max_bs: int, page_size: int = 32, mem_fraction: float = 0.8,
+                 load_format: str = "dummy") -> list:
     """SGLang flags of every server of this benchmark (decode graphs up to the largest concurrency: fewer
     graphs, faster start)."""
-    return ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
+    return ["--model-path", model, "--load-format", load_format, "--grammar-backend", "none",
             "--mem-fraction-static", str(mem_fraction), "--context-length", str(ctx), "--page-size", str(page_size),
             "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", str(max_bs), "--max-running-requests",
             str(max_bs), "--decode-log-interval", "40"]
@@ -95,6 +104,45 @@ def longer_context_env(model: str, ctx: int) -> Optional[dict]:
     log(f"context length {ctx} > the model's max_position_embeddings {max_pos}: "
         "serving with SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1")
     return dict(os.environ, SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
+
+
+def task_prompts(samples_file: str, length: int, count: int) -> List[str]:
+    """``count`` prompts of target length ``length`` from a quality run's samples file (the
+    ``samples-<model>.json`` benchmarks/quality_gpu.py builds: RULER-style tasks on the essays haystack),
+    rendered as that run sent them (its chat format, answer prefix included), taking the tasks in turn."""
+    from benchmarks.eval.harness import PromptFormat, render_prompt
+    from benchmarks.eval.tasks import TaskSample
+
+    with open(samples_file) as f:
+        data = json.load(f)
+    kind, _, template = data["key"]["format"].partition(":")
+    fmt = PromptFormat(kind, template or None)
+    by_task: dict = {}
+    for d in data["samples"]:
+        if int(d["length"]) == length:
+            by_task.setdefault(d["task"], []).append(TaskSample(**d))
+    if not by_task:
+        lengths = sorted({int(d["length"]) for d in data["samples"]})
+        raise ValueError(f"{samples_file} has no samples of length {length} (it has {lengths})")
+    queues = [sorted(v, key=lambda x: x.index) for _, v in sorted(by_task.items())]
+    picked: List[str] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(render_prompt(q.pop(0), fmt))
+    if len(picked) < count:
+        raise ValueError(f"{samples_file} has {len(picked)} samples of length {length}, {count} asked")
+    return picked
+
+
+def write_custom_dataset(prompts: Sequence[str], path: str) -> str:
+    """The JSONL bench_serving's ``--dataset-name custom`` reads: one two-turn conversation per prompt (the
+    second turn is unused: the output length is fixed by ``--sharegpt-output-len``)."""
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"conversations": [{"role": "user", "content": p},
+                                                  {"role": "assistant", "content": "-"}]}) + "\n")
+    return path
 
 
 def decode_stats(log_path: str) -> dict:
@@ -147,6 +195,14 @@ def main(argv=None):
     ap.add_argument("--shared-prefix-load", action="store_true",
                     help="after parity, run bench_serving's generated-shared-prefix dataset (radix-cache reuse, "
                          "page-summary reuse) and check the server survives and reports no KV leak at idle")
+    ap.add_argument("--load-format", default="dummy",
+                    help="SGLang's --load-format of every server: dummy (random weights of the model's shape, the "
+                         "default) or auto for a real checkpoint")
+    ap.add_argument("--prompts-from", default=None,
+                    help="serve the prompts of a quality run (the samples-<model>.json benchmarks/quality_gpu.py "
+                         "writes into its --out-dir; --input-lens are then its lengths) through bench_serving's "
+                         "custom dataset instead of random token ids: with real weights the pages PrHS reads are "
+                         "those of the tasks whose answers were measured")
     ap.add_argument("--check-metrics", action="store_true",
                     help="serve with --enable-metrics and record the sglang_sparse gauges of /metrics")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -155,7 +211,9 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
-    common = common_flags(args.model, ctx, max(concs), args.page_size, args.mem_fraction)
+    common = common_flags(args.model, ctx, max(concs), args.page_size, args.mem_fraction, args.load_format)
+    dummy = args.load_format == "dummy"
+    model_tag = "$LLAMA8B_SHAPE" if dummy else os.path.basename(os.path.normpath(args.model))
     base_env = longer_context_env(args.model, ctx)
     if args.tp < 1:
         ap.error(f"--tp must be >= 1, got {args.tp}")
@@ -173,7 +231,9 @@ def main(argv=None):
     # Reference tokens of plain SGLang (FlashInfer) from an earlier run: dummy weights are seeded, so they
     # are the same on every H100 with this stack. A run that includes the flashinfer config refreshes them.
     kept_ref = os.path.join(os.path.dirname(args.out), "parity_tokens_flashinfer_llama8b_dummy.json")
-    if not os.path.exists(ref_path) and os.path.exists(kept_ref) and args.tp == 1:
+    if not dummy:
+        ref_path = os.path.join(out_dir(), f"parity_tokens_flashinfer{tp_tag}_{model_tag}.json")
+    elif not os.path.exists(ref_path) and os.path.exists(kept_ref) and args.tp == 1:
         ref_path = kept_ref
     prompts = fixed_prompts()
     prof_out = args.out.replace(".json", "_profile.json")
@@ -231,10 +291,17 @@ def main(argv=None):
                 for L in ([] if args.profile_only else lens):
                     for C in concs:
                         warm = "_warm" if args.warm_prefix else ""
-                        bench_args = ["--dataset-name", "random-ids", "--random-range-ratio", "1",
-                                      "--random-input-len", str(L), "--random-output-len", str(args.output_len),
-                                      "--num-prompts", str(C * args.num_prompts_per_concurrency),
-                                      "--max-concurrency", str(C), "--tokenize-prompt"]
+                        n = C * args.num_prompts_per_concurrency
+                        if args.prompts_from:
+                            data = write_custom_dataset(task_prompts(args.prompts_from, L, n),
+                                                        os.path.join(logs, f"prompts_{L}_{n}.jsonl"))
+                            bench_args = ["--dataset-name", "custom", "--dataset-path", data,
+                                          "--sharegpt-output-len", str(args.output_len)]
+                        else:
+                            bench_args = ["--dataset-name", "random-ids", "--random-range-ratio", "1",
+                                          "--random-input-len", str(L), "--random-output-len", str(args.output_len),
+                                          "--tokenize-prompt"]
+                        bench_args += ["--num-prompts", str(n), "--max-concurrency", str(C)]
                         for _ in range(2 if args.warm_prefix else 1):   # the same seed: the same prompts
                             res = bench_serving(base, args.model, os.path.join(logs, f"bench_{name}_{L}_{C}{warm}.jsonl"),
                                                 os.path.join(logs, f"bench_{name}_{L}_{C}{warm}.log"), bench_args)
@@ -247,17 +314,23 @@ def main(argv=None):
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
                                "completed": res.get("completed"), "page_size": args.page_size,
-                               "warm_prefix": args.warm_prefix, "tp": args.tp,
+                               "warm_prefix": args.warm_prefix, "tp": args.tp, "model": model_tag,
+                               "prompts": ("quality-run tasks (" + os.path.basename(args.prompts_from) + ")"
+                                           if args.prompts_from else "random token ids"),
                                "greedy_identical_prompts": parity,
                                "command": f"python -m benchmarks.serving_decode --configs {name}"
                                           + (" --warm-prefix" if args.warm_prefix else "")
-                                          + (f" --tp {args.tp}" if args.tp > 1 else ""),
-                               "server_flags": " ".join(common[2:] + flags).replace(args.model, "$LLAMA8B_SHAPE")}
+                                          + (f" --tp {args.tp}" if args.tp > 1 else "")
+                                          + ("" if dummy else f" --model {model_tag} --load-format {args.load_format}")
+                                          + (f" --prompts-from {os.path.basename(args.prompts_from)}"
+                                             if args.prompts_from else ""),
+                               "server_flags": " ".join(common[2:] + flags).replace(args.model, model_tag)}
                         row.update({k: None for k in ("pages_read_frac", "delta_hat_mean", "art_stop_rate")})
                         row.update(decode_stats(slog))
                         rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"],
-                                                    bool(r.get("warm_prefix")), r.get("tp", 1))
-                                != (name, L, C, args.warm_prefix, args.tp)]
+                                                    bool(r.get("warm_prefix")), r.get("tp", 1),
+                                                    r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"))
+                                != (name, L, C, args.warm_prefix, args.tp, row["model"], row["prompts"])]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
@@ -273,7 +346,8 @@ def main(argv=None):
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
     def key(r):
-        return r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1)
+        return (r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1),
+                r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"))
 
     base_tpot = {key(r): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
     try:
@@ -289,7 +363,8 @@ def main(argv=None):
         b = base_tpot.get(key(r))
         sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        tag = (" (warm)" if r.get("warm_prefix") else "") + (f" TP{r['tp']}" if r.get("tp", 1) > 1 else "")
+        tag = (" (warm)" if r.get("warm_prefix") else "") + (f" TP{r['tp']}" if r.get("tp", 1) > 1 else "") \
+            + (f" {r['model']}" if r.get("model", "$LLAMA8B_SHAPE") != "$LLAMA8B_SHAPE" else "")
         print(f"| {r['config']}{tag} | {r['input_len']} | {r['concurrency']} | {r['output_tok_s'] or 0:.1f} | "
               f"{r['median_tpot_ms'] or 0:.2f} | {r.get('median_itl_ms') or 0:.2f} | {sp} | {fmt(r['pages_read_frac'])} | {fmt(r['delta_hat_mean'])} | "
               f"{fmt(r['art_stop_rate'])} |")

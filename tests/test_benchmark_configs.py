@@ -320,6 +320,34 @@ def test_serving_decode_allows_a_context_longer_than_the_model_window(tmp_path):
     assert serving_decode.longer_context_env(str(tmp_path / "missing"), 10 ** 6) is None
 
 
+def test_serving_decode_serves_a_quality_runs_prompts_task_by_task(tmp_path):
+    """--prompts-from: the samples of the asked length, the tasks taken in turn, rendered with the run's format
+    (the answer prefix included), written as bench_serving's custom conversations; too few samples refused."""
+    import json
+
+    from benchmarks.eval.tasks import TaskSample
+
+    def sample(task, length, index):
+        return TaskSample(task=task, length=length, index=index, seed=0, depth=None, prompt=f"{task}-{length}-{index}",
+                          answer_prefix=f"A{index}:", answers=["x"], max_new_tokens=8, num_tokens=length,
+                          haystack="essays").to_dict()
+
+    samples = [sample(t, L, i) for L in (8192, 16384) for t in ("multi_key", "single_needle") for i in (1, 0, 2)]
+    path = tmp_path / "samples-m.json"
+    path.write_text(json.dumps({"key": {"format": "plain"}, "samples": samples}))
+    got = serving_decode.task_prompts(str(path), 16384, 4)
+    assert got == ["multi_key-16384-0\nA0:", "single_needle-16384-0\nA0:", "multi_key-16384-1\nA1:",
+                   "single_needle-16384-1\nA1:"]
+    with pytest.raises(ValueError, match="6 samples of length 8192, 7 asked"):
+        serving_decode.task_prompts(str(path), 8192, 7)
+    with pytest.raises(ValueError, match=r"no samples of length 4096 \(it has \[8192, 16384\]\)"):
+        serving_decode.task_prompts(str(path), 4096, 1)
+    data = serving_decode.write_custom_dataset(got, str(tmp_path / "d.jsonl"))
+    lines = [json.loads(x) for x in open(data).read().splitlines()]
+    assert [x["conversations"][0]["content"] for x in lines] == got
+    assert all(x["conversations"][1]["role"] == "assistant" for x in lines)
+
+
 def _quality_args(tmp_path=None, **kw):
     import argparse
 
