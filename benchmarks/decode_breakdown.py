@@ -35,7 +35,7 @@ H_Q, H_KV, D = 32, 8, 128
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=(), estimate_shapes=((8, 4, 2, 1),)) -> list:
+            estimate_deltas=(), estimate_shapes=((8, 4, 2, 4),)) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -124,7 +124,7 @@ def main(argv=None):
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
     ap.add_argument("--estimate-deltas", default="",
                     help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
-    ap.add_argument("--estimate-shapes", default="8x4x2",
+    ap.add_argument("--estimate-shapes", default="8x4x2x4",
                     help="estimate-kernel launches to time: pages per program x warps x pipeline stages [x pages "
                          "per tl.dot, default 1] (the first is used for the other estimate rows), e.g. "
                          "8x4x2,8x4x2x4,16x4x3x2")

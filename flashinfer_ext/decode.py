@@ -223,8 +223,9 @@ class SparseDecodeWrapper:
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         self.est = torch.empty(bs, hq, self.block_pg, **f32) if estimate else None
         # the estimate kernel's launch: pages per program, warps, pipeline stages, pages per tl.dot
-        # (benchmarks.decode_breakdown --estimate-shapes)
-        self.estimate_shape = (8, 4, 2, 1)
+        # (benchmarks.decode_breakdown --estimate-shapes; 4 pages per tl.dot took 138 / 272 us against 176 / 341 us
+        # for 1 at 8 x 32K / 4 x 128K on an H200, decode_breakdown_h200_estimate_kp.json)
+        self.estimate_shape = (8, 4, 2, 4)
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.num_sel = torch.zeros(bs, hk, **i32)
