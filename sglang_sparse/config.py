@@ -195,8 +195,9 @@ class PrhsConfig:
     layers_per_selection  g: consecutive layers that share one selection.
     sink_pages / recent_pages  always-selected pages at the start / end of the context.
     min_context_len  requests with a shorter context decode densely.
-    audit_interval   N: a request's first decode step (after each (re)start) and every step where its length is
-                     a multiple of N also measure, at every layer, the exact attention mass the step dropped
+    audit_interval   N: a request's first decode step (after each (re)start) and every step where its length + 1
+                     is a multiple of N (with ``reselect_interval`` R dividing N: the last step that reuses a
+                     selection, not a fresh one) also measure, at every layer, the exact attention mass the step dropped
                      (PrHS's pages and ART's stop together), by reading the request's keys of every page once
                      (``flashinfer_ext.audit``); 0 = off.
     audit_measure    what the audit compares with ``delta`` (feedback, over-delta counters): ``mass``, the dropped

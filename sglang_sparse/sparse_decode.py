@@ -23,7 +23,9 @@ blocks read) are read back every ``--decode-log-interval`` decode batches (one d
 logged; see :meth:`SparseDecoder.decode_stats` for what each covers.
 
 The dropped-mass audit (``--prhs-audit-interval N``): a request is audited on its first decode step after each
-(re)start and whenever its length is a multiple of N; an audited step measures, at every layer, the exact
+(re)start and whenever its length + 1 is a multiple of N (fresh selections happen at lengths that are multiples of
+``--prhs-reselect-interval R``; with R dividing N the audited steps are the last of a reuse window, so the oldest
+reused lists are the ones measured, not only fresh ones); an audited step measures, at every layer, the exact
 attention mass the decode left out (``flashinfer_ext.audit``); with ``--prhs-audit-measure output-error`` also the
 relative error of the layer's attention output over all its query heads (this rank's) against the exact output over
 every token, and that error, not the dropped mass, is what is compared with ``--prhs-delta``. With
@@ -286,13 +288,14 @@ class SparseDecoder:
 
     def _plan_audit(self, fb: "ForwardBatch") -> None:
         """Choose this step's audited requests (device-side, no host sync): those on their first decode step
-        since they (re)started (the flag is consumed) and those whose length is a multiple of N; CUDA-graph
+        since they (re)started (the flag is consumed) and those whose length + 1 is a multiple of N (the step
+        before a fresh selection when R divides N, see the module's docstring); CUDA-graph
         padding rows are never audited and consume no flag."""
         rows, lens = fb.req_pool_indices, fb.seq_lens
         bs = rows.shape[0]
         n_real = bs - int(getattr(fb, "num_padding", 0) or 0)
         first = self._audit_fresh[rows]
-        audited = first | (lens % self._audit_every == 0)
+        audited = first | ((lens + 1) % self._audit_every == 0)
         if n_real < bs:
             audited[n_real:] = False
             first[n_real:] = False

@@ -76,7 +76,9 @@ def _audit_decoder(n, layers, group, max_scale, delta=0.05, h_q=8, max_rows=10):
 
 def test_audit_choice_counters_and_first_step_flag():
     """--prhs-audit-interval N: a request is audited (at every layer) on its first decode step after a (re)start,
-    the flag being consumed, and whenever its length is a multiple of N; padding rows never (and consume no flag).
+    the flag being consumed, and whenever its length + 1 is a multiple of N (with reselection every R | N steps, at
+    lengths that are multiples of R, that is the last step of a reuse window: reused lists get measured); padding
+    rows never (and consume no flag).
     Every (request, layer) audit goes to the ring and the counters, the first-step ones apart; with
     --prhs-audit-max-scale 1 the audit only reports."""
     from types import SimpleNamespace
@@ -101,7 +103,7 @@ def test_audit_choice_counters_and_first_step_flag():
             fresh.add(7)
         lens = torch.tensor([101, 205, 38, 401, 9], dtype=torch.int64) + step
         dec._plan_audit(SimpleNamespace(req_pool_indices=rows, seq_lens=lens, num_padding=1))
-        want = [(r in fresh) or L % n == 0 for r, L in zip(rows.tolist()[:4], lens.tolist()[:4])] + [False]
+        want = [(r in fresh) or (L + 1) % n == 0 for r, L in zip(rows.tolist()[:4], lens.tolist()[:4])] + [False]
         first = [r in fresh for r in rows.tolist()[:4]] + [False]
         fresh -= set(rows.tolist()[:4])
         got = dec.audit.audited[:5].bool().tolist()
