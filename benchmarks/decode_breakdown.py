@@ -3,7 +3,9 @@
     python -m benchmarks.decode_breakdown [--configs 8x131072,8x32768] [--page-sizes 32,64]
 
 Same data and timing as benchmarks/decode_attention.py (one Llama-3.1-8B layer: 32 query heads, 8 KV
-heads, d 128, bf16 KV in SGLang's paged layout, random KV; CUDA-graph replays, median per call). For
+heads, d 128, bf16 KV in SGLang's paged layout, random KV; CUDA-graph replays, median per call; ``--heads 12x2`` for
+another model's heads, e.g. Qwen2.5-Coder-1.5B's, and ``--max-seq-len`` for a server's ``--context-length``, which
+sizes the selection's tile: ``next_pow2`` of its pages, not of the request's). For
 each (batch, context, page size), PrHS at budget 1/16 and delta 0.05:
 
 * ``full``: ``SparseDecodeWrapper.run`` (bounds + selection + decode + merge), default launch shapes;
@@ -34,19 +36,32 @@ from benchmarks.serving import save_rows
 H_Q, H_KV, D = 32, 8, 128
 
 
+def set_heads(h_q: int, h_kv: int) -> None:
+    """Time layers of ``h_q`` query / ``h_kv`` KV heads (here and in benchmarks.decode_attention's batches)."""
+    global H_Q, H_KV
+    from benchmarks import decode_attention
+
+    if h_q % h_kv:
+        raise ValueError(f"{h_q} query heads are not a multiple of {h_kv} KV heads")
+    H_Q, H_KV = h_q, h_kv
+    decode_attention.H_Q, decode_attention.H_KV, decode_attention.GROUP = h_q, h_kv, h_q // h_kv
+
+
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=(), estimate_shapes=((8, 4, 2, 4),)) -> list:
+            estimate_deltas=(), estimate_shapes=((8, 4, 2, 4),), max_seq_len: int = 0) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
 
     gen = torch.Generator().manual_seed(1234 + bs + ctx + P)
     batch = Batch(bs, ctx, P, gen)
-    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device=DEV)
+    max_len = max(max_seq_len, ctx)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=max_len, device=DEV)
     rows = []
 
     def row(part, us, **kw):
-        r = dict(batch=bs, context=ctx, page_size=P, part=part, time_us=us, **kw)
+        r = dict(batch=bs, context=ctx, page_size=P, part=part, time_us=us, h_q=H_Q, h_kv=H_KV, max_seq_len=max_len,
+                 **kw)
         rows.append(r)
         log(f"bs={bs} ctx={ctx} P={P} {part} {kw} {us:.1f} us")
 
@@ -85,7 +100,7 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
     if estimate_deltas:
         from dataclasses import replace as _replace
 
-        we = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=ctx, device=DEV, estimate=True)
+        we = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=max_len, device=DEV, estimate=True)
         codes = torch.randint(0, 256, (batch.kc.shape[0], H_KV, D // 2), dtype=torch.uint8, device=DEV)
         for delta in estimate_deltas:
             pages = _replace(prhs_pages(1.0, delta), estimate=True)
@@ -97,8 +112,12 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
                                            batch.n_copies)[0], delta=delta, est_pages=shape[0], est_warps=shape[1],
                     est_stages=shape[2], est_pages_per_dot=shape[3])
             we.estimate_shape = estimate_shapes[0]
-            row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta,
-                warps=we.launch.select_warps)
+            planned_est = we.launch
+            for warps in sorted({planned_est.select_warps, *warps_list}):
+                we.launch = _replace(planned_est, select_warps=warps)
+                row("select-est", time_calls(lambda i: we._launch_select(), 1)[0], delta=delta, warps=warps,
+                    planned=warps == planned_est.select_warps)
+            we.launch = planned_est
             row("full-est", time_calls(lambda i: we.run(batch.q, *batch.copies[i], out=out, codes=codes),
                                        batch.n_copies)[0], delta=delta,
                 pages_read=float(we.num_selected.float().mean()) / -(-ctx // P))
@@ -128,9 +147,16 @@ def main(argv=None):
                     help="estimate-kernel launches to time: pages per program x warps x pipeline stages [x pages "
                          "per tl.dot, default 1] (the first is used for the other estimate rows), e.g. "
                          "8x4x2,8x4x2x4,16x4x3x2")
+    ap.add_argument("--heads", default="32x8", help="query x KV heads of the layer (Llama-3.1-8B: 32x8)")
+    ap.add_argument("--max-seq-len", type=int, default=0,
+                    help="the wrappers' max_seq_len (a server's --context-length; 0 = each config's context)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode_breakdown.json"))
     args = ap.parse_args(argv)
+    try:
+        set_heads(*(int(x) for x in args.heads.split("x")))
+    except (TypeError, ValueError) as exc:
+        ap.error(f"--heads: {exc}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows = []
     warps = [int(x) for x in args.warps.split(",")]
@@ -154,7 +180,7 @@ def main(argv=None):
             try:
                 rows += measure(bs, ctx, P, warps, bounds_shapes, art_heads, decode_shapes,
                                 [float(x) for x in args.estimate_deltas.split(",") if x],
-                                estimate_shapes)
+                                estimate_shapes, args.max_seq_len)
             except Exception as exc:  # noqa: BLE001  keep the other configurations
                 log(f"bs={bs} ctx={ctx} P={P} FAILED: {exc!r}")
     res = dict(gpu=torch.cuda.get_device_name(), copy_gbps=gbps, command="python -m benchmarks.decode_breakdown "
@@ -166,7 +192,8 @@ def main(argv=None):
         shape = f"{r['block_p']}x{r['bounds_warps']}x{r.get('bounds_iters', 1)}" if "block_p" in r else (
             f"ART head {r['art_head']}, {r['splits']} splits (tails >= {r.get('art_tail_pages', 8)} pages)" if "art_head" in r else
             f"{r['splits']} splits x {r['decode_warps']} warps x {r['ppi']} ppi x {r['stages']} stages"
-            if "decode_warps" in r else f"{r['est_pages']} pages x {r['est_warps']} warps" if "est_pages" in r else "")
+            if "decode_warps" in r else (f"{r['est_pages']} pages x {r['est_warps']} warps x {r['est_stages']} stages x "
+                                         f"{r['est_pages_per_dot']} per dot") if "est_pages" in r else "")
         print(f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['part']} | {r.get('warps', '')} | "
               f"{shape} | {r['time_us']:.1f} |")
 

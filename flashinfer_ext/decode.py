@@ -105,8 +105,18 @@ class _Launch:
     bounds_iters: int
 
 
+def select_warps_for(block_pg: int, sort_width: int) -> int:
+    """Warps of the selection kernel: 4 up to 512 pages in its tile, 8 up to 2048, else 16; and 16 whenever it
+    sorts 2048 or more pages (the estimate mode with every page allowed sorts them all: on an H200, 8 requests x 2
+    KV heads of 1,062 pages took 41 us with 16 warps, 55 us with 8 and 74 us with 4,
+    decode_breakdown_h200_qwen1.5b_heads.json; with a 1/16 budget's short sort 8 stayed best, 16.0 against 17.7)."""
+    if sort_width >= 2048:
+        return 16
+    return 4 if block_pg <= 512 else 8 if block_pg <= 2048 else 16
+
+
 def _launch_tuning(t: LaunchTuning, *, bs: int, h_kv: int, page_size: int, num_sms: int, max_splits: int,
-                   block_pg: int, list_len: int, art: bool) -> _Launch:
+                   block_pg: int, list_len: int, art: bool, sort_width: int = 0) -> _Launch:
     """The launch shapes for ``bs`` requests whose lists hold up to ``list_len`` pages; a field of ``t`` that is
     not None replaces the choice made here.
 
@@ -118,7 +128,7 @@ def _launch_tuning(t: LaunchTuning, *, bs: int, h_kv: int, page_size: int, num_s
       split over tail programs that run alongside it, at least 8 pages each;
     * the decode kernel gathers 64 rows per iteration (at least one page) with 4 warps and 3 stages (Triton
       turns the K/V gathers into cp.async copies one iteration ahead);
-    * the selection kernel takes 4 warps up to 512 pages in its tile, 8 up to 2048, else 16; the bound kernel
+    * the selection kernel: :func:`select_warps_for` (``sort_width``: the pages it sorts); the bound kernel
       scores 64-page chunks, one per program, with 4 warps.
     """
     P = page_size
@@ -155,7 +165,7 @@ def _launch_tuning(t: LaunchTuning, *, bs: int, h_kv: int, page_size: int, num_s
     return _Launch(num_splits=num_splits, head_len=head_len,
                    pages_per_iter=t.pages_per_iter or max(1, 64 // P),
                    num_warps=t.num_warps or 4, num_stages=t.num_stages or 3,
-                   select_warps=t.select_warps or (4 if block_pg <= 512 else 8 if block_pg <= 2048 else 16),
+                   select_warps=t.select_warps or select_warps_for(block_pg, sort_width),
                    bounds_block_p=block_p, bounds_warps=t.bounds_warps or 4, bounds_iters=iters)
 
 
@@ -366,7 +376,7 @@ class SparseDecodeWrapper:
         list_len = max(1, min(list_len, self.max_sel if self.select else hint_pages))
         self.launch = _launch_tuning(tuning, bs=bs, h_kv=self.h_kv, page_size=P, num_sms=self.num_sms,
                                      max_splits=self.max_splits, block_pg=self.block_pg, list_len=list_len,
-                                     art=self.art)
+                                     art=self.art, sort_width=self._sort_pad() if self.select else 0)
         if self._out is None or self._out.dtype != q_dtype:
             self._out = torch.empty(self.max_bs, self.h_q, self.dv, dtype=q_dtype, device=self.device)
         self._planned = True
@@ -522,9 +532,12 @@ class SparseDecodeWrapper:
         slot = reuse_slot if self.reuse else 0
         return self.state_pages[slot], self.state_num[slot], self.state_npg[slot]
 
+    def _sort_pad(self) -> int:
+        """The selection kernel's sort width: the plan's longest list, a power of two."""
+        return max(16, triton.next_power_of_2(self.list_max))
+
     def _select_meta(self) -> dict:
-        return dict(P=self.page_size, BLOCK_PG=self.block_pg,
-                    SORT_PAD=max(16, triton.next_power_of_2(self.list_max)),
+        return dict(P=self.page_size, BLOCK_PG=self.block_pg, SORT_PAD=self._sort_pad(),
                     DELTA_ZERO=self.delta <= 0.0, WRITE_REST=self.art, WRITE_STATE=self.reuse)
 
     def _log_ratio(self) -> float:

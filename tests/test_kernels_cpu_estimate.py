@@ -100,3 +100,23 @@ def test_decoder_quantises_each_layers_pages_from_its_own_key_buffer():
         want = prhs.quantise_page_keys(kc[slots], lo, hi, P).long()
         got = _unpack_codes(dec.summaries.codes[lid][slots])
         assert torch.equal(got, want), f"seed={seed} layer {lid}: codes differ from the layer's own keys"
+
+
+def test_selection_warps_follow_the_sort_width():
+    """The selection kernel's warps: 16 once it sorts 2048 or more pages (the estimate mode with every page
+    allowed sorts them all), else by its tile (4 up to 512 pages, 8 up to 2048, 16 above)."""
+    import torch
+
+    from flashinfer_ext.decode import SparseDecodeWrapper, select_warps_for
+    from kernel_cases import make_pool
+
+    assert [select_warps_for(b, s) for b, s in [(512, 512), (1024, 64), (2048, 128), (2048, 1024), (4096, 256)]] \
+        == [4, 8, 8, 8, 16]
+    assert select_warps_for(2048, 2048) == 16 and select_warps_for(4096, 4096) == 16
+    pool = make_pool([70], 16, H_Q, H_KV, D, D, DEVICE, torch.Generator().manual_seed(0))
+    w = SparseDecodeWrapper(H_Q, H_KV, D, 16, max_batch_size=2, max_seq_len=16 * 1100, device=DEVICE, estimate=True)
+    assert w.block_pg == 2048
+    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1.0, 0.1, estimate=True))
+    assert w.launch.select_warps == 16
+    w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 16, 0.1, estimate=True))
+    assert w.launch.select_warps == 8
