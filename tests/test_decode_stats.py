@@ -247,3 +247,18 @@ def test_profile_shifts_of_a_pipeline_stage_and_the_plan_width(monkeypatch):
     for prhs in ({}, {"layer_budget_shift": [0] * 12}, {"layer_budget_shift": shifts, "budget": 1.0}):
         dec = build(**prhs)
         assert dec.budget_shift is None and "budget_max_shift" not in dec._plan_kwargs, prhs
+
+
+def test_buffers_sized_by_the_models_context_not_the_token_table():
+    """SGLang's req_to_token rows carry 4 tokens of slack past the context length, which no request reaches (it is
+    capped at context_len - 1): the decoder's longest context is the model's, so a 32K model's 32-token pages make a
+    1024-page selection tile, not 2048; without a model config, the table's width."""
+    from types import SimpleNamespace
+
+    from sglang_sparse.sparse_decode import longest_context
+
+    runner = SimpleNamespace(model_config=SimpleNamespace(context_len=32768))
+    assert longest_context(32772, runner) == 32768
+    assert -(-longest_context(32772, runner) // 32) == 1024
+    assert longest_context(4100, SimpleNamespace(model_config=SimpleNamespace(context_len=8192))) == 4100
+    assert longest_context(32772, SimpleNamespace()) == 32772
