@@ -48,7 +48,7 @@ def set_heads(h_q: int, h_kv: int) -> None:
 
 
 def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, decode_shapes=(None,),
-            estimate_deltas=(), estimate_shapes=((8, 4, 2, 4),), max_seq_len: int = 0) -> list:
+            estimate_deltas=(), estimate_shapes=(None,), max_seq_len: int = 0) -> list:
     from dataclasses import replace
 
     from flashinfer_ext.decode import SparseDecodeWrapper
@@ -105,6 +105,8 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
         for delta in estimate_deltas:
             pages = _replace(prhs_pages(1.0, delta), estimate=True)
             we.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=pages), ctx))
+            planned_shape = we.estimate_shape
+            estimate_shapes = [planned_shape if x is None else x for x in estimate_shapes]
             for shape in estimate_shapes:
                 we.estimate_shape = shape
                 row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3],
@@ -143,10 +145,10 @@ def main(argv=None):
                          "iteration x stages, e.g. auto,8x4x1x3,32x4x1x3,16x8x2x3")
     ap.add_argument("--estimate-deltas", default="",
                     help="also time --prhs-select estimate at these deltas (comma list, e.g. 0.1,0.05)")
-    ap.add_argument("--estimate-shapes", default="8x4x2x4",
-                    help="estimate-kernel launches to time: pages per program x warps x pipeline stages [x pages "
-                         "per tl.dot, default 1] (the first is used for the other estimate rows), e.g. "
-                         "8x4x2,8x4x2x4,16x4x3x2")
+    ap.add_argument("--estimate-shapes", default="auto",
+                    help="estimate-kernel launches to time: 'auto' (the wrapper's default for these heads) or pages "
+                         "per program x warps x pipeline stages [x pages per tl.dot, default 1] (the first is used "
+                         "for the other estimate rows), e.g. auto,8x4x2,8x4x2x4,16x4x3x2")
     ap.add_argument("--heads", default="32x8", help="query x KV heads of the layer (Llama-3.1-8B: 32x8)")
     ap.add_argument("--max-seq-len", type=int, default=0,
                     help="the wrappers' max_seq_len (a server's --context-length; 0 = each config's context)")
@@ -168,10 +170,11 @@ def main(argv=None):
     decode_shapes = [None if x == "auto" else tuple(int(y) for y in x.split("x")) for x in args.decode_shapes.split(",")]
     if any(d is not None and len(d) != 4 for d in decode_shapes):
         ap.error("--decode-shapes entries are 'auto' or SPLITSxWARPSxPPIxSTAGES")
-    fields = [[int(y) for y in x.split("x")] for x in args.estimate_shapes.split(",")]
-    estimate_shapes = [tuple(f + [1] * (4 - len(f))) for f in fields]         # pages per tl.dot: 1 by default
-    if any(len(f) not in (3, 4) for f in fields) or any(s[0] % s[3] for s in estimate_shapes):
-        ap.error("--estimate-shapes entries are PAGESxWARPSxSTAGES[xPAGES_PER_DOT], PAGES a multiple of the last")
+    fields = [None if x == "auto" else [int(y) for y in x.split("x")] for x in args.estimate_shapes.split(",")]
+    estimate_shapes = [None if f is None else tuple(f + [1] * (4 - len(f))) for f in fields]  # 1 page per dot
+    if any(f is not None and (len(f) not in (3, 4) or s[0] % s[3]) for f, s in zip(fields, estimate_shapes)):
+        ap.error("--estimate-shapes entries are 'auto' or PAGESxWARPSxSTAGES[xPAGES_PER_DOT], PAGES a multiple of "
+                 "the last")
     gbps = copy_bandwidth_gbps()
     log(f"copy bandwidth {gbps:.0f} GB/s on {torch.cuda.get_device_name()}")
     for P in (int(x) for x in args.page_sizes.split(",")):

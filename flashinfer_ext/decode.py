@@ -105,6 +105,18 @@ class _Launch:
     bounds_iters: int
 
 
+def estimate_pages_per_dot(group: int) -> int:
+    """Pages per ``tl.dot`` of the estimate kernel: as many as fill its 16 query columns (``KP * G <= 16``, at most
+    4), since a wider query tile pads to 32 columns and wastes half of each product. On an H200 at 8 x 32K: 4 query
+    heads per KV head (Llama-3.1-8B, 64-token pages) 138 us with 4 pages per dot, 175 us with 2, 176 us with 1
+    (decode_breakdown_h200_estimate_kp.json); 6 (Qwen2.5-Coder-1.5B, 32-token pages) 52 us with 2, 66 us with 4
+    (decode_breakdown_h200_qwen1.5b_heads.json)."""
+    kp = 1
+    while kp < 4 and 2 * kp * group <= 16:
+        kp *= 2
+    return kp
+
+
 def select_warps_for(block_pg: int, sort_width: int) -> int:
     """Warps of the selection kernel: 4 up to 512 pages in its tile, 8 up to 2048, else 16; and 16 whenever it
     sorts 2048 or more pages (the estimate mode with every page allowed sorts them all: on an H200, 8 requests x 2
@@ -233,9 +245,8 @@ class SparseDecodeWrapper:
         self.lb = torch.empty(bs, hk, self.block_pg, **f32)
         self.est = torch.empty(bs, hq, self.block_pg, **f32) if estimate else None
         # the estimate kernel's launch: pages per program, warps, pipeline stages, pages per tl.dot
-        # (benchmarks.decode_breakdown --estimate-shapes; 4 pages per tl.dot took 138 / 272 us against 176 / 341 us
-        # for 1 at 8 x 32K / 4 x 128K on an H200, decode_breakdown_h200_estimate_kp.json)
-        self.estimate_shape = (8, 4, 2, 4)
+        # (benchmarks.decode_breakdown --estimate-shapes; see estimate_pages_per_dot)
+        self.estimate_shape = (8, 4, 2, estimate_pages_per_dot(hq // hk))
         # this step's fresh selection per (batch row, KV head): logical pages in read order, count
         self.sel_pages = torch.full((bs, hk, self.max_sel), -1, **i32)
         self.num_sel = torch.zeros(bs, hk, **i32)

@@ -120,3 +120,14 @@ def test_selection_warps_follow_the_sort_width():
     assert w.launch.select_warps == 16
     w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=sel(1 / 16, 0.1, estimate=True))
     assert w.launch.select_warps == 8
+
+
+def test_estimate_pages_per_dot_fill_the_query_columns():
+    """As many pages per tl.dot as keep the query tile at 16 columns (KP x G <= 16, at most 4): Llama's 4 query heads
+    per KV head take 4, Qwen2.5-Coder's 6 / 7 take 2, 16 take 1; the wrapper launches that by default."""
+    from flashinfer_ext.decode import SparseDecodeWrapper, estimate_pages_per_dot
+
+    assert [estimate_pages_per_dot(g) for g in (1, 2, 4, 5, 6, 7, 8, 9, 16)] == [4, 4, 4, 2, 2, 2, 2, 1, 1]
+    for hq, hk, kp in [(32, 8, 4), (12, 2, 2), (14, 2, 2)]:
+        w = SparseDecodeWrapper(hq, hk, D, 16, max_batch_size=1, max_seq_len=256, device=DEVICE, estimate=True)
+        assert w.estimate_shape == (8, 4, 2, kp), (hq, hk, w.estimate_shape)
