@@ -195,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--shared-prefix-load", action="store_true",
                     help="after parity, run bench_serving's generated-shared-prefix dataset (radix-cache reuse, "
                          "page-summary reuse) and check the server survives and reports no KV leak at idle")
+    ap.add_argument("--context-length", type=int, default=0,
+                    help="SGLang's --context-length of every server (default: the longest input + output + 1024); a "
+                         "real model's own length keeps the decode buffers and PrHS's selection tile as it serves them")
     ap.add_argument("--load-format", default="dummy",
                     help="SGLang's --load-format of every server: dummy (random weights of the model's shape, the "
                          "default) or auto for a real checkpoint")
@@ -211,6 +214,11 @@ def main(argv=None):
     lens = [int(x) for x in args.input_lens.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     ctx = max(lens) + args.output_len + 1024  # prompts are sent as token ids (--tokenize-prompt): exact lengths
+    if args.context_length:
+        if args.context_length < max(lens) + args.output_len + 2:
+            ap.error(f"--context-length {args.context_length} cannot hold {max(lens)} prompt tokens and "
+                     f"{args.output_len} output tokens (SGLang caps a request at the context length - 2)")
+        ctx = args.context_length
     common = common_flags(args.model, ctx, max(concs), args.page_size, args.mem_fraction, args.load_format)
     dummy = args.load_format == "dummy"
     model_tag = "$LLAMA8B_SHAPE" if dummy else os.path.basename(os.path.normpath(args.model))
@@ -314,7 +322,7 @@ def main(argv=None):
                                "median_itl_ms": res.get("median_itl_ms"), "mean_itl_ms": res.get("mean_itl_ms"),
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
                                "completed": res.get("completed"), "page_size": args.page_size,
-                               "warm_prefix": args.warm_prefix, "tp": args.tp, "model": model_tag,
+                               "warm_prefix": args.warm_prefix, "tp": args.tp, "model": model_tag, "context_length": ctx,
                                "prompts": ("quality-run tasks (" + os.path.basename(args.prompts_from) + ")"
                                            if args.prompts_from else "random token ids"),
                                "greedy_identical_prompts": parity,
@@ -329,8 +337,9 @@ def main(argv=None):
                         row.update(decode_stats(slog))
                         rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"],
                                                     bool(r.get("warm_prefix")), r.get("tp", 1),
-                                                    r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"))
-                                != (name, L, C, args.warm_prefix, args.tp, row["model"], row["prompts"])]
+                                                    r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"),
+                                                    r.get("context_length", ctx))
+                                != (name, L, C, args.warm_prefix, args.tp, row["model"], row["prompts"], ctx)]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
@@ -347,7 +356,7 @@ def main(argv=None):
             log(f"{name} FAILED: {e!r}")
     def key(r):
         return (r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1),
-                r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"))
+                r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"), r.get("context_length"))
 
     base_tpot = {key(r): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
     try:
