@@ -130,6 +130,17 @@ def _drive_wrappers():
              pages=sel(1.0, 0.05, estimate=True))
     w64.run(torch.empty(2, 14, d64, dtype=torch.bfloat16), kc64, torch.empty_like(kc64), km64, km64, codes=cd64)
     update_page_summaries(km64, km64.clone(), kc64[:100], torch.arange(100), 64, k_cache=kc64, codes=cd64)
+    # Qwen2.5-Coder-1.5B's heads (12 / 2, G 6: 2 pages per tl.dot) at a 32K context of 16-token pages: the selection
+    # sorts 2048 pages with 16 warps
+    n15 = 2048 * 16
+    w15 = SparseDecodeWrapper(12, 2, D, 16, max_batch_size=1, max_seq_len=n15, device="cpu", estimate=True)
+    kc15 = torch.empty(n15 + 16, 2, D, dtype=torch.bfloat16)
+    km15 = torch.empty(n15 // 16 + 1, 2, D, dtype=torch.bfloat16)
+    w15.plan(torch.zeros(2, n15, dtype=torch.int32), torch.arange(1, 2), torch.full((1,), n15 - 5),
+             pages=sel(1.0, 0.1, estimate=True))
+    assert w15.estimate_shape[3] == 2 and w15.launch.select_warps == 16
+    w15.run(torch.empty(1, 12, D, dtype=torch.bfloat16), kc15, torch.empty_like(kc15), km15, km15,
+            codes=torch.empty(n15 + 16, 2, D // 2, dtype=torch.uint8))
     n = 4096
     for pool in ("avg", "max"):
         sc = ClaaWindowScorer(H_Q, H_KV, D, 8, max_len=n, pool=pool, device="cpu")
