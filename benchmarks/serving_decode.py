@@ -75,6 +75,23 @@ CONFIGS = {
                                    "--prhs-layers-per-selection", "4", "--prhs-reselect-interval", "4",
                                    "--prhs-dilation", "0", "--art", "on"]),
 }
+# The quality_gpu setting whose answers were measured at each config's mechanism settings (the audit, which only
+# measures, and the context floor of --prhs-min-context-len apart; tests/test_benchmark_configs.py checks that the
+# two parse to the same mechanisms). Rows carry it as ``quality_setting``; a config without one has no quality row.
+QUALITY_SETTING = {
+    "flashinfer": "dense",
+    "ours_off": "ours-off",
+    "ours_prhs": "prhs-b1/16",
+    "ours_prhs_art": "prhs-b1/16+art",
+    "ours_prhs_g4": "prhs-b1/16-g4",
+    "ours_prhs_b2": "prhs-b1/2",
+    "ours_prhs_b2_art": "prhs-b1/2+art",
+    "ours_dense_art": "art",
+    "ours_prhs_est_d0.1": "prhs-est-d0.1",
+    "ours_prhs_est_d0.1_r4": "prhs-est-d0.1-r4",
+    "ours_prhs_est_d0.1_g2_r4": "prhs-est-d0.1-g2-r4",
+}
+
 _NUM = r"([\d.]+|nan)"      # delta-hat is NaN for a batch of reused lists only
 STATS = re.compile(rf"sglang_sparse decode stats: bs=(\d+) pages_read={_NUM} delta_hat mean={_NUM} "
                    rf"max={_NUM} art_stop_rate={_NUM} blocks_read_mean={_NUM}")
@@ -323,6 +340,7 @@ def main(argv=None):
                                "median_ttft_ms": res.get("median_ttft_ms"), "p99_itl_ms": res.get("p99_itl_ms"),
                                "completed": res.get("completed"), "page_size": args.page_size,
                                "warm_prefix": args.warm_prefix, "tp": args.tp, "model": model_tag, "context_length": ctx,
+                               "quality_setting": QUALITY_SETTING.get(name),
                                "prompts": ("quality-run tasks (" + os.path.basename(args.prompts_from) + ")"
                                            if args.prompts_from else "random token ids"),
                                "greedy_identical_prompts": parity,

@@ -60,6 +60,30 @@ def test_benchmark_setting_parses_and_validates(name, flags):
         assert cfg.prhs.budget == pytest.approx(1 / int(budget.group(1))), (label, cfg.prhs.budget)
 
 
+def _mechanisms(flags):
+    """The sglang_sparse settings ``flags`` give, with what only measures (the audit) and the context floor of
+    --prhs-min-context-len (0 in the quality runs so 4K prompts are sparse too; no speed prompt is below it) left out."""
+    import dataclasses
+
+    cfg, _ = C.parse_known_args(["--model-path", "m"] + list(flags))
+    prhs = dataclasses.replace(cfg.prhs, audit_interval=0, audit_max_scale=C.PrhsConfig().audit_max_scale,
+                               min_context_len=0)
+    return dataclasses.replace(cfg, prhs=prhs)
+
+
+@pytest.mark.parametrize("config", sorted(serving_decode.QUALITY_SETTING))
+def test_speed_configs_serve_the_settings_of_their_quality_rows(config):
+    """A speed row names the quality row of its settings (serving_decode.QUALITY_SETTING): both must serve the same
+    mechanisms, or the speed would be claimed for answers measured elsewhere."""
+    launcher, flags = serving_decode.CONFIGS[config]
+    module, qflags = _quality_settings()[serving_decode.QUALITY_SETTING[config]]
+    assert (launcher == OURS) == (module == "sglang_sparse.launch_server"), (config, launcher, module)
+    if launcher != OURS:
+        assert "flashinfer" in flags and "flashinfer" in qflags
+        return
+    assert _mechanisms(flags) == _mechanisms(quality_gpu.COMMON_FLAGS + list(qflags)), config
+
+
 def _all_flag_sets():
     decode_common = serving_decode.common_flags("m", 34048, 8)[2:]      # without --model-path
     prefill_common = serving_prefill.common_flags("m", 66560, 65536)[2:]
