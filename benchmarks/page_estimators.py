@@ -43,7 +43,7 @@ import json
 import math
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -69,7 +69,7 @@ from sglang_sparse.prhs import (
 
 __all__ = ["head_page_mass_from_logits", "group_page_mass_from_logits", "quantised_keys", "sparq_logits",
            "midrange_page_mass", "group_midrange_page_mass", "mean_page_mass", "RANKINGS", "head_scores",
-           "ranking_scores", "estimated_mass_selection", "DELTAS", "sample", "main"]
+           "ranking_scores", "estimated_mass_selection", "reused_selection_rule", "DELTAS", "sample", "main"]
 
 
 # ------------------------------------------------------------------------------------------------ estimators
@@ -284,6 +284,39 @@ def sample(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.Calibratio
     return out
 
 
+def reused_selection_rule(steps: Sequence[Tuple[Tensor, Tensor, Optional[Tensor]]], sm_scale: float, page_size: int,
+                          interval: int, sink_pages: int, recent_pages: int,
+                          deltas: Sequence[float] = DELTAS) -> Tensor:
+    """The served estimate's delta rule on a fresh selection every ``interval`` decode steps, the list reused in
+    between with the pages created since appended (``--prhs-reselect-interval R --prhs-dilation 0``). ``steps``: one
+    layer's consecutive decode steps ``(q, k, v)``, step j attending ``k[: n + j + 1]``. Returns, for every reused
+    step, per delta, ``(true worst-head dropped mass, fraction of the pages read)``: ``[reused steps, deltas, 2]``
+    (empty with ``interval`` 1). Measures what an audit sampling only fresh steps cannot see."""
+    rows = []
+    fresh: Dict[float, Tuple[List[List[int]], int]] = {}
+    for j, (q, k, _) in enumerate(steps):
+        lens = page_lengths(k.shape[0], page_size, device=k.device)
+        num_pages, h_kv = lens.numel(), k.shape[1]
+        if j % interval == 0:
+            est = _key4_served(q, k, sm_scale, page_size).log()
+            for d in deltas:
+                sel = select_pages_estimated(est, lens, h_kv, d, num_pages, sink_pages, recent_pages)
+                fresh[d] = ([sel.pages[h, : int(sel.num_selected[h])].tolist() for h in range(h_kv)], num_pages)
+            continue
+        row = []
+        for d in deltas:
+            lists, npg_then = fresh[d]
+            lists = [lst + list(range(npg_then, num_pages)) for lst in lists]
+            num = torch.tensor([len(x) for x in lists], dtype=torch.long, device=k.device)
+            pages = torch.full((h_kv, max(1, int(num.max()))), -1, dtype=torch.long, device=k.device)
+            for h, lst in enumerate(lists):
+                pages[h, : len(lst)] = torch.tensor(lst, dtype=torch.long, device=k.device)
+            dropped = float(exact_dropped_mass(q, k, page_size, pages, num, sm_scale).max())
+            row.append([dropped, float(num.double().mean()) / num_pages])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(deltas), 2)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def _needed_fraction(per_layer_q: List[List[float]], error: float, fractions: Sequence[float]) -> float:
     """Mean over layers of the smallest budget fraction whose error quantile is within ``error``."""
@@ -305,6 +338,7 @@ def run(args) -> dict:
     errs = {n: [[] for _ in range(num_layers)] for n in names}
     rule = {n: [] for n in names}
     masses = {n: [[] for _ in range(num_layers)] for n in names}
+    reused: List[Tensor] = []
     prompts = []
     jobs = [(n, i) for n in args.lengths for i in range(args.num_prompts)]
     for j, (target, i) in enumerate(jobs):
@@ -314,11 +348,15 @@ def run(args) -> dict:
         text = tokenizer.decode(answer[: args.answer_tokens], skip_special_tokens=True)
         for layer in cal._progress(range(num_layers), args.no_progress, desc=f"prompt {j + 1}/{len(jobs)}",
                                    unit="layer", leave=False):
-            for q, k, v in col.samples(layer):
+            steps = col.samples(layer)
+            for q, k, v in steps:
                 for n, (err, mass, rows) in sample(q, k, v, col.scale, cfg, shifts, names).items():
                     errs[n][layer].append(err)
                     masses[n][layer].append(mass)
                     rule[n].append(rows)
+            if args.reselect_interval > 1:
+                reused.append(reused_selection_rule(steps, col.scale, cfg.page_size, args.reselect_interval,
+                                                    cfg.sink_pages, cfg.recent_pages))
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "answer": text,
                         "correct": value in text, "seconds": round(time.time() - t1, 1)})
         print(f"[page_estimators] prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, answer {text!r} "
@@ -347,11 +385,19 @@ def run(args) -> dict:
              "error_mean": float(r[:, i, 2].mean()),
              "error_quantile": float(torch.quantile(r[:, i, 2], args.quantile))}
             for i, d in enumerate(DELTAS)]
+    reuse = None
+    if reused:
+        r = torch.cat(reused)                                                # [reused steps x layers, deltas, 2]
+        reuse = {"reselect_interval": args.reselect_interval, "ranking": "key4-served", "reused_steps": r.shape[0],
+                 "delta_rule": [{"delta": d, "within_delta": float((r[:, i, 0] <= d).double().mean()),
+                                 "dropped_mean": float(r[:, i, 0].mean()),
+                                 "dropped_p99": float(torch.quantile(r[:, i, 0], 0.99)),
+                                 "pages_read": float(r[:, i, 1].mean())} for i, d in enumerate(DELTAS)]}
     return {"command": " ".join(["python -m benchmarks.page_estimators"] + sys.argv[1:]),
             "device": device, "wall_s": round(time.time() - t0, 1), "model": cal._model_name(args.model_path),
             "page_size": cfg.page_size, "budget_fractions": fractions, "quantile": args.quantile,
             "error": args.error, "samples_per_layer": len(errs[names[0]][0]), "prompts": prompts,
-            "rankings": summary}
+            "rankings": summary, "reused_lists": reuse}
 
 
 def table(res: dict) -> str:
@@ -372,6 +418,14 @@ def table(res: dict) -> str:
     for n, s in res["rankings"].items():
         lines.append(f"| {n} | " + " | ".join(f"{100 * x['within_delta']:.0f} % / {100 * x['pages_read']:.0f} % / "
                                               f"{x['error_mean']:.3f}" for x in s["delta_rule"]) + " |")
+    reuse = res.get("reused_lists")
+    if reuse:
+        lines += ["", f"key4-served lists reused between fresh selections every {reuse['reselect_interval']} steps "
+                      f"({reuse['reused_steps']} reused steps x layers): within delta / mean dropped / pages read", "",
+                  "| " + " | ".join(f"delta {x['delta']:g}" for x in reuse["delta_rule"]) + " |",
+                  "|" + "---|" * len(reuse["delta_rule"]),
+                  "| " + " | ".join(f"{100 * x['within_delta']:.0f} % / {x['dropped_mean']:.3f} / "
+                                    f"{100 * x['pages_read']:.0f} %" for x in reuse["delta_rule"]) + " |"]
     return "\n".join(lines)
 
 
@@ -386,6 +440,9 @@ def main(argv=None) -> int:
     p.add_argument("--error", type=float, default=0.1, help="layer output error a layer's budget must keep")
     p.add_argument("--rankings", type=lambda x: x.split(","), default=list(RANKINGS),
                    help=f"comma-separated subset of {','.join(RANKINGS)}")
+    p.add_argument("--reselect-interval", type=int, default=0,
+                   help="also measure the served estimate's lists reused between fresh selections every R decode "
+                        "steps (--prhs-reselect-interval R, dilation 0): true dropped mass on the reused steps")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None)

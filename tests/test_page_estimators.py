@@ -134,3 +134,29 @@ def test_group_midrange_uses_the_group_bounds(seed):
     torch.testing.assert_close(got[0], want[0], msg=f"seed {seed}")
     torch.testing.assert_close(got[1], want[0], msg=f"seed {seed}")
     torch.testing.assert_close(got[3], want[1], msg=f"seed {seed}")
+
+
+def test_reused_lists_miss_a_needle_that_appears_after_the_fresh_selection(seed):
+    """--prhs-reselect-interval 2 offline: step 0 selects afresh (its query points at page 2), step 1 reuses that list
+    plus the page created since, while its query points at page 5, outside the list: the reused step drops nearly all
+    the mass. With steps that do not change, a reused step reads what a fresh selection reads."""
+    gen = torch.Generator().manual_seed(seed)
+    P, h_kv, d, n = 16, 2, 16, 16 * 8 - 1                        # 7 full pages + one token: step 1 starts page 8
+    k = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen) * 0.1
+    v = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen)
+    u2, u5 = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
+    u2[0], u5[1] = 1.0, 1.0
+    k[2 * P:3 * P] += 6.0 * u2
+    k[5 * P:6 * P] += 6.0 * u5
+    q0 = (4.0 * u2).repeat(2 * h_kv, 1)
+    q1 = (4.0 * u5).repeat(2 * h_kv, 1)
+    steps = [(q0, k[: n + 1], v[: n + 1]), (q1, k[: n + 2], v[: n + 2])]
+    r = pe.reused_selection_rule(steps, 1.0, P, 2, sink_pages=1, recent_pages=1, deltas=(0.1,))
+    assert r.shape == (1, 1, 2), r.shape
+    dropped, read = float(r[0, 0, 0]), float(r[0, 0, 1])
+    assert dropped > 0.9, f"seed {seed}: the reused list read page 5 ({dropped})"
+    fresh_num = len({0, 2, 7})                                    # sink, the needle page, the recent page
+    assert math.isclose(read, (fresh_num + 1) / 9), f"seed {seed}: {read} of 9 pages (the new page 8 appended)"
+    same = pe.reused_selection_rule([steps[0], steps[0]], 1.0, P, 2, 1, 1, deltas=(0.1,))
+    assert float(same[0, 0, 0]) <= 0.1, f"seed {seed}: an unchanged step dropped {float(same[0, 0, 0])}"
+    assert pe.reused_selection_rule(steps, 1.0, P, 1, 1, 1, deltas=(0.1,)).shape[0] == 0
