@@ -456,7 +456,7 @@ _FLAGS = (
      "Widen a reused selection by this many pages on each side of every kept page."),
     ("--prhs-layers-per-selection", "prhs_layers_per_selection", int, "prhs", "layers_per_selection",
      "Number of consecutive layers sharing one page selection (delta holds for the selecting layer only: the "
-     "others dropped more than 0.1 in 46 % of the audits at delta 0.1 on Qwen2.5-Coder-1.5B)."),
+     "others dropped more than 0.1 in 46 %% of the audits at delta 0.1 on Qwen2.5-Coder-1.5B)."),
     ("--prhs-sink-pages", "prhs_sink_pages", int, "prhs", "sink_pages",
      "Pages at the start of the context that are always read."),
     ("--prhs-recent-pages", "prhs_recent_pages", int, "prhs", "recent_pages",
