@@ -286,9 +286,10 @@ def sample(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, cfg: cal.Calibratio
 
 def reused_selection_rule(steps: Sequence[Tuple[Tensor, Tensor, Optional[Tensor]]], sm_scale: float, page_size: int,
                           interval: int, sink_pages: int, recent_pages: int,
-                          deltas: Sequence[float] = DELTAS) -> Tensor:
+                          deltas: Sequence[float] = DELTAS, dilation: int = 0) -> Tensor:
     """The served estimate's delta rule on a fresh selection every ``interval`` decode steps, the list reused in
-    between with the pages created since appended (``--prhs-reselect-interval R --prhs-dilation 0``). ``steps``: one
+    between, widened by ``dilation`` pages on each side of every kept page, with the pages created since appended
+    (``--prhs-reselect-interval R --prhs-dilation X``). ``steps``: one
     layer's consecutive decode steps ``(q, k, v)``, step j attending ``k[: n + j + 1]``. Returns, for every reused
     step, per delta, ``(true worst-head dropped mass, fraction of the pages read)``: ``[reused steps, deltas, 2]``
     (empty with ``interval`` 1). Measures what an audit sampling only fresh steps cannot see."""
@@ -306,7 +307,8 @@ def reused_selection_rule(steps: Sequence[Tuple[Tensor, Tensor, Optional[Tensor]
         row = []
         for d in deltas:
             lists, npg_then = fresh[d]
-            lists = [lst + list(range(npg_then, num_pages)) for lst in lists]
+            lists = [sorted({p + o for p in lst for o in range(-dilation, dilation + 1) if 0 <= p + o < npg_then})
+                     + list(range(npg_then, num_pages)) for lst in lists]
             num = torch.tensor([len(x) for x in lists], dtype=torch.long, device=k.device)
             pages = torch.full((h_kv, max(1, int(num.max()))), -1, dtype=torch.long, device=k.device)
             for h, lst in enumerate(lists):
@@ -356,7 +358,7 @@ def run(args) -> dict:
                     rule[n].append(rows)
             if args.reselect_interval > 1:
                 reused.append(reused_selection_rule(steps, col.scale, cfg.page_size, args.reselect_interval,
-                                                    cfg.sink_pages, cfg.recent_pages))
+                                                    cfg.sink_pages, cfg.recent_pages, dilation=args.dilation))
         prompts.append({"target_tokens": target, "prompt_tokens": len(ids), "answer": text,
                         "correct": value in text, "seconds": round(time.time() - t1, 1)})
         print(f"[page_estimators] prompt {j + 1}/{len(jobs)}: {len(ids)} tokens, answer {text!r} "
@@ -388,7 +390,8 @@ def run(args) -> dict:
     reuse = None
     if reused:
         r = torch.cat(reused)                                                # [reused steps x layers, deltas, 2]
-        reuse = {"reselect_interval": args.reselect_interval, "ranking": "key4-served", "reused_steps": r.shape[0],
+        reuse = {"reselect_interval": args.reselect_interval, "dilation": args.dilation, "ranking": "key4-served",
+                 "reused_steps": r.shape[0],
                  "delta_rule": [{"delta": d, "within_delta": float((r[:, i, 0] <= d).double().mean()),
                                  "dropped_mean": float(r[:, i, 0].mean()),
                                  "dropped_p99": float(torch.quantile(r[:, i, 0], 0.99)),
@@ -420,8 +423,9 @@ def table(res: dict) -> str:
                                               f"{x['error_mean']:.3f}" for x in s["delta_rule"]) + " |")
     reuse = res.get("reused_lists")
     if reuse:
-        lines += ["", f"key4-served lists reused between fresh selections every {reuse['reselect_interval']} steps "
-                      f"({reuse['reused_steps']} reused steps x layers): within delta / mean dropped / pages read", "",
+        lines += ["", f"key4-served lists reused between fresh selections every {reuse['reselect_interval']} steps, "
+                      f"dilation {reuse.get('dilation', 0)} ({reuse['reused_steps']} reused steps x layers): within "
+                      "delta / mean dropped / pages read", "",
                   "| " + " | ".join(f"delta {x['delta']:g}" for x in reuse["delta_rule"]) + " |",
                   "|" + "---|" * len(reuse["delta_rule"]),
                   "| " + " | ".join(f"{100 * x['within_delta']:.0f} % / {x['dropped_mean']:.3f} / "
@@ -443,6 +447,9 @@ def main(argv=None) -> int:
     p.add_argument("--reselect-interval", type=int, default=0,
                    help="also measure the served estimate's lists reused between fresh selections every R decode "
                         "steps (--prhs-reselect-interval R, dilation 0): true dropped mass on the reused steps")
+    p.add_argument("--dilation", type=int, default=0,
+                   help="with --reselect-interval: widen each reused list by this many pages on each side of every "
+                        "kept page (--prhs-dilation)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None)

@@ -160,3 +160,22 @@ def test_reused_lists_miss_a_needle_that_appears_after_the_fresh_selection(seed)
     same = pe.reused_selection_rule([steps[0], steps[0]], 1.0, P, 2, 1, 1, deltas=(0.1,))
     assert float(same[0, 0, 0]) <= 0.1, f"seed {seed}: an unchanged step dropped {float(same[0, 0, 0])}"
     assert pe.reused_selection_rule(steps, 1.0, P, 1, 1, 1, deltas=(0.1,)).shape[0] == 0
+
+
+def test_reused_lists_widened_by_dilation(seed):
+    """--prhs-dilation 1 offline: the reused list also reads the neighbours of every kept page (here pages 1 and 3
+    around the needle page 2, and 6 before the recent page 7), so a query moving to the next page is still covered."""
+    gen = torch.Generator().manual_seed(seed)
+    P, h_kv, d, n = 16, 2, 16, 16 * 8 - 2
+    k = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen) * 0.1
+    v = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen)
+    u2, u3 = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
+    u2[0], u3[1] = 1.0, 1.0
+    k[2 * P:3 * P] += 6.0 * u2
+    k[3 * P:4 * P] += 6.0 * u3
+    steps = [((4.0 * u2).repeat(2 * h_kv, 1), k[: n + 1], v[: n + 1]),
+             ((4.0 * u3).repeat(2 * h_kv, 1), k[: n + 2], v[: n + 2])]
+    plain = pe.reused_selection_rule(steps, 1.0, P, 2, 1, 1, deltas=(0.1,))
+    wide = pe.reused_selection_rule(steps, 1.0, P, 2, 1, 1, deltas=(0.1,), dilation=1)
+    assert float(plain[0, 0, 0]) > 0.9 and float(wide[0, 0, 0]) < 0.1, f"seed {seed}: {plain} {wide}"
+    assert math.isclose(float(wide[0, 0, 1]), 6 / 8), f"seed {seed}: pages 0-3, 6, 7 of 8, got {float(wide[0, 0, 1])}"
