@@ -136,21 +136,27 @@ def test_group_midrange_uses_the_group_bounds(seed):
     torch.testing.assert_close(got[3], want[1], msg=f"seed {seed}")
 
 
+def _moving_needle(seed, n, page_then, page_next, P=16, h_kv=2, d=16):
+    """Two consecutive decode steps over ``n + 1`` then ``n + 2`` keys: the first query points at page
+    ``page_then``, the second at page ``page_next`` (each a page of keys along its own channel), the rest noise."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen) * 0.1
+    v = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen)
+    steps = []
+    for j, page in enumerate((page_then, page_next)):
+        u = torch.zeros(d, dtype=F64)
+        u[j] = 1.0
+        k[page * P:(page + 1) * P] += 6.0 * u
+        steps.append(((4.0 * u).repeat(2 * h_kv, 1), k[: n + 1 + j], v[: n + 1 + j]))
+    return steps
+
+
 def test_reused_lists_miss_a_needle_that_appears_after_the_fresh_selection(seed):
     """--prhs-reselect-interval 2 offline: step 0 selects afresh (its query points at page 2), step 1 reuses that list
     plus the page created since, while its query points at page 5, outside the list: the reused step drops nearly all
     the mass. With steps that do not change, a reused step reads what a fresh selection reads."""
-    gen = torch.Generator().manual_seed(seed)
-    P, h_kv, d, n = 16, 2, 16, 16 * 8 - 1                        # 7 full pages + one token: step 1 starts page 8
-    k = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen) * 0.1
-    v = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen)
-    u2, u5 = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
-    u2[0], u5[1] = 1.0, 1.0
-    k[2 * P:3 * P] += 6.0 * u2
-    k[5 * P:6 * P] += 6.0 * u5
-    q0 = (4.0 * u2).repeat(2 * h_kv, 1)
-    q1 = (4.0 * u5).repeat(2 * h_kv, 1)
-    steps = [(q0, k[: n + 1], v[: n + 1]), (q1, k[: n + 2], v[: n + 2])]
+    P = 16
+    steps = _moving_needle(seed, 16 * 8 - 1, 2, 5)               # 7 full pages + one token: step 1 starts page 8
     r = pe.reused_selection_rule(steps, 1.0, P, 2, sink_pages=1, recent_pages=1, deltas=(0.1,))
     assert r.shape == (1, 1, 2), r.shape
     dropped, read = float(r[0, 0, 0]), float(r[0, 0, 1])
@@ -165,17 +171,8 @@ def test_reused_lists_miss_a_needle_that_appears_after_the_fresh_selection(seed)
 def test_reused_lists_widened_by_dilation(seed):
     """--prhs-dilation 1 offline: the reused list also reads the neighbours of every kept page (here pages 1 and 3
     around the needle page 2, and 6 before the recent page 7), so a query moving to the next page is still covered."""
-    gen = torch.Generator().manual_seed(seed)
-    P, h_kv, d, n = 16, 2, 16, 16 * 8 - 2
-    k = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen) * 0.1
-    v = torch.randn(n + 2, h_kv, d, dtype=F64, generator=gen)
-    u2, u3 = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
-    u2[0], u3[1] = 1.0, 1.0
-    k[2 * P:3 * P] += 6.0 * u2
-    k[3 * P:4 * P] += 6.0 * u3
-    steps = [((4.0 * u2).repeat(2 * h_kv, 1), k[: n + 1], v[: n + 1]),
-             ((4.0 * u3).repeat(2 * h_kv, 1), k[: n + 2], v[: n + 2])]
-    plain = pe.reused_selection_rule(steps, 1.0, P, 2, 1, 1, deltas=(0.1,))
-    wide = pe.reused_selection_rule(steps, 1.0, P, 2, 1, 1, deltas=(0.1,), dilation=1)
+    steps = _moving_needle(seed, 16 * 8 - 2, 2, 3)
+    plain = pe.reused_selection_rule(steps, 1.0, 16, 2, 1, 1, deltas=(0.1,))
+    wide = pe.reused_selection_rule(steps, 1.0, 16, 2, 1, 1, deltas=(0.1,), dilation=1)
     assert float(plain[0, 0, 0]) > 0.9 and float(wide[0, 0, 0]) < 0.1, f"seed {seed}: {plain} {wide}"
     assert math.isclose(float(wide[0, 0, 1]), 6 / 8), f"seed {seed}: pages 0-3, 6, 7 of 8, got {float(wide[0, 0, 1])}"
