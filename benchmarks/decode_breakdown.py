@@ -102,11 +102,11 @@ def measure(bs: int, ctx: int, P: int, warps_list, bounds_shapes, art_heads, dec
 
         we = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=bs, max_seq_len=max_len, device=DEV, estimate=True)
         codes = torch.randint(0, 256, (batch.kc.shape[0], H_KV, D // 2), dtype=torch.uint8, device=DEV)
+        # 'auto': the wrapper's default for these heads
+        estimate_shapes = [we.estimate_shape if x is None else x for x in estimate_shapes]
         for delta in estimate_deltas:
             pages = _replace(prhs_pages(1.0, delta), estimate=True)
             we.plan(batch.req_to_token, batch.rows, batch.seq_lens, **plan_args(dict(pages=pages), ctx))
-            planned_shape = we.estimate_shape
-            estimate_shapes = [planned_shape if x is None else x for x in estimate_shapes]
             for shape in estimate_shapes:
                 we.estimate_shape = shape
                 row("estimate", time_calls(lambda i: we._launch_estimate(q, batch.copies[i][2], batch.copies[i][3],

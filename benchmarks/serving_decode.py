@@ -162,6 +162,14 @@ def write_custom_dataset(prompts: Sequence[str], path: str) -> str:
     return path
 
 
+def row_key(r: dict, context_length: Optional[int] = None) -> tuple:
+    """What a row measured apart from its config: input length, concurrency, cached prompts, TP, model, prompts and
+    context length (``context_length`` stands in for rows written before the field existed)."""
+    return (r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1),
+            r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"),
+            r.get("context_length", context_length))
+
+
 def decode_stats(log_path: str) -> dict:
     rows = []
     with open(log_path, errors="replace") as f:
@@ -261,6 +269,14 @@ def main(argv=None):
     elif not os.path.exists(ref_path) and os.path.exists(kept_ref) and args.tp == 1:
         ref_path = kept_ref
     prompts = fixed_prompts()
+    # a quality run's prompts as bench_serving's custom dataset, once per (input length, prompt count), before any
+    # server starts (a length the run does not have fails here)
+    datasets = {}
+    if args.prompts_from:
+        for n in sorted({C * args.num_prompts_per_concurrency for C in concs}):
+            for L in lens:
+                datasets[L, n] = write_custom_dataset(task_prompts(args.prompts_from, L, n),
+                                                      os.path.join(out_dir(), f"prompts_{L}_{n}.jsonl"))
     prof_out = args.out.replace(".json", "_profile.json")
     profiles = []
     if args.profile_steps > 0 and os.path.exists(prof_out):
@@ -318,9 +334,7 @@ def main(argv=None):
                         warm = "_warm" if args.warm_prefix else ""
                         n = C * args.num_prompts_per_concurrency
                         if args.prompts_from:
-                            data = write_custom_dataset(task_prompts(args.prompts_from, L, n),
-                                                        os.path.join(logs, f"prompts_{L}_{n}.jsonl"))
-                            bench_args = ["--dataset-name", "custom", "--dataset-path", data,
+                            bench_args = ["--dataset-name", "custom", "--dataset-path", datasets[L, n],
                                           "--sharegpt-output-len", str(args.output_len)]
                         else:
                             bench_args = ["--dataset-name", "random-ids", "--random-range-ratio", "1",
@@ -353,11 +367,8 @@ def main(argv=None):
                                "server_flags": " ".join(common[2:] + flags).replace(args.model, model_tag)}
                         row.update({k: None for k in ("pages_read_frac", "delta_hat_mean", "art_stop_rate")})
                         row.update(decode_stats(slog))
-                        rows = [r for r in rows if (r["config"], r["input_len"], r["concurrency"],
-                                                    bool(r.get("warm_prefix")), r.get("tp", 1),
-                                                    r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"),
-                                                    r.get("context_length", ctx))
-                                != (name, L, C, args.warm_prefix, args.tp, row["model"], row["prompts"], ctx)]
+                        rows = [r for r in rows
+                                if (r["config"], row_key(r, ctx)) != (name, row_key(row))]
                         rows.append(row)
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
@@ -372,11 +383,7 @@ def main(argv=None):
                         print_summary(name, prof)
         except Exception as e:  # keep the other configs' numbers
             log(f"{name} FAILED: {e!r}")
-    def key(r):
-        return (r["input_len"], r["concurrency"], bool(r.get("warm_prefix")), r.get("tp", 1),
-                r.get("model", "$LLAMA8B_SHAPE"), r.get("prompts", "random token ids"), r.get("context_length"))
-
-    base_tpot = {key(r): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
+    base_tpot = {row_key(r): r["median_tpot_ms"] for r in rows if r["config"] == "flashinfer"}
     try:
         from benchmarks.plot_serving_decode import plot
 
@@ -387,7 +394,7 @@ def main(argv=None):
           "delta_hat | ART stop |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = base_tpot.get(key(r))
+        b = base_tpot.get(row_key(r))
         sp = f"{b / r['median_tpot_ms']:.2f}x" if b and r["median_tpot_ms"] else "-"
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         tag = (" (warm)" if r.get("warm_prefix") else "") + (f" TP{r['tp']}" if r.get("tp", 1) > 1 else "") \

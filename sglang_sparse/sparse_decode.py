@@ -76,7 +76,6 @@ def _selects(p) -> bool:
     return p.enabled and not (p.budget == 1.0 and p.delta == 0.0)
 
 
-
 def longest_context(r2t_width: int, model_runner) -> int:
     """The most tokens a request can hold, which sizes every per-page buffer and the selection's tile
     (``next_pow2`` of its pages). SGLang's ``req_to_token`` rows are ``context_len + 4`` wide (the slack of

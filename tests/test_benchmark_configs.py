@@ -682,3 +682,15 @@ def test_quality_gpu_stops_before_any_server_without_the_haystack(tmp_path, monk
     with pytest.raises(Exception):
         quality_gpu.main(argv)
     assert started == [tmp_path / "no-model"] or started == [str(tmp_path / "no-model")]
+
+
+def test_serving_decode_rows_are_keyed_by_what_they_measured():
+    """A new row replaces the row of the same config and measurement (a row written before context lengths were
+    recorded counts as the run's context); another model, prompt set or context length is another row."""
+    old = dict(config="ours_prhs", input_len=32768, concurrency=8, warm_prefix=True)
+    new = dict(old, tp=1, model="$LLAMA8B_SHAPE", prompts="random token ids", context_length=34048)
+    assert serving_decode.row_key(old, 34048) == serving_decode.row_key(new)
+    assert serving_decode.row_key(old) != serving_decode.row_key(new)
+    for field, value in [("model", "qwen2.5-coder-1.5b"), ("prompts", "quality-run tasks (s.json)"),
+                         ("context_length", 32768), ("warm_prefix", False)]:
+        assert serving_decode.row_key(dict(new, **{field: value})) != serving_decode.row_key(new), field
