@@ -468,11 +468,24 @@ def prebuild_samples(args) -> None:
     print(f"[quality_gpu] prompts ready in {time.time() - t0:.0f}s: {samples_cache(args)}", flush=True)
 
 
+# what a server's log says when a CUDA allocation failed (PyTorch's error and its message)
+CUDA_OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
+
+
+def ran_out_of_gpu_memory(out_dir: Path, name: str) -> bool:
+    """Whether the server of setting ``name`` (its log in ``out_dir``) failed a CUDA allocation."""
+    log = Path(out_dir) / f"server-{safe_name(name)}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return any(m in text for m in CUDA_OOM_MARKERS)
+
+
 def run_all(names: Sequence[str], args, clock=time.time, sleep=time.sleep, launch=None) -> Dict[str, str]:
     """Run the settings ``names``: one at a time in this process, or with ``args.parallel`` > 1 each in a child
     process with its own server port, up to ``parallel`` at once, launches at least ``stagger_s`` apart. No setting
     starts once ``deadline_s`` seconds have passed; a setting whose per-setting file is complete is skipped with
-    ``resume``. Returns ``name -> ok | failed | complete already | not started (deadline)``."""
+    ``resume``. A setting whose server ran out of GPU memory while other settings' servers shared the GPU is
+    tried once more after the others, alone on the GPU (a 32K prefill's activations need memory that several
+    servers' pools can take). Returns ``name -> ok | failed | complete already | not started (deadline)``."""
     t0 = clock()
     out_dir = Path(args.out_dir)
     summary: Dict[str, str] = {}
@@ -501,6 +514,8 @@ def run_all(names: Sequence[str], args, clock=time.time, sleep=time.sleep, launc
     ports = [args.port + i for i in range(max(1, args.parallel))]
     last_launch = None
     pending = list(todo)
+    alone: List[str] = []                               # to try again once the GPU is free (ran out of memory)
+    retried, shared = set(), set()                      # retried once; ran while another setting's server did
     previous = signal.getsignal(signal.SIGTERM)
 
     def stop_children(*_):
@@ -518,23 +533,35 @@ def run_all(names: Sequence[str], args, clock=time.time, sleep=time.sleep, launc
     if on_main:
         signal.signal(signal.SIGTERM, stop_children)
     try:
-        while pending or running:
+        while pending or running or alone:
             for port, (name, proc) in list(running.items()):
                 rc = proc.poll()
                 if rc is not None:
                     summary[name] = "ok" if rc == 0 else "failed"
                     print(f"[quality_gpu] {name}: finished ({summary[name]})", flush=True)
                     del running[port]
-            if pending and past_deadline():
-                for name in pending:
-                    summary[name] = "not started (deadline)"
-                print(f"[quality_gpu] deadline passed; not started: {pending}", flush=True)
-                pending = []
+                    if rc != 0 and name in shared and name not in retried and ran_out_of_gpu_memory(out_dir, name):
+                        retried.add(name)
+                        alone.append(name)
+                        print(f"[quality_gpu] {name}: its server ran out of GPU memory beside other servers; "
+                              "it runs again alone after the others", flush=True)
+            if (pending or alone) and past_deadline():
+                for name in pending + alone:
+                    summary[name] = "not started (deadline)" if name not in retried else "failed"
+                print(f"[quality_gpu] deadline passed; not started: {pending + alone}", flush=True)
+                pending, alone = [], []
             free = [p for p in ports if p not in running]
             ready = last_launch is None or not running or clock() - last_launch >= args.stagger_s
             if pending and free and ready:
                 name = pending.pop(0)
+                if running:
+                    shared.update([name, *(n for n, _ in running.values())])
                 running[free[0]] = (name, launch(name, free[0], args))
+                last_launch = clock()
+                continue
+            if alone and not pending and not running:
+                name = alone.pop(0)
+                running[ports[0]] = (name, launch(name, ports[0], args))
                 last_launch = clock()
                 continue
             if pending or running:

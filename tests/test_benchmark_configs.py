@@ -597,6 +597,65 @@ def test_quality_resume_and_deadline(tmp_path):
     assert all(summary[n] == "ok" for n in started)
 
 
+def test_quality_retries_alone_a_setting_whose_server_ran_out_of_memory(tmp_path):
+    """With --parallel, a setting whose server failed a CUDA allocation while another server shared the GPU runs
+    once more after the others, with no other server running; a failure for another reason, a second
+    out-of-memory failure, or one on a GPU it had to itself is not retried."""
+    import random
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    args = _quality_args(tmp_path)
+    args.parallel, args.stagger_s, args.deadline_s = 2, 10.0, None
+    now = [0.0]
+    launched = []
+    # per setting, the exit codes of its successive runs and whether each run's server log shows an OOM
+    plan = {"art": [(1, True), (0, False)],           # OOM beside another server -> retried alone, then ok
+            "ours-off": [(1, False)],                  # failed for another reason -> not retried
+            "prhs-b1/8": [(1, True), (1, True)],       # OOM twice -> tried once more only
+            "prhs-b1/32": [(0, False)]}
+    runs = {n: 0 for n in plan}
+
+    class Proc:
+        def __init__(self, name):
+            rc, oom = plan[name][runs[name]]
+            runs[name] += 1
+            self.rc, self.end = rc, now[0] + rng.uniform(50, 150)
+            text = "Loading...\n" + ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n" if oom else
+                                     "ValueError: something else\n")
+            (tmp_path / f"server-{quality_gpu.safe_name(name)}.log").write_text(text)
+
+        def poll(self):
+            return self.rc if now[0] >= self.end else None
+
+    live = []
+
+    def launch(name, port, a):
+        launched.append((name, now[0], [n for n, p in live if p.poll() is None]))
+        proc = Proc(name)
+        live.append((name, proc))
+        return proc
+
+    def sleep(x):
+        now[0] += x
+
+    summary = quality_gpu.run_all(list(plan), args, clock=lambda: now[0], sleep=sleep, launch=launch)
+    names = [n for n, _, _ in launched]
+    assert sorted(names[:4]) == sorted(plan), (seed, launched)
+    assert sorted(names[4:]) == ["art", "prhs-b1/8"], (seed, launched)
+    assert all(others == [] for _, _, others in launched[4:]), (seed, launched)   # alone on the GPU
+    assert summary == {"art": "ok", "ours-off": "failed", "prhs-b1/8": "failed", "prhs-b1/32": "ok"}, (seed, summary)
+
+    # a setting that ran out of memory with the GPU to itself (one at a time) is not tried again
+    runs.update({n: 0 for n in plan})
+    plan.update({"art": [(1, True)]})
+    launched.clear()
+    live.clear()
+    args.parallel = 1
+    summary = quality_gpu.run_all(["art"], args, clock=lambda: now[0], sleep=sleep, launch=launch)
+    assert [n for n, _, _ in launched] == ["art"] and summary == {"art": "failed"}, (seed, launched)
+
+
 def test_quality_rows_named_by_nominal_length():
     """A cell built shorter than its nominal length (the 32K cell) keeps the nominal name and records its real
     target and the prompt tokens the server counted, with the model, the server flags and the statistics."""
