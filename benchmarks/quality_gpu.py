@@ -386,12 +386,17 @@ def server_command(name: str, args) -> List[str]:
         + COMMON_FLAGS + flags + args.server_args.split()
 
 
+def server_log(out_dir, name: str) -> Path:
+    """Where setting ``name``'s server writes its log."""
+    return Path(out_dir) / f"server-{safe_name(name)}.log"
+
+
 def _run_setting_once(name: str, args) -> dict:
     from benchmarks.serving import server
 
     cmd = server_command(name, args)
     safe = safe_name(name)
-    log_path = Path(args.out_dir) / f"server-{safe}.log"
+    log_path = server_log(args.out_dir, name)
     print(f"[quality_gpu] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
@@ -474,7 +479,7 @@ CUDA_OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
 
 def ran_out_of_gpu_memory(out_dir: Path, name: str) -> bool:
     """Whether the server of setting ``name`` (its log in ``out_dir``) failed a CUDA allocation."""
-    log = Path(out_dir) / f"server-{safe_name(name)}.log"
+    log = server_log(out_dir, name)
     text = log.read_text(errors="replace") if log.exists() else ""
     return any(m in text for m in CUDA_OOM_MARKERS)
 

@@ -623,7 +623,7 @@ def test_quality_retries_alone_a_setting_whose_server_ran_out_of_memory(tmp_path
             self.rc, self.end = rc, now[0] + rng.uniform(50, 150)
             text = "Loading...\n" + ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n" if oom else
                                      "ValueError: something else\n")
-            (tmp_path / f"server-{quality_gpu.safe_name(name)}.log").write_text(text)
+            quality_gpu.server_log(tmp_path, name).write_text(text)
 
         def poll(self):
             return self.rc if now[0] >= self.end else None
