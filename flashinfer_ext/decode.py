@@ -572,7 +572,7 @@ class SparseDecodeWrapper:
             budget_shift if budget_shift is not None else self.budget,
             budget_shift.stride(0) if budget_shift is not None else 0,
             self.est if self.estimate else self.ub, self.est.stride(0) if self.estimate else 0,
-            self.est.stride(1) if self.estimate else 0,
+            self.est.stride(1) if self.estimate else 0, float(self.delta),
             **self._select_meta(), HAS_SHIFT=budget_shift is not None, EST_G=self.group if self.estimate else 0,
             num_warps=self.launch.select_warps)
         self._launch_reuse(reuse_slot)

@@ -26,12 +26,70 @@ def test_key_codes_written_when_pages_fill(page_size):
 def test_estimate_select_and_decode(pages_per_program, pages_per_dot):
     # 17 and 10 pages with a partial last one (first / second page of a 2-page program, inside a 2- or 4-page
     # tl.dot of the last program), and 6 full pages; 2 query heads per KV head, so 4 pages take 8 of the 16 columns
-    check_estimate_decode([260, 150, 96], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
+    threshold_lists = check_estimate_decode([260, 150, 96], 16, H_Q, H_KV, D, DEVICE, fresh_seed(),
                           [dict(pages=sel(1.0, 0.05, estimate=True)),            # delta binds
                            dict(pages=sel(1.0, 0.3, sink=0, recent=1, estimate=True)),
                            dict(pages=sel(0.25, 0.01, estimate=True)),           # budget binds
                            dict(pages=sel(1.0, 0.0, estimate=True))],            # every page, in mass order
                           estimate_shape=(pages_per_program, 4, 2, pages_per_dot))
+    assert threshold_lists == 2 * 3       # the first two settings (every page allowed, delta > 0) take the search
+
+
+@pytest.mark.parametrize("case", ["ties", "random", "dense_req", "underflow"])
+def test_threshold_selection_matches_the_sorted_reference(case):
+    """The selector's threshold search (estimate mode, every page allowed, no ART) keeps exactly the reference's pages
+    (``prhs.select_pages_estimated``, which sorts): page log-masses written straight into the wrapper's estimate
+    buffer, with runs of tied scores straddling the delta cut (ties go to the lower page id), random scores, a
+    context below ``--prhs-min-context-len`` (every page read) and pages whose scores sit ~200 nats under the top
+    (their mass must still count)."""
+    import torch
+
+    from flashinfer_ext.decode import SparseDecodeWrapper
+    from kernel_cases import make_pool
+    from sglang_sparse import prhs
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    P, lens = 16, [16 * 37, 16 * 20 + 5, 16 * 9]
+    pool = make_pool(lens, P, H_Q, H_KV, D, D, DEVICE, gen)
+    w = SparseDecodeWrapper(H_Q, H_KV, D, P, max_batch_size=len(lens), max_seq_len=max(lens) + P, device=DEVICE,
+                            estimate=True)
+    for delta in (0.05, 0.3):
+        pages = sel(1.0, delta, sink=1, recent=2, estimate=True)
+        if case == "dense_req":
+            pages = sel(1.0, delta, sink=1, recent=2, estimate=True, dense_below=16 * 21)
+        w.plan(pool.req_to_token, pool.rows, pool.seq_lens, pages=pages)
+        est = torch.randn(len(lens), H_Q, w.block_pg, generator=gen, dtype=torch.float64) * 2.0
+        if case == "ties":
+            # runs of 3-6 pages with one score for the whole group, a few of them high
+            for b in range(len(lens)):
+                p = 0
+                while p < w.block_pg:
+                    run = int(torch.randint(3, 7, (1,), generator=gen))
+                    est[b, :, p:p + run] = est[b, :, p:p + 1] + (3.0 if int(torch.randint(0, 5, (1,), generator=gen)) == 0
+                                                                 else 0.0)
+                    p += run
+        if case == "underflow":
+            est[:, :, 3::2] -= 200.0
+        est = est.float()
+        w.est.copy_(est.to(w.est.dtype))
+        w._launch_select()
+        for b, n in enumerate(lens):
+            npg = -(-n // P)
+            page_lens = prhs.page_lengths(n, P)
+            ref = prhs.select_pages_estimated(est[b, :, :npg].double(), page_lens, H_KV, delta,
+                                              npg, 1, 2)
+            dense = case == "dense_req" and n < 16 * 21
+            for g in range(H_KV):
+                tag = f"seed={seed} delta={delta} b={b} g={g}"
+                num = int(w.num_selected[b, g])
+                got = sorted(w.pages[b, g, :num].tolist())
+                want = list(range(npg)) if dense else sorted(ref.pages[g, : int(ref.num_selected[g])].tolist())
+                assert got == want, f"{tag}: kept {got}, reference {want}"
+                assert int((w.pages[b, g, num:npg] != -1).sum()) == 0, f"{tag}: list not -1 padded"
+                want_dhat = 0.0 if dense else float(ref.delta_hat[g])
+                assert abs(float(w.delta_hat[b, g]) - want_dhat) <= 1e-4 * max(want_dhat, 1e-3), \
+                    f"{tag}: delta_hat {float(w.delta_hat[b, g])} vs {want_dhat}"
 
 
 @pytest.mark.parametrize("dilation", [0, 1])

@@ -59,6 +59,9 @@ its G query heads' rows over the request's pages, takes the group's largest norm
 writes ``ub = lb = log(M_p / n_p)`` into its UB/LB rows, then selects as above with one change: the prefix stops once
 the estimated dropped mass ``U = sum_{p dropped} M_p <= delta`` (``log_ratio = log delta``), and ``SelDhat`` reports
 that U (capped at 1): an estimate (:func:`sglang_sparse.prhs.select_pages_estimated`), with no certificate.
+When every page is allowed (the default budget), delta > 0 and ART is off (nothing reads the list in order), a
+request skips the radix select and the sort: :func:`_select_threshold` finds the same pages with a threshold search
+over the scores and lists the kept candidates in ascending id.
 """
 
 import triton
@@ -124,20 +127,146 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
                         SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
                         stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
                         stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
-                        Shift, stride_shift, Est, stride_eb, stride_eh,
+                        Shift, stride_shift, Est, stride_eb, stride_eh, delta,
                         P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                         DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
                         HAS_SHIFT: tl.constexpr, EST_G: tl.constexpr):
-    """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others)."""
-    if tl.load(Flag + tl.program_id(0)) != 0:
-        _select_one(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                    UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
-                    SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
-                    stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
-                    stride_st_h,
-                    state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
-                    Est, stride_eb, stride_eh,
-                    P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT, EST_G)
+    """Runs only for requests with ``Flag[b] != 0`` (a reselection step; kernels.page_dilate does the others).
+    Estimate mode without ART and with delta > 0 takes the threshold search (:func:`_select_threshold`) for a request
+    whose budget allows every page; everything else the sorted selection (:func:`_select_one`)."""
+    b = tl.program_id(0)
+    if tl.load(Flag + b) != 0:
+        threshold = False
+        if EST_G > 0:
+            if not WRITE_REST:
+                if not DELTA_ZERO:
+                    budget = _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT)
+                    threshold = budget >= tl.load(NumPages + b)
+        if threshold:
+            _select_threshold(b, tl.program_id(1), tl.num_programs(1), NumPages, LastLen, PageTable, SelPages,
+                              SelPhys, NumSel, CurNum, SelDhat, LeadDhat, ReqIdx, StatePages, StateNum, StateNpg,
+                              DenseReq, stride_pt, stride_sel_b, stride_sel_h, stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, LIST_MAX, Est, stride_eb,
+                              stride_eh, delta, P, BLOCK_PG, WRITE_STATE, EST_G)
+        else:
+            _select_one(b, tl.program_id(1), tl.num_programs(1),
+                        UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+                        SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
+                        stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
+                        stride_st_r, stride_st_h,
+                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
+                        Est, stride_eb, stride_eh,
+                        P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT, EST_G)
+
+
+@triton.jit
+def _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT: tl.constexpr):
+    """Request b's page budget; with ``HAS_SHIFT`` scaled by its audit feedback: ``budget << shift``, at most every
+    page and the list width, never below the unscaled budget."""
+    budget = tl.load(Budget + b)
+    if HAS_SHIFT:
+        npg = tl.load(NumPages + b)
+        shift = tl.load(Shift + tl.load(ReqIdx + b).to(tl.int64) * stride_shift)
+        budget = tl.maximum(budget, tl.minimum(tl.minimum(budget << shift, npg), LIST_MAX))
+    return budget
+
+
+@triton.jit
+def _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG: tl.constexpr, EST_G: tl.constexpr):
+    """Estimate mode: each of the group's query heads' page log-masses normalised to masses ``m[g, p]`` (summing to
+    1); returns ``log(M_p / n_p)``, ``M_p = max_g m[g, p]`` the page's score (-inf past the pages)."""
+    m_best = tl.full([BLOCK_PG], float("-inf"), tl.float32)
+    for gg in tl.static_range(EST_G):
+        row = tl.load(Est + b.to(tl.int64) * stride_eb + (h * EST_G + gg) * stride_eh + idx, mask=valid,
+                      other=float("-inf"))
+        r_max = tl.max(row, axis=0)
+        r_max = tl.where(r_max == float("-inf"), 0.0, r_max)
+        lse = r_max + tl.log(tl.sum(tl.exp(row - r_max), axis=0))
+        m_best = tl.maximum(m_best, row - lse)
+    return tl.where(valid, m_best - log_n, float("-inf"))
+
+
+@triton.jit
+def _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
+                 stride_st_h, state_width, pos):
+    """The fresh selection (already stored at ``sel_base``), kept per (request pool row, KV head) for reuse."""
+    tl.debug_barrier()
+    req = tl.load(ReqIdx + b).to(tl.int64)
+    st_ok = (pos < n_sel) & (pos < state_width)
+    lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
+    tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
+    tl.store(StateNum + req * n_heads + h, tl.minimum(n_sel, state_width))
+    if h == 0:
+        tl.store(StateNpg + req, npg)
+
+
+@triton.jit
+def _select_threshold(b, h, n_heads, NumPages, LastLen, PageTable, SelPages, SelPhys, NumSel, CurNum, SelDhat,
+                      LeadDhat, ReqIdx, StatePages, StateNum, StateNpg, DenseReq, stride_pt, stride_sel_b,
+                      stride_sel_h, stride_st_r, stride_st_h, state_width, sink_pages,
+                      recent_pages, LIST_MAX, Est, stride_eb, stride_eh, delta,
+                      P: tl.constexpr, BLOCK_PG: tl.constexpr, WRITE_STATE: tl.constexpr, EST_G: tl.constexpr):
+    """Estimate mode, every page allowed, delta > 0, no ART: the same pages as the sorted selection, found without
+    sorting. The candidates dropped are the longest tail of the order (score desc, id asc) whose summed score is
+    <= delta: those whose key is below the largest threshold T with ``W(key < T) <= delta`` (``W``: the summed score
+    of the candidates below; T found 4 bits at a time from the top, 8 dependent passes, each summing 16 trial
+    thresholds at once), plus the candidates tied at T taken from the highest id down while the sum stays <= delta.
+    The list holds the forced pages (as the sorted selection writes them), then the kept candidates in ascending
+    id; ``SelDhat`` is the estimated dropped mass."""
+    npg = tl.load(NumPages + b)
+    last_len = tl.load(LastLen + b)
+    sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
+    phys_base = SelPhys + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
+    pt_base = PageTable + b.to(tl.int64) * stride_pt
+
+    idx = tl.arange(0, BLOCK_PG)
+    valid = idx < npg
+    n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
+    log_n = tl.log(tl.where(valid, n_p, 1.0))
+    ub = _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG, EST_G)
+    mass = tl.where(valid, tl.exp(log_n + ub), 0.0)                 # M_p
+
+    ns = tl.minimum(sink_pages, npg)
+    rs = tl.maximum(npg - recent_pages, ns)
+    n_forced = ns + (npg - rs)
+    forced = valid & ((idx < ns) | (idx >= rs))
+    fpos = tl.where(idx < ns, idx, ns + idx - rs)
+    cand = valid & (~forced)
+    cmass = tl.where(cand, mass, 0.0)
+
+    ukey = _orderable(ub).to(tl.int64) + (1 << 31)                  # [0, 2^32), the order of the scores
+    dig = tl.arange(0, 16).to(tl.int64)
+    t = tl.sum(tl.zeros_like(ukey), axis=0)                         # int64 0: W(key < 0) = 0 <= delta
+    for p in tl.static_range(8):
+        trial = t + (dig << (28 - 4 * p))                           # [16]; trial 0 is t itself
+        w = tl.sum(tl.where(ukey[:, None] < trial[None, :], cmass[:, None], 0.0), axis=0)
+        d_star = tl.max(tl.where(w <= delta, dig, 0), axis=0)       # W grows with the trial: the largest that fits
+        t = t + (d_star << (28 - 4 * p))
+    below = cand & (ukey < t)
+    w_below = tl.sum(tl.where(below, cmass, 0.0), axis=0)
+    tie = cand & (ukey == t)
+    tie_tail = tl.cumsum(tl.where(tie, cmass, 0.0), axis=0, reverse=True)    # tied mass at this id and above
+    dropped = below | (tie & (w_below + tie_tail <= delta))
+    dropped = dropped & (tl.load(DenseReq + b) == 0)                # short context: every page
+    u = tl.sum(tl.where(dropped, cmass, 0.0), axis=0)
+
+    kept = cand & (~dropped)
+    n_sel = n_forced + tl.sum(kept.to(tl.int32), axis=0)
+    kpos = n_forced + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+    lpos = tl.where(forced, fpos, kpos)
+    listed = forced | kept
+    tl.store(sel_base + lpos, idx, mask=listed)
+    tl.store(phys_base + lpos, tl.load(pt_base + idx, mask=listed, other=-1), mask=listed)
+    pad_ok = (idx >= n_sel) & (idx < LIST_MAX)
+    tl.store(sel_base + idx, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
+    tl.store(phys_base + idx, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
+    dhat = tl.minimum(u, 1.0)
+    tl.store(NumSel + b * n_heads + h, n_sel)
+    tl.store(CurNum + b * n_heads + h, n_sel)
+    tl.store(SelDhat + b * n_heads + h, dhat)
+    tl.store(LeadDhat + b * n_heads + h, dhat)
+    if WRITE_STATE:
+        _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
+                     stride_st_h, state_width, idx)
 
 
 @triton.jit
@@ -153,11 +282,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     """Selection of request b, KV head h (of ``n_heads``)."""
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
-    budget = tl.load(Budget + b)
-    if HAS_SHIFT:
-        # the request's budget scale (audit feedback): budget << shift, at most every page and the list width
-        shift = tl.load(Shift + tl.load(ReqIdx + b).to(tl.int64) * stride_shift)
-        budget = tl.maximum(budget, tl.minimum(tl.minimum(budget << shift, npg), LIST_MAX))
+    budget = _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT)
     ub_base = UB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     lb_base = LB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
@@ -170,17 +295,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
     log_n = tl.log(tl.where(valid, n_p, 1.0))
     if EST_G > 0:
-        # estimate mode: each query head's page log-masses normalised to masses m[g, p] (summing to 1); the page's
-        # score is the group's largest, M_p = max_g m[g, p], written as ub = lb = log(M_p / n_p) for the rest
-        m_best = tl.full([BLOCK_PG], float("-inf"), tl.float32)
-        for gg in tl.static_range(EST_G):
-            row = tl.load(Est + b.to(tl.int64) * stride_eb + (h * EST_G + gg) * stride_eh + idx, mask=valid,
-                          other=float("-inf"))
-            r_max = tl.max(row, axis=0)
-            r_max = tl.where(r_max == float("-inf"), 0.0, r_max)
-            lse = r_max + tl.log(tl.sum(tl.exp(row - r_max), axis=0))
-            m_best = tl.maximum(m_best, row - lse)
-        ub = tl.where(valid, m_best - log_n, float("-inf"))
+        # estimate mode: the group's page scores M_p, written as ub = lb = log(M_p / n_p) for the rest
+        ub = _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG, EST_G)
         lb = ub
         tl.store(ub_base + idx, ub, mask=valid)
         tl.store(lb_base + idx, lb, mask=valid)
@@ -284,15 +400,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     tl.store(SelDhat + b * n_heads + h, dhat)
     tl.store(LeadDhat + b * n_heads + h, dhat)
     if WRITE_STATE:
-        # the fresh selection, kept per (request pool row, KV head) for later reuse steps
-        tl.debug_barrier()
-        req = tl.load(ReqIdx + b).to(tl.int64)
-        st_ok = (pos < n_sel) & (pos < state_width)
-        lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
-        tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
-        tl.store(StateNum + req * n_heads + h, tl.minimum(n_sel, state_width))
-        if h == 0:
-            tl.store(StateNpg + req, npg)
+        _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
+                     stride_st_h, state_width, pos)
 
     if WRITE_REST:
         tl.debug_barrier()
