@@ -77,10 +77,13 @@ def summarize_trace(path: str, steps: int, top: int = 25) -> dict:
     return res
 
 
-def _wait_for_decode_batch(log_path: str, conc: int, timeout: float, offset: int = 0) -> bool:
-    """Wait until the server log, from byte ``offset`` on, reports a decode batch of ``conc`` requests."""
+def _wait_for_decode_batch(log_path: str, conc: int, timeout: float, offset: int = 0, alive=None) -> bool:
+    """Wait until the server log, from byte ``offset`` on, reports a decode batch of ``conc`` requests; stop early,
+    False, once ``alive()`` says the requests that would form it have all ended (refused or finished)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
+        if alive is not None and not alive():
+            return False
         with open(log_path, "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
@@ -90,10 +93,26 @@ def _wait_for_decode_batch(log_path: str, conc: int, timeout: float, offset: int
     return False
 
 
+def profile_new_tokens(input_len: int, steps: int, context_length: Optional[int] = None) -> Optional[int]:
+    """Tokens each profiled request asks for: ``steps`` plus 400 of slack (the batch must still be full when the
+    profile starts), cut to what the server's context holds (SGLang refuses a request longer than the context
+    length - 2). None when not even ``steps + 8`` fit."""
+    want = steps + 400
+    if context_length:
+        want = min(want, context_length - 2 - input_len)
+    return want if want >= steps + 8 else None
+
+
 def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: int, conc: int, steps: int,
-                           vocab: int = 49152, seed: int = 7, timeout: float = 600.0) -> Optional[dict]:
+                           vocab: int = 49152, seed: int = 7, timeout: float = 600.0,
+                           context_length: Optional[int] = None) -> Optional[dict]:
     """Start ``conc`` requests of ``input_len`` random ids and profile ``steps`` decode steps of the full
     batch. Returns :func:`summarize_trace`'s dict (plus the trace path), or None if nothing was written."""
+    new_tokens = profile_new_tokens(input_len, steps, context_length)
+    if new_tokens is None:
+        log(f"profile: a context of {context_length} tokens cannot hold {input_len} prompt tokens and {steps + 8} "
+            f"decode steps")
+        return None
     prompts = random_prompts([input_len] * conc, seed, vocab)
 
     def run_all(new_tokens: int) -> list:
@@ -107,11 +126,12 @@ def profile_running_decode(base: str, log_path: str, out_dir: str, input_len: in
     for t in run_all(1):
         t.join(timeout=timeout)
     offset = os.path.getsize(log_path)      # earlier decode batches (a benchmark before) do not count
-    threads = run_all(steps + 400)
+    threads = run_all(new_tokens)
     prof_dir = os.path.join(out_dir, f"prof_{int(time.time())}")
     os.makedirs(prof_dir, exist_ok=True)
     try:
-        if not _wait_for_decode_batch(log_path, conc, timeout, offset):
+        if not _wait_for_decode_batch(log_path, conc, timeout, offset,
+                                      alive=lambda: any(t.is_alive() for t in threads)):
             log(f"profile: no decode batch of {conc} requests within {timeout:.0f}s")
             return None
         post(base + "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["GPU"]})

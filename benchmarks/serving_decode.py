@@ -359,6 +359,9 @@ def main(argv=None):
                                            if args.prompts_from else "random token ids"),
                                "greedy_identical_prompts": parity,
                                "command": f"python -m benchmarks.serving_decode --configs {name}"
+                                          + f" --input-lens {L} --concurrency {C} --page-size {args.page_size}"
+                                          + f" --output-len {args.output_len}"
+                                          + (f" --context-length {args.context_length}" if args.context_length else "")
                                           + (" --warm-prefix" if args.warm_prefix else "")
                                           + (f" --tp {args.tp}" if args.tp > 1 else "")
                                           + ("" if dummy else f" --model {model_tag} --load-format {args.load_format}")
@@ -373,7 +376,8 @@ def main(argv=None):
                         log(f"{name} L={L} C={C}: {json.dumps({k: row[k] for k in ('output_tok_s', 'median_tpot_ms', 'pages_read_frac', 'delta_hat_mean', 'art_stop_rate')})}")
                         save_rows(rows, args.out)
                 if args.profile_steps > 0:
-                    prof = profile_running_decode(base, slog, logs, lens[0], max(concs), args.profile_steps)
+                    prof = profile_running_decode(base, slog, logs, lens[0], max(concs), args.profile_steps,
+                                                  context_length=ctx)
                     if prof:
                         prof.update(config=name, input_len=lens[0], concurrency=max(concs), gpu=gpu,
                                     command=f"python -m benchmarks.serving_decode --configs {name} "

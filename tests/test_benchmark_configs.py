@@ -188,6 +188,25 @@ def test_profile_waits_for_a_new_full_decode_batch(tmp_path):
     assert _wait_for_decode_batch(str(log), 8, 0.2, offset)
 
 
+def test_profile_stops_waiting_once_its_requests_ended(tmp_path):
+    """Requests the server refused (a prompt plus new tokens over the context) never form a decode batch: the wait
+    ends when they have all ended instead of running to its timeout; and the profiled requests ask for no more
+    tokens than the context holds."""
+    import time
+
+    from benchmarks.profile_decode import _wait_for_decode_batch, profile_new_tokens
+
+    log = tmp_path / "server.log"
+    log.write_text("")
+    t0 = time.time()
+    assert not _wait_for_decode_batch(str(log), 8, 30.0, 0, alive=lambda: False)
+    assert time.time() - t0 < 5.0
+    assert profile_new_tokens(32704, 16) == 416                       # no context given: steps + 400
+    assert profile_new_tokens(32704, 16, 32768) == 62                 # what 32,768 tokens hold
+    assert profile_new_tokens(1000, 16, 32768) == 416
+    assert profile_new_tokens(32750, 16, 32768) is None               # 16 fit, not 24
+
+
 def test_logits_comparison_centres_and_stops_at_divergence():
     """serving_logits compares centred logits (a per-position constant, the log-partition, cancels) and only
     while the earlier greedy tokens agree."""

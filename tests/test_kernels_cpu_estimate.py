@@ -18,8 +18,9 @@ H_Q, H_KV, D = 4, 2, 32
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_key_codes_written_when_pages_fill(page_size):
     # the last request ends one token short of a page boundary: that page must stay uncoded
+    # on a GPU a key at a level boundary may round to the neighbouring code (as in tests/test_kernels_gpu.py)
     check_key_codes([3 * page_size + 5, 2 * page_size + 1, 4 * page_size, 3 * page_size - 1], page_size, H_KV, D,
-                    DEVICE, fresh_seed())
+                    DEVICE, fresh_seed(), max_mismatch=5e-3 if DEVICE == "cuda" else 0.0)
 
 
 @pytest.mark.parametrize("pages_per_program,pages_per_dot", [(1, 1), (2, 1), (4, 2), (8, 4)])
@@ -140,7 +141,7 @@ def test_decoder_quantises_each_layers_pages_from_its_own_key_buffer():
     pools = [make_pool([n + 1], P, H_Q, H_KV, D, D, DEVICE, gen) for _ in range(layers)]
     slots = pools[0].slots[0]
     for p in pools[1:]:                                # one request, the same slots in every layer
-        p.kc[slots] = (2.0 * torch.randn(n + 1, H_KV, D, generator=gen)).to(p.kc.dtype)
+        p.kc[slots] = (2.0 * torch.randn(n + 1, H_KV, D, generator=gen)).to(p.kc.device, p.kc.dtype)
     dec = SparseDecoder.__new__(SparseDecoder)
     dec.summaries = PageSummaries(layers, pools[0].kc.shape[0], H_KV, D, P, device=DEVICE, key_codes=True)
     dec.summaries.codes.fill_(0xAB)
@@ -156,8 +157,11 @@ def test_decoder_quantises_each_layers_pages_from_its_own_key_buffer():
         dec._update_summaries(layer, kc[slots[n:]].reshape(1, H_KV * D), slots[n:])     # the decode token fills it
         lo, hi = prhs.page_summaries(kc[slots], P)
         want = prhs.quantise_page_keys(kc[slots], lo, hi, P).long()
-        got = _unpack_codes(dec.summaries.codes[lid][slots])
-        assert torch.equal(got, want), f"seed={seed} layer {lid}: codes differ from the layer's own keys"
+        got = _unpack_codes(dec.summaries.codes[lid][slots]).to(want.device)
+        diff = (got - want).abs()
+        # exact under the interpreter; on a GPU a key at a level boundary may round to the neighbouring code
+        assert int(diff.max()) <= (1 if DEVICE == "cuda" else 0) and float((diff > 0).double().mean()) <= \
+            (1e-3 if DEVICE == "cuda" else 0.0), f"seed={seed} layer {lid}: codes differ from the layer's own keys"
 
 
 def test_selection_warps_follow_the_sort_width():
