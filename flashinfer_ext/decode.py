@@ -118,10 +118,13 @@ def estimate_pages_per_dot(group: int) -> int:
 
 
 def select_warps_for(block_pg: int, sort_width: int) -> int:
-    """Warps of the selection kernel: 4 up to 512 pages in its tile, 8 up to 2048, else 16; and 16 whenever it
-    sorts 2048 or more pages (the estimate mode with every page allowed sorts them all: on an H200, 8 requests x 2
-    KV heads of 1,062 pages took 41 us with 16 warps, 55 us with 8 and 74 us with 4,
-    decode_breakdown_h200_qwen1.5b_heads.json; with a 1/16 budget's short sort 8 stayed best, 16.0 against 17.7)."""
+    """Warps of the selection kernel: 4 up to 512 pages in its tile, 8 up to 2048, else 16; and 16 whenever its lists
+    may hold 2048 or more pages (measured when the estimate mode sorted every page: on an H200, 8 requests x 2 KV
+    heads of 1,062 pages took 41 us with 16 warps, 55 us with 8 and 74 us with 4,
+    decode_breakdown_h200_qwen1.5b_heads.json; with a 1/16 budget's short sort 8 stayed best, 16.0 against 17.7).
+    The estimate mode now sorts only with ART or a budget below every page; its threshold search over a 1024-page
+    tile took 13.4 us with 8 warps and 17.3 with 16 on an H100 (decode_breakdown_h100_threshold_select.json); over
+    2048+ pages it has not been timed."""
     if sort_width >= 2048:
         return 16
     return 4 if block_pg <= 512 else 8 if block_pg <= 2048 else 16

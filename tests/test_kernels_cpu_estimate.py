@@ -165,8 +165,8 @@ def test_decoder_quantises_each_layers_pages_from_its_own_key_buffer():
 
 
 def test_selection_warps_follow_the_sort_width():
-    """The selection kernel's warps: 16 once it sorts 2048 or more pages (the estimate mode with every page
-    allowed sorts them all), else by its tile (4 up to 512 pages, 8 up to 2048, 16 above)."""
+    """The selection kernel's warps: 16 once its lists may hold 2048 or more pages, else by its tile (4 up to 512
+    pages, 8 up to 2048, 16 above)."""
     import torch
 
     from flashinfer_ext.decode import SparseDecodeWrapper, select_warps_for
