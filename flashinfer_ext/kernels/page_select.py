@@ -186,17 +186,45 @@ def _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG: 
 
 
 @triton.jit
-def _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
-                 stride_st_h, state_width, pos):
-    """The fresh selection (already stored at ``sel_base``), kept per (request pool row, KV head) for reuse."""
-    tl.debug_barrier()
-    req = tl.load(ReqIdx + b).to(tl.int64)
-    st_ok = (pos < n_sel) & (pos < state_width)
-    lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
-    tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
-    tl.store(StateNum + req * n_heads + h, tl.minimum(n_sel, state_width))
-    if h == 0:
-        tl.store(StateNpg + req, npg)
+def _record(b, h, n_heads, n_sel, dhat, NumSel, CurNum, SelDhat, LeadDhat, sel_base, npg, ReqIdx, StatePages,
+            StateNum, StateNpg, stride_st_r, stride_st_h, state_width, pos, WRITE_STATE: tl.constexpr):
+    """The selection's length and delta-hat (the list's, and the selecting layer's record of it); with
+    ``WRITE_STATE`` the fresh list (already stored at ``sel_base``) is also kept per (request pool row, KV head) for
+    reuse."""
+    tl.store(NumSel + b * n_heads + h, n_sel)
+    tl.store(CurNum + b * n_heads + h, n_sel)
+    tl.store(SelDhat + b * n_heads + h, dhat)
+    tl.store(LeadDhat + b * n_heads + h, dhat)
+    if WRITE_STATE:
+        tl.debug_barrier()
+        req = tl.load(ReqIdx + b).to(tl.int64)
+        st_ok = (pos < n_sel) & (pos < state_width)
+        lst_s = tl.load(sel_base + pos, mask=st_ok, other=-1)
+        tl.store(StatePages + req * stride_st_r + h * stride_st_h + pos, lst_s, mask=st_ok)
+        tl.store(StateNum + req * n_heads + h, tl.minimum(n_sel, state_width))
+        if h == 0:
+            tl.store(StateNpg + req, npg)
+
+
+@triton.jit
+def _page_tile(npg, last_len, P: tl.constexpr, BLOCK_PG: tl.constexpr):
+    """A request's page tile: the page ids, which are real (``< npg``) and each page's log length (the last page
+    holds ``last_len`` tokens)."""
+    idx = tl.arange(0, BLOCK_PG)
+    valid = idx < npg
+    n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
+    return idx, valid, tl.log(tl.where(valid, n_p, 1.0))
+
+
+@triton.jit
+def _forced_pages(idx, valid, npg, sink_pages, recent_pages):
+    """Sinks ``[0, min(sink, N))`` then recents ``[max(N - recent, sinks), N)``: which pages are forced, each one's
+    position in the list's forced prefix, how many there are, and the candidates (the other real pages)."""
+    ns = tl.minimum(sink_pages, npg)
+    rs = tl.maximum(npg - recent_pages, ns)
+    forced = valid & ((idx < ns) | (idx >= rs))
+    fpos = tl.where(idx < ns, idx, ns + idx - rs)
+    return forced, fpos, ns + (npg - rs), valid & (~forced)
 
 
 @triton.jit
@@ -218,19 +246,10 @@ def _select_threshold(b, h, n_heads, NumPages, LastLen, PageTable, SelPages, Sel
     phys_base = SelPhys + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
     pt_base = PageTable + b.to(tl.int64) * stride_pt
 
-    idx = tl.arange(0, BLOCK_PG)
-    valid = idx < npg
-    n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
-    log_n = tl.log(tl.where(valid, n_p, 1.0))
+    idx, valid, log_n = _page_tile(npg, last_len, P, BLOCK_PG)
     ub = _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG, EST_G)
     mass = tl.where(valid, tl.exp(log_n + ub), 0.0)                 # M_p
-
-    ns = tl.minimum(sink_pages, npg)
-    rs = tl.maximum(npg - recent_pages, ns)
-    n_forced = ns + (npg - rs)
-    forced = valid & ((idx < ns) | (idx >= rs))
-    fpos = tl.where(idx < ns, idx, ns + idx - rs)
-    cand = valid & (~forced)
+    forced, fpos, n_forced, cand = _forced_pages(idx, valid, npg, sink_pages, recent_pages)
     cmass = tl.where(cand, mass, 0.0)
 
     ukey = _orderable(ub).to(tl.int64) + (1 << 31)                  # [0, 2^32), the order of the scores
@@ -259,14 +278,8 @@ def _select_threshold(b, h, n_heads, NumPages, LastLen, PageTable, SelPages, Sel
     pad_ok = (idx >= n_sel) & (idx < LIST_MAX)
     tl.store(sel_base + idx, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
     tl.store(phys_base + idx, tl.full([BLOCK_PG], -1, tl.int32), mask=pad_ok)
-    dhat = tl.minimum(u, 1.0)
-    tl.store(NumSel + b * n_heads + h, n_sel)
-    tl.store(CurNum + b * n_heads + h, n_sel)
-    tl.store(SelDhat + b * n_heads + h, dhat)
-    tl.store(LeadDhat + b * n_heads + h, dhat)
-    if WRITE_STATE:
-        _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
-                     stride_st_h, state_width, idx)
+    _record(b, h, n_heads, n_sel, tl.minimum(u, 1.0), NumSel, CurNum, SelDhat, LeadDhat, sel_base, npg, ReqIdx,
+            StatePages, StateNum, StateNpg, stride_st_r, stride_st_h, state_width, idx, WRITE_STATE)
 
 
 @triton.jit
@@ -290,10 +303,7 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     phys_base = SelPhys + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
     pt_base = PageTable + b.to(tl.int64) * stride_pt
 
-    idx = tl.arange(0, BLOCK_PG)
-    valid = idx < npg
-    n_p = tl.where(idx == npg - 1, last_len, P).to(tl.float32)
-    log_n = tl.log(tl.where(valid, n_p, 1.0))
+    idx, valid, log_n = _page_tile(npg, last_len, P, BLOCK_PG)
     if EST_G > 0:
         # estimate mode: the group's page scores M_p, written as ub = lb = log(M_p / n_p) for the rest
         ub = _group_scores(Est, stride_eb, stride_eh, b, h, idx, valid, log_n, BLOCK_PG, EST_G)
@@ -308,14 +318,9 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     wl = tl.where(valid, log_n + lb, float("-inf"))
 
     # forced pages: sinks, then recents (ascending); the first `budget` of them are taken
-    ns = tl.minimum(sink_pages, npg)
-    rs = tl.maximum(npg - recent_pages, ns)
-    n_forced = ns + (npg - rs)
-    forced = valid & ((idx < ns) | (idx >= rs))
-    fpos = tl.where(idx < ns, idx, ns + idx - rs)
+    forced, fpos, n_forced, cand = _forced_pages(idx, valid, npg, sink_pages, recent_pages)
     taken_f = forced & (fpos < budget)
     n_taken_f = tl.minimum(n_forced, budget)
-    cand = valid & (~forced)
     n_cand = npg - n_forced
     k_max = tl.maximum(tl.minimum(budget - n_forced, n_cand), 0)
 
@@ -395,13 +400,8 @@ def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, Sel
     top_ok = (pos < k) & ((n_taken_f + pos) < LIST_MAX)
     tl.store(sel_base + n_taken_f + pos, top_ids, mask=top_ok)
     tl.store(phys_base + n_taken_f + pos, tl.load(pt_base + top_ids, mask=top_ok, other=-1), mask=top_ok)
-    tl.store(NumSel + b * n_heads + h, n_sel)
-    tl.store(CurNum + b * n_heads + h, n_sel)
-    tl.store(SelDhat + b * n_heads + h, dhat)
-    tl.store(LeadDhat + b * n_heads + h, dhat)
-    if WRITE_STATE:
-        _write_state(b, h, n_heads, sel_base, n_sel, npg, ReqIdx, StatePages, StateNum, StateNpg, stride_st_r,
-                     stride_st_h, state_width, pos)
+    _record(b, h, n_heads, n_sel, dhat, NumSel, CurNum, SelDhat, LeadDhat, sel_base, npg, ReqIdx,
+            StatePages, StateNum, StateNpg, stride_st_r, stride_st_h, state_width, pos, WRITE_STATE)
 
     if WRITE_REST:
         tl.debug_barrier()
