@@ -64,7 +64,12 @@ def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
 
     Refuses a port where a server already answers (it would be measured instead of this one), and while
     the server runs a SIGTERM to this process (e.g. from ``timeout``) becomes SystemExit, so that the
-    server, which runs in its own session, is stopped too instead of outliving the benchmark."""
+    server, which runs in its own session, is stopped too instead of outliving the benchmark.
+
+    Two benchmarks that start servers on one port at about the same time both pass that check; the first server up
+    answers both, and the other exits when it cannot bind the port. So the server that answers must serve this
+    ``--model-path`` (SGLang's /model_info), and this server must still be running when the caller is done with
+    it; otherwise RuntimeError: what was measured may be another server's."""
     base = f"http://127.0.0.1:{port}"
     if _get(base + "/health", 2.0) is not None:
         raise RuntimeError(f"a server already answers on port {port}; stop it or use another port")
@@ -88,7 +93,11 @@ def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
                 raise TimeoutError(f"server not healthy after {timeout:.0f}s; see {log_path}")
             time.sleep(2)
         log(f"healthy after {time.time() - t0:.0f}s")
+        _check_model_path(base, cmd, port)
         yield base
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} while in use: another server answered on "
+                               f"port {port}; see {log_path}:\n" + tail(log_path, 10))
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -101,6 +110,23 @@ def server(cmd: Sequence[str], port: int, log_path: str, timeout: float = 900.0,
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         time.sleep(3)  # let the GPU memory go back
+
+
+def _check_model_path(base: str, cmd: Sequence[str], port: int) -> None:
+    """The server answering at ``base`` serves ``cmd``'s ``--model-path`` (when the command names one and the
+    server tells its model)."""
+    cmd = list(cmd)
+    if "--model-path" not in cmd:
+        return
+    want = cmd[cmd.index("--model-path") + 1]
+    raw = _get(base + "/model_info", 10.0)
+    try:
+        got = json.loads(raw).get("model_path") if raw else None
+    except ValueError:
+        got = None
+    if got is not None and got != want:
+        raise RuntimeError(f"the server answering on port {port} serves {got}, not {want}: another server holds the "
+                           f"port")
 
 
 def tail(path: str, n: int = 20) -> str:
