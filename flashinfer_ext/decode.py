@@ -11,7 +11,7 @@ Kernels and their references (``sglang_sparse``)::
     plan  kernels.page_table     req_to_token -> page table, page counts   prhs.page_lengths, params.page_budget
     run   kernels.page_bounds    Quest ub/lb per page and KV head         prhs.page_bounds
           kernels.page_estimate  page masses from 4-bit key codes         prhs.estimated_page_log_mass
-          kernels.page_select    certified selection, ordered list        prhs.select_pages
+          kernels.page_select    page selection (bounds or estimates)     prhs.select_pages(_estimated)
           kernels.page_dilate    reuse of the last selection (+-r pages)  prhs.reuse_with_dilation
           kernels.paged_decode   split-KV decode (+ ART) and merge        prhs.sparse_attention / dense_attention,
                                                                           art.art_attention
@@ -27,7 +27,9 @@ What a plan reads (``plan(pages=..., art=...)``, parameter objects of :mod:`flas
 * ``pages=PageSelectParams(..., estimate=True)`` (wrapper built with ``estimate=True``): the same list built from
   each page's attention mass estimated from 4-bit key codes (``run(codes=...)``), until the *estimated* dropped mass
   is ``<= delta`` or the budget (``prhs.select_pages_estimated``); ``delta_hat`` is then that estimate. ART's
-  certified test needs bounds and is refused.
+  certified test needs bounds and is refused. Without ART, with delta > 0 and a budget of every page, the list holds
+  the same pages found without sorting (a threshold search over the estimated masses), the forced pages first, then
+  the kept ones in ascending id: nothing reads that list in order.
 
 Reuse across layers (PrHS's layer axis, ``SelectionSchedule.SHARE``): call ``run(..., select=False)``
 on the layers that share the selection of the group's leader layer; the list of the leader's ``run``
