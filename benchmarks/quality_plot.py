@@ -10,6 +10,7 @@ purples), the same in every panel.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
     sparse_tasks = sorted({r["task"] for r in rows if r["config"] != "dense"})
     dense_only = sorted({r["task"] for r in rows} - set(sparse_tasks))
     ncols = len(sparse_tasks) + (1 if dense_only else 0)
-    fig, axes = plt.subplots(len(wheres), ncols, figsize=(4.4 * ncols + 3.2, 3.3 * len(wheres)), squeeze=False)
+    # the settings' legend on the right, in as many columns as its entries need at this height (~0.15 in each)
+    height = 3.3 * len(wheres)
+    legend_cols = max(1, math.ceil(len(configs) / max(6, int(height / 0.15))))
+    width = 4.4 * ncols + 3.2 * legend_cols
+    fig, axes = plt.subplots(len(wheres), ncols, figsize=(width, height), squeeze=False)
     seen = {}
     for i, where in enumerate(wheres):
         for j, task in enumerate(sparse_tasks):
@@ -117,9 +122,9 @@ def plot(rows, png: Path, title: str = "SmolLM2-135M-Instruct: exact-match accur
     if seen:
         order = [c for c in configs if c in seen]
         fig.legend([seen[c] for c in order], order, loc="center right", fontsize=7.5, frameon=False,
-                   title="setting", title_fontsize=8)
+                   title="setting", title_fontsize=8, ncol=legend_cols)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 3.0 / (4.4 * ncols + 3.2), 0.96))
+    fig.tight_layout(rect=(0, 0, 1 - 3.0 * legend_cols / width, 0.96))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
