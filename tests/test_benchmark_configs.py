@@ -225,29 +225,48 @@ def test_logits_comparison_centres_and_stops_at_divergence():
     assert 1e-4 < res["rel_err"][1] < 0.1 and res["max_decode_rel_err"] == res["rel_err"][1]
 
 
+# a stand-in for an SGLang server: answers every GET with {"model_path": ...} after --delay seconds, for --life seconds
+_FAKE_SERVER = ("import sys, json, time, http.server\n"
+                "arg = lambda k: sys.argv[sys.argv.index(k) + 1]\n"
+                "time.sleep(float(arg('--delay')))\n"
+                "class H(http.server.BaseHTTPRequestHandler):\n"
+                "    def do_GET(self):\n"
+                "        self.send_response(200); self.end_headers()\n"
+                "        self.wfile.write(json.dumps({'model_path': arg('--model-path')}).encode())\n"
+                "    def log_message(self, *a): pass\n"
+                "srv = http.server.HTTPServer(('127.0.0.1', int(arg('--port'))), H)\n"
+                "srv.timeout = 0.2\n"
+                "t0 = time.time()\n"
+                "while time.time() - t0 < float(arg('--life')):\n"
+                "    srv.handle_request()\n")
+
+
+def _fake_server(model: str = "/m", life: float = 600.0, delay: float = 0.0) -> list:
+    import sys
+
+    return [sys.executable, "-c", _FAKE_SERVER, "--model-path", model, "--life", str(life), "--delay", str(delay)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_server_helper_refuses_a_busy_port_and_stops_its_server_on_sigterm(tmp_path):
     """benchmarks.serving.server: a second server on a port that already answers is refused (it would be
     measured instead); a SIGTERM to the benchmark (``timeout``) stops the server it started."""
     import os
     import signal
-    import socket
-    import sys
     import time
     import urllib.request
 
     from benchmarks.serving import server
 
-    fake = ("import sys, http.server\n"
-            "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
-            "class H(http.server.BaseHTTPRequestHandler):\n"
-            "    def do_GET(self):\n"
-            "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
-            "    def log_message(self, *a): pass\n"
-            "http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", fake]
+    port = _free_port()
+    cmd = _fake_server()
 
     def answers():
         try:
@@ -273,47 +292,27 @@ def test_server_helper_refuses_another_benchmarks_server_on_its_port(tmp_path):
     """Two benchmarks starting servers on one port at once both pass the busy-port check; the server that answers
     must serve this command's model (else the run would measure another server), and a server that exits while in
     use (it lost the port) fails the run instead of passing off the other server's numbers as its own."""
-    import socket
     import subprocess
-    import sys
     import time
 
     from benchmarks.serving import server
 
-    fake = ("import sys, json, time, http.server\n"
-            "arg = lambda k: sys.argv[sys.argv.index(k) + 1]\n"
-            "time.sleep(float(arg('--delay')))\n"
-            "class H(http.server.BaseHTTPRequestHandler):\n"
-            "    def do_GET(self):\n"
-            "        self.send_response(200); self.end_headers()\n"
-            "        self.wfile.write(json.dumps({'model_path': arg('--model-path')}).encode())\n"
-            "    def log_message(self, *a): pass\n"
-            "srv = http.server.HTTPServer(('127.0.0.1', int(arg('--port'))), H)\n"
-            "srv.timeout = 0.2\n"
-            "t0 = time.time()\n"
-            "while time.time() - t0 < float(arg('--life')):\n"
-            "    srv.handle_request()\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
 
-    def cmd(model, life, delay=0.0):
-        return [sys.executable, "-c", fake, "--model-path", model, "--life", str(life), "--delay", str(delay)]
-
-    with server(cmd("/m/a", 60), port, str(tmp_path / "a.log"), timeout=60) as base:
+    with server(_fake_server("/m/a", 60), port, str(tmp_path / "a.log"), timeout=60) as base:
         assert base.endswith(str(port))                                 # its own model: accepted
     # another benchmark's server (model /m/a) comes up on the port while this one (/m/b) is still loading
-    other = subprocess.Popen(cmd("/m/a", 30, delay=1.0) + ["--port", str(port)])
+    other = subprocess.Popen(_fake_server("/m/a", 30, delay=1.0) + ["--port", str(port)])
     try:
         with pytest.raises(RuntimeError, match="serves /m/a, not /m/b"):
-            with server(cmd("/m/b", 60, delay=20.0), port, str(tmp_path / "b.log"), timeout=60):
+            with server(_fake_server("/m/b", 60, delay=20.0), port, str(tmp_path / "b.log"), timeout=60):
                 pass
     finally:
         other.kill()
         other.wait()
     time.sleep(1)
     with pytest.raises(RuntimeError, match="exited with 0 while in use"):
-        with server(cmd("/m/a", 3), port, str(tmp_path / "c.log"), timeout=60):
+        with server(_fake_server("/m/a", 3), port, str(tmp_path / "c.log"), timeout=60):
             time.sleep(6)                       # the server ends meanwhile (as one that lost the port)
 
 
