@@ -37,9 +37,12 @@ case "${1:-}" in
     model="$2"; dir="${3:-.pieces}"
     # a device call carries at most 64 MiB, the working tree (every file git tracks) included: the default piece
     # leaves the tree and 2 MiB of slack beside it, at most 57 MiB
-    tree_mib=$(( ($(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) + 1048575) / 1048576 ))
-    mib="${4:-$(( 62 - tree_mib < 57 ? 62 - tree_mib : 57 ))}"
-    if (( mib < 1 )); then echo "the working tree takes ${tree_mib} MiB of a call's 64: no room for a piece" >&2; exit 2; fi
+    mib="${4:-}"
+    if [[ -z "$mib" ]]; then
+      tree_mib=$(( ($(git ls-files -z | xargs -0 cat 2>/dev/null | wc -c) + 1048575) / 1048576 ))
+      mib=$(( 62 - tree_mib < 57 ? 62 - tree_mib : 57 ))
+      if (( mib < 1 )); then echo "the working tree takes ${tree_mib} MiB of a call's 64: no room for a piece" >&2; exit 2; fi
+    fi
     prefix="$(prefix_of "$model")"
     "$PY" -m benchmarks.models build "$model" --split-to "$dir" --piece-mib "$mib" --cache "${MODELS_CACHE:-.models/cache}"
     if ! git check-ignore -q "$dir/$prefix.part00"; then

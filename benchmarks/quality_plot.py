@@ -10,8 +10,8 @@ purples), the same in every panel.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -136,26 +136,27 @@ def _page_select_kernel(Flag, UB, LB, NumPages, LastLen, Budget, PageTable, SelP
     whose budget allows every page; everything else the sorted selection (:func:`_select_one`)."""
     b = tl.program_id(0)
     if tl.load(Flag + b) != 0:
+        budget = _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT)
         threshold = False
         if EST_G > 0:
             if not WRITE_REST:
                 if not DELTA_ZERO:
-                    budget = _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT)
                     threshold = budget >= tl.load(NumPages + b)
         if threshold:
             _select_threshold(b, tl.program_id(1), tl.num_programs(1), NumPages, LastLen, PageTable, SelPages,
                               SelPhys, NumSel, CurNum, SelDhat, LeadDhat, ReqIdx, StatePages, StateNum, StateNpg,
-                              DenseReq, stride_pt, stride_sel_b, stride_sel_h, stride_st_r, stride_st_h, state_width, sink_pages, recent_pages, LIST_MAX, Est, stride_eb,
-                              stride_eh, delta, P, BLOCK_PG, WRITE_STATE, EST_G)
+                              DenseReq, stride_pt, stride_sel_b, stride_sel_h, stride_st_r, stride_st_h, state_width,
+                              sink_pages, recent_pages, LIST_MAX, Est, stride_eb, stride_eh, delta,
+                              P, BLOCK_PG, WRITE_STATE, EST_G)
         else:
-            _select_one(b, tl.program_id(1), tl.num_programs(1),
-                        UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+            _select_one(b, tl.program_id(1), tl.num_programs(1), budget,
+                        UB, LB, NumPages, LastLen, PageTable, SelPages, SelPhys, NumSel, CurNum,
                         SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq,
                         stride_pt, stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h,
                         stride_st_r, stride_st_h,
-                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
+                        state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                         Est, stride_eb, stride_eh,
-                        P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, HAS_SHIFT, EST_G)
+                        P, BLOCK_PG, SORT_PAD, DELTA_ZERO, WRITE_REST, WRITE_STATE, EST_G)
 
 
 @triton.jit
@@ -283,19 +284,18 @@ def _select_threshold(b, h, n_heads, NumPages, LastLen, PageTable, SelPages, Sel
 
 
 @triton.jit
-def _select_one(b, h, n_heads, UB, LB, NumPages, LastLen, Budget, PageTable, SelPages, SelPhys, NumSel, CurNum,
+def _select_one(b, h, n_heads, budget, UB, LB, NumPages, LastLen, PageTable, SelPages, SelPhys, NumSel, CurNum,
                 SelDhat, LeadDhat, SelRest, ReqIdx, StatePages, StateNum, StateNpg, Scratch, DenseReq, stride_pt,
                 stride_ub_b, stride_ub_h, stride_sel_b, stride_sel_h, stride_sc_b, stride_sc_h, stride_st_r,
                 stride_st_h,
-                state_width, sink_pages, recent_pages, log_ratio, LIST_MAX, Shift, stride_shift,
+                state_width, sink_pages, recent_pages, log_ratio, LIST_MAX,
                 Est, stride_eb, stride_eh,
                 P: tl.constexpr, BLOCK_PG: tl.constexpr, SORT_PAD: tl.constexpr,
                 DELTA_ZERO: tl.constexpr, WRITE_REST: tl.constexpr, WRITE_STATE: tl.constexpr,
-                HAS_SHIFT: tl.constexpr, EST_G: tl.constexpr):
-    """Selection of request b, KV head h (of ``n_heads``)."""
+                EST_G: tl.constexpr):
+    """Selection of request b, KV head h (of ``n_heads``), at most ``budget`` pages (:func:`_budget_of`)."""
     npg = tl.load(NumPages + b)
     last_len = tl.load(LastLen + b)
-    budget = _budget_of(b, Budget, NumPages, ReqIdx, Shift, stride_shift, LIST_MAX, HAS_SHIFT)
     ub_base = UB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     lb_base = LB + b.to(tl.int64) * stride_ub_b + h * stride_ub_h
     sel_base = SelPages + b.to(tl.int64) * stride_sel_b + h * stride_sel_h
